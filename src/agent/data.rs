@@ -1,0 +1,126 @@
+//! Serving one announced client: dial the gateway's control port as a data connection and the
+//! backend at the same time, then pipe the two.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::AgentCtx;
+use crate::net;
+use crate::pipe::{pipe, PipeCounters};
+use crate::protocol::{
+    self, ClientArrived, ClientFailed, Connection, DataHello, Message, ProtocolError, Role,
+};
+
+/// Serves one client announced by `gateway`. Reports failures on the control channel through
+/// `control` when it is still there; never depends on it otherwise.
+pub(crate) async fn serve_client(
+    ctx: AgentCtx,
+    gateway: SocketAddr,
+    arrived: ClientArrived,
+    control: mpsc::Sender<Message>,
+) {
+    let started = Instant::now();
+    let config = ctx.config();
+    let client = arrived.client_addr;
+    let listener_name = arrived.listener.as_str();
+    let fail = |reason: String| {
+        let _ = control.try_send(Message::ClientFailed(ClientFailed {
+            id: arrived.id,
+            reason,
+        }));
+    };
+    let Some(listener) = config.listener(listener_name) else {
+        tracing::warn!(listener = listener_name, client = %client, "offer for an unknown listener");
+        return fail(format!("agent has no listener \"{listener_name}\""));
+    };
+    let Some(target) = listener.backend_target(arrived.port_offset) else {
+        return fail(format!(
+            "no backend port for offset {}",
+            arrived.port_offset
+        ));
+    };
+
+    // Both dials at once: the client's wait is the slower of the two, not their sum.
+    let (data, backend) = tokio::join!(
+        open_data_connection(gateway, &arrived, config.connect_timeout, config.max_frame),
+        net::connect(&target, config.connect_timeout),
+    );
+    let backend = match backend {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(
+                listener = listener_name, client = %client,
+                "backend {target} unreachable: {e}; closing the client"
+            );
+            // The gateway closes the client on this report, or when the data connection (if any)
+            // closes without a byte.
+            return fail(format!("backend {target} unreachable: {e}"));
+        }
+    };
+    let (data, leftover) = match data {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(
+                listener = listener_name, client = %client, gateway = %gateway,
+                "data connection failed: {e}"
+            );
+            return;
+        }
+    };
+    tracing::info!(
+        listener = listener_name, client = %client, backend = %target,
+        "client connected in {} ms", started.elapsed().as_millis()
+    );
+
+    let counters = PipeCounters::default();
+    let result = pipe(backend, b"", data, &leftover, &counters).await;
+    let (to_client, from_client) = counters.snapshot();
+    let how = match result {
+        Ok(()) => "closed".to_string(),
+        Err(e) => format!("ended by error ({e})"),
+    };
+    tracing::info!(
+        listener = listener_name, client = %client, backend = %target,
+        from_client, to_client,
+        "connection {how} after {:.1} s", started.elapsed().as_secs_f64()
+    );
+}
+
+/// Dials the gateway, claims the client with its id and token, and waits for the ack. Returns
+/// the stream and any client bytes that arrived with the ack.
+async fn open_data_connection(
+    gateway: SocketAddr,
+    arrived: &ClientArrived,
+    timeout: std::time::Duration,
+    max_frame: usize,
+) -> Result<(TcpStream, BytesMut), ProtocolError> {
+    let mut stream = net::connect_addr(gateway, timeout).await?;
+    let hello = protocol::hello(Role::Data(DataHello {
+        id: arrived.id,
+        token: arrived.token,
+    }));
+    stream
+        .write_all(&protocol::preamble_and_hello(&hello))
+        .await?;
+    let mut conn = Connection::new(stream, max_frame);
+    let reply = tokio::time::timeout(timeout, conn.expect_message())
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no hello-ack from the gateway",
+            )
+        })??;
+    match reply {
+        Message::HelloAck(_) => Ok(conn.into_parts()),
+        other => Err(ProtocolError::Unexpected {
+            expected: "hello-ack",
+            got: other.name(),
+        }),
+    }
+}

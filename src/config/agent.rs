@@ -1,0 +1,513 @@
+//! `agent.toml`: the site's listeners, its backends and the gateways to dial.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use super::gateway::{parse_rules, relative_to, RawRules, DEFAULT_CONTROL_PORT};
+use super::{check_name, read_file, ConfigError, Source};
+use crate::access::AccessRules;
+use crate::addr::{BackendAddr, PublicAddr};
+use crate::protocol::{ClientRules, ListenerSpec, DEFAULT_MAX_FRAME};
+
+/// The agent's validated configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The site this agent serves; agents with the same site share listeners on a gateway.
+    pub site: String,
+    /// This agent's name in gateway logs and status (the host name unless set).
+    pub name: String,
+    /// Gateways to keep a control channel to, as `host:port`.
+    pub gateways: Vec<String>,
+    pub tls: Option<AgentTls>,
+    /// Heartbeat interval on the control channel; the peer is dead after three silent intervals.
+    pub heartbeat: Duration,
+    pub reconnect: ReconnectConfig,
+    /// Timeout for every TCP connect (gateway and backends).
+    pub connect_timeout: Duration,
+    pub listeners: Vec<ListenerConfig>,
+    /// SOCKS5 / HTTP CONNECT endpoint (not yet implemented; parsed and kept).
+    pub outbound_listen: Option<SocketAddr>,
+    pub max_frame: usize,
+    pub notices: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Exponential backoff between reconnection attempts: `initial`, doubling, capped at `max`,
+/// each delay drawn uniformly from its upper half ("equal jitter") so agents never stampede.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectConfig {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How the agent tells a backend the real client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum ProxyProtocol {
+    #[default]
+    None,
+    V1,
+    V2,
+}
+
+/// One listener: a public port on the gateway forwarded to a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub public: PublicAddr,
+    pub backend: BackendAddr,
+    pub proxy_protocol: ProxyProtocol,
+    #[serde(skip)]
+    pub clients: AccessRules,
+    /// The client rules as written, for the wire.
+    pub clients_text: ClientRules,
+}
+
+impl ListenerConfig {
+    /// What the gateway needs to know (no backend).
+    pub fn spec(&self) -> ListenerSpec {
+        ListenerSpec {
+            name: self.name.clone(),
+            public: self.public,
+            clients: self.clients_text.clone(),
+        }
+    }
+
+    /// The backend `host:port` for a client on the public port at `offset`: port for port with
+    /// a range backend, always the same port with a single-port backend.
+    pub fn backend_target(&self, offset: u16) -> Option<String> {
+        let offset = if self.backend.ports.len() == 1 {
+            0
+        } else {
+            offset
+        };
+        self.backend.target(offset)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    site: Spanned<String>,
+    name: Option<Spanned<String>>,
+    gateways: Spanned<Vec<Spanned<String>>>,
+    tls: Option<RawTls>,
+    heartbeat: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    max_frame: Option<Spanned<u64>>,
+    reconnect: Option<RawReconnect>,
+    #[serde(default)]
+    listener: Vec<Spanned<RawListener>>,
+    outbound: Option<RawOutbound>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconnect {
+    initial: Option<Spanned<String>>,
+    max: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    public: Spanned<String>,
+    backend: Spanned<String>,
+    proxy_protocol: Option<Spanned<String>>,
+    clients: Option<RawRules>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    listen: Spanned<String>,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| check_name(s).is_ok())
+        .unwrap_or_else(|| "agent".to_string())
+}
+
+/// `host:port`, or `host` with the default control port.
+fn parse_gateway(s: &str) -> Result<String, String> {
+    let with_port = if s.starts_with('[') && s.ends_with(']') || !s.contains(':') {
+        format!("{s}:{DEFAULT_CONTROL_PORT}")
+    } else {
+        s.to_string()
+    };
+    let addr: BackendAddr = with_port.parse().map_err(|_| {
+        format!("invalid gateway address \"{s}\" (expected host:port, e.g. dmz-gw1.example:44500)")
+    })?;
+    if addr.ports.len() != 1 {
+        return Err(format!("gateway address \"{s}\" must name one port"));
+    }
+    Ok(addr.target(0).expect("a single port has offset 0"))
+}
+
+impl AgentConfig {
+    /// Reads and validates an agent config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read_file(path)?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates config text; `path` names it in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let src = Source::new(path, text);
+        let raw: RawAgent = src.parse_toml()?;
+        let mut notices = Vec::new();
+
+        let site = raw.site.get_ref().clone();
+        src.parse_with(&raw.site, "site", check_name)?;
+        let name = match &raw.name {
+            Some(n) => {
+                src.parse_with(n, "name", check_name)?;
+                n.get_ref().clone()
+            }
+            None => host_name(),
+        };
+
+        if raw.gateways.get_ref().is_empty() {
+            return Err(src.error(
+                raw.gateways.span(),
+                "gateways",
+                "at least one gateway is required",
+            ));
+        }
+        let mut gateways = Vec::new();
+        for g in raw.gateways.get_ref() {
+            let addr = src.parse_with(g, "gateways", parse_gateway)?;
+            if gateways.contains(&addr) {
+                return Err(src.error(g.span(), "gateways", format!("\"{addr}\" is listed twice")));
+            }
+            gateways.push(addr);
+        }
+
+        let tls = raw.tls.as_ref().map(|t| AgentTls {
+            ca: relative_to(path, t.ca.get_ref()),
+            cert: relative_to(path, t.cert.get_ref()),
+            key: relative_to(path, t.key.get_ref()),
+        });
+        if tls.is_none() {
+            notices.push("no tls configured: the control channel runs in PLAINTEXT".to_string());
+        } else {
+            notices.push(
+                "tls is parsed but TLS is not implemented yet: the control channel runs in PLAINTEXT"
+                    .to_string(),
+            );
+        }
+
+        let heartbeat = match &raw.heartbeat {
+            Some(h) => src.duration_within(
+                h,
+                "heartbeat",
+                Duration::from_millis(100),
+                Duration::from_secs(60),
+            )?,
+            None => Duration::from_secs(5),
+        };
+        let connect_timeout = match &raw.connect_timeout {
+            Some(t) => src.duration_within(
+                t,
+                "connect_timeout",
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            )?,
+            None => Duration::from_secs(10),
+        };
+        let max_frame = match &raw.max_frame {
+            Some(v) => {
+                let n = *v.get_ref();
+                if !(crate::protocol::frame::MIN_MAX_FRAME as u64..=64 * 1024 * 1024).contains(&n) {
+                    return Err(src.error(
+                        v.span(),
+                        "max_frame",
+                        format!("{n} is outside the allowed 4096 to 67108864 bytes"),
+                    ));
+                }
+                n as usize
+            }
+            None => DEFAULT_MAX_FRAME,
+        };
+
+        let mut reconnect = ReconnectConfig::default();
+        if let Some(r) = &raw.reconnect {
+            if let Some(v) = &r.initial {
+                reconnect.initial = src.duration_within(
+                    v,
+                    "reconnect.initial",
+                    Duration::from_millis(10),
+                    Duration::from_secs(600),
+                )?;
+            }
+            if let Some(v) = &r.max {
+                reconnect.max = src.duration_within(
+                    v,
+                    "reconnect.max",
+                    Duration::from_millis(10),
+                    Duration::from_secs(3600),
+                )?;
+                if reconnect.max < reconnect.initial {
+                    return Err(src.error(
+                        v.span(),
+                        "reconnect.max",
+                        "must not be shorter than reconnect.initial",
+                    ));
+                }
+            }
+        }
+
+        let mut listeners: Vec<ListenerConfig> = Vec::new();
+        for raw_l in &raw.listener {
+            let l = raw_l.get_ref();
+            let lname = l.name.get_ref().clone();
+            src.parse_with(&l.name, "listener: name", check_name)?;
+            let ctx = |field: &str| format!("listener \"{lname}\": {field}");
+            if listeners.iter().any(|o| o.name == lname) {
+                return Err(src.error(
+                    l.name.span(),
+                    &ctx("name"),
+                    "another listener has this name",
+                ));
+            }
+            let public: PublicAddr = src.parse_with(&l.public, &ctx("public"), |s| s.parse())?;
+            let backend: BackendAddr =
+                src.parse_with(&l.backend, &ctx("backend"), |s| s.parse())?;
+            if backend.ports.len() != 1 && backend.ports.len() != public.ports.len() {
+                return Err(src.error(
+                    l.backend.span(),
+                    &ctx("backend"),
+                    format!(
+                        "range of {} ports does not match the public range of {} ports",
+                        backend.ports.len(),
+                        public.ports.len()
+                    ),
+                ));
+            }
+            if let Some(other) = listeners.iter().find(|o| o.public.conflicts(&public)) {
+                return Err(src.error(
+                    l.public.span(),
+                    &ctx("public"),
+                    format!(
+                        "{public} overlaps listener \"{}\" ({})",
+                        other.name, other.public
+                    ),
+                ));
+            }
+            let proxy_protocol = match &l.proxy_protocol {
+                None => ProxyProtocol::None,
+                Some(p) => src.parse_with(p, &ctx("proxy_protocol"), |s| match s {
+                    "none" => Ok(ProxyProtocol::None),
+                    "v1" => Ok(ProxyProtocol::V1),
+                    "v2" => Ok(ProxyProtocol::V2),
+                    o => Err(format!(
+                        "expected \"none\", \"v1\" or \"v2\", found \"{o}\""
+                    )),
+                })?,
+            };
+            if proxy_protocol != ProxyProtocol::None {
+                notices.push(format!(
+                    "listener \"{lname}\": proxy_protocol is parsed but not implemented yet; no header is sent"
+                ));
+            }
+            let (clients, except) = match &l.clients {
+                Some(r) => parse_rules(&src, r, &ctx("clients."))?,
+                None => (AccessRules::allow_all(), Vec::new()),
+            };
+            let clients_text = ClientRules {
+                default: clients.default,
+                except,
+            };
+            listeners.push(ListenerConfig {
+                name: lname,
+                public,
+                backend,
+                proxy_protocol,
+                clients,
+                clients_text,
+            });
+        }
+        if listeners.is_empty() {
+            notices.push("no [[listener]] defined: the gateway will open no public port".into());
+        }
+
+        let outbound_listen = match &raw.outbound {
+            Some(o) => {
+                notices.push(
+                    "[outbound] is parsed but the outbound proxy is not implemented yet".into(),
+                );
+                Some(src.parse_with(&o.listen, "outbound.listen", |s| {
+                    s.parse::<SocketAddr>()
+                        .map_err(|_| format!("invalid socket address \"{s}\""))
+                })?)
+            }
+            None => None,
+        };
+
+        Ok(AgentConfig {
+            site,
+            name,
+            gateways,
+            tls,
+            heartbeat,
+            reconnect,
+            connect_timeout,
+            listeners,
+            outbound_listen,
+            max_frame,
+            notices,
+        })
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    pub fn listener_specs(&self) -> Vec<ListenerSpec> {
+        self.listeners.iter().map(ListenerConfig::spec).collect()
+    }
+
+    /// Hex SHA-256 over the site and every listener (public side, backend, options). Two agents
+    /// of one site must produce the same digest.
+    pub fn digest(&self) -> String {
+        let bytes = postcard::to_stdvec(&(&self.site, &self.listeners))
+            .expect("serializing plain data cannot fail");
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(Path::new("agent.toml"), text)
+    }
+
+    const EXAMPLE: &str = r#"site = "acme-mft"
+gateways = ["dmz-gw1.example:44500", "dmz-gw2.example"]
+tls = { ca = "ca.crt", cert = "agent.crt", key = "agent.key" }
+
+[[listener]]
+name = "sftp"
+public = "2222"
+backend = "10.0.0.5:22"
+proxy_protocol = "none"
+clients = { default = "allow", except = ["198.51.100.0/24"] }
+
+[[listener]]
+name = "ftp-pasv"
+public = "30000-30049"
+backend = "10.0.0.6:30000-30049"
+
+[outbound]
+listen = "127.0.0.1:1080"
+"#;
+
+    #[test]
+    fn design_example_parses() {
+        let cfg = parse(EXAMPLE).unwrap();
+        assert_eq!(cfg.site, "acme-mft");
+        assert_eq!(
+            cfg.gateways,
+            ["dmz-gw1.example:44500", "dmz-gw2.example:44500"]
+        );
+        assert_eq!(cfg.listeners.len(), 2);
+        let sftp = cfg.listener("sftp").unwrap();
+        assert!(!sftp.clients.allows("198.51.100.9".parse().unwrap()));
+        assert_eq!(sftp.backend_target(0).unwrap(), "10.0.0.5:22");
+        let ftp = cfg.listener("ftp-pasv").unwrap();
+        assert_eq!(ftp.backend_target(49).unwrap(), "10.0.0.6:30049");
+        assert_eq!(cfg.heartbeat, Duration::from_secs(5));
+        assert_eq!(cfg.reconnect.max, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_issue_example_error() {
+        let text = EXAMPLE.replace("backend = \"10.0.0.5:22\"", "backend = \"10.0.0.5\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "agent.toml:8: listener \"sftp\": backend: invalid socket address \"10.0.0.5\""
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_have_lines() {
+        let cases = [
+            ("site = \"a b\"\ngateways = [\"g:1\"]\n", "agent.toml:1: site:"),
+            ("site = \"a\"\ngateways = []\n", "agent.toml:2: gateways: at least one"),
+            ("site = \"a\"\ngateways = [\"g:1\"]\nheartbeat = \"1h\"\n", "agent.toml:3: heartbeat:"),
+            (
+                "site = \"a\"\ngateways = [\"g:1\"]\n[[listener]]\nname = \"x\"\npublic = \"1-3\"\nbackend = \"h:1-2\"\n",
+                "agent.toml:6: listener \"x\": backend: range of 2 ports",
+            ),
+            (
+                "site = \"a\"\ngateways = [\"g:1\"]\n[[listener]]\nname = \"x\"\npublic = \"10\"\nbackend = \"h:1\"\n[[listener]]\nname = \"x\"\npublic = \"11\"\nbackend = \"h:1\"\n",
+                "agent.toml:8: listener \"x\": name: another listener",
+            ),
+            (
+                "site = \"a\"\ngateways = [\"g:1\"]\n[[listener]]\nname = \"x\"\npublic = \"10-20\"\nbackend = \"h:1\"\n[[listener]]\nname = \"y\"\npublic = \"127.0.0.1:15\"\nbackend = \"h:1\"\n",
+                "agent.toml:9: listener \"y\": public: 127.0.0.1:15 overlaps listener \"x\"",
+            ),
+            (
+                "site = \"a\"\ngateways = [\"g:1\"]\n[[listener]]\nname = \"x\"\npublic = \"10\"\nbackend = \"h:1\"\nproxy_protocol = \"v3\"\n",
+                "agent.toml:7: listener \"x\": proxy_protocol:",
+            ),
+            (
+                "site = \"a\"\ngateways = [\"g:1\"]\n[[listener]]\nname = \"x\"\npublic = \"10\"\nbakend = \"h:1\"\n",
+                "agent.toml:6: unknown field `bakend`",
+            ),
+            ("gateways = [\"g:1\"]\n", "agent.toml:1: missing field `site`"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.starts_with(want), "got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn digest_depends_on_backends() {
+        let a = parse(EXAMPLE).unwrap();
+        let b = parse(&EXAMPLE.replace("10.0.0.5:22", "10.0.0.9:22")).unwrap();
+        assert_eq!(a.digest(), parse(EXAMPLE).unwrap().digest());
+        assert_ne!(a.digest(), b.digest());
+        assert_eq!(a.digest().len(), 64);
+    }
+}

@@ -1,0 +1,254 @@
+//! Public listeners and the life of one client: accept, check, announce to an agent, wait for
+//! the data connection (or the deadline), then pipe.
+//!
+//! A client's task is owned by the gateway's task tracker, not by its listener: closing a
+//! listener stops new clients only and never touches established connections.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::pending::Claim;
+use super::site::Site;
+use super::stats::bump;
+use super::Shared;
+use crate::access::AccessRules;
+use crate::config::check_name;
+use crate::net;
+use crate::pipe::{pipe, PipeCounters};
+use crate::protocol::{ClientArrived, ListenerSpec, Message, Token};
+
+/// What the accept loops and client tasks of one listener share.
+pub(crate) struct ListenerInfo {
+    pub spec: ListenerSpec,
+    pub rules: AccessRules,
+}
+
+/// An open listener: one accept task per port of its range, all stopped together.
+pub(crate) struct RunningListener {
+    pub spec: ListenerSpec,
+    pub addrs: Vec<SocketAddr>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningListener {
+    /// Validates the pushed spec and binds every port of its range, or none: a range opens and
+    /// closes as a whole. The error is one line for the agent's log.
+    pub fn open(
+        shared: &Arc<Shared>,
+        site: &Arc<Site>,
+        spec: ListenerSpec,
+    ) -> Result<Self, String> {
+        check_name(&spec.name).map_err(|e| format!("invalid listener name {e}"))?;
+        let rules = AccessRules::parse(spec.clients.default, &spec.clients.except)
+            .map_err(|e| format!("invalid client rules: {e}"))?;
+        let mut bound = Vec::with_capacity(spec.public.ports.len());
+        for addr in spec.public.socket_addrs(shared.config.client_bind) {
+            // Dropping `bound` on error closes the ports opened so far.
+            let listener = net::bind_listener(addr)
+                .map_err(|e| format!("{addr}: {}", describe_bind_error(&e)))?;
+            bound.push(listener);
+        }
+        let addrs = bound
+            .iter()
+            .map(|l| l.local_addr().expect("a bound socket has an address"))
+            .collect();
+        let info = Arc::new(ListenerInfo {
+            spec: spec.clone(),
+            rules,
+        });
+        let cancel = CancellationToken::new();
+        let tasks = bound
+            .into_iter()
+            .map(|listener| {
+                tokio::spawn(accept_loop(
+                    shared.clone(),
+                    site.clone(),
+                    info.clone(),
+                    listener,
+                    cancel.clone(),
+                ))
+            })
+            .collect();
+        Ok(RunningListener {
+            spec,
+            addrs,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// Closes every port and waits until the sockets are gone, so the ports can be reused at once.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn describe_bind_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "address in use".to_string(),
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)".to_string()
+        }
+        std::io::ErrorKind::AddrNotAvailable => "address not available on this host".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    site: Arc<Site>,
+    info: Arc<ListenerInfo>,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, client_addr) = match accepted {
+            Ok(x) => x,
+            Err(e) if net::is_resource_exhaustion(&e) => {
+                tracing::warn!(listener = %info.spec.name, "accept failed: {e}; pausing 100 ms");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(listener = %info.spec.name, "accept failed: {e}");
+                continue;
+            }
+        };
+        if !info.rules.allows(client_addr.ip()) {
+            let n = bump(&shared.stats.clients_rejected);
+            tracing::info!(
+                listener = %info.spec.name, client = %client_addr,
+                "client rejected by the listener's rules ({n} rejected so far)"
+            );
+            net::reset(stream);
+            continue;
+        }
+        shared.tasks.spawn(serve_client(
+            shared.clone(),
+            site.clone(),
+            info.clone(),
+            stream,
+            client_addr,
+        ));
+    }
+}
+
+/// Decrements an agent's in-flight count when the offer ends, however it ends.
+struct Inflight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_client(
+    shared: Arc<Shared>,
+    site: Arc<Site>,
+    info: Arc<ListenerInfo>,
+    client: TcpStream,
+    client_addr: SocketAddr,
+) {
+    let started = Instant::now();
+    let listener = info.spec.name.as_str();
+    net::tune(&client);
+    let Ok(gateway_addr) = client.local_addr() else {
+        return;
+    };
+    let port_offset = gateway_addr
+        .port()
+        .saturating_sub(info.spec.public.ports.first());
+
+    let Some(agent) = site.pick_agent() else {
+        // The last agent left between accept and now.
+        tracing::info!(listener, client = %client_addr, "no agent connected; closing client");
+        return;
+    };
+    bump(&shared.stats.clients_accepted);
+    let id = shared.next_client_id();
+    let token = Token::random();
+    let deadline = tokio::time::Instant::now() + shared.config.limits.pending_timeout;
+    let claim = shared.pending.insert(id, token, &site.name);
+    agent.inflight.fetch_add(1, Ordering::Relaxed);
+    let inflight = Inflight(agent.inflight.clone());
+
+    let arrived = Message::ClientArrived(ClientArrived {
+        id,
+        token,
+        listener: listener.to_string(),
+        port_offset,
+        client_addr,
+        gateway_addr,
+    });
+    let outcome = tokio::time::timeout_at(deadline, async {
+        agent
+            .tx
+            .send(arrived)
+            .await
+            .map_err(|_| "the agent's control channel closed".to_string())?;
+        claim
+            .await
+            .map_err(|_| "the offer was withdrawn".to_string())
+    })
+    .await;
+    drop(inflight);
+
+    let data = match outcome {
+        Ok(Ok(Claim::Data(data))) => data,
+        Ok(Ok(Claim::Failed(reason))) => {
+            shared.pending.remove(id);
+            let n = bump(&shared.stats.clients_failed);
+            tracing::warn!(
+                listener, client = %client_addr, agent = %agent.name,
+                "agent could not serve client: {reason} ({n} so far)"
+            );
+            return;
+        }
+        Ok(Err(reason)) => {
+            shared.pending.remove(id);
+            tracing::warn!(listener, client = %client_addr, "closing client: {reason}");
+            return;
+        }
+        Err(_) => {
+            shared.pending.remove(id);
+            let n = bump(&shared.stats.clients_unclaimed);
+            tracing::warn!(
+                listener, client = %client_addr, agent = %agent.name,
+                "no data connection within {}; closing client ({n} unclaimed so far)",
+                humantime::format_duration(shared.config.limits.pending_timeout)
+            );
+            return;
+        }
+    };
+
+    tracing::info!(
+        listener, client = %client_addr, agent = %data.agent_addr, id,
+        "client connected after {} ms", started.elapsed().as_millis()
+    );
+    let counters = PipeCounters::default();
+    let result = pipe(client, b"", data.stream, &data.leftover, &counters).await;
+    let (from_client, to_client) = counters.snapshot();
+    let how = match result {
+        Ok(()) => "closed".to_string(),
+        Err(e) => format!("ended by error ({e})"),
+    };
+    tracing::info!(
+        listener, client = %client_addr, id,
+        from_client, to_client,
+        "client {how} after {:.1} s", started.elapsed().as_secs_f64()
+    );
+}

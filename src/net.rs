@@ -1,0 +1,94 @@
+//! Socket helpers: how Sallyport binds, connects and tunes TCP sockets, in one place.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Backlog of every listening socket: enough for a burst of thousands of new clients while the
+/// accept loop catches up.
+const BACKLOG: u32 = 4096;
+
+/// Binds a listening socket with `SO_REUSEADDR`, so a listener closed while its connections live
+/// on (in `TIME_WAIT` or still piping) can be reopened at once on the same port.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Connects with a timeout; `target` may be a host name (resolved on every call, so DNS changes
+/// are seen at the next connect).
+pub async fn connect(target: &str, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "connect timed out after {}",
+                    humantime::format_duration(timeout)
+                ),
+            )
+        })??;
+    tune(&stream);
+    Ok(stream)
+}
+
+/// Connects to an already resolved address with a timeout.
+pub async fn connect_addr(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    tune(&stream);
+    Ok(stream)
+}
+
+/// Disables Nagle: interactive protocols (SSH keystrokes, TLS handshakes) must not wait 40 ms
+/// for an ACK, and bulk transfers write full buffers anyway.
+pub fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+}
+
+/// TCP keepalive on long-lived control connections, so a vanished peer behind a NAT or firewall
+/// is noticed by the kernel even if heartbeats are delayed.
+pub fn keepalive(stream: &TcpStream, idle: Duration) {
+    let ka = TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle)
+        .with_retries(3);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
+/// Closes with a reset instead of a FIN: the peer sees "connection reset" at once.
+pub fn reset(stream: TcpStream) {
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Whether an accept error is about running out of a resource (file descriptors, memory),
+/// after which the accept loop should pause briefly rather than spin.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+    )
+}
+
+/// The few errno values needed above (stable on Linux and the BSDs for these four).
+mod libc_errno {
+    pub const ENOMEM: i32 = 12;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
+    #[cfg(target_os = "linux")]
+    pub const ENOBUFS: i32 = 105;
+    #[cfg(not(target_os = "linux"))]
+    pub const ENOBUFS: i32 = 55;
+}

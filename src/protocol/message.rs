@@ -1,0 +1,462 @@
+//! The messages of control protocol v1 and their mapping to frame types.
+//!
+//! Payloads are serialized with postcard (a stable, documented, compact serde format). Type
+//! numbers below `0x8000` are *critical*: a peer that does not know one must fail the connection
+//! with [`ErrorCode::UNKNOWN_MESSAGE`]. Types from `0x8000` up are *advisory*: a peer that does
+//! not know one skips it. That lets a later version add hints (statistics, load reports) without
+//! breaking older peers, while anything that changes behaviour forces a version bump.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::token::Token;
+use super::{ProtocolError, RawFrame};
+use crate::access::Policy;
+use crate::addr::PublicAddr;
+
+/// Frame type numbers. Stable forever once released.
+pub mod kind {
+    pub const HELLO: u16 = 0x0001;
+    pub const HELLO_ACK: u16 = 0x0002;
+    pub const ERROR: u16 = 0x0003;
+    pub const PUSH_CONFIG: u16 = 0x0010;
+    pub const CONFIG_RESULT: u16 = 0x0011;
+    pub const CLIENT_ARRIVED: u16 = 0x0020;
+    pub const CLIENT_FAILED: u16 = 0x0021;
+    pub const HEARTBEAT: u16 = 0x0030;
+    /// Types at or above this are advisory (ignored when unknown).
+    pub const FIRST_ADVISORY: u16 = 0x8000;
+}
+
+/// Every connection's first frame. Its layout is frozen for all protocol versions: the version
+/// range comes first so that even a peer that cannot decode the role can say which versions it
+/// would have understood.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    /// Free text for logs, e.g. `sallyport/0.1.0`.
+    pub software: String,
+    pub role: Role,
+}
+
+/// The leading fields of [`Hello`], decodable even when the rest is not.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct HelloVersions {
+    pub min_version: u16,
+    pub max_version: u16,
+}
+
+/// What the connection is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The long-lived control channel of one agent.
+    Control(ControlHello),
+    /// A data connection claiming one pending client.
+    Data(DataHello),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlHello {
+    /// The site this agent serves; agents of one site share its listeners.
+    pub site: String,
+    /// The agent's own name (host name by default), for logs and status.
+    pub agent: String,
+    /// Heartbeat interval the agent wants, in milliseconds. Both sides send one at least this
+    /// often and declare the peer dead after three intervals of silence.
+    pub heartbeat_ms: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataHello {
+    /// The pending client's id from [`ClientArrived`]. Not secret.
+    pub id: u64,
+    /// The pending client's single-use secret.
+    pub token: Token,
+}
+
+/// The gateway's answer to an acceptable [`Hello`]. On a data connection, raw bytes follow it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The negotiated version: the highest both sides speak.
+    pub version: u16,
+    pub software: String,
+    /// The heartbeat interval in force (the agent's wish, clamped by the gateway).
+    pub heartbeat_ms: u32,
+}
+
+/// A numeric error class; the set grows, so unknown codes must be displayed, not rejected.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    pub const UNSUPPORTED_VERSION: ErrorCode = ErrorCode(1);
+    pub const BAD_HELLO: ErrorCode = ErrorCode(2);
+    pub const PROTOCOL: ErrorCode = ErrorCode(3);
+    pub const UNKNOWN_MESSAGE: ErrorCode = ErrorCode(4);
+    pub const FRAME_TOO_LARGE: ErrorCode = ErrorCode(5);
+    pub const UNKNOWN_CLIENT: ErrorCode = ErrorCode(6);
+    pub const PEER_DENIED: ErrorCode = ErrorCode(7);
+    pub const TLS_REQUIRED: ErrorCode = ErrorCode(8);
+    pub const CONFIG_REJECTED: ErrorCode = ErrorCode(9);
+    pub const TIMEOUT: ErrorCode = ErrorCode(10);
+    pub const SHUTTING_DOWN: ErrorCode = ErrorCode(11);
+    pub const LIMIT: ErrorCode = ErrorCode(12);
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::UNSUPPORTED_VERSION => "unsupported version",
+            Self::BAD_HELLO => "bad hello",
+            Self::PROTOCOL => "protocol error",
+            Self::UNKNOWN_MESSAGE => "unknown message type",
+            Self::FRAME_TOO_LARGE => "frame too large",
+            Self::UNKNOWN_CLIENT => "unknown or expired client",
+            Self::PEER_DENIED => "peer denied",
+            Self::TLS_REQUIRED => "TLS required",
+            Self::CONFIG_REJECTED => "config rejected",
+            Self::TIMEOUT => "timeout",
+            Self::SHUTTING_DOWN => "shutting down",
+            Self::LIMIT => "limit reached",
+            _ => "error",
+        }
+    }
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name(), self.0)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A fatal error, sent just before the sender closes the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl fmt::Display for ErrorMsg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// The IP rules a listener applies to clients, as text; the gateway parses them itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClientRules {
+    pub default: Policy,
+    pub except: Vec<String>,
+}
+
+/// What the gateway needs to know of one listener. Backends never leave the internal network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerSpec {
+    pub name: String,
+    pub public: PublicAddr,
+    pub clients: ClientRules,
+}
+
+/// The agent's full listener set. Listeners absent from it are closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushConfig {
+    /// Increases with every push on one control channel; echoed in [`ConfigResult`].
+    pub generation: u64,
+    /// Hex SHA-256 of the agent's whole normalized configuration (listeners and backends):
+    /// agents of one site must agree on it.
+    pub digest: String,
+    pub listeners: Vec<ListenerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ListenerStatus {
+    /// Listening on these addresses. `kept` is true when it was already open with the same spec.
+    Bound { addrs: Vec<SocketAddr>, kept: bool },
+    /// Not listening, and why (e.g. "127.0.0.1:2222: address in use").
+    Failed { error: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerResult {
+    pub name: String,
+    pub status: ListenerStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigResult {
+    pub generation: u64,
+    pub listeners: Vec<ListenerResult>,
+}
+
+/// A client is waiting on a listener; the agent should dial a data connection for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientArrived {
+    pub id: u64,
+    pub token: Token,
+    pub listener: String,
+    /// Offset of the accepting port within the listener's port range (0 for a single port); a
+    /// range backend uses the same offset.
+    pub port_offset: u16,
+    /// The client's real address, as the gateway saw it.
+    pub client_addr: SocketAddr,
+    /// The gateway address the client connected to.
+    pub gateway_addr: SocketAddr,
+}
+
+/// The agent cannot serve a pending client (unknown listener, backend unreachable); the gateway
+/// closes that client now instead of at its deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientFailed {
+    pub id: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub seq: u64,
+}
+
+/// A decoded message of protocol v1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    Error(ErrorMsg),
+    PushConfig(PushConfig),
+    ConfigResult(ConfigResult),
+    ClientArrived(ClientArrived),
+    ClientFailed(ClientFailed),
+    Heartbeat(Heartbeat),
+}
+
+impl Message {
+    pub fn kind(&self) -> u16 {
+        match self {
+            Message::Hello(_) => kind::HELLO,
+            Message::HelloAck(_) => kind::HELLO_ACK,
+            Message::Error(_) => kind::ERROR,
+            Message::PushConfig(_) => kind::PUSH_CONFIG,
+            Message::ConfigResult(_) => kind::CONFIG_RESULT,
+            Message::ClientArrived(_) => kind::CLIENT_ARRIVED,
+            Message::ClientFailed(_) => kind::CLIENT_FAILED,
+            Message::Heartbeat(_) => kind::HEARTBEAT,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::HelloAck(_) => "hello-ack",
+            Message::Error(_) => "error",
+            Message::PushConfig(_) => "push-config",
+            Message::ConfigResult(_) => "config-result",
+            Message::ClientArrived(_) => "client-arrived",
+            Message::ClientFailed(_) => "client-failed",
+            Message::Heartbeat(_) => "heartbeat",
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+        Message::Error(ErrorMsg {
+            code,
+            message: message.into(),
+        })
+    }
+
+    pub fn to_frame(&self) -> RawFrame {
+        let payload = match self {
+            Message::Hello(m) => postcard::to_stdvec(m),
+            Message::HelloAck(m) => postcard::to_stdvec(m),
+            Message::Error(m) => postcard::to_stdvec(m),
+            Message::PushConfig(m) => postcard::to_stdvec(m),
+            Message::ConfigResult(m) => postcard::to_stdvec(m),
+            Message::ClientArrived(m) => postcard::to_stdvec(m),
+            Message::ClientFailed(m) => postcard::to_stdvec(m),
+            Message::Heartbeat(m) => postcard::to_stdvec(m),
+        }
+        .expect("serializing plain data into a Vec cannot fail");
+        RawFrame {
+            kind: self.kind(),
+            payload: Bytes::from(payload),
+        }
+    }
+
+    /// Decodes a frame. `Ok(None)` is an unknown advisory type, to be skipped; an unknown
+    /// critical type is an error.
+    pub fn from_frame(frame: &RawFrame) -> Result<Option<Message>, ProtocolError> {
+        let p = &frame.payload[..];
+        let k = frame.kind;
+        let msg = match k {
+            kind::HELLO => Message::Hello(payload(k, p).map_err(|e| explain_hello(e, p))?),
+            kind::HELLO_ACK => Message::HelloAck(payload(k, p)?),
+            kind::ERROR => Message::Error(payload(k, p)?),
+            kind::PUSH_CONFIG => Message::PushConfig(payload(k, p)?),
+            kind::CONFIG_RESULT => Message::ConfigResult(payload(k, p)?),
+            kind::CLIENT_ARRIVED => Message::ClientArrived(payload(k, p)?),
+            kind::CLIENT_FAILED => Message::ClientFailed(payload(k, p)?),
+            kind::HEARTBEAT => Message::Heartbeat(payload(k, p)?),
+            k if k >= kind::FIRST_ADVISORY => return Ok(None),
+            k => return Err(ProtocolError::UnknownMessage { kind: k }),
+        };
+        Ok(Some(msg))
+    }
+}
+
+/// A hello that did not decode may still carry a readable version range (its layout is frozen):
+/// name it, so "a newer agent" is told apart from garbage.
+fn explain_hello(err: ProtocolError, payload: &[u8]) -> ProtocolError {
+    match (err, postcard::take_from_bytes::<HelloVersions>(payload)) {
+        (ProtocolError::BadPayload { kind, reason }, Ok((v, _))) => ProtocolError::BadPayload {
+            kind,
+            reason: format!(
+                "{reason}; the peer speaks protocol versions {}..={}",
+                v.min_version, v.max_version
+            ),
+        },
+        (err, _) => err,
+    }
+}
+
+/// Decodes a whole payload: trailing bytes are a protocol error, not silently ignored.
+fn payload<T: DeserializeOwned>(kind: u16, bytes: &[u8]) -> Result<T, ProtocolError> {
+    let bad = |reason: String| ProtocolError::BadPayload { kind, reason };
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| bad(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(bad(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::PortRange;
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                software: "t".into(),
+                role: Role::Control(ControlHello {
+                    site: "acme".into(),
+                    agent: "a1".into(),
+                    heartbeat_ms: 5000,
+                }),
+            }),
+            Message::Hello(Hello {
+                min_version: 1,
+                max_version: 3,
+                software: "t".into(),
+                role: Role::Data(DataHello {
+                    id: 42,
+                    token: Token::random(),
+                }),
+            }),
+            Message::HelloAck(HelloAck {
+                version: 1,
+                software: "g".into(),
+                heartbeat_ms: 5000,
+            }),
+            Message::error(ErrorCode::UNKNOWN_CLIENT, "no such client"),
+            Message::PushConfig(PushConfig {
+                generation: 3,
+                digest: "ab".into(),
+                listeners: vec![ListenerSpec {
+                    name: "sftp".into(),
+                    public: PublicAddr {
+                        ip: Some("127.0.0.1".parse().unwrap()),
+                        ports: PortRange::new(30000, 30049).unwrap(),
+                    },
+                    clients: ClientRules {
+                        default: Policy::Deny,
+                        except: vec!["10.0.0.*".into()],
+                    },
+                }],
+            }),
+            Message::ConfigResult(ConfigResult {
+                generation: 3,
+                listeners: vec![
+                    ListenerResult {
+                        name: "a".into(),
+                        status: ListenerStatus::Bound {
+                            addrs: vec!["[::1]:80".parse().unwrap()],
+                            kept: true,
+                        },
+                    },
+                    ListenerResult {
+                        name: "b".into(),
+                        status: ListenerStatus::Failed {
+                            error: "address in use".into(),
+                        },
+                    },
+                ],
+            }),
+            Message::ClientArrived(ClientArrived {
+                id: 7,
+                token: Token::random(),
+                listener: "sftp".into(),
+                port_offset: 0,
+                client_addr: "198.51.100.7:50000".parse().unwrap(),
+                gateway_addr: "192.0.2.1:2222".parse().unwrap(),
+            }),
+            Message::ClientFailed(ClientFailed {
+                id: 7,
+                reason: "backend refused".into(),
+            }),
+            Message::Heartbeat(Heartbeat { seq: u64::MAX }),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in all_messages() {
+            let frame = msg.to_frame();
+            assert_eq!(Message::from_frame(&frame).unwrap(), Some(msg));
+        }
+    }
+
+    #[test]
+    fn unknown_types_critical_or_advisory() {
+        let frame = |kind| RawFrame {
+            kind,
+            payload: Bytes::from_static(b"xyz"),
+        };
+        assert!(matches!(
+            Message::from_frame(&frame(0x0777)),
+            Err(ProtocolError::UnknownMessage { kind: 0x0777 })
+        ));
+        assert_eq!(Message::from_frame(&frame(0x8001)).unwrap(), None);
+    }
+
+    #[test]
+    fn trailing_bytes_and_truncation_are_errors() {
+        let mut frame = Message::Heartbeat(Heartbeat { seq: 1 }).to_frame();
+        let mut long = frame.payload.to_vec();
+        long.push(0);
+        frame.payload = Bytes::from(long);
+        assert!(matches!(
+            Message::from_frame(&frame),
+            Err(ProtocolError::BadPayload { .. })
+        ));
+        let mut hello = all_messages()[0].to_frame();
+        hello.payload = hello.payload.slice(..hello.payload.len() - 1);
+        assert!(Message::from_frame(&hello).is_err());
+    }
+
+    #[test]
+    fn hello_versions_decode_from_any_hello() {
+        let frame = all_messages()[1].to_frame();
+        let (v, _) = postcard::take_from_bytes::<HelloVersions>(&frame.payload).unwrap();
+        assert_eq!((v.min_version, v.max_version), (1, 3));
+    }
+}

@@ -1,0 +1,272 @@
+//! Control protocol v1: the preamble, frames, messages, version negotiation, and
+//! [`Connection`], the only type that turns bytes into messages and back.
+//!
+//! The protocol is specified for humans in `docs/protocol.md`; keep the two in step. This module
+//! holds no I/O policy (timeouts, retries, who may connect): the gateway and the agent decide
+//! those.
+//!
+//! Every connection to the gateway's control port starts with the 4-byte [`MAGIC`], then a
+//! [`Message::Hello`] frame naming the version range and the role. The gateway answers with
+//! [`Message::HelloAck`] carrying the chosen version, or [`Message::Error`] and a close.
+
+pub mod frame;
+pub mod message;
+pub mod token;
+
+use std::io;
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_util::codec::{Encoder, Framed, FramedParts};
+
+pub use frame::{FrameCodec, RawFrame, DEFAULT_MAX_FRAME};
+pub use message::*;
+pub use token::Token;
+
+/// The first bytes of every connection to the control port.
+pub const MAGIC: [u8; 4] = *b"SPRT";
+
+/// The oldest protocol version this build speaks.
+pub const MIN_VERSION: u16 = 1;
+/// The newest protocol version this build speaks.
+pub const MAX_VERSION: u16 = 1;
+
+/// `sallyport/<version>`, for hellos and logs.
+pub const SOFTWARE: &str = concat!("sallyport/", env!("CARGO_PKG_VERSION"));
+
+/// Everything that can go wrong on a framed connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("frame length {len} is shorter than its 2-byte type")]
+    FrameTooShort { len: usize },
+    #[error("unknown critical message type 0x{kind:04x}")]
+    UnknownMessage { kind: u16 },
+    #[error("malformed payload for message type 0x{kind:04x}: {reason}")]
+    BadPayload { kind: u16, reason: String },
+    #[error("peer does not speak the Sallyport protocol (first bytes {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("peer started a TLS handshake, but this side expects plaintext (is `tls` configured on one side only?)")]
+    UnexpectedTls,
+    #[error("expected {expected}, received {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("no common protocol version: we speak {our_min}..={our_max}, the peer {their_min}..={their_max}")]
+    NoCommonVersion {
+        our_min: u16,
+        our_max: u16,
+        their_min: u16,
+        their_max: u16,
+    },
+    #[error("peer reported {0}")]
+    Peer(ErrorMsg),
+    #[error("connection closed by peer")]
+    Closed,
+}
+
+impl ProtocolError {
+    /// The code to send the peer before closing, for errors the peer caused.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::FrameTooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
+            ProtocolError::UnknownMessage { .. } => ErrorCode::UNKNOWN_MESSAGE,
+            ProtocolError::NoCommonVersion { .. } => ErrorCode::UNSUPPORTED_VERSION,
+            _ => ErrorCode::PROTOCOL,
+        }
+    }
+}
+
+/// Picks the highest version both sides speak.
+pub fn negotiate(their_min: u16, their_max: u16) -> Result<u16, ProtocolError> {
+    let version = MAX_VERSION.min(their_max);
+    if version < MIN_VERSION.max(their_min) || their_min > their_max {
+        return Err(ProtocolError::NoCommonVersion {
+            our_min: MIN_VERSION,
+            our_max: MAX_VERSION,
+            their_min,
+            their_max,
+        });
+    }
+    Ok(version)
+}
+
+/// A hello from this build with the given role.
+pub fn hello(role: Role) -> Message {
+    Message::Hello(Hello {
+        min_version: MIN_VERSION,
+        max_version: MAX_VERSION,
+        software: SOFTWARE.to_string(),
+        role,
+    })
+}
+
+/// Reads and checks the 4-byte preamble. Recognizes a TLS ClientHello so the error can say so.
+pub async fn read_preamble<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(), ProtocolError> {
+    let mut magic = [0u8; 4];
+    stream.read_exact(&mut magic).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtocolError::Closed
+        } else {
+            ProtocolError::Io(e)
+        }
+    })?;
+    if magic == MAGIC {
+        Ok(())
+    } else if looks_like_tls(&magic) {
+        Err(ProtocolError::UnexpectedTls)
+    } else {
+        Err(ProtocolError::BadMagic(magic))
+    }
+}
+
+/// A TLS record header: handshake (0x16), version 3.x.
+pub fn looks_like_tls(first: &[u8]) -> bool {
+    first.len() >= 2 && first[0] == 0x16 && first[1] == 0x03
+}
+
+/// A framed connection: reads and writes whole [`Message`]s.
+pub struct Connection<S> {
+    framed: Framed<S, FrameCodec>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(stream: S, max_frame: usize) -> Self {
+        Connection {
+            framed: Framed::new(stream, FrameCodec::new(max_frame)),
+        }
+    }
+
+    /// The next message; `Ok(None)` on a clean end of stream between frames. Unknown advisory
+    /// messages are skipped here so callers never see them.
+    pub async fn read_message(&mut self) -> Result<Option<Message>, ProtocolError> {
+        loop {
+            let Some(frame) = self.framed.next().await.transpose()? else {
+                if self.framed.read_buffer().is_empty() {
+                    return Ok(None);
+                }
+                return Err(ProtocolError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a frame",
+                )));
+            };
+            if let Some(msg) = Message::from_frame(&frame)? {
+                return Ok(Some(msg));
+            }
+            tracing::debug!(kind = frame.kind, "skipping unknown advisory message");
+        }
+    }
+
+    /// Like [`Connection::read_message`], but the end of stream is an error and an `Error` frame
+    /// from the peer becomes [`ProtocolError::Peer`].
+    pub async fn expect_message(&mut self) -> Result<Message, ProtocolError> {
+        match self.read_message().await? {
+            None => Err(ProtocolError::Closed),
+            Some(Message::Error(e)) => Err(ProtocolError::Peer(e)),
+            Some(msg) => Ok(msg),
+        }
+    }
+
+    /// Writes one message and flushes it.
+    pub async fn write_message(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        self.framed.send(msg.to_frame()).await
+    }
+
+    /// Queues one message without flushing; call [`Connection::flush`] after a batch.
+    pub async fn feed_message(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        self.framed.feed(msg.to_frame()).await
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ProtocolError> {
+        SinkExt::<RawFrame>::flush(&mut self.framed).await
+    }
+
+    /// Sends an error frame and gives up on the connection; failures to send are ignored since
+    /// the connection is being abandoned anyway.
+    pub async fn send_error(&mut self, code: ErrorCode, message: impl Into<String>) {
+        let _ = self.write_message(&Message::error(code, message)).await;
+    }
+
+    /// The stream and any bytes read past the last frame, which belong to whatever follows the
+    /// framed part of the conversation (a data connection's payload).
+    pub fn into_parts(self) -> (S, BytesMut) {
+        let FramedParts { io, read_buf, .. } = self.framed.into_parts();
+        (io, read_buf)
+    }
+
+    pub fn get_ref(&self) -> &S {
+        self.framed.get_ref()
+    }
+}
+
+/// The preamble and a hello in one buffer, so a new connection opens with a single write.
+pub fn preamble_and_hello(hello: &Message) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.extend_from_slice(&MAGIC);
+    FrameCodec::default()
+        .encode(hello.to_frame(), &mut buf)
+        .expect("a hello always fits in a frame");
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn negotiation() {
+        assert_eq!(negotiate(1, 1).unwrap(), 1);
+        assert_eq!(negotiate(1, 9).unwrap(), MAX_VERSION);
+        assert!(matches!(
+            negotiate(2, 3),
+            Err(ProtocolError::NoCommonVersion { .. })
+        ));
+        assert!(negotiate(0, 0).is_err());
+        assert!(negotiate(3, 1).is_err());
+    }
+
+    #[tokio::test]
+    async fn preamble_recognizes_tls_and_garbage() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&[0x16, 0x03, 0x01, 0x00]).await.unwrap();
+        assert!(matches!(
+            read_preamble(&mut b).await,
+            Err(ProtocolError::UnexpectedTls)
+        ));
+        a.write_all(b"GET ").await.unwrap();
+        assert!(matches!(
+            read_preamble(&mut b).await,
+            Err(ProtocolError::BadMagic(_))
+        ));
+        a.write_all(&MAGIC).await.unwrap();
+        read_preamble(&mut b).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn connection_keeps_bytes_after_the_last_frame() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(a, DEFAULT_MAX_FRAME);
+        let mut bytes = preamble_and_hello(&Message::Heartbeat(Heartbeat { seq: 5 }));
+        bytes.extend_from_slice(b"payload");
+        b.write_all(&bytes[4..]).await.unwrap();
+        let msg = conn.read_message().await.unwrap();
+        assert_eq!(msg, Some(Message::Heartbeat(Heartbeat { seq: 5 })));
+        let (_, rest) = conn.into_parts();
+        assert_eq!(&rest[..], b"payload");
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_frame_is_an_error() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(a, DEFAULT_MAX_FRAME);
+        b.write_all(&[0, 0, 0, 10, 0, 1, 2]).await.unwrap();
+        drop(b);
+        assert!(conn.read_message().await.is_err());
+    }
+}
