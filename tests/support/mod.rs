@@ -1,0 +1,320 @@
+//! The test harness: start the real `sallyport` binary as gateway and agent with config files
+//! in a temp dir, read their logs, and offer small loopback servers and clients.
+//!
+//! Every process started here is stopped by PID when its handle drops.
+
+#![allow(dead_code)]
+
+pub mod relay;
+pub mod servers;
+pub mod sshd;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sallyport");
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a TCP connect to `addr` is refused right now (as opposed to accepted).
+pub fn refuses(addr: SocketAddr) -> bool {
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+    }
+}
+
+/// Whether a client connecting to `addr` gets through to the backend: it must accept and
+/// not be closed at once. Uses an echo of one line when `echo` is set.
+pub fn accepts(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+/// A running child process whose stderr lines are collected (and echoed for failing tests).
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("SALLYPORT_LOG", "info,sallyport=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = log.clone();
+            let prefix = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    eprintln!("[{prefix}] {line}");
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let mut found = None;
+        let ok = wait_until(timeout, || {
+            found = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned();
+            found.is_some()
+        });
+        assert!(ok, "{}: no log line containing {needle:?} within {timeout:?}", self.name);
+        found.unwrap()
+    }
+
+    /// Kills with SIGKILL: the process gets no chance to say goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal by PID (SIGTERM, SIGHUP ...).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A temp dir for config files and test data, removed at the end.
+pub struct Workdir {
+    dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Workdir {
+        Workdir {
+            dir: tempfile::Builder::new().prefix("sallyport-test-").tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+}
+
+/// A gateway process and its bound control address.
+pub struct Gateway {
+    pub proc: Proc,
+    pub control: SocketAddr,
+}
+
+/// Starts a gateway on loopback with an ephemeral control port. `extra` is appended to
+/// gateway.toml (e.g. a `[limits]` section).
+pub fn start_gateway(dir: &Workdir, extra: &str) -> Gateway {
+    start_gateway_named(dir, "gateway", extra)
+}
+
+pub fn start_gateway_named(dir: &Workdir, name: &str, extra: &str) -> Gateway {
+    let config = format!(
+        "[control]\nlisten = \"127.0.0.1:0\"\n\n[clients]\nbind = \"127.0.0.1\"\n\n{extra}\n"
+    );
+    let path = dir.write(&format!("{name}.toml"), &config);
+    let proc = Proc::spawn(name, &["gateway", "--config", path.to_str().unwrap()]);
+    let line = proc.wait_for_log("control port listening on ", Duration::from_secs(10));
+    let control = line
+        .rsplit("control port listening on ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("cannot parse control address from {line:?}: {e}"));
+    Gateway { proc, control }
+}
+
+/// One `[[listener]]` of an agent config.
+pub struct ListenerDef {
+    pub name: String,
+    pub public: String,
+    pub backend: String,
+    pub extra: String,
+}
+
+pub fn listener(name: &str, public_port: u16, backend: SocketAddr) -> ListenerDef {
+    ListenerDef {
+        name: name.to_string(),
+        public: format!("127.0.0.1:{public_port}"),
+        backend: backend.to_string(),
+        extra: String::new(),
+    }
+}
+
+pub fn agent_config(gateways: &[SocketAddr], listeners: &[ListenerDef], extra: &str) -> String {
+    let gws: Vec<String> = gateways.iter().map(|g| format!("\"{g}\"")).collect();
+    let mut config = format!(
+        "site = \"test-site\"\nname = \"test-agent\"\ngateways = [{}]\n{extra}\n",
+        gws.join(", ")
+    );
+    for l in listeners {
+        config.push_str(&format!(
+            "\n[[listener]]\nname = \"{}\"\npublic = \"{}\"\nbackend = \"{}\"\n{}\n",
+            l.name, l.public, l.backend, l.extra
+        ));
+    }
+    config
+}
+
+/// Starts an agent. `top` holds extra top-level keys (e.g. `heartbeat = "200ms"`), `tables`
+/// extra tables; reconnects are fast (100 ms doubling to 1 s) unless `tables` has `[reconnect]`.
+pub fn start_agent(
+    dir: &Workdir,
+    name: &str,
+    gateways: &[SocketAddr],
+    listeners: &[ListenerDef],
+    top: &str,
+    tables: &str,
+) -> Proc {
+    let mut config = agent_config(gateways, listeners, top);
+    if !tables.contains("[reconnect]") {
+        config.push_str("\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n");
+    }
+    config.push_str(tables);
+    let path = dir.write(&format!("{name}.toml"), &config);
+    Proc::spawn(name, &["agent", "--config", path.to_str().unwrap()])
+}
+
+/// Waits until a public port accepts connections.
+pub fn wait_open(addr: SocketAddr, timeout: Duration) {
+    assert!(
+        wait_until(timeout, || accepts(addr)),
+        "{addr} did not open within {timeout:?}"
+    );
+}
+
+/// Waits until a public port refuses connections.
+pub fn wait_refused(addr: SocketAddr, timeout: Duration) {
+    assert!(
+        wait_until(timeout, || refuses(addr)),
+        "{addr} still accepts after {timeout:?}"
+    );
+}
+
+/// Sends `line\n` and expects it echoed back: proves the whole path works.
+pub fn echo_round_trip(addr: SocketAddr, line: &str) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut got = vec![0u8; line.len() + 1];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, format!("{line}\n").as_bytes());
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures are reproducible.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    sha256_hex(&std::fs::read(path).unwrap())
+}
