@@ -53,15 +53,24 @@ fn gateway_config_error_exits_before_binding() {
 fn missing_config_file_is_a_clear_error() {
     let (code, stderr) = run(&["gateway", "--config", "/nonexistent/gateway.toml"]);
     assert_eq!(code, 78);
-    assert!(stderr.contains("/nonexistent/gateway.toml: cannot read"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/gateway.toml: cannot read"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn the_gateway_refuses_a_second_instance_on_the_same_control_port() {
     let dir = Workdir::new();
     let gw = start_gateway(&dir, "");
-    let path = dir.write("second.toml", &format!("[control]\nlisten = \"{}\"\n", gw.control));
+    let path = dir.write(
+        "second.toml",
+        &format!("[control]\nlisten = \"{}\"\n", gw.control),
+    );
     let (code, stderr) = run(&["gateway", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains(&format!("cannot listen on control port {}", gw.control)), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on control port {}", gw.control)),
+        "{stderr}"
+    );
 }

@@ -18,12 +18,21 @@ fn bytes_and_half_close_travel_both_ways() {
     let backend = ReplyAfterEofServer::start(reply.clone());
     let gateway = start_gateway(&dir, "");
     let public = free_port();
-    let _agent = start_agent(&dir, "agent", &[gateway.control], &[listener("web", public, backend.addr)], "", "");
+    let _agent = start_agent(
+        &dir,
+        "agent",
+        &[gateway.control],
+        &[listener("web", public, backend.addr)],
+        "",
+        "",
+    );
     wait_open(local(public), Duration::from_secs(10));
 
     let request = pseudo_random(1024 * 1024 + 3, 8);
     let mut client = TcpStream::connect(local(public)).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     client.write_all(&request).unwrap();
     // Half-close: the backend must see EOF while the client can still read.
     client.shutdown(Shutdown::Write).unwrap();
@@ -31,11 +40,19 @@ fn bytes_and_half_close_travel_both_ways() {
     let got = std::iter::from_fn(|| backend.received.recv_timeout(Duration::from_secs(20)).ok())
         .find(|r| !r.is_empty())
         .expect("the backend never saw end of stream");
-    assert_eq!(sha256_hex(&got), sha256_hex(&request), "request changed in transit");
+    assert_eq!(
+        sha256_hex(&got),
+        sha256_hex(&request),
+        "request changed in transit"
+    );
     let mut back = Vec::new();
     client.read_to_end(&mut back).unwrap();
     assert_eq!(back.len(), reply.len(), "reply truncated");
-    assert_eq!(sha256_hex(&back), sha256_hex(&reply), "reply changed in transit");
+    assert_eq!(
+        sha256_hex(&back),
+        sha256_hex(&reply),
+        "reply changed in transit"
+    );
 }
 
 #[test]
@@ -44,7 +61,14 @@ fn two_hundred_concurrent_clients_each_echo_one_mib() {
     let echo = EchoServer::start();
     let gateway = start_gateway(&dir, "");
     let public = free_port();
-    let _agent = start_agent(&dir, "agent", &[gateway.control], &[listener("echo", public, echo.addr)], "", "");
+    let _agent = start_agent(
+        &dir,
+        "agent",
+        &[gateway.control],
+        &[listener("echo", public, echo.addr)],
+        "",
+        "",
+    );
     wait_open(local(public), Duration::from_secs(10));
 
     let clients: Vec<_> = (0..200u64)
@@ -53,8 +77,11 @@ fn two_hundred_concurrent_clients_each_echo_one_mib() {
                 let data = Arc::new(pseudo_random(1024 * 1024, 1000 + i));
                 let want = sha256_hex(&data);
                 let stream = TcpStream::connect(local(public)).expect("connect");
-                stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-                let back = echo_transfer(stream, data, 64 * 1024, Duration::ZERO).expect("transfer");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                let back =
+                    echo_transfer(stream, data, 64 * 1024, Duration::ZERO).expect("transfer");
                 (back.len(), sha256_hex(&back) == want)
             })
         })
@@ -91,36 +118,59 @@ fn control_cut_keeps_transfers_closes_and_reopens_listeners() {
     let data = Arc::new(pseudo_random(24 * 1024 * 1024, 99));
     let want = sha256_hex(&data);
     let stream = TcpStream::connect(public).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let transfer = std::thread::spawn(move || echo_transfer(stream, data, 64 * 1024, Duration::from_millis(16)));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let transfer = std::thread::spawn(move || {
+        echo_transfer(stream, data, 64 * 1024, Duration::from_millis(16))
+    });
 
     std::thread::sleep(Duration::from_secs(1));
-    let controls_before = relay.control_conns.load(std::sync::atomic::Ordering::SeqCst);
+    let controls_before = relay
+        .control_conns
+        .load(std::sync::atomic::Ordering::SeqCst);
     let cut_at = Instant::now();
     relay.cut_control(Duration::from_secs(3));
 
     // No control channel: the public port refuses new clients.
     wait_refused(public, Duration::from_secs(3));
-    gateway
-        .proc
-        .wait_for_log("last agent gone: closed 1 listener(s)", Duration::from_secs(2));
+    gateway.proc.wait_for_log(
+        "last agent gone: closed 1 listener(s)",
+        Duration::from_secs(2),
+    );
     assert!(refuses(public));
 
     // The agent retries (refused by the relay), then gets back in once the cut is lifted.
     wait_open(public, Duration::from_secs(10));
     let reopened = cut_at.elapsed();
-    assert!(reopened >= Duration::from_secs(3), "reopened before the cut was lifted");
     assert!(
-        relay.control_conns.load(std::sync::atomic::Ordering::SeqCst) > controls_before,
+        reopened >= Duration::from_secs(3),
+        "reopened before the cut was lifted"
+    );
+    assert!(
+        relay
+            .control_conns
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > controls_before,
         "the agent must have opened a new control channel"
     );
     agent.wait_for_log("control channel lost", Duration::from_secs(1));
     echo_round_trip(public, "after the cut");
 
-    let back = transfer.join().unwrap().expect("the established transfer failed");
+    let back = transfer
+        .join()
+        .unwrap()
+        .expect("the established transfer failed");
     assert_eq!(back.len(), 24 * 1024 * 1024);
-    assert_eq!(sha256_hex(&back), want, "the established transfer was corrupted");
-    eprintln!("listener reopened {:.2} s after the cut (3 s refusal)", reopened.as_secs_f64());
+    assert_eq!(
+        sha256_hex(&back),
+        want,
+        "the established transfer was corrupted"
+    );
+    eprintln!(
+        "listener reopened {:.2} s after the cut (3 s refusal)",
+        reopened.as_secs_f64()
+    );
 }
 
 #[test]
@@ -156,12 +206,18 @@ fn a_taken_port_is_reported_per_listener_and_the_others_work() {
         &dir,
         "agent",
         &[gateway.control],
-        &[listener("taken", taken, echo.addr), listener("free", free, echo.addr)],
+        &[
+            listener("taken", taken, echo.addr),
+            listener("free", free, echo.addr),
+        ],
         "",
         "",
     );
     let line = agent.wait_for_log("listener FAILED on the gateway", Duration::from_secs(10));
-    assert!(line.contains(&format!("127.0.0.1:{taken}: address in use")), "{line}");
+    assert!(
+        line.contains(&format!("127.0.0.1:{taken}: address in use")),
+        "{line}"
+    );
     assert!(line.contains("taken"), "{line}");
     wait_open(local(free), Duration::from_secs(5));
     echo_round_trip(local(free), "the other listener works");
@@ -183,25 +239,43 @@ fn silent_control_channel_is_declared_dead_and_replaced() {
         "",
     );
     wait_open(public, Duration::from_secs(10));
-    relay.set_control_silent(true);
-    // Both sides notice 3 missed heartbeats (600 ms) on their own.
+    // The gateway goes silent toward the agent: the agent notices 3 missed heartbeats (600 ms)
+    // and reconnects.
+    relay.set_control_silent(false, true);
     agent.wait_for_log("3 heartbeats missed", Duration::from_secs(5));
-    gateway.proc.wait_for_log("3 heartbeats missed", Duration::from_secs(5));
-    relay.set_control_silent(false);
+    relay.set_control_silent(false, false);
     wait_open(public, Duration::from_secs(10));
-    echo_round_trip(public, "after the silence");
+    echo_round_trip(public, "after the gateway's silence");
+    // The agent goes silent toward the gateway: the gateway notices and closes the listener.
+    relay.set_control_silent(true, false);
+    gateway
+        .proc
+        .wait_for_log("3 heartbeats missed", Duration::from_secs(5));
+    gateway
+        .proc
+        .wait_for_log("last agent gone", Duration::from_secs(2));
+    relay.set_control_silent(false, false);
+    wait_open(public, Duration::from_secs(10));
+    echo_round_trip(public, "after the agent's silence");
 }
 
 #[test]
 fn demo_serves_through_its_own_gateway() {
     let port = free_port();
     let demo = Proc::spawn("demo", &["demo", "--port", &port.to_string()]);
-    demo.wait_for_log(&format!("curl http://127.0.0.1:{port}/"), Duration::from_secs(15));
+    demo.wait_for_log(
+        &format!("curl http://127.0.0.1:{port}/"),
+        Duration::from_secs(15),
+    );
     let mut s = TcpStream::connect(local(port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
-    assert!(body.contains("This backend saw the connection come from"), "{body}");
+    assert!(
+        body.contains("This backend saw the connection come from"),
+        "{body}"
+    );
 }

@@ -102,7 +102,10 @@ async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
     .await
     .unwrap();
     match next(&mut ctl).await {
-        Message::ConfigResult(r) => assert!(matches!(r.listeners[0].status, ListenerStatus::Bound { .. })),
+        Message::ConfigResult(r) => assert!(matches!(
+            r.listeners[0].status,
+            ListenerStatus::Bound { .. }
+        )),
         other => panic!("expected config-result, got {other:?}"),
     }
 
@@ -112,7 +115,9 @@ async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
     assert_eq!(offer_a.listener, "l");
     assert_eq!(offer_a.client_addr, a.local_addr().unwrap());
     assert_eq!(offer_a.gateway_addr, local(public));
-    claim(gateway.control, offer_a.id, offer_a.token).await.unwrap();
+    claim(gateway.control, offer_a.id, offer_a.token)
+        .await
+        .unwrap();
     ping(&mut a, "a-1").await;
 
     // B: nobody claims it; the gateway closes it at its 1 s deadline.
@@ -123,12 +128,19 @@ async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
     let end = tokio::time::timeout(Duration::from_secs(5), b.read(&mut buf))
         .await
         .expect("unclaimed client was never closed");
-    assert!(matches!(end, Ok(0) | Err(_)), "unclaimed client got data: {end:?}");
+    assert!(
+        matches!(end, Ok(0) | Err(_)),
+        "unclaimed client got data: {end:?}"
+    );
     let waited = t0.elapsed();
-    assert!(waited >= Duration::from_millis(800), "closed too early: {waited:?}");
-    gateway
-        .proc
-        .wait_for_log("no data connection within 1s; closing client (1 unclaimed so far)", Duration::from_secs(2));
+    assert!(
+        waited >= Duration::from_millis(800),
+        "closed too early: {waited:?}"
+    );
+    gateway.proc.wait_for_log(
+        "no data connection within 1s; closing client (1 unclaimed so far)",
+        Duration::from_secs(2),
+    );
     ping(&mut a, "a-2").await;
 
     // C: a guessed token and a reused one are refused and counted; the right one still works.
@@ -144,9 +156,15 @@ async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
         matches!(&reused, Err(ProtocolError::Peer(e)) if e.code == ErrorCode::UNKNOWN_CLIENT),
         "{reused:?}"
     );
-    gateway.proc.wait_for_log("wrong token for client id", Duration::from_secs(2));
-    gateway.proc.wait_for_log("(2 refused so far)", Duration::from_secs(2));
-    claim(gateway.control, offer_c.id, offer_c.token).await.unwrap();
+    gateway
+        .proc
+        .wait_for_log("wrong token for client id", Duration::from_secs(2));
+    gateway
+        .proc
+        .wait_for_log("(2 refused so far)", Duration::from_secs(2));
+    claim(gateway.control, offer_c.id, offer_c.token)
+        .await
+        .unwrap();
     ping(&mut c, "c-1").await;
     ping(&mut a, "a-3").await;
 }
@@ -191,10 +209,16 @@ async fn client_failed_closes_the_client_at_once() {
     .await
     .unwrap();
     let mut buf = [0u8; 1];
-    let end = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .unwrap();
     assert!(matches!(end, Ok(0) | Err(_)));
-    assert!(t0.elapsed() < Duration::from_secs(2), "closed only at the deadline");
-    gateway
-        .proc
-        .wait_for_log("agent could not serve client: backend 10.0.0.5:22 unreachable", Duration::from_secs(2));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "closed only at the deadline"
+    );
+    gateway.proc.wait_for_log(
+        "agent could not serve client: backend 10.0.0.5:22 unreachable",
+        Duration::from_secs(2),
+    );
 }

@@ -51,7 +51,11 @@ fn sftp_64_mib_up_and_down_through_the_gateway() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(sha256_file(&remote), source_sha, "upload changed the bytes");
-    assert_eq!(sha256_file(&downloaded), source_sha, "download changed the bytes");
+    assert_eq!(
+        sha256_file(&downloaded),
+        source_sha,
+        "download changed the bytes"
+    );
 
     // The same transfer straight to sshd, for the throughput comparison in the test output.
     let direct_remote = sshd.data_dir.join("direct.bin");

@@ -127,7 +127,11 @@ impl Proc {
                 .cloned();
             found.is_some()
         });
-        assert!(ok, "{}: no log line containing {needle:?} within {timeout:?}", self.name);
+        assert!(
+            ok,
+            "{}: no log line containing {needle:?} within {timeout:?}",
+            self.name
+        );
         found.unwrap()
     }
 
@@ -175,7 +179,10 @@ pub struct Workdir {
 impl Workdir {
     pub fn new() -> Workdir {
         Workdir {
-            dir: tempfile::Builder::new().prefix("sallyport-test-").tempdir().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("sallyport-test-")
+                .tempdir()
+                .unwrap(),
         }
     }
 
@@ -312,7 +319,10 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub fn sha256_file(path: &Path) -> String {

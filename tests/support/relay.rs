@@ -28,8 +28,10 @@ struct State {
 pub struct Relay {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    /// While set, bytes on control connections are swallowed in both directions.
-    silent: Arc<AtomicBool>,
+    /// While set, bytes on control connections toward the gateway are swallowed.
+    silent_to_gateway: Arc<AtomicBool>,
+    /// While set, bytes on control connections toward the agent are swallowed.
+    silent_to_agent: Arc<AtomicBool>,
     pub control_conns: Arc<AtomicUsize>,
     pub data_conns: Arc<AtomicUsize>,
     pub refused: Arc<AtomicUsize>,
@@ -42,12 +44,17 @@ impl Relay {
         let relay = Relay {
             addr,
             state: Arc::default(),
-            silent: Arc::default(),
+            silent_to_gateway: Arc::default(),
+            silent_to_agent: Arc::default(),
             control_conns: Arc::default(),
             data_conns: Arc::default(),
             refused: Arc::default(),
         };
-        let (state, silent) = (relay.state.clone(), relay.silent.clone());
+        let state = relay.state.clone();
+        let silent = (
+            relay.silent_to_gateway.clone(),
+            relay.silent_to_agent.clone(),
+        );
         let (controls, datas, refused) = (
             relay.control_conns.clone(),
             relay.data_conns.clone(),
@@ -90,9 +97,11 @@ impl Relay {
         }
     }
 
-    /// Swallows (or again forwards) everything on control connections, keeping them open.
-    pub fn set_control_silent(&self, silent: bool) {
-        self.silent.store(silent, Ordering::SeqCst);
+    /// Swallows (or again forwards) what control connections send toward the gateway and/or
+    /// the agent, keeping the connections open: a peer that went silent.
+    pub fn set_control_silent(&self, to_gateway: bool, to_agent: bool) {
+        self.silent_to_gateway.store(to_gateway, Ordering::SeqCst);
+        self.silent_to_agent.store(to_agent, Ordering::SeqCst);
     }
 }
 
@@ -126,7 +135,7 @@ fn handle(
     mut down: TcpStream,
     upstream: SocketAddr,
     state: Arc<Mutex<State>>,
-    silent: Arc<AtomicBool>,
+    silent: (Arc<AtomicBool>, Arc<AtomicBool>),
     controls: Arc<AtomicUsize>,
     datas: Arc<AtomicUsize>,
 ) {
@@ -140,22 +149,22 @@ fn handle(
         return;
     }
     let cut = Arc::new(AtomicBool::new(false));
-    let silent = if is_control {
+    let (to_gateway, to_agent) = if is_control {
         controls.fetch_add(1, Ordering::SeqCst);
         state.lock().unwrap().controls.push(Link {
             down: down.try_clone().unwrap(),
             up: up.try_clone().unwrap(),
             cut: cut.clone(),
         });
-        Some(silent)
+        (Some(silent.0), Some(silent.1))
     } else {
         datas.fetch_add(1, Ordering::SeqCst);
-        None
+        (None, None)
     };
     let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
-    let (cut2, silent2) = (cut.clone(), silent.clone());
-    let t = std::thread::spawn(move || copy(d2, u2, &cut2, silent2.as_deref()));
-    copy(up, down, &cut, silent.as_deref());
+    let cut2 = cut.clone();
+    let t = std::thread::spawn(move || copy(d2, u2, &cut2, to_gateway.as_deref()));
+    copy(up, down, &cut, to_agent.as_deref());
     let _ = t.join();
 }
 

@@ -25,13 +25,25 @@ pub fn require_openssh() {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The test account: created when missing, unlocked for key login (`*` password field).
 fn ensure_user() {
-    let exists = Command::new("id").arg("-u").arg(TEST_USER).output().unwrap().status.success();
+    let exists = Command::new("id")
+        .arg("-u")
+        .arg(TEST_USER)
+        .output()
+        .unwrap()
+        .status
+        .success();
     if !exists {
         // Another test may be creating it at the same moment; only the result matters.
         let _ = Command::new("useradd")
@@ -66,7 +78,9 @@ impl Sshd {
         let host_key = root.join("ssh_host_ed25519_key");
         let key = root.join("client_key");
         for k in [&host_key, &key] {
-            run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(k));
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(k));
         }
         let authorized = root.join("authorized_keys");
         std::fs::copy(key.with_extension("pub"), &authorized).unwrap();
@@ -105,7 +119,10 @@ impl Sshd {
             }
         });
         assert!(
-            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(local(port)).is_ok()),
+            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
+                local(port)
+            )
+            .is_ok()),
             "sshd did not start listening on port {port}"
         );
         Sshd {
