@@ -12,11 +12,27 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// An inclusive, non-empty range of TCP ports; a single port is a range of one.
+/// An inclusive, non-empty range of TCP ports; a single port is a range of one. Deserializing
+/// checks the same invariants as [`PortRange::new`], so a range from the wire is as sound as one
+/// from a config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "UncheckedPortRange")]
 pub struct PortRange {
     first: u16,
     last: u16,
+}
+
+#[derive(Deserialize)]
+struct UncheckedPortRange {
+    first: u16,
+    last: u16,
+}
+
+impl TryFrom<UncheckedPortRange> for PortRange {
+    type Error = String;
+    fn try_from(r: UncheckedPortRange) -> Result<Self, String> {
+        PortRange::new(r.first, r.last)
+    }
 }
 
 impl PortRange {
@@ -278,6 +294,16 @@ mod tests {
         );
         for bad in [":22", "a b:22", "10.0.0.5:x", "fd00::5:22"] {
             assert!(bad.parse::<BackendAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn wire_ranges_are_checked() {
+        let good = postcard::to_stdvec(&PortRange::new(10, 20).unwrap()).unwrap();
+        assert_eq!(postcard::from_bytes::<PortRange>(&good).unwrap().len(), 11);
+        for (first, last) in [(20u16, 10u16), (1, 65535)] {
+            let bad = postcard::to_stdvec(&(first, last)).unwrap();
+            assert!(postcard::from_bytes::<PortRange>(&bad).is_err(), "{first}-{last}");
         }
     }
 

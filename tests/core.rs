@@ -279,3 +279,56 @@ fn demo_serves_through_its_own_gateway() {
         "{body}"
     );
 }
+
+#[test]
+fn reload_restarts_only_changed_listeners() {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let gateway = start_gateway(&dir, "");
+    let (keep, drop_, add) = (free_port(), free_port(), free_port());
+    let agent = start_agent(
+        &dir,
+        "agent",
+        &[gateway.control],
+        &[listener("keep", keep, echo.addr), listener("drop", drop_, echo.addr)],
+        "",
+        "",
+    );
+    wait_open(local(keep), Duration::from_secs(10));
+    wait_open(local(drop_), Duration::from_secs(10));
+
+    // An established connection on the listener that will stay.
+    let mut live = TcpStream::connect(local(keep)).unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut round_trip = |text: &[u8]| {
+        live.write_all(text).unwrap();
+        let mut got = vec![0u8; text.len()];
+        live.read_exact(&mut got).unwrap();
+        assert_eq!(got, text);
+    };
+    round_trip(b"before reload");
+
+    let mut config = agent_config(
+        &[gateway.control],
+        &[listener("keep", keep, echo.addr), listener("add", add, echo.addr)],
+        "",
+    );
+    config.push_str("\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n");
+    dir.write("agent.toml", &config);
+    agent.signal("HUP");
+
+    agent.wait_for_log("pushing generation 2", Duration::from_secs(5));
+    wait_open(local(add), Duration::from_secs(5));
+    wait_refused(local(drop_), Duration::from_secs(5));
+    let kept = agent.wait_for_log("listener kept on the gateway", Duration::from_secs(5));
+    assert!(kept.contains("keep"), "{kept}");
+    round_trip(b"after reload, same connection");
+    assert_eq!(gateway.proc.count_log("closing listener"), 1, "only \"drop\" may close");
+
+    // A broken file is refused and the running config stays.
+    dir.write("agent.toml", "site = \"test-site\"\ngateways = [\"nope\"\n");
+    agent.signal("HUP");
+    agent.wait_for_log("reload refused, keeping the running config", Duration::from_secs(5));
+    round_trip(b"still fine");
+    echo_round_trip(local(add), "new listener works");
+}

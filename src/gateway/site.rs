@@ -97,8 +97,13 @@ impl Site {
         }
 
         let mut results = Vec::with_capacity(push.listeners.len());
+        let mut seen = std::collections::HashSet::new();
         for spec in &push.listeners {
-            let status = if let Some(running) = open.get(&spec.name) {
+            let status = if !seen.insert(spec.name.as_str()) {
+                ListenerStatus::Failed {
+                    error: "duplicate listener name in the pushed config".to_string(),
+                }
+            } else if let Some(running) = open.get(&spec.name) {
                 ListenerStatus::Bound {
                     addrs: running.addrs.clone(),
                     kept: true,
