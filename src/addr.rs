@@ -303,7 +303,10 @@ mod tests {
         assert_eq!(postcard::from_bytes::<PortRange>(&good).unwrap().len(), 11);
         for (first, last) in [(20u16, 10u16), (1, 65535)] {
             let bad = postcard::to_stdvec(&(first, last)).unwrap();
-            assert!(postcard::from_bytes::<PortRange>(&bad).is_err(), "{first}-{last}");
+            assert!(
+                postcard::from_bytes::<PortRange>(&bad).is_err(),
+                "{first}-{last}"
+            );
         }
     }
 

@@ -290,7 +290,10 @@ fn reload_restarts_only_changed_listeners() {
         &dir,
         "agent",
         &[gateway.control],
-        &[listener("keep", keep, echo.addr), listener("drop", drop_, echo.addr)],
+        &[
+            listener("keep", keep, echo.addr),
+            listener("drop", drop_, echo.addr),
+        ],
         "",
         "",
     );
@@ -310,7 +313,10 @@ fn reload_restarts_only_changed_listeners() {
 
     let mut config = agent_config(
         &[gateway.control],
-        &[listener("keep", keep, echo.addr), listener("add", add, echo.addr)],
+        &[
+            listener("keep", keep, echo.addr),
+            listener("add", add, echo.addr),
+        ],
         "",
     );
     config.push_str("\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n");
@@ -323,12 +329,19 @@ fn reload_restarts_only_changed_listeners() {
     let kept = agent.wait_for_log("listener kept on the gateway", Duration::from_secs(5));
     assert!(kept.contains("keep"), "{kept}");
     round_trip(b"after reload, same connection");
-    assert_eq!(gateway.proc.count_log("closing listener"), 1, "only \"drop\" may close");
+    assert_eq!(
+        gateway.proc.count_log("closing listener"),
+        1,
+        "only \"drop\" may close"
+    );
 
     // A broken file is refused and the running config stays.
     dir.write("agent.toml", "site = \"test-site\"\ngateways = [\"nope\"\n");
     agent.signal("HUP");
-    agent.wait_for_log("reload refused, keeping the running config", Duration::from_secs(5));
+    agent.wait_for_log(
+        "reload refused, keeping the running config",
+        Duration::from_secs(5),
+    );
     round_trip(b"still fine");
     echo_round_trip(local(add), "new listener works");
 }

@@ -74,11 +74,11 @@ impl Site {
         push: &PushConfig,
     ) -> ConfigResult {
         let mut open = self.listeners.lock().await;
-        let wanted: HashMap<&str, &ListenerSpec> = push
-            .listeners
-            .iter()
-            .map(|l| (l.name.as_str(), l))
-            .collect();
+        // The first spec of a name counts; later duplicates are reported as failed below.
+        let mut wanted: HashMap<&str, &ListenerSpec> = HashMap::new();
+        for l in &push.listeners {
+            wanted.entry(l.name.as_str()).or_insert(l);
+        }
 
         let stale: Vec<String> = open
             .iter()
