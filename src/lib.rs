@@ -21,6 +21,8 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod limits;
 pub mod net;
 pub mod pipe;
 pub mod protocol;
+pub mod transport;

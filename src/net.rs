@@ -1,7 +1,7 @@
 //! Socket helpers: how Sallyport binds, connects and tunes TCP sockets, in one place.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -38,6 +38,47 @@ pub async fn connect(target: &str, timeout: Duration) -> io::Result<TcpStream> {
                 ),
             )
         })??;
+    tune(&stream);
+    Ok(stream)
+}
+
+/// Like [`connect`], but from `source` when given (for multi-homed hosts and source-based
+/// firewall rules): only addresses of the source's family are tried, in resolver order.
+pub async fn connect_from(
+    target: &str,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return connect(target, timeout).await;
+    };
+    let attempt = async {
+        let mut last = None;
+        for addr in tokio::net::lookup_host(target).await? {
+            if addr.is_ipv4() != source.is_ipv4() {
+                continue;
+            }
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.bind(SocketAddr::new(source, 0))?;
+            match socket.connect(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("{target} has no address of the same family as source_ip {source}"),
+            )
+        }))
+    };
+    let stream = tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     tune(&stream);
     Ok(stream)
 }

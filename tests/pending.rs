@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 async fn open(gateway: SocketAddr, role: Role) -> Connection<TcpStream> {
     let mut stream = TcpStream::connect(gateway).await.unwrap();
     stream
-        .write_all(&protocol::preamble_and_hello(&protocol::hello(role)))
+        .write_all(&protocol::with_preamble(&protocol::hello(role)))
         .await
         .unwrap();
     Connection::new(stream, DEFAULT_MAX_FRAME)
@@ -138,7 +138,7 @@ async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
         "closed too early: {waited:?}"
     );
     gateway.proc.wait_for_log(
-        "no data connection within 1s; closing client (1 unclaimed so far)",
+        "no data connection within 1s; closing client (1 so far)",
         Duration::from_secs(2),
     );
     ping(&mut a, "a-2").await;
@@ -161,7 +161,14 @@ async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
         .wait_for_log("wrong token for client id", Duration::from_secs(2));
     gateway
         .proc
-        .wait_for_log("(2 refused so far)", Duration::from_secs(2));
+        .wait_for_log("already claimed client id", Duration::from_secs(2));
+    let reused_line = gateway
+        .proc
+        .wait_for_log("already claimed client id", Duration::from_secs(1));
+    assert!(
+        reused_line.contains("(2 so far)"),
+        "two refusals counted: {reused_line}"
+    );
     claim(gateway.control, offer_c.id, offer_c.token)
         .await
         .unwrap();

@@ -5,22 +5,30 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use super::dial::{dial, DialError, Target};
 use super::AgentCtx;
+use crate::config::AgentConfig;
 use crate::net;
 use crate::pipe::{pipe, PipeCounters};
-use crate::protocol::{
-    self, ClientArrived, ClientFailed, Connection, DataHello, Message, ProtocolError, Role,
-};
+use crate::protocol::{ClientArrived, ClientFailed, DataHello, Message, Role};
+use crate::transport::Stream;
+
+/// The gateway that announced a client, where its data connection goes.
+pub(crate) struct Gateway {
+    /// As configured (`host:port`): the TLS name.
+    pub name: String,
+    /// The address the control channel reached: data goes to the same gateway instance.
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
 
 /// Serves one client announced by `gateway`. Reports failures on the control channel through
 /// `control` when it is still there; never depends on it otherwise.
 pub(crate) async fn serve_client(
     ctx: AgentCtx,
-    gateway: SocketAddr,
+    gateway: Gateway,
     arrived: ClientArrived,
     control: mpsc::Sender<Message>,
 ) {
@@ -47,7 +55,7 @@ pub(crate) async fn serve_client(
 
     // Both dials at once: the client's wait is the slower of the two, not their sum.
     let (data, backend) = tokio::join!(
-        open_data_connection(gateway, &arrived, config.connect_timeout, config.max_frame),
+        open_data_connection(&config, &gateway, &arrived),
         net::connect(&target, config.connect_timeout),
     );
     let backend = match backend {
@@ -66,7 +74,7 @@ pub(crate) async fn serve_client(
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(
-                listener = listener_name, client = %client, gateway = %gateway,
+                listener = listener_name, client = %client, gateway = %gateway.name,
                 "data connection failed: {e}"
             );
             return;
@@ -94,33 +102,18 @@ pub(crate) async fn serve_client(
 /// Dials the gateway, claims the client with its id and token, and waits for the ack. Returns
 /// the stream and any client bytes that arrived with the ack.
 async fn open_data_connection(
-    gateway: SocketAddr,
+    config: &AgentConfig,
+    gateway: &Gateway,
     arrived: &ClientArrived,
-    timeout: std::time::Duration,
-    max_frame: usize,
-) -> Result<(TcpStream, BytesMut), ProtocolError> {
-    let mut stream = net::connect_addr(gateway, timeout).await?;
-    let hello = protocol::hello(Role::Data(DataHello {
+) -> Result<(Stream, BytesMut), DialError> {
+    let role = Role::Data(DataHello {
         id: arrived.id,
         token: arrived.token,
-    }));
-    stream
-        .write_all(&protocol::preamble_and_hello(&hello))
-        .await?;
-    let mut conn = Connection::new(stream, max_frame);
-    let reply = tokio::time::timeout(timeout, conn.expect_message())
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no hello-ack from the gateway",
-            )
-        })??;
-    match reply {
-        Message::HelloAck(_) => Ok(conn.into_parts()),
-        other => Err(ProtocolError::Unexpected {
-            expected: "hello-ack",
-            got: other.name(),
-        }),
-    }
+    });
+    let target = Target {
+        gateway: &gateway.name,
+        resolved: Some(gateway.addr),
+    };
+    let (conn, _ack) = dial(config, target, role, gateway.tls).await?;
+    Ok(conn.into_parts())
 }

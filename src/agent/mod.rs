@@ -10,6 +10,7 @@
 
 pub mod backoff;
 mod data;
+mod dial;
 mod session;
 
 use std::sync::Arc;

@@ -1,32 +1,29 @@
 //! One agent's control channel to one gateway: dial, hello, push the config, answer client
 //! offers, exchange heartbeats; on any error, back off and dial again.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::backoff::Backoff;
+use super::dial::{dial, DialError, Target};
 use super::{data, AgentCtx};
 use crate::addr::display_addrs;
 use crate::config::AgentConfig;
 use crate::net;
 use crate::protocol::{
-    self, ConfigResult, Connection, ControlHello, ErrorCode, Heartbeat, ListenerStatus, Message,
-    ProtocolError, PushConfig, Role,
+    ConfigResult, ControlHello, ErrorCode, Heartbeat, ListenerStatus, Message, ProtocolError,
+    PushConfig, Role,
 };
 
 /// Why a session ended (other than shutdown).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SessionError {
-    #[error("cannot connect: {0}")]
-    Connect(std::io::Error),
+    #[error("{0}")]
+    Dial(#[from] DialError),
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
-    #[error("no hello-ack within {0:?}")]
-    HelloTimeout(Duration),
     #[error("no message from the gateway for {0:?} (3 heartbeats missed)")]
     HeartbeatsMissed(Duration),
     #[error("unexpected {0} from the gateway")]
@@ -77,15 +74,35 @@ async fn run_session(
 ) -> Result<(), SessionError> {
     let mut config = ctx.config.clone();
     let current = config.borrow_and_update().clone();
-    let stream = net::connect(gateway, current.connect_timeout)
-        .await
-        .map_err(SessionError::Connect)?;
-    let gateway_addr = stream.peer_addr().map_err(SessionError::Connect)?;
-    let (mut conn, heartbeat) = handshake(stream, &current).await?;
-    net::keepalive(conn.get_ref(), heartbeat * 3);
+    let role = Role::Control(ControlHello {
+        site: current.site.clone(),
+        agent: current.name.clone(),
+        heartbeat_ms: current.heartbeat.as_millis() as u32,
+    });
+    let target = Target {
+        gateway,
+        resolved: None,
+    };
+    let (mut conn, ack) = dial(&current, target, role, current.tls.is_some()).await?;
+    let heartbeat = Duration::from_millis(ack.heartbeat_ms.max(100) as u64);
+    let gateway_addr = conn
+        .get_ref()
+        .tcp()
+        .peer_addr()
+        .map_err(ProtocolError::Io)?;
+    // Data connections use TLS when the control channel does, unless the gateway waives it.
+    let data_tls = current.tls.is_some() && ack.data_tls;
+    net::keepalive(conn.get_ref().tcp(), heartbeat * 3);
     tracing::info!(
         gateway = %gateway, addr = %gateway_addr,
-        "control channel up; pushing {} listener(s)", current.listeners.len()
+        "control channel up ({}, protocol v{}); pushing {} listener(s)",
+        match (conn.get_ref().is_tls(), data_tls) {
+            (false, _) => "PLAINTEXT",
+            (true, true) => "TLS 1.3, gateway verified",
+            (true, false) => "TLS 1.3, gateway verified; data connections in plaintext",
+        },
+        ack.version,
+        current.listeners.len()
     );
 
     let mut generation = 1;
@@ -114,7 +131,8 @@ async fn run_session(
                 match msg {
                     Message::Heartbeat(_) => {}
                     Message::ClientArrived(arrived) => {
-                        ctx.tasks.spawn(data::serve_client(ctx.clone(), gateway_addr, arrived, outbox_tx.clone()));
+                        let gateway = data::Gateway { name: gateway.to_string(), addr: gateway_addr, tls: data_tls };
+                        ctx.tasks.spawn(data::serve_client(ctx.clone(), gateway, arrived, outbox_tx.clone()));
                     }
                     Message::ConfigResult(result) => {
                         log_config_result(gateway, &result);
@@ -145,35 +163,6 @@ async fn run_session(
                 conn.write_message(&Message::Heartbeat(Heartbeat { seq })).await?;
             }
         }
-    }
-}
-
-/// Sends the preamble and hello, waits for the hello-ack; returns the heartbeat in force.
-async fn handshake(
-    mut stream: TcpStream,
-    config: &Arc<AgentConfig>,
-) -> Result<(Connection<TcpStream>, Duration), SessionError> {
-    use tokio::io::AsyncWriteExt;
-    let hello = protocol::hello(Role::Control(ControlHello {
-        site: config.site.clone(),
-        agent: config.name.clone(),
-        heartbeat_ms: config.heartbeat.as_millis() as u32,
-    }));
-    stream
-        .write_all(&protocol::preamble_and_hello(&hello))
-        .await
-        .map_err(ProtocolError::Io)?;
-    let mut conn = Connection::new(stream, config.max_frame);
-    let wait = config.connect_timeout;
-    let reply = tokio::time::timeout(wait, conn.expect_message())
-        .await
-        .map_err(|_| SessionError::HelloTimeout(wait))??;
-    match reply {
-        Message::HelloAck(ack) => {
-            let heartbeat = Duration::from_millis(ack.heartbeat_ms.max(100) as u64);
-            Ok((conn, heartbeat))
-        }
-        other => Err(SessionError::Unexpected(other.name())),
     }
 }
 

@@ -13,6 +13,7 @@ use super::{check_name, read_file, ConfigError, Source};
 use crate::access::AccessRules;
 use crate::addr::{BackendAddr, PublicAddr};
 use crate::protocol::{ClientRules, ListenerSpec, DEFAULT_MAX_FRAME};
+use crate::transport::ClientTls;
 
 /// The agent's validated configuration.
 #[derive(Debug, Clone)]
@@ -24,6 +25,9 @@ pub struct AgentConfig {
     /// Gateways to keep a control channel to, as `host:port`.
     pub gateways: Vec<String>,
     pub tls: Option<AgentTls>,
+    /// Source address for every connection to a gateway (multi-homed hosts); the OS picks
+    /// when unset.
+    pub source_ip: Option<std::net::IpAddr>,
     /// Heartbeat interval on the control channel; the peer is dead after three silent intervals.
     pub heartbeat: Duration,
     pub reconnect: ReconnectConfig,
@@ -36,11 +40,23 @@ pub struct AgentConfig {
     pub notices: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The agent's TLS files and the connector built from them.
+#[derive(Clone)]
 pub struct AgentTls {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub client: ClientTls,
+}
+
+impl std::fmt::Debug for AgentTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentTls")
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Exponential backoff between reconnection attempts: `initial`, doubling, capped at `max`,
@@ -110,7 +126,8 @@ struct RawAgent {
     site: Spanned<String>,
     name: Option<Spanned<String>>,
     gateways: Spanned<Vec<Spanned<String>>>,
-    tls: Option<RawTls>,
+    tls: Option<Spanned<RawTls>>,
+    source_ip: Option<Spanned<String>>,
     heartbeat: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     max_frame: Option<Spanned<u64>>,
@@ -126,6 +143,7 @@ struct RawTls {
     ca: Spanned<String>,
     cert: Spanned<String>,
     key: Spanned<String>,
+    server_name: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -214,19 +232,39 @@ impl AgentConfig {
             gateways.push(addr);
         }
 
-        let tls = raw.tls.as_ref().map(|t| AgentTls {
-            ca: relative_to(path, t.ca.get_ref()),
-            cert: relative_to(path, t.cert.get_ref()),
-            key: relative_to(path, t.key.get_ref()),
-        });
-        if tls.is_none() {
-            notices.push("no tls configured: the control channel runs in PLAINTEXT".to_string());
-        } else {
-            notices.push(
-                "tls is parsed but TLS is not implemented yet: the control channel runs in PLAINTEXT"
-                    .to_string(),
-            );
-        }
+        let tls = match &raw.tls {
+            Some(t) => {
+                let (span, t) = (t.span(), t.get_ref());
+                let (ca, cert, key) = (
+                    relative_to(path, t.ca.get_ref()),
+                    relative_to(path, t.cert.get_ref()),
+                    relative_to(path, t.key.get_ref()),
+                );
+                let name = t.server_name.as_ref().map(|n| n.get_ref().as_str());
+                let client = ClientTls::load(&ca, &cert, &key, name)
+                    .map_err(|e| src.error(span, "tls", format!("{e:#}")))?;
+                Some(AgentTls {
+                    ca,
+                    cert,
+                    key,
+                    client,
+                })
+            }
+            None => {
+                notices.push(
+                    "no tls configured: the control channel runs in PLAINTEXT and the gateway is not authenticated"
+                        .to_string(),
+                );
+                None
+            }
+        };
+        let source_ip = match &raw.source_ip {
+            Some(v) => Some(src.parse_with(v, "source_ip", |s| {
+                s.parse::<std::net::IpAddr>()
+                    .map_err(|_| format!("invalid IP address \"{s}\""))
+            })?),
+            None => None,
+        };
 
         let heartbeat = match &raw.heartbeat {
             Some(h) => src.duration_within(
@@ -380,6 +418,7 @@ impl AgentConfig {
             name,
             gateways,
             tls,
+            source_ip,
             heartbeat,
             reconnect,
             connect_timeout,
@@ -420,7 +459,6 @@ mod tests {
 
     const EXAMPLE: &str = r#"site = "acme-mft"
 gateways = ["dmz-gw1.example:44500", "dmz-gw2.example"]
-tls = { ca = "ca.crt", cert = "agent.crt", key = "agent.key" }
 
 [[listener]]
 name = "sftp"
@@ -462,7 +500,7 @@ listen = "127.0.0.1:1080"
         let err = parse(&text).unwrap_err().to_string();
         assert!(
             err.starts_with(
-                "agent.toml:8: listener \"sftp\": backend: invalid socket address \"10.0.0.5\""
+                "agent.toml:7: listener \"sftp\": backend: invalid socket address \"10.0.0.5\""
             ),
             "{err}"
         );

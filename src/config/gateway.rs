@@ -11,6 +11,7 @@ use toml::Spanned;
 use super::{read_file, ConfigError, Source};
 use crate::access::{AccessRules, Policy};
 use crate::protocol::frame::{DEFAULT_MAX_FRAME, MIN_MAX_FRAME};
+use crate::transport::ServerTls;
 
 pub const DEFAULT_CONTROL_PORT: u16 = 44500;
 
@@ -19,8 +20,11 @@ pub const DEFAULT_CONTROL_PORT: u16 = 44500;
 pub struct GatewayConfig {
     /// Where agents connect (control and data connections).
     pub control_listen: SocketAddr,
-    /// Certificate, key and client CA for mutual TLS; `None` runs the control port in plaintext.
+    /// Mutual TLS, loaded and ready; `None` runs the control port in plaintext.
     pub tls: Option<GatewayTls>,
+    /// Whether data connections must use TLS too (`[control] data_tls`, default true). The
+    /// control channel is encrypted regardless when `tls` is set.
+    pub data_tls: bool,
     /// Which agent addresses may connect to the control port.
     pub peers: AccessRules,
     /// Address public listeners bind to when the agent gives only a port.
@@ -36,11 +40,23 @@ pub struct GatewayConfig {
     pub notices: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The gateway's TLS files and the acceptor built from them.
+#[derive(Clone)]
 pub struct GatewayTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    pub server: ServerTls,
+}
+
+impl std::fmt::Debug for GatewayTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayTls")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("client_ca", &self.client_ca)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Timeouts and sizes that bound what a peer or a client can make the gateway hold.
@@ -52,6 +68,15 @@ pub struct Limits {
     pub pending_timeout: Duration,
     /// Hard maximum frame size on the control port, in bytes.
     pub max_frame: usize,
+    /// Clients waiting for a data connection, in total and per listener.
+    pub max_pending: usize,
+    pub max_pending_per_listener: usize,
+    /// Client connections (waiting or piping), in total and per client IP address.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Control-port connections that have not completed their hello, in total and per IP.
+    pub max_handshakes: usize,
+    pub max_handshakes_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -60,6 +85,12 @@ impl Default for Limits {
             hello_timeout: Duration::from_secs(10),
             pending_timeout: Duration::from_secs(10),
             max_frame: DEFAULT_MAX_FRAME,
+            max_pending: 4096,
+            max_pending_per_listener: 1024,
+            max_connections: 16384,
+            max_connections_per_ip: 512,
+            max_handshakes: 4096,
+            max_handshakes_per_ip: 1024,
         }
     }
 }
@@ -69,6 +100,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             control_listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), DEFAULT_CONTROL_PORT),
             tls: None,
+            data_tls: true,
             peers: AccessRules::allow_all(),
             client_bind: Ipv4Addr::UNSPECIFIED.into(),
             egress: Vec::new(),
@@ -95,7 +127,8 @@ struct RawGateway {
 #[serde(deny_unknown_fields)]
 struct RawControl {
     listen: Option<Spanned<String>>,
-    tls: Option<RawTls>,
+    tls: Option<Spanned<RawTls>>,
+    data_tls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +173,12 @@ struct RawLimits {
     hello_timeout: Option<Spanned<String>>,
     pending_timeout: Option<Spanned<String>>,
     max_frame: Option<Spanned<u64>>,
+    max_pending: Option<Spanned<u64>>,
+    max_pending_per_listener: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
+    max_connections_per_ip: Option<Spanned<u64>>,
+    max_handshakes: Option<Spanned<u64>>,
+    max_handshakes_per_ip: Option<Spanned<u64>>,
 }
 
 /// Parses `[peers]`-style rules (also used for listener `clients`).
@@ -196,12 +235,21 @@ impl GatewayConfig {
                 })?;
             }
             if let Some(tls) = &control.tls {
+                let (span, tls) = (tls.span(), tls.get_ref());
                 let file = |v: &Spanned<String>| relative_to(path, v.get_ref());
+                let (cert, key, client_ca) =
+                    (file(&tls.cert), file(&tls.key), file(&tls.client_ca));
+                let server = ServerTls::load(&cert, &key, &client_ca)
+                    .map_err(|e| src.error(span, "control.tls", format!("{e:#}")))?;
                 cfg.tls = Some(GatewayTls {
-                    cert: file(&tls.cert),
-                    key: file(&tls.key),
-                    client_ca: file(&tls.client_ca),
+                    cert,
+                    key,
+                    client_ca,
+                    server,
                 });
+            }
+            if let Some(data_tls) = control.data_tls {
+                cfg.data_tls = data_tls;
             }
         }
         if let Some(peers) = &raw.peers {
@@ -261,15 +309,58 @@ impl GatewayConfig {
                 }
                 cfg.limits.max_frame = n as usize;
             }
+            let count = |v: &Option<Spanned<u64>>,
+                         name: &str,
+                         slot: &mut usize|
+             -> Result<(), ConfigError> {
+                if let Some(v) = v {
+                    let n = *v.get_ref();
+                    if !(1..=1_000_000).contains(&n) {
+                        return Err(src.error(
+                            v.span(),
+                            &format!("limits.{name}"),
+                            format!("{n} is outside the allowed 1 to 1000000"),
+                        ));
+                    }
+                    *slot = n as usize;
+                }
+                Ok(())
+            };
+            let l = &mut cfg.limits;
+            count(&limits.max_pending, "max_pending", &mut l.max_pending)?;
+            count(
+                &limits.max_pending_per_listener,
+                "max_pending_per_listener",
+                &mut l.max_pending_per_listener,
+            )?;
+            count(
+                &limits.max_connections,
+                "max_connections",
+                &mut l.max_connections,
+            )?;
+            count(
+                &limits.max_connections_per_ip,
+                "max_connections_per_ip",
+                &mut l.max_connections_per_ip,
+            )?;
+            count(
+                &limits.max_handshakes,
+                "max_handshakes",
+                &mut l.max_handshakes,
+            )?;
+            count(
+                &limits.max_handshakes_per_ip,
+                "max_handshakes_per_ip",
+                &mut l.max_handshakes_per_ip,
+            )?;
         }
         if cfg.tls.is_none() {
             cfg.notices.push(
-                "no [control] tls configured: control and data connections run in PLAINTEXT".into(),
+                "no [control] tls configured: control and data connections run in PLAINTEXT and agents are not authenticated".into(),
             );
-        } else {
+        } else if !cfg.data_tls {
             cfg.notices.push(
-                "[control] tls is parsed but TLS is not implemented yet: connections run in PLAINTEXT"
-                    .into(),
+                "[control] data_tls = false: data connections run in plaintext (the control channel stays encrypted)".into(),
             );
         }
         Ok(cfg)
@@ -290,7 +381,6 @@ mod tests {
             r#"
 [control]
 listen = "0.0.0.0:44500"
-tls = { cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }
 
 [peers]
 default = "allow"
@@ -310,7 +400,7 @@ listen = "127.0.0.1:9090"
         assert_eq!(cfg.control_listen, "0.0.0.0:44500".parse().unwrap());
         assert!(!cfg.peers.allows("10.0.0.3".parse().unwrap()));
         assert!(cfg.peers.allows("10.3.0.3".parse().unwrap()));
-        assert_eq!(cfg.tls.unwrap().client_ca, PathBuf::from("ca.crt"));
+        assert!(cfg.tls.is_none());
         assert_eq!(cfg.egress.len(), 2);
     }
 
@@ -338,6 +428,20 @@ listen = "127.0.0.1:9090"
         assert!(
             err.to_string()
                 .starts_with("gateway.toml:2: limits.pending_timeout: invalid duration"),
+            "{err}"
+        );
+        let err =
+            parse("[control]\ntls = { cert = \"nope.crt\", key = \"k\", client_ca = \"c\" }\n")
+                .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("gateway.toml:2: control.tls: cannot read"),
+            "{err}"
+        );
+        let err = parse("[limits]\nmax_connections = 0\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("gateway.toml:2: limits.max_connections: 0 is outside"),
             "{err}"
         );
         let err = parse("[control]\nlisen = \"x\"\n").unwrap_err();

@@ -1,33 +1,54 @@
-//! The control port: who may connect, the hello, and the two roles a connection can take.
+//! The control port: who may connect, TLS, the hello, and the two roles a connection can take.
 //!
+//! Order of checks on a new connection, cheapest first: `[peers]` rules (before any byte is
+//! read, so before any TLS work), the handshake limits, then within `hello_timeout`: TLS (when
+//! the first byte says so and TLS is configured), the preamble, the hello, the version, and the
+//! TLS policy for the role. Every refusal before a valid hello is sent as [`protocol::MAGIC`]
+//! plus an Error frame in the clear, logged (rate limited) and counted.
+//!
+//! After the hello:
 //! - a *control* connection becomes an agent session: config pushes in, client offers out,
 //!   heartbeats both ways; when it ends, the agent leaves its site.
 //! - a *data* connection claims one pending client with its id and token, is acknowledged, and
 //!   is handed to that client's task, which pipes it. It never depends on a control session.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::pending::{Claim, DataConn};
 use super::site::{AgentHandle, Site};
-use super::stats::bump;
 use super::Shared;
 use crate::config::check_name;
+use crate::limits::{ConnPermit, Event};
 use crate::net;
 use crate::protocol::{
-    self, Connection, ControlHello, DataHello, ErrorCode, Heartbeat, HelloAck, ListenerStatus,
-    Message, ProtocolError, Role,
+    self, Connection, ControlHello, DataHello, ErrorCode, Heartbeat, Hello, HelloAck,
+    ListenerStatus, Message, ProtocolError, Role,
 };
+use crate::transport::Stream;
 
 /// Heartbeat intervals an agent may ask for.
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
 const HEARTBEAT_MAX: Duration = Duration::from_secs(60);
+
+/// How long a refused peer gets to read the refusal before the socket closes.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Counts an event and logs it at warn level unless the event's log budget is spent.
+fn warn_event(event: &Event, peer: SocketAddr, what: fmt::Arguments<'_>) {
+    let occ = event.hit();
+    if occ.log {
+        tracing::warn!(peer = %peer, "control port: {what}{}", occ.tally());
+    }
+}
 
 /// Accepts connections on the control port until shutdown.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -49,78 +70,97 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             }
         };
         if !shared.config.peers.allows(peer.ip()) {
-            let n = bump(&shared.stats.peers_denied);
-            tracing::warn!(peer = %peer, "control port: peer denied by [peers] rules ({n} so far)");
-            net::reset(stream);
+            warn_event(
+                &shared.stats.peers_denied,
+                peer,
+                format_args!("peer {} denied by the [peers] rules", peer.ip()),
+            );
+            let why = format!(
+                "{} is not allowed by the gateway's [peers] rules",
+                peer.ip()
+            );
+            shared
+                .tasks
+                .spawn(refuse_before_reading(stream, ErrorCode::PEER_DENIED, why));
             continue;
         }
+        let permit = match shared.handshakes.try_acquire(peer.ip()) {
+            Ok(p) => p,
+            Err(limit) => {
+                warn_event(
+                    &shared.stats.handshakes_over_limit,
+                    peer,
+                    format_args!("connection closed: unfinished handshakes reached {limit}"),
+                );
+                net::reset(stream);
+                continue;
+            }
+        };
         shared
             .tasks
-            .spawn(handle_connection(shared.clone(), stream, peer));
+            .spawn(handle_connection(shared.clone(), stream, peer, permit));
     }
 }
 
-/// Reads the preamble and hello within the hello timeout, then dispatches on the role.
-async fn handle_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+/// Sends a refusal on a connection nothing was read from, then closes it gently.
+async fn refuse_before_reading(stream: TcpStream, code: ErrorCode, message: String) {
     net::tune(&stream);
-    let limits = &shared.config.limits;
-    let hello = tokio::time::timeout(limits.hello_timeout, async {
-        protocol::read_preamble(&mut stream).await?;
-        let mut conn = Connection::new(stream, limits.max_frame);
-        let first = conn.read_message().await;
-        Ok::<_, ProtocolError>((conn, first))
+    let mut conn = Connection::new(Stream::Plain(stream), protocol::frame::MIN_MAX_FRAME);
+    conn.refuse(code, message).await;
+    let (mut stream, _) = conn.into_parts();
+    close_gently(&mut stream).await;
+}
+
+/// Half-closes, then drains what the peer still sends for a moment: closing a socket with
+/// unread input sends a reset, which can destroy the refusal before the peer reads it.
+async fn close_gently<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
     })
     .await;
+}
 
-    let (mut conn, first) = match hello {
+/// A connection whose hello was accepted.
+struct Opened {
+    conn: Connection<Stream>,
+    hello: Hello,
+    version: u16,
+}
+
+/// Reads the preamble and hello within the hello timeout, then dispatches on the role.
+async fn handle_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: ConnPermit,
+) {
+    net::tune(&stream);
+    let timeout = shared.config.limits.hello_timeout;
+    let opened = match tokio::time::timeout(timeout, open(&shared, stream, peer)).await {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return,
         Err(_) => {
-            let n = bump(&shared.stats.bad_hellos);
-            tracing::warn!(peer = %peer, "control port: no hello within {} ({n} bad hellos so far)",
-                humantime::format_duration(limits.hello_timeout));
-            return;
-        }
-        Ok(Err(e)) => {
-            let n = bump(&shared.stats.bad_hellos);
-            tracing::warn!(peer = %peer, "control port: {e} ({n} bad hellos so far)");
-            return;
-        }
-        Ok(Ok(x)) => x,
-    };
-    let hello = match first {
-        Ok(Some(Message::Hello(h))) => h,
-        Ok(None) => {
-            tracing::debug!(peer = %peer, "control port: closed before hello");
-            return;
-        }
-        Ok(Some(other)) => {
-            return refuse(
-                &shared,
-                &mut conn,
+            warn_event(
+                &shared.stats.bad_hellos,
                 peer,
-                ErrorCode::BAD_HELLO,
-                format!("expected hello, received {}", other.name()),
-            )
-            .await;
+                format_args!("no hello within {}", humantime::format_duration(timeout)),
+            );
+            return;
         }
-        Err(ProtocolError::BadPayload {
-            kind: protocol::kind::HELLO,
-            reason,
-        }) => {
-            return refuse(
-                &shared,
-                &mut conn,
-                peer,
-                ErrorCode::BAD_HELLO,
-                format!("hello not understood ({reason})"),
-            )
-            .await;
-        }
-        Err(e) => return refuse(&shared, &mut conn, peer, e.code(), e.to_string()).await,
     };
-    let version = match protocol::negotiate(hello.min_version, hello.max_version) {
-        Ok(v) => v,
-        Err(e) => return refuse(&shared, &mut conn, peer, e.code(), e.to_string()).await,
-    };
+    // The handshake is over: this connection no longer counts against the handshake limits.
+    drop(permit);
+    let Opened {
+        conn,
+        hello,
+        version,
+    } = opened;
     match hello.role {
         Role::Control(control) => {
             run_session(shared, conn, peer, &hello.software, control, version).await
@@ -129,22 +169,121 @@ async fn handle_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: Soc
     }
 }
 
-/// Tells the peer why, logs it, counts it, closes.
+/// Everything between accept and an accepted hello. `None` when the connection was refused
+/// (already logged, counted and told) or closed.
+async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opened> {
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(1) => {}
+        _ => return None,
+    }
+    let stream = match (
+        &shared.config.tls,
+        protocol::looks_like_tls(&[first[0], 0x03]),
+    ) {
+        (Some(tls), true) => match tls.server.accept(tcp).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn_event(
+                    &shared.stats.tls_failures,
+                    peer,
+                    format_args!("TLS handshake failed: {e}"),
+                );
+                return None;
+            }
+        },
+        (None, true) => {
+            let why = "this gateway has no TLS configured: remove `tls` from agent.toml or configure [control] tls on the gateway";
+            warn_event(
+                &shared.stats.bad_hellos,
+                peer,
+                format_args!("refused a TLS client: {why}"),
+            );
+            refuse_before_reading(tcp, ErrorCode::PROTOCOL, why.to_string()).await;
+            return None;
+        }
+        (_, false) => Stream::Plain(tcp),
+    };
+    let mut stream = stream;
+    if let Err(e) = protocol::read_preamble(&mut stream).await {
+        let mut conn = Connection::new(stream, protocol::frame::MIN_MAX_FRAME);
+        refuse(shared, &mut conn, peer, ErrorCode::BAD_HELLO, e.to_string()).await;
+        return None;
+    }
+    let mut conn = Connection::new(stream, shared.config.limits.max_frame);
+    let hello = match conn.read_message().await {
+        Ok(Some(Message::Hello(h))) => h,
+        Ok(None) => {
+            tracing::debug!(peer = %peer, "control port: closed before hello");
+            return None;
+        }
+        Ok(Some(other)) => {
+            let why = format!("expected hello, received {}", other.name());
+            refuse(shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
+            return None;
+        }
+        Err(ProtocolError::BadPayload {
+            kind: protocol::kind::HELLO,
+            reason,
+        }) => {
+            let why = format!("hello not understood ({reason})");
+            refuse(shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
+            return None;
+        }
+        Err(e) => {
+            refuse(shared, &mut conn, peer, e.code(), e.to_string()).await;
+            return None;
+        }
+    };
+    let version = match protocol::negotiate(hello.min_version, hello.max_version) {
+        Ok(v) => v,
+        Err(e) => {
+            refuse(shared, &mut conn, peer, e.code(), e.to_string()).await;
+            return None;
+        }
+    };
+    if shared.config.tls.is_some() && !conn.get_ref().is_tls() {
+        let plaintext_data_ok = matches!(hello.role, Role::Data(_)) && !shared.config.data_tls;
+        if !plaintext_data_ok {
+            let why = "this gateway requires TLS: configure `tls` in agent.toml";
+            refuse(
+                shared,
+                &mut conn,
+                peer,
+                ErrorCode::TLS_REQUIRED,
+                why.to_string(),
+            )
+            .await;
+            return None;
+        }
+    }
+    Some(Opened {
+        conn,
+        hello,
+        version,
+    })
+}
+
+/// Tells the peer why (before its hello was accepted), logs it, counts it, closes.
 async fn refuse(
     shared: &Shared,
-    conn: &mut Connection<TcpStream>,
+    conn: &mut Connection<Stream>,
     peer: SocketAddr,
     code: ErrorCode,
     message: String,
 ) {
-    let n = bump(&shared.stats.bad_hellos);
-    tracing::warn!(peer = %peer, "control port: refused: {code}: {message} ({n} bad hellos so far)");
-    conn.send_error(code, message).await;
+    warn_event(
+        &shared.stats.bad_hellos,
+        peer,
+        format_args!("refused: {code}: {message}"),
+    );
+    conn.refuse(code, message).await;
+    close_gently(conn.get_mut()).await;
 }
 
 async fn claim_data(
     shared: Arc<Shared>,
-    mut conn: Connection<TcpStream>,
+    mut conn: Connection<Stream>,
     peer: SocketAddr,
     data: DataHello,
     version: u16,
@@ -152,8 +291,11 @@ async fn claim_data(
     let tx = match shared.pending.claim(data.id, &data.token) {
         Ok(tx) => tx,
         Err(e) => {
-            let n = bump(&shared.stats.data_refused);
-            tracing::warn!(peer = %peer, "data connection refused: {e} ({n} refused so far)");
+            warn_event(
+                &shared.stats.data_refused,
+                peer,
+                format_args!("data connection refused: {e}"),
+            );
             conn.send_error(ErrorCode::UNKNOWN_CLIENT, e.to_string())
                 .await;
             return;
@@ -163,6 +305,7 @@ async fn claim_data(
         version,
         software: protocol::SOFTWARE.to_string(),
         heartbeat_ms: 0,
+        data_tls: shared.config.data_tls,
     });
     if let Err(e) = conn.write_message(&ack).await {
         // Dropping `tx` wakes the client task, which closes the client.
@@ -183,21 +326,15 @@ async fn claim_data(
 /// Runs one agent's control channel until it ends, then removes the agent from its site.
 async fn run_session(
     shared: Arc<Shared>,
-    mut conn: Connection<TcpStream>,
+    mut conn: Connection<Stream>,
     peer: SocketAddr,
     software: &str,
     control: ControlHello,
     version: u16,
 ) {
     if let Err(e) = check_name(&control.site) {
-        return refuse(
-            &shared,
-            &mut conn,
-            peer,
-            ErrorCode::BAD_HELLO,
-            format!("invalid site name {e}"),
-        )
-        .await;
+        let why = format!("invalid site name {e}");
+        return refuse(&shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
     }
     let heartbeat =
         Duration::from_millis(control.heartbeat_ms as u64).clamp(HEARTBEAT_MIN, HEARTBEAT_MAX);
@@ -205,11 +342,12 @@ async fn run_session(
         version,
         software: protocol::SOFTWARE.to_string(),
         heartbeat_ms: heartbeat.as_millis() as u32,
+        data_tls: shared.config.data_tls,
     });
     if conn.write_message(&ack).await.is_err() {
         return;
     }
-    net::keepalive(conn.get_ref(), heartbeat * 3);
+    net::keepalive(conn.get_ref().tcp(), heartbeat * 3);
 
     let (tx, rx) = mpsc::channel(1024);
     let agent = AgentHandle {
@@ -223,7 +361,9 @@ async fn run_session(
     let site = shared.sites.join(&control.site, agent.clone());
     tracing::info!(
         site = %site.name, agent = %agent.name, peer = %peer,
-        "agent connected ({software}, protocol v{version}, heartbeat {} ms)", heartbeat.as_millis()
+        "agent connected ({software}, protocol v{version}, {}, heartbeat {} ms)",
+        if conn.get_ref().is_tls() { "TLS 1.3, certificate verified" } else { "PLAINTEXT" },
+        heartbeat.as_millis()
     );
 
     let end = session_loop(&shared, &site, &agent, &mut conn, rx, heartbeat).await;
@@ -265,7 +405,7 @@ async fn session_loop(
     shared: &Arc<Shared>,
     site: &Arc<Site>,
     agent: &AgentHandle,
-    conn: &mut Connection<TcpStream>,
+    conn: &mut Connection<Stream>,
     mut outbox: mpsc::Receiver<Message>,
     heartbeat: Duration,
 ) -> Result<(), SessionEnd> {

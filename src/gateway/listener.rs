@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::pending::Claim;
 use super::site::Site;
-use super::stats::bump;
 use super::Shared;
 use crate::access::AccessRules;
 use crate::config::check_name;
+use crate::limits::{ConnPermit, Gauge};
 use crate::net;
 use crate::pipe::{pipe, PipeCounters};
 use crate::protocol::{ClientArrived, ListenerSpec, Message, Token};
@@ -27,6 +27,8 @@ use crate::protocol::{ClientArrived, ListenerSpec, Message, Token};
 pub(crate) struct ListenerInfo {
     pub spec: ListenerSpec,
     pub rules: AccessRules,
+    /// Clients of this listener waiting for a data connection.
+    pub pending: Gauge,
 }
 
 /// An open listener: one accept task per port of its range, all stopped together.
@@ -62,6 +64,7 @@ impl RunningListener {
         let info = Arc::new(ListenerInfo {
             spec: spec.clone(),
             rules,
+            pending: Gauge::default(),
         });
         let cancel = CancellationToken::new();
         let tasks = bound
@@ -129,21 +132,50 @@ async fn accept_loop(
             }
         };
         if !info.rules.allows(client_addr.ip()) {
-            let n = bump(&shared.stats.clients_rejected);
-            tracing::info!(
-                listener = %info.spec.name, client = %client_addr,
-                "client rejected by the listener's rules ({n} rejected so far)"
-            );
+            let occ = shared.stats.clients_rejected.hit();
+            if occ.log {
+                tracing::info!(
+                    listener = %info.spec.name, client = %client_addr,
+                    "client rejected by the listener's rules{}", occ.tally()
+                );
+            }
             net::reset(stream);
             continue;
         }
+        let permit = match shared.clients.try_acquire(client_addr.ip()) {
+            Ok(p) => p,
+            Err(limit) => {
+                over_limit(
+                    &shared,
+                    &info,
+                    client_addr,
+                    format_args!("client connections reached {limit}"),
+                );
+                net::reset(stream);
+                continue;
+            }
+        };
         shared.tasks.spawn(serve_client(
             shared.clone(),
             site.clone(),
             info.clone(),
             stream,
             client_addr,
+            permit,
         ));
+    }
+}
+
+/// Counts a client refused by a limit; logs at most once per interval.
+fn over_limit(
+    shared: &Shared,
+    info: &ListenerInfo,
+    client: SocketAddr,
+    what: std::fmt::Arguments<'_>,
+) {
+    let occ = shared.stats.clients_over_limit.hit();
+    if occ.log {
+        tracing::warn!(listener = %info.spec.name, client = %client, "client refused: {what}{}", occ.tally());
     }
 }
 
@@ -162,6 +194,7 @@ async fn serve_client(
     info: Arc<ListenerInfo>,
     client: TcpStream,
     client_addr: SocketAddr,
+    _permit: ConnPermit,
 ) {
     let started = Instant::now();
     let listener = info.spec.name.as_str();
@@ -178,7 +211,23 @@ async fn serve_client(
         tracing::info!(listener, client = %client_addr, "no agent connected; closing client");
         return;
     };
-    bump(&shared.stats.clients_accepted);
+    let limits = &shared.config.limits;
+    let (Some(pending_total), Some(pending_here)) = (
+        shared.pending_total.try_acquire(limits.max_pending),
+        info.pending.try_acquire(limits.max_pending_per_listener),
+    ) else {
+        let what = format_args!(
+            "clients waiting for the agent reached the limit ({} in total, {} per listener)",
+            limits.max_pending, limits.max_pending_per_listener
+        );
+        over_limit(&shared, &info, client_addr, what);
+        net::reset(client);
+        return;
+    };
+    shared
+        .stats
+        .clients_accepted
+        .fetch_add(1, Ordering::Relaxed);
     let id = shared.next_client_id();
     let token = Token::random();
     let deadline = tokio::time::Instant::now() + shared.config.limits.pending_timeout;
@@ -205,17 +254,19 @@ async fn serve_client(
             .map_err(|_| "the offer was withdrawn".to_string())
     })
     .await;
-    drop(inflight);
+    drop((inflight, pending_total, pending_here));
 
     let data = match outcome {
         Ok(Ok(Claim::Data(data))) => data,
         Ok(Ok(Claim::Failed(reason))) => {
             shared.pending.remove(id);
-            let n = bump(&shared.stats.clients_failed);
-            tracing::warn!(
-                listener, client = %client_addr, agent = %agent.name,
-                "agent could not serve client: {reason} ({n} so far)"
-            );
+            let occ = shared.stats.clients_failed.hit();
+            if occ.log {
+                tracing::warn!(
+                    listener, client = %client_addr, agent = %agent.name,
+                    "agent could not serve client: {reason}{}", occ.tally()
+                );
+            }
             return;
         }
         Ok(Err(reason)) => {
@@ -225,12 +276,15 @@ async fn serve_client(
         }
         Err(_) => {
             shared.pending.remove(id);
-            let n = bump(&shared.stats.clients_unclaimed);
-            tracing::warn!(
-                listener, client = %client_addr, agent = %agent.name,
-                "no data connection within {}; closing client ({n} unclaimed so far)",
-                humantime::format_duration(shared.config.limits.pending_timeout)
-            );
+            let occ = shared.stats.clients_unclaimed.hit();
+            if occ.log {
+                tracing::warn!(
+                    listener, client = %client_addr, agent = %agent.name,
+                    "no data connection within {}; closing client{}",
+                    humantime::format_duration(shared.config.limits.pending_timeout),
+                    occ.tally()
+                );
+            }
             return;
         }
     };

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayConfig;
+use crate::limits::{ConnLimiter, Gauge};
 use crate::net;
 use pending::PendingTable;
 use site::SiteRegistry;
@@ -39,6 +40,12 @@ pub(crate) struct Shared {
     pub sites: SiteRegistry,
     pub pending: PendingTable,
     pub stats: GatewayStats,
+    /// Control-port connections still in their handshake.
+    pub handshakes: ConnLimiter,
+    /// Client connections, waiting or piping.
+    pub clients: ConnLimiter,
+    /// Clients waiting for a data connection, across all listeners.
+    pub pending_total: Gauge,
     /// Every connection task (control sessions, data hellos, clients), for draining on stop.
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
@@ -69,14 +76,23 @@ impl Gateway {
         let control = net::bind_listener(addr)
             .with_context(|| format!("cannot listen on control port {addr}"))?;
         let shared = Arc::new(Shared {
-            config,
             sites: SiteRegistry::default(),
             pending: PendingTable::default(),
             stats: GatewayStats::default(),
+            handshakes: ConnLimiter::new(
+                config.limits.max_handshakes,
+                config.limits.max_handshakes_per_ip,
+            ),
+            clients: ConnLimiter::new(
+                config.limits.max_connections,
+                config.limits.max_connections_per_ip,
+            ),
+            pending_total: Gauge::default(),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             next_client_id: AtomicU64::new(1),
             next_agent_id: AtomicU64::new(1),
+            config,
         });
         Ok(Gateway { shared, control })
     }

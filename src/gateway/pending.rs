@@ -10,22 +10,20 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::protocol::Token;
+use crate::transport::Stream;
 
 /// A data connection that proved it was sent for this client.
-#[derive(Debug)]
 pub(crate) struct DataConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes the agent sent after its hello, already read; they go to the client first.
     pub leftover: BytesMut,
     pub agent_addr: SocketAddr,
 }
 
 /// What a waiting client receives.
-#[derive(Debug)]
 pub(crate) enum Claim {
     Data(DataConn),
     /// The agent reported it cannot serve this client.
@@ -127,5 +125,14 @@ mod tests {
         assert!(!table.fail(2, "b", "nope".into()));
         assert!(table.fail(2, "a", "backend down".into()));
         assert!(matches!(rx.try_recv(), Ok(Claim::Failed(r)) if r == "backend down"));
+    }
+
+    impl std::fmt::Debug for Claim {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(match self {
+                Claim::Data(_) => "Claim::Data",
+                Claim::Failed(_) => "Claim::Failed",
+            })
+        }
     }
 }

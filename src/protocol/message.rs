@@ -84,8 +84,12 @@ pub struct HelloAck {
     /// The negotiated version: the highest both sides speak.
     pub version: u16,
     pub software: String,
-    /// The heartbeat interval in force (the agent's wish, clamped by the gateway).
+    /// The heartbeat interval in force (the agent's wish, clamped by the gateway); 0 on data
+    /// connections.
     pub heartbeat_ms: u32,
+    /// Whether data connections must use TLS (when the control channel does). Meaningful on
+    /// control connections only.
+    pub data_tls: bool,
 }
 
 /// A numeric error class; the set grows, so unknown codes must be displayed, not rejected.
@@ -366,6 +370,7 @@ mod tests {
                 version: 1,
                 software: "g".into(),
                 heartbeat_ms: 5000,
+                data_tls: true,
             }),
             Message::error(ErrorCode::UNKNOWN_CLIENT, "no such client"),
             Message::PushConfig(PushConfig {

@@ -142,6 +142,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// A connection whose first bytes were already read (e.g. while checking for a refusal).
+    pub fn with_prefix(stream: S, max_frame: usize, prefix: &[u8]) -> Self {
+        let mut parts = FramedParts::new::<RawFrame>(stream, FrameCodec::new(max_frame));
+        parts.read_buf = BytesMut::from(prefix);
+        Connection {
+            framed: Framed::from_parts(parts),
+        }
+    }
+
     /// The next message; `Ok(None)` on a clean end of stream between frames. Unknown advisory
     /// messages are skipped here so callers never see them.
     pub async fn read_message(&mut self) -> Result<Option<Message>, ProtocolError> {
@@ -202,15 +211,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn get_ref(&self) -> &S {
         self.framed.get_ref()
     }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        self.framed.get_mut()
+    }
+
+    /// Refuses the connection before its hello was accepted: [`MAGIC`] and an Error frame, in
+    /// the clear, so a peer still deciding what it is talking to can read it. Errors are ignored.
+    pub async fn refuse(&mut self, code: ErrorCode, message: impl Into<String>) {
+        use tokio::io::AsyncWriteExt;
+        let bytes = with_preamble(&Message::error(code, message));
+        let _ = self.framed.get_mut().write_all(&bytes).await;
+        let _ = self.framed.get_mut().flush().await;
+    }
 }
 
-/// The preamble and a hello in one buffer, so a new connection opens with a single write.
-pub fn preamble_and_hello(hello: &Message) -> BytesMut {
+/// [`MAGIC`] and one message in one buffer: how a connection opens (with a hello) and how a
+/// refusal before the hello is sent (with an error), each in a single write.
+pub fn with_preamble(msg: &Message) -> BytesMut {
     let mut buf = BytesMut::with_capacity(64);
     buf.extend_from_slice(&MAGIC);
     FrameCodec::default()
-        .encode(hello.to_frame(), &mut buf)
-        .expect("a hello always fits in a frame");
+        .encode(msg.to_frame(), &mut buf)
+        .expect("a hello or an error always fits in a frame");
     buf
 }
 
@@ -252,7 +275,7 @@ mod tests {
     async fn connection_keeps_bytes_after_the_last_frame() {
         let (a, mut b) = tokio::io::duplex(1024);
         let mut conn = Connection::new(a, DEFAULT_MAX_FRAME);
-        let mut bytes = preamble_and_hello(&Message::Heartbeat(Heartbeat { seq: 5 }));
+        let mut bytes = with_preamble(&Message::Heartbeat(Heartbeat { seq: 5 }));
         bytes.extend_from_slice(b"payload");
         b.write_all(&bytes[4..]).await.unwrap();
         let msg = conn.read_message().await.unwrap();

@@ -1,0 +1,130 @@
+//! Dialing the gateway, for control and data connections alike: TCP from the configured source
+//! address, TLS when configured, the preamble and hello, then the gateway's answer: a
+//! hello-ack, or a refusal whose reason ends up in the agent's log.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::AgentConfig;
+use crate::net;
+use crate::protocol::{self, Connection, ErrorMsg, HelloAck, Message, ProtocolError, Role, MAGIC};
+use crate::transport::{self, Stream};
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    #[error("cannot connect to {target}: {source}")]
+    Connect { target: String, source: io::Error },
+    #[error("TLS handshake with {target} failed: {source}")]
+    Tls { target: String, source: io::Error },
+    #[error("the gateway refused the connection: {0}")]
+    Refused(ErrorMsg),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("no answer to the hello within {0:?}")]
+    Timeout(Duration),
+}
+
+impl DialError {
+    fn from_io(target: &str, e: io::Error, during_tls: bool) -> DialError {
+        if let Some(refusal) = transport::refusal(&e) {
+            return DialError::Refused(refusal.clone());
+        }
+        let target = target.to_string();
+        if during_tls {
+            DialError::Tls { target, source: e }
+        } else {
+            DialError::Connect { target, source: e }
+        }
+    }
+}
+
+/// Where to dial: the gateway as configured (`host:port`, which also names it for TLS), and
+/// optionally the address it already resolved to (data connections go to the same gateway
+/// instance as their control channel).
+pub(crate) struct Target<'a> {
+    pub gateway: &'a str,
+    pub resolved: Option<SocketAddr>,
+}
+
+/// Opens a connection with `role`. `tls` says whether to use TLS on it (the config must have
+/// it). Returns the connection after the hello-ack, and the ack.
+pub(crate) async fn dial(
+    config: &AgentConfig,
+    target: Target<'_>,
+    role: Role,
+    tls: bool,
+) -> Result<(Connection<Stream>, HelloAck), DialError> {
+    let timeout = config.connect_timeout;
+    let dial_to = target.resolved.map(|a| a.to_string());
+    let dial_to = dial_to.as_deref().unwrap_or(target.gateway);
+    let tcp = net::connect_from(dial_to, config.source_ip, timeout)
+        .await
+        .map_err(|e| DialError::from_io(dial_to, e, false))?;
+
+    let mut stream = match (&config.tls, tls) {
+        (Some(t), true) => {
+            let name = t
+                .client
+                .name_for(target.gateway)
+                .map_err(|e| DialError::from_io(target.gateway, e, true))?;
+            tokio::time::timeout(timeout, t.client.connect(name, tcp))
+                .await
+                .map_err(|_| DialError::Timeout(timeout))?
+                .map_err(|e| DialError::from_io(target.gateway, e, true))?
+        }
+        _ => Stream::Plain(tcp),
+    };
+
+    let hello = protocol::hello(role);
+    let answer = async {
+        stream
+            .write_all(&protocol::with_preamble(&hello))
+            .await
+            .map_err(ProtocolError::Io)?;
+        read_answer(stream, config.max_frame).await
+    };
+    tokio::time::timeout(timeout, answer)
+        .await
+        .map_err(|_| DialError::Timeout(timeout))?
+}
+
+/// Reads the gateway's first words: [`MAGIC`] starts a refusal, anything else is a frame.
+async fn read_answer(
+    mut stream: Stream,
+    max_frame: usize,
+) -> Result<(Connection<Stream>, HelloAck), DialError> {
+    let mut head = [0u8; 4];
+    if let Err(e) = stream.read_exact(&mut head).await {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            return Err(ProtocolError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the gateway closed the connection without an answer (a firewall, or the gateway's handshake limits?)",
+            ))
+            .into());
+        }
+        return Err(DialError::from_io("the gateway", e, false));
+    }
+    if head == MAGIC {
+        let mut conn = Connection::new(stream, max_frame);
+        return match conn.read_message().await? {
+            Some(Message::Error(e)) => Err(DialError::Refused(e)),
+            _ => Err(ProtocolError::Unexpected {
+                expected: "a refusal after the preamble",
+                got: "something else",
+            }
+            .into()),
+        };
+    }
+    let mut conn = Connection::with_prefix(stream, max_frame, &head);
+    match conn.expect_message().await? {
+        Message::HelloAck(ack) => Ok((conn, ack)),
+        other => Err(ProtocolError::Unexpected {
+            expected: "hello-ack",
+            got: other.name(),
+        }
+        .into()),
+    }
+}

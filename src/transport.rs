@@ -1,0 +1,408 @@
+//! How bytes travel between agent and gateway: plain TCP or TLS 1.3 with mutual
+//! authentication, behind one [`Stream`] type so the protocol and the pipe do not care.
+//!
+//! - The gateway presents its certificate and requires a client certificate that chains to its
+//!   `client_ca` ([`ServerTls`]).
+//! - The agent trusts only its configured CA (never the system store) and checks the gateway's
+//!   name ([`ClientTls`]).
+//! - Before a valid hello, a gateway that refuses a connection writes the plaintext [`MAGIC`]
+//!   and an Error frame. [`Sniff`] recognizes that in place of a TLS ServerHello, so an agent
+//!   logs "peer denied by the gateway's [peers] rules" rather than a TLS decoding error.
+
+use std::io;
+use std::net::IpAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::Context as _;
+use bytes::{Buf, BytesMut};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
+
+use crate::protocol::{ErrorMsg, FrameCodec, Message, MAGIC};
+
+/// A connection between agent and gateway, encrypted or not.
+pub enum Stream {
+    Plain(TcpStream),
+    ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    ClientTls(Box<tokio_rustls::client::TlsStream<Sniff<TcpStream>>>),
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::ServerTls(s) => s.get_ref().0,
+            Stream::ClientTls(s) => &s.get_ref().0.inner,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Stream::Plain(_))
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::ServerTls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+            Stream::ClientTls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::ServerTls(s) => s.is_write_vectored(),
+            Stream::ClientTls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// The gateway refused the connection before any TLS or hello, and said why.
+#[derive(Debug, thiserror::Error)]
+#[error("the gateway refused the connection: {0}")]
+pub struct Refused(pub ErrorMsg);
+
+/// Extracts a [`Refused`] from an I/O error produced by [`Sniff`], if that is what it is.
+pub fn refusal(e: &io::Error) -> Option<&ErrorMsg> {
+    e.get_ref()?.downcast_ref::<Refused>().map(|r| &r.0)
+}
+
+/// Reads through to `inner`, except that if the peer's first bytes are [`MAGIC`] it collects
+/// the Error frame that follows and fails the read with [`Refused`].
+pub struct Sniff<S> {
+    pub inner: S,
+    /// Bytes read while deciding; `None` once decided (then reads pass straight through).
+    pending: Option<BytesMut>,
+    /// After deciding "not a refusal", bytes still to hand out before reading `inner` again.
+    replay: BytesMut,
+}
+
+impl<S> Sniff<S> {
+    pub fn new(inner: S) -> Self {
+        Sniff {
+            inner,
+            pending: Some(BytesMut::new()),
+            replay: BytesMut::new(),
+        }
+    }
+}
+
+/// Longest refusal frame we are willing to collect.
+const MAX_REFUSAL: usize = 16 * 1024;
+
+impl<S: AsyncRead + Unpin> AsyncRead for Sniff<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(seen) = this.pending.as_mut() {
+            loop {
+                let prefix_len = seen.len().min(MAGIC.len());
+                if seen[..prefix_len] != MAGIC[..prefix_len] {
+                    // Not a refusal: hand out what was read, then pass through.
+                    this.replay = this.pending.take().expect("checked above");
+                    break;
+                }
+                if seen.len() >= MAGIC.len() {
+                    let mut frame = BytesMut::from(&seen[MAGIC.len()..]);
+                    match FrameCodec::new(MAX_REFUSAL).decode(&mut frame) {
+                        Ok(Some(raw)) => {
+                            let msg = match Message::from_frame(&raw) {
+                                Ok(Some(Message::Error(e))) => e,
+                                _ => ErrorMsg {
+                                    code: crate::protocol::ErrorCode::PROTOCOL,
+                                    message: "unreadable refusal".into(),
+                                },
+                            };
+                            this.pending = None;
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::ConnectionRefused,
+                                Refused(msg),
+                            )));
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
+                        }
+                    }
+                }
+                let mut tmp = [0u8; 512];
+                let mut tmp_buf = ReadBuf::new(&mut tmp);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut tmp_buf) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) if tmp_buf.filled().is_empty() => {
+                        // End of stream while deciding: hand out what we have (maybe nothing).
+                        this.replay = this.pending.take().expect("checked above");
+                        break;
+                    }
+                    Poll::Ready(Ok(())) => seen.extend_from_slice(tmp_buf.filled()),
+                }
+            }
+        }
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniff<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("invalid PEM certificate in {}", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{}: no certificate found",
+        path.display()
+    );
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("cannot read a private key from {}", path.display()))
+}
+
+fn load_roots(path: &Path) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("{}: not a usable CA certificate", path.display()))?;
+    }
+    Ok(roots)
+}
+
+/// The gateway's TLS side: its identity and the CA its agents' certificates must chain to.
+#[derive(Clone)]
+pub struct ServerTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl ServerTls {
+    pub fn load(cert: &Path, key: &Path, client_ca: &Path) -> anyhow::Result<Self> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(load_roots(client_ca)?),
+            provider(),
+        )
+        .build()
+        .context("cannot build the client certificate verifier")?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS 1.3 unavailable")?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(load_certs(cert)?, load_key(key)?)
+            .with_context(|| {
+                format!(
+                    "{} and {} do not form a usable identity",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+        Ok(ServerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+
+    pub async fn accept(&self, tcp: TcpStream) -> io::Result<Stream> {
+        Ok(Stream::ServerTls(Box::new(
+            self.acceptor.accept(tcp).await?,
+        )))
+    }
+}
+
+/// The agent's TLS side: its identity and the CA the gateway's certificate must chain to.
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: tokio_rustls::TlsConnector,
+    /// Name to verify instead of the host in the gateway address.
+    server_name: Option<ServerName<'static>>,
+}
+
+impl ClientTls {
+    pub fn load(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        server_name: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS 1.3 unavailable")?
+            .with_root_certificates(load_roots(ca)?)
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .with_context(|| {
+                format!(
+                    "{} and {} do not form a usable identity",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+        let server_name = server_name
+            .map(|n| {
+                ServerName::try_from(n.to_string())
+                    .with_context(|| format!("invalid TLS server name \"{n}\""))
+            })
+            .transpose()?;
+        Ok(ClientTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+
+    /// The name to verify for a gateway dialed as `host:port`.
+    pub fn name_for(&self, gateway: &str) -> io::Result<ServerName<'static>> {
+        if let Some(n) = &self.server_name {
+            return Ok(n.clone());
+        }
+        let host = host_of(gateway);
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(ServerName::IpAddress(ip.into()));
+        }
+        ServerName::try_from(host.to_string()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid TLS server name \"{host}\""),
+            )
+        })
+    }
+
+    pub async fn connect(&self, name: ServerName<'static>, tcp: TcpStream) -> io::Result<Stream> {
+        let tls = self.connector.connect(name, Sniff::new(tcp)).await?;
+        Ok(Stream::ClientTls(Box::new(tls)))
+    }
+}
+
+/// `host` of `host:port` or `[v6]:port`.
+pub fn host_of(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{with_preamble, ErrorCode};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn sniff_turns_a_refusal_into_an_error() {
+        let (mut gw, agent) = tokio::io::duplex(1024);
+        let refusal = with_preamble(&Message::error(ErrorCode::PEER_DENIED, "go away"));
+        gw.write_all(&refusal).await.unwrap();
+        let mut sniff = Sniff::new(agent);
+        let err = sniff.read(&mut [0u8; 64]).await.unwrap_err();
+        let msg = refusal_of(&err);
+        assert_eq!(msg.code, ErrorCode::PEER_DENIED);
+        assert_eq!(msg.message, "go away");
+    }
+
+    fn refusal_of(e: &io::Error) -> ErrorMsg {
+        refusal(e).cloned().expect("a refusal")
+    }
+
+    #[tokio::test]
+    async fn sniff_passes_other_bytes_through_unchanged() {
+        for data in [
+            &b"\x16\x03\x03hello world"[..],
+            b"SP",
+            b"SPRX-not-magic",
+            b"",
+        ] {
+            let (mut gw, agent) = tokio::io::duplex(1024);
+            gw.write_all(data).await.unwrap();
+            drop(gw);
+            let mut sniff = Sniff::new(agent);
+            let mut got = Vec::new();
+            sniff.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, data);
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(host_of("gw.example:44500"), "gw.example");
+        assert_eq!(host_of("[::1]:44500"), "::1");
+        assert_eq!(host_of("10.0.0.1:1"), "10.0.0.1");
+    }
+}
