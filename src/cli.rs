@@ -51,6 +51,36 @@ pub enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+    /// Certificates for mutual TLS between agents and gateways.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertCommand {
+    /// Make a private CA (or reuse the one in DIR), a gateway certificate and agent certificates.
+    Init {
+        /// Directory for ca.crt, ca.key, gateway.crt, gateway.key, agent.crt, agent.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS name of the gateway, as agents dial it (repeatable).
+        #[arg(long = "gateway-name")]
+        gateway_names: Vec<String>,
+        /// IP address of the gateway, as agents dial it (repeatable).
+        #[arg(long = "gateway-ip")]
+        gateway_ips: Vec<std::net::IpAddr>,
+        /// Issue a certificate NAME.crt / NAME.key for another agent (repeatable).
+        #[arg(long = "agent-name")]
+        agent_names: Vec<String>,
+        /// Validity of the gateway and agent certificates, in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace existing files (a new CA invalidates every certificate it issued).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -72,6 +102,36 @@ pub fn main() -> ExitCode {
             run_async(run_agent(cfg, config))
         }
         Command::Demo { port } => run_async(crate::demo::run(port)),
+        Command::Cert {
+            command:
+                CertCommand::Init {
+                    dir,
+                    gateway_names,
+                    gateway_ips,
+                    agent_names,
+                    days,
+                    force,
+                },
+        } => {
+            let opts = crate::certs::InitOptions {
+                dir,
+                gateway_names,
+                gateway_ips,
+                agent_names,
+                days,
+                force,
+            };
+            match crate::certs::init(&opts) {
+                Ok(summary) => {
+                    print!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod access;
 pub mod addr;
 pub mod agent;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;
