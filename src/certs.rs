@@ -36,17 +36,18 @@ pub struct InitOptions {
 const CA_COMMON_NAME: &str = "Sallyport private CA";
 const CA_YEARS: i64 = 10;
 
-/// The CA's parameters. They are rebuilt identically from code when the CA is reused, so
-/// certificates issued later chain to the existing `ca.crt` (same subject, same key).
+/// A new CA's parameters. Its name carries a random suffix, so two installations' CAs never
+/// share a subject and a foreign certificate fails as "unknown issuer".
 fn ca_params() -> anyhow::Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
         .push(DnType::OrganizationName, "Sallyport");
+    let suffix: u32 = rand::random();
     params
         .distinguished_name
-        .push(DnType::CommonName, CA_COMMON_NAME);
+        .push(DnType::CommonName, format!("{CA_COMMON_NAME} {suffix:08x}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -115,7 +116,8 @@ struct Ca {
     key: KeyPair,
 }
 
-/// Loads the CA from `dir`, or makes one. Returns it and whether it is new.
+/// Loads the CA from `dir` (any CA certificate with a key rcgen can sign with, including one
+/// the operator brings), or makes one. Returns it and whether it is new.
 fn load_or_create_ca(dir: &Path, force: bool) -> anyhow::Result<(Ca, bool)> {
     let key_path = dir.join("ca.key");
     if key_path.exists() && !force {
@@ -123,12 +125,14 @@ fn load_or_create_ca(dir: &Path, force: bool) -> anyhow::Result<(Ca, bool)> {
             .with_context(|| format!("cannot read {}", key_path.display()))?;
         let key = KeyPair::from_pem(&pem)
             .with_context(|| format!("{}: not a private key", key_path.display()))?;
-        anyhow::ensure!(
-            dir.join("ca.crt").exists(),
-            "{} exists but ca.crt does not",
-            key_path.display()
-        );
-        let cert = ca_params()?.self_signed(&key)?;
+        let cert_path = dir.join("ca.crt");
+        let cert_pem = std::fs::read_to_string(&cert_path)
+            .with_context(|| format!("cannot read {}", cert_path.display()))?;
+        // Rebuilding the CA from its own certificate keeps its subject and key identifier, so
+        // what it issues now chains to the ca.crt agents and gateways already have.
+        let params = CertificateParams::from_ca_cert_pem(&cert_pem)
+            .with_context(|| format!("{}: not a usable CA certificate", cert_path.display()))?;
+        let cert = params.self_signed(&key)?;
         return Ok((Ca { cert, key }, false));
     }
     let key = KeyPair::generate()?;

@@ -195,8 +195,21 @@ fn log_notices(notices: &[String]) {
     }
 }
 
+/// Raises the soft open-files limit to the hard one: every piped client holds two sockets, and
+/// the common default soft limit of 1024 would cap a gateway at a few hundred clients.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 4096 => {
+            tracing::warn!("open files limited to {n}: at most about {} clients", n / 2)
+        }
+        Ok(n) => tracing::debug!("open files limit: {n}"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
+}
+
 async fn run_gateway(cfg: GatewayConfig) -> anyhow::Result<()> {
     log_notices(&cfg.notices);
+    raise_open_files_limit();
     let shutdown = stop_on_signals()?;
     let gateway = Gateway::bind(cfg).await?;
     gateway.run(shutdown).await
@@ -205,6 +218,7 @@ async fn run_gateway(cfg: GatewayConfig) -> anyhow::Result<()> {
 async fn run_agent(cfg: AgentConfig, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     log_notices(&cfg.notices);
+    raise_open_files_limit();
     let shutdown = stop_on_signals()?;
     let agent = std::sync::Arc::new(Agent::new(cfg));
     let mut hup = signal(SignalKind::hangup())?;

@@ -21,6 +21,8 @@ pub(crate) enum DialError {
     Tls { target: String, source: io::Error },
     #[error("the gateway refused the connection: {0}")]
     Refused(ErrorMsg),
+    #[error("the gateway rejected this agent's TLS certificate (alert {0:?}): is it issued by the gateway's client_ca?")]
+    CertificateRejected(rustls::AlertDescription),
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
     #[error("no answer to the hello within {0:?}")]
@@ -31,6 +33,13 @@ impl DialError {
     fn from_io(target: &str, e: io::Error, during_tls: bool) -> DialError {
         if let Some(refusal) = transport::refusal(&e) {
             return DialError::Refused(refusal.clone());
+        }
+        // In TLS 1.3 the server checks the client certificate after the client considers the
+        // handshake done: a rejection arrives as an alert on the first read.
+        if let Some(rustls::Error::AlertReceived(alert)) =
+            e.get_ref().and_then(|i| i.downcast_ref())
+        {
+            return DialError::CertificateRejected(*alert);
         }
         let target = target.to_string();
         if during_tls {

@@ -210,9 +210,12 @@ pub fn start_gateway(dir: &Workdir, extra: &str) -> Gateway {
 }
 
 pub fn start_gateway_named(dir: &Workdir, name: &str, extra: &str) -> Gateway {
-    let config = format!(
-        "[control]\nlisten = \"127.0.0.1:0\"\n\n[clients]\nbind = \"127.0.0.1\"\n\n{extra}\n"
-    );
+    start_gateway_with(dir, name, "listen = \"127.0.0.1:0\"", extra)
+}
+
+/// Starts a gateway whose `[control]` section is `control` (it must set `listen`).
+pub fn start_gateway_with(dir: &Workdir, name: &str, control: &str, extra: &str) -> Gateway {
+    let config = format!("[control]\n{control}\n\n[clients]\nbind = \"127.0.0.1\"\n\n{extra}\n");
     let path = dir.write(&format!("{name}.toml"), &config);
     let proc = Proc::spawn(name, &["gateway", "--config", path.to_str().unwrap()]);
     let line = proc.wait_for_log("control port listening on ", Duration::from_secs(10));
@@ -301,6 +304,50 @@ pub fn echo_round_trip(addr: SocketAddr, line: &str) {
     let mut got = vec![0u8; line.len() + 1];
     s.read_exact(&mut got).unwrap();
     assert_eq!(got, format!("{line}\n").as_bytes());
+}
+
+/// A TCP connection from a chosen loopback source address (127.0.0.2 ... play other hosts).
+pub fn connect_from(source: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    Ok(socket.into())
+}
+
+/// Runs `sallyport cert init --dir <dir>/<sub> <args>` and returns that directory.
+pub fn make_certs(dir: &Workdir, sub: &str, args: &[&str]) -> PathBuf {
+    let path = dir.path().join(sub);
+    let out = Command::new(BIN)
+        .args(["cert", "init", "--dir"])
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cert init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+/// `tls = {...}` for gateway.toml's [control] from a cert dir.
+pub fn gateway_tls(certs: &Path) -> String {
+    format!(
+        "tls = {{ cert = \"{0}/gateway.crt\", key = \"{0}/gateway.key\", client_ca = \"{0}/ca.crt\" }}",
+        certs.display()
+    )
+}
+
+/// `tls = {...}` for agent.toml from a cert dir and an agent cert name.
+pub fn agent_tls(ca_dir: &Path, cert_dir: &Path, name: &str) -> String {
+    format!(
+        "tls = {{ ca = \"{}/ca.crt\", cert = \"{1}/{2}.crt\", key = \"{1}/{2}.key\" }}",
+        ca_dir.display(),
+        cert_dir.display(),
+        name
+    )
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so failures are reproducible.
