@@ -77,7 +77,8 @@ pub(crate) async fn serve_client(
                 listener = listener_name, client = %client, gateway = %gateway.name,
                 "data connection failed: {e}"
             );
-            return;
+            // Without this the client would wait for its deadline.
+            return fail(format!("agent's data connection failed: {e}"));
         }
     };
     tracing::info!(

@@ -129,6 +129,17 @@ async fn read_answer(
     }
     let mut conn = Connection::with_prefix(stream, max_frame, &head);
     match conn.expect_message().await? {
+        Message::HelloAck(ack)
+            if !(protocol::MIN_VERSION..=protocol::MAX_VERSION).contains(&ack.version) =>
+        {
+            Err(ProtocolError::NoCommonVersion {
+                our_min: protocol::MIN_VERSION,
+                our_max: protocol::MAX_VERSION,
+                their_min: ack.version,
+                their_max: ack.version,
+            }
+            .into())
+        }
         Message::HelloAck(ack) => Ok((conn, ack)),
         other => Err(ProtocolError::Unexpected {
             expected: "hello-ack",

@@ -26,6 +26,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::pending::{Claim, DataConn};
 use super::site::{AgentHandle, Site};
 use super::Shared;
+use crate::access::canonical;
 use crate::config::check_name;
 use crate::limits::{ConnPermit, Event};
 use crate::net;
@@ -58,7 +59,8 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
-            Ok(x) => x,
+            // Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; rules and logs use a.b.c.d.
+            Ok((stream, peer)) => (stream, SocketAddr::new(canonical(peer.ip()), peer.port())),
             Err(e) if net::is_resource_exhaustion(&e) => {
                 tracing::warn!("control port: accept failed: {e}; pausing 100 ms");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -79,9 +81,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 "{} is not allowed by the gateway's [peers] rules",
                 peer.ip()
             );
-            shared
-                .tasks
-                .spawn(refuse_before_reading(stream, ErrorCode::PEER_DENIED, why));
+            refuse_bounded(&shared, stream, ErrorCode::PEER_DENIED, why);
             continue;
         }
         let permit = match shared.handshakes.try_acquire(peer.ip()) {
@@ -90,15 +90,33 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 warn_event(
                     &shared.stats.handshakes_over_limit,
                     peer,
-                    format_args!("connection closed: unfinished handshakes reached {limit}"),
+                    format_args!("connection refused: unfinished handshakes reached {limit}"),
                 );
-                net::reset(stream);
+                let why = format!("too many unfinished handshakes: {limit}");
+                refuse_bounded(&shared, stream, ErrorCode::LIMIT, why);
                 continue;
             }
         };
         shared
             .tasks
             .spawn(handle_connection(shared.clone(), stream, peer, permit));
+    }
+}
+
+/// Refusals being written at once, at most; beyond that a refused connection is just reset, so
+/// a flood of refused connections cannot pile up tasks.
+const MAX_REFUSALS_IN_FLIGHT: usize = 256;
+
+/// Refuses with a reason while few refusals are in flight, else resets.
+fn refuse_bounded(shared: &Arc<Shared>, stream: TcpStream, code: ErrorCode, why: String) {
+    match shared.refusals.try_acquire(MAX_REFUSALS_IN_FLIGHT) {
+        Some(permit) => {
+            shared.tasks.spawn(async move {
+                refuse_before_reading(stream, code, why).await;
+                drop(permit);
+            });
+        }
+        None => net::reset(stream),
     }
 }
 
@@ -443,8 +461,17 @@ async fn session_loop(
                         conn.write_message(&Message::ConfigResult(result)).await?;
                     }
                     Message::ClientFailed(f) => {
-                        if !shared.pending.fail(f.id, &site.name, f.reason) {
-                            tracing::debug!(id = f.id, "client-failed for a client no longer pending");
+                        // A pending client is woken and closed (and counted) by its own task.
+                        // Usually the agent's data connection claimed it already, and closes it
+                        // itself; the report still explains why, so count and log it here.
+                        if !shared.pending.fail(f.id, &site.name, f.reason.clone()) {
+                            let occ = shared.stats.clients_failed.hit();
+                            if occ.log {
+                                tracing::warn!(
+                                    site = %site.name, agent = %agent.name, id = f.id,
+                                    "agent could not serve client: {}{}", f.reason, occ.tally()
+                                );
+                            }
                         }
                     }
                     Message::Error(e) => return Err(ProtocolError::Peer(e).into()),

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::pending::Claim;
 use super::site::Site;
 use super::Shared;
-use crate::access::AccessRules;
+use crate::access::{canonical, AccessRules};
 use crate::config::check_name;
 use crate::limits::{ConnPermit, Gauge};
 use crate::net;
@@ -120,7 +120,8 @@ async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         let (stream, client_addr) = match accepted {
-            Ok(x) => x,
+            // Dual-stack sockets report IPv4 clients as ::ffff:a.b.c.d; rules and logs use a.b.c.d.
+            Ok((stream, addr)) => (stream, SocketAddr::new(canonical(addr.ip()), addr.port())),
             Err(e) if net::is_resource_exhaustion(&e) => {
                 tracing::warn!(listener = %info.spec.name, "accept failed: {e}; pausing 100 ms");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub clients: ConnLimiter,
     /// Clients waiting for a data connection, across all listeners.
     pub pending_total: Gauge,
+    /// Refusals being written to refused control-port connections.
+    pub refusals: Gauge,
     /// Every connection task (control sessions, data hellos, clients), for draining on stop.
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
@@ -88,6 +90,7 @@ impl Gateway {
                 config.limits.max_connections_per_ip,
             ),
             pending_total: Gauge::default(),
+            refusals: Gauge::default(),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             next_client_id: AtomicU64::new(1),

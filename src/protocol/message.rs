@@ -318,6 +318,11 @@ impl Message {
 /// A hello that did not decode may still carry a readable version range (its layout is frozen):
 /// name it, so "a newer agent" is told apart from garbage.
 fn explain_hello(err: ProtocolError, payload: &[u8]) -> ProtocolError {
+    if let Ok((v, _)) = postcard::take_from_bytes::<HelloVersions>(payload) {
+        if let Err(no_common) = super::negotiate(v.min_version, v.max_version) {
+            return no_common;
+        }
+    }
     match (err, postcard::take_from_bytes::<HelloVersions>(payload)) {
         (ProtocolError::BadPayload { kind, reason }, Ok((v, _))) => ProtocolError::BadPayload {
             kind,

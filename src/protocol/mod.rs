@@ -216,8 +216,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.framed.get_mut()
     }
 
-    /// Refuses the connection before its hello was accepted: [`MAGIC`] and an Error frame, in
-    /// the clear, so a peer still deciding what it is talking to can read it. Errors are ignored.
+    /// Refuses the connection before its hello was accepted: [`MAGIC`] and an Error frame (on
+    /// this stream: in the clear on a plain connection, inside TLS after a TLS handshake), so a
+    /// peer that has not seen a hello-ack yet can tell a refusal from a frame. Errors are ignored.
     pub async fn refuse(&mut self, code: ErrorCode, message: impl Into<String>) {
         use tokio::io::AsyncWriteExt;
         let bytes = with_preamble(&Message::error(code, message));

@@ -1,0 +1,212 @@
+//! `[peers]` rules on the control port and per-listener `clients` rules, with 127.0.0.x and ::1
+//! as distinct hosts.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use sallyport::protocol::{self, DataHello, ErrorCode, Message, Role, Token, MAGIC};
+use support::servers::EchoServer;
+use support::*;
+
+/// What the gateway answers a data hello (with a made-up client id) from `source`: a plain
+/// Error frame (unknown client: the peer was let in) or a refusal before the hello.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    LetIn,
+    Refused(ErrorCode, String),
+}
+
+fn probe(gateway: SocketAddr, source: IpAddr) -> Answer {
+    let mut s = connect_from(source, gateway).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = protocol::hello(Role::Data(DataHello {
+        id: 999_999,
+        token: Token::random(),
+    }));
+    // A denied peer may be gone before the hello is written; only the answer matters.
+    let _ = s.write_all(&protocol::with_preamble(&hello));
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let refused = reply.starts_with(&MAGIC);
+    let frame = if refused { &reply[4..] } else { &reply[..] };
+    assert!(
+        frame.len() >= 6,
+        "no answer from the gateway to {source}: {reply:?}"
+    );
+    let raw = protocol::RawFrame {
+        kind: u16::from_be_bytes([frame[4], frame[5]]),
+        payload: bytes::Bytes::copy_from_slice(&frame[6..]),
+    };
+    match Message::from_frame(&raw).unwrap() {
+        Some(Message::Error(e)) if refused => Answer::Refused(e.code, e.message),
+        Some(Message::Error(e)) if e.code == ErrorCode::UNKNOWN_CLIENT => Answer::LetIn,
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A dual-stack gateway (listening on [::]) with the given [peers] section.
+fn gateway_with_peers(dir: &Workdir, peers: &str) -> Gateway {
+    let gw = start_gateway_with(
+        dir,
+        "gateway",
+        "listen = \"[::]:0\"",
+        &format!("[peers]\n{peers}\n"),
+    );
+    Gateway {
+        control: SocketAddr::new(ip("127.0.0.1"), gw.control.port()),
+        ..gw
+    }
+}
+
+const EXCEPT: &str =
+    r#"except = ["127.0.0.2", "127.0.5.*", "127.0.6.10-127.0.6.20", "127.0.7.0/24", "::1/128"]"#;
+
+#[test]
+fn peers_allow_by_default_with_every_exception_form() {
+    let dir = Workdir::new();
+    let gw = gateway_with_peers(&dir, &format!("default = \"allow\"\n{EXCEPT}"));
+    let v6 = SocketAddr::new(ip("::1"), gw.control.port());
+    for denied in [
+        "127.0.0.2",
+        "127.0.5.9",
+        "127.0.6.10",
+        "127.0.6.20",
+        "127.0.7.200",
+    ] {
+        match probe(gw.control, ip(denied)) {
+            Answer::Refused(code, msg) => {
+                assert_eq!(code, ErrorCode::PEER_DENIED, "{denied}");
+                assert_eq!(
+                    msg,
+                    format!("{denied} is not allowed by the gateway's [peers] rules")
+                );
+            }
+            other => panic!("{denied} should be denied, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        probe(v6, ip("::1")),
+        Answer::Refused(ErrorCode::PEER_DENIED, _)
+    ));
+    for allowed in ["127.0.0.1", "127.0.0.9", "127.0.6.21", "127.0.8.1"] {
+        assert_eq!(probe(gw.control, ip(allowed)), Answer::LetIn, "{allowed}");
+    }
+    let line = gw.proc.wait_for_log(
+        "peer 127.0.7.200 denied by the [peers] rules",
+        Duration::from_secs(2),
+    );
+    assert!(
+        line.contains("(5 so far)"),
+        "each denial is counted: {line}"
+    );
+}
+
+#[test]
+fn peers_deny_by_default_with_every_exception_form() {
+    let dir = Workdir::new();
+    let gw = gateway_with_peers(&dir, &format!("default = \"deny\"\n{EXCEPT}"));
+    let v6 = SocketAddr::new(ip("::1"), gw.control.port());
+    for allowed in ["127.0.0.2", "127.0.5.9", "127.0.6.15", "127.0.7.1"] {
+        assert_eq!(probe(gw.control, ip(allowed)), Answer::LetIn, "{allowed}");
+    }
+    assert_eq!(probe(v6, ip("::1")), Answer::LetIn);
+    for denied in ["127.0.0.1", "127.0.0.3", "127.0.6.9", "127.0.8.1"] {
+        assert!(
+            matches!(
+                probe(gw.control, ip(denied)),
+                Answer::Refused(ErrorCode::PEER_DENIED, _)
+            ),
+            "{denied}"
+        );
+    }
+}
+
+#[test]
+fn a_denied_agent_is_told_why_and_opens_nothing() {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let gw = gateway_with_peers(&dir, "default = \"allow\"\nexcept = [\"127.0.0.3\"]");
+    let (p1, p2) = (local(free_port()), local(free_port()));
+    let denied = start_agent(
+        &dir,
+        "denied",
+        &[gw.control],
+        &[listener("a", p1.port(), echo.addr)],
+        "source_ip = \"127.0.0.3\"",
+        "",
+    );
+    let line = denied.wait_for_log("control channel lost", Duration::from_secs(5));
+    assert!(
+        line.contains("the gateway refused the connection: peer denied (7): 127.0.0.3 is not allowed by the gateway's [peers] rules"),
+        "{line}"
+    );
+    let _allowed = start_agent(
+        &dir,
+        "allowed",
+        &[gw.control],
+        &[listener("b", p2.port(), echo.addr)],
+        "source_ip = \"127.0.0.4\"",
+        "",
+    );
+    wait_open(p2, Duration::from_secs(10));
+    echo_round_trip(p2, "allowed agent works");
+    assert!(refuses(p1));
+}
+
+#[test]
+fn client_rules_per_listener_reject_and_count() {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let gw = start_gateway(&dir, "");
+    let (open_port, strict_port) = (free_port(), free_port());
+    let mut strict = listener("strict", strict_port, echo.addr);
+    strict.extra =
+        r#"clients = { default = "deny", except = ["127.0.0.7", "127.0.9.0/24"] }"#.into();
+    let mut open = listener("open", open_port, echo.addr);
+    open.extra = r#"clients = { default = "allow", except = ["127.0.0.8"] }"#.into();
+    let _agent = start_agent(&dir, "agent", &[gw.control], &[strict, open], "", "");
+    wait_open(local(open_port), Duration::from_secs(10));
+
+    let through = |source: &str, port: u16| -> bool {
+        let Ok(mut s) = connect_from(ip(source), local(port)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        if s.write_all(b"ping\n").is_err() {
+            return false;
+        }
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).is_ok() && &got == b"ping\n"
+    };
+    assert!(through("127.0.0.7", strict_port));
+    assert!(through("127.0.9.44", strict_port));
+    assert!(!through("127.0.0.1", strict_port));
+    assert!(!through("127.0.0.8", strict_port));
+    assert!(through("127.0.0.1", open_port));
+    assert!(!through("127.0.0.8", open_port));
+    let line = gw
+        .proc
+        .wait_for_log("client=127.0.0.8:", Duration::from_secs(2));
+    assert!(
+        line.contains("client rejected by the listener's rules"),
+        "{line}"
+    );
+    assert_eq!(
+        gw.proc.count_log("client rejected by the listener's rules"),
+        3
+    );
+    let last = gw
+        .proc
+        .log_lines()
+        .into_iter()
+        .rfind(|l| l.contains("client rejected"))
+        .unwrap();
+    assert!(last.contains("(3 so far)"), "{last}");
+}
