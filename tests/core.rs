@@ -345,3 +345,34 @@ fn reload_restarts_only_changed_listeners() {
     round_trip(b"still fine");
     echo_round_trip(local(add), "new listener works");
 }
+
+#[test]
+fn a_port_range_listener_opens_and_closes_as_a_whole() {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let gateway = start_gateway(&dir, "");
+    // Find three consecutive free ports.
+    let first = (0..50)
+        .map(|_| free_port())
+        .find(|&p| p < 65000 && (1..3).all(|i| TcpListener::bind(local(p + i)).is_ok()))
+        .expect("three consecutive free ports");
+    let range = ListenerDef {
+        name: "range".into(),
+        public: format!("127.0.0.1:{first}-{}", first + 2),
+        backend: echo.addr.to_string(),
+        extra: String::new(),
+    };
+    let mut agent = start_agent(&dir, "agent", &[gateway.control], &[range], "", "");
+    for p in first..=first + 2 {
+        wait_open(local(p), Duration::from_secs(10));
+        echo_round_trip(local(p), &format!("port {p}"));
+    }
+    agent.wait_for_log(
+        &format!("127.0.0.1:{first} .. 127.0.0.1:{} (3 ports)", first + 2),
+        Duration::from_secs(1),
+    );
+    agent.kill();
+    for p in first..=first + 2 {
+        wait_refused(local(p), Duration::from_secs(5));
+    }
+}
