@@ -7,8 +7,9 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use sallyport::protocol::{self, DataHello, ErrorCode, Message, Role, Token, MAGIC};
+use sallyport::protocol::{ErrorCode, Message};
 use support::servers::EchoServer;
+use support::wire::{bogus_data_hello, exchange, Reply};
 use support::*;
 
 /// What the gateway answers a data hello (with a made-up client id) from `source`: a plain
@@ -20,29 +21,15 @@ enum Answer {
 }
 
 fn probe(gateway: SocketAddr, source: IpAddr) -> Answer {
-    let mut s = connect_from(source, gateway).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let hello = protocol::hello(Role::Data(DataHello {
-        id: 999_999,
-        token: Token::random(),
-    }));
-    // A denied peer may be gone before the hello is written; only the answer matters.
-    let _ = s.write_all(&protocol::with_preamble(&hello));
-    let mut reply = Vec::new();
-    let _ = s.read_to_end(&mut reply);
-    let refused = reply.starts_with(&MAGIC);
-    let frame = if refused { &reply[4..] } else { &reply[..] };
-    assert!(
-        frame.len() >= 6,
-        "no answer from the gateway to {source}: {reply:?}"
-    );
-    let raw = protocol::RawFrame {
-        kind: u16::from_be_bytes([frame[4], frame[5]]),
-        payload: bytes::Bytes::copy_from_slice(&frame[6..]),
-    };
-    match Message::from_frame(&raw).unwrap() {
-        Some(Message::Error(e)) if refused => Answer::Refused(e.code, e.message),
-        Some(Message::Error(e)) if e.code == ErrorCode::UNKNOWN_CLIENT => Answer::LetIn,
+    match exchange(
+        gateway,
+        Some(source),
+        &bogus_data_hello(),
+        false,
+        Duration::from_secs(5),
+    ) {
+        Reply::Refused(e) => Answer::Refused(e.code, e.message),
+        Reply::Frame(Message::Error(e)) if e.code == ErrorCode::UNKNOWN_CLIENT => Answer::LetIn,
         other => panic!("unexpected answer {other:?}"),
     }
 }
@@ -198,9 +185,12 @@ fn client_rules_per_listener_reject_and_count() {
         line.contains("client rejected by the listener's rules"),
         "{line}"
     );
-    assert_eq!(
-        gw.proc.count_log("client rejected by the listener's rules"),
-        3
+    assert!(
+        wait_until(Duration::from_secs(2), || gw
+            .proc
+            .count_log("client rejected by the listener's rules")
+            == 3),
+        "three rejections must be logged"
     );
     let last = gw
         .proc

@@ -90,6 +90,32 @@ impl Decoder for FrameCodec {
         let payload = src.split_to(len - 2).freeze();
         Ok(Some(RawFrame { kind, payload }))
     }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, ProtocolError> {
+        self.decode_at_eof(src)
+    }
+}
+
+impl FrameCodec {
+    /// At end of stream: a whole frame is still a frame; a partial one is an error that says
+    /// how much was missing.
+    fn decode_at_eof(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, ProtocolError> {
+        if let Some(frame) = self.decode(src)? {
+            return Ok(Some(frame));
+        }
+        if src.is_empty() {
+            return Ok(None);
+        }
+        let need = if src.len() >= 4 {
+            4 + u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize
+        } else {
+            4
+        };
+        Err(ProtocolError::Truncated {
+            have: src.len(),
+            need,
+        })
+    }
 }
 
 impl Encoder<RawFrame> for FrameCodec {
@@ -182,6 +208,23 @@ mod tests {
         assert_eq!(codec.decode(&mut buf).unwrap().unwrap().kind, 1);
         assert_eq!(codec.decode(&mut buf).unwrap().unwrap().kind, 2);
         assert_eq!(codec.decode(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn end_of_stream_inside_a_frame_says_how_much_is_missing() {
+        let mut buf = encode(1, &[0u8; 10]);
+        buf.truncate(8);
+        let err = FrameCodec::default().decode_eof(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Truncated { have: 8, need: 16 }),
+            "{err}"
+        );
+        assert_eq!(
+            FrameCodec::default()
+                .decode_eof(&mut BytesMut::new())
+                .unwrap(),
+            None
+        );
     }
 
     #[test]

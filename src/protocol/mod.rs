@@ -44,6 +44,8 @@ pub enum ProtocolError {
     FrameTooLarge { len: usize, max: usize },
     #[error("frame length {len} is shorter than its 2-byte type")]
     FrameTooShort { len: usize },
+    #[error("connection closed in the middle of a frame ({have} of {need} bytes)")]
+    Truncated { have: usize, need: usize },
     #[error("unknown critical message type 0x{kind:04x}")]
     UnknownMessage { kind: u16 },
     #[error("malformed payload for message type 0x{kind:04x}: {reason}")]
@@ -155,14 +157,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// messages are skipped here so callers never see them.
     pub async fn read_message(&mut self) -> Result<Option<Message>, ProtocolError> {
         loop {
+            // At end of stream the codec reports a partial frame as `Truncated`.
             let Some(frame) = self.framed.next().await.transpose()? else {
-                if self.framed.read_buffer().is_empty() {
-                    return Ok(None);
-                }
-                return Err(ProtocolError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed in the middle of a frame",
-                )));
+                return Ok(None);
             };
             if let Some(msg) = Message::from_frame(&frame)? {
                 return Ok(Some(msg));

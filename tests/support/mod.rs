@@ -8,6 +8,7 @@
 pub mod relay;
 pub mod servers;
 pub mod sshd;
+pub mod wire;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -68,14 +69,19 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
+        Proc::spawn_program(name, BIN, args)
+    }
+
+    /// Starts any program (e.g. `strace ... sallyport gateway`) with log collection.
+    pub fn spawn_program(name: &str, program: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(program)
             .args(args)
             .env("SALLYPORT_LOG", "info,sallyport=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
         let log = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
