@@ -229,3 +229,67 @@ async fn client_failed_closes_the_client_at_once() {
         Duration::from_secs(2),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_clients_per_listener_are_bounded() {
+    let dir = Workdir::new();
+    let gateway = start_gateway(
+        &dir,
+        "[limits]\nmax_pending_per_listener = 2\npending_timeout = \"5s\"\n",
+    );
+    let public = free_port();
+    let mut ctl = open(
+        gateway.control,
+        Role::Control(ControlHello {
+            site: "scripted".into(),
+            agent: "scripted-agent".into(),
+            heartbeat_ms: 60_000,
+        }),
+    )
+    .await;
+    assert!(matches!(next(&mut ctl).await, Message::HelloAck(_)));
+    ctl.write_message(&Message::PushConfig(PushConfig {
+        generation: 1,
+        digest: "d".into(),
+        listeners: vec![ListenerSpec {
+            name: "l".into(),
+            public: PublicAddr {
+                ip: Some("127.0.0.1".parse().unwrap()),
+                ports: PortRange::single(public),
+            },
+            clients: ClientRules::default(),
+        }],
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(next(&mut ctl).await, Message::ConfigResult(_)));
+
+    // Two clients wait (their offers arrive, nobody claims them); a third is refused at once.
+    let w1 = TcpStream::connect(local(public)).await.unwrap();
+    let _offer1 = arrived(&mut ctl).await;
+    let mut w2 = TcpStream::connect(local(public)).await.unwrap();
+    let offer2 = arrived(&mut ctl).await;
+    let mut third = TcpStream::connect(local(public)).await.unwrap();
+    let mut buf = [0u8; 1];
+    let end = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+        .await
+        .expect("the third client must be closed at once");
+    assert!(matches!(end, Ok(0) | Err(_)));
+    gateway.proc.wait_for_log(
+        "clients waiting for the agent reached the limit (4096 in total, 2 per listener)",
+        Duration::from_secs(2),
+    );
+    // A waiting client that leaves gives its place back at once, long before its deadline.
+    drop(w1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = TcpStream::connect(local(public)).await.unwrap();
+    let offer4 = arrived(&mut ctl).await;
+    claim(gateway.control, offer4.id, offer4.token)
+        .await
+        .unwrap();
+    ping(&mut fourth, "room again").await;
+    claim(gateway.control, offer2.id, offer2.token)
+        .await
+        .unwrap();
+    ping(&mut w2, "the second one still waited").await;
+}

@@ -180,6 +180,24 @@ fn over_limit(
     }
 }
 
+/// Resolves when the client has closed or reset its connection; never resolves while it is
+/// merely sending (its early bytes stay queued for the backend). A client that half-closes
+/// before sending a single byte looks the same as one that left; no real protocol does that
+/// and then waits for an answer.
+async fn client_left(client: &TcpStream) {
+    let mut probe = [0u8; 1];
+    loop {
+        if client.readable().await.is_err() {
+            return;
+        }
+        match client.peek(&mut probe).await {
+            Ok(0) | Err(_) => return,
+            // Data is waiting: nothing more to learn until the pipe reads it.
+            Ok(_) => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// Decrements an agent's in-flight count when the offer ends, however it ends.
 struct Inflight(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -244,7 +262,7 @@ async fn serve_client(
         client_addr,
         gateway_addr,
     });
-    let outcome = tokio::time::timeout_at(deadline, async {
+    let wait = async {
         agent
             .tx
             .send(arrived)
@@ -253,8 +271,17 @@ async fn serve_client(
         claim
             .await
             .map_err(|_| "the offer was withdrawn".to_string())
-    })
-    .await;
+    };
+    // A client that leaves while waiting gives its pending place back at once instead of at
+    // its deadline (otherwise connect-and-close loops could hold every pending place).
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout_at(deadline, wait) => outcome,
+        () = client_left(&client) => {
+            shared.pending.remove(id);
+            tracing::debug!(listener, client = %client_addr, "client left before its data connection arrived");
+            return;
+        }
+    };
     drop((inflight, pending_total, pending_here));
 
     let data = match outcome {
