@@ -12,6 +12,7 @@ needs=(
   "ssh-keygen:openssh-client"
   "curl:curl"
   "useradd:passwd"
+  "strace:strace"
 )
 missing=()
 for pair in "${needs[@]}"; do
