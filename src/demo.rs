@@ -33,7 +33,8 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
         Path::new("<demo agent>"),
         &format!(
             "site = \"demo\"\nname = \"demo-agent\"\ngateways = [\"{control}\"]\n\
-             [[listener]]\nname = \"web\"\npublic = \"127.0.0.1:{port}\"\nbackend = \"{backend_addr}\"\n"
+             [[listener]]\nname = \"web\"\npublic = \"127.0.0.1:{port}\"\nbackend = \"{backend_addr}\"\n\
+             proxy_protocol = \"v2\"\n"
         ),
     )?;
     let agent = Agent::new(agent_config);
@@ -49,7 +50,8 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
          \n  internet client  ->  gateway {public}  <-(control + data, dialed out)-  agent  ->  backend {backend_addr}\n\
          \n  gateway control port: {control}\n\
          \nTry it in another terminal:\n\n    curl http://{public}/\n\
-         \nThe backend answers with the address it saw. Press Ctrl-C to stop.\n"
+         \nThe backend answers with your real address (from the PROXY v2 header the agent sends) and\n\
+         the address the TCP connection came from (the agent). Press Ctrl-C to stop.\n"
     );
 
     let _ = gw_task.await;
@@ -67,7 +69,8 @@ async fn wait_until_listening(addr: SocketAddr) -> anyhow::Result<()> {
     anyhow::bail!("timed out")
 }
 
-/// A minimal HTTP/1.1 server: one response per connection, naming the peer address it saw.
+/// A minimal HTTP/1.1 server behind PROXY protocol v2: one response per connection, naming the
+/// real client (from the header) and the TCP peer (the agent).
 async fn serve_backend(listener: TcpListener) {
     loop {
         let Ok((mut stream, peer)) = listener.accept().await else {
@@ -82,9 +85,22 @@ async fn serve_backend(listener: TcpListener) {
                     Ok(n) => len += n,
                 }
             }
+            let client = match ppp::HeaderResult::parse(&buf[..len]) {
+                ppp::HeaderResult::V2(Ok(h)) => match h.addresses {
+                    ppp::v2::Addresses::IPv4(a) => {
+                        format!("{}:{}", a.source_address, a.source_port)
+                    }
+                    ppp::v2::Addresses::IPv6(a) => {
+                        format!("[{}]:{}", a.source_address, a.source_port)
+                    }
+                    _ => "unknown".to_string(),
+                },
+                _ => "unknown (no PROXY header)".to_string(),
+            };
             let body = format!(
                 "Hello from the demo backend behind Sallyport!\n\
-                 This backend saw the connection come from {peer}.\n"
+                 You are {client} (the real client address, from the PROXY v2 header).\n\
+                 The TCP connection itself came from {peer} (the agent).\n"
             );
             let response = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\

@@ -274,8 +274,9 @@ fn demo_serves_through_its_own_gateway() {
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let me = s.local_addr().unwrap();
     assert!(
-        body.contains("This backend saw the connection come from"),
+        body.contains(&format!("You are {me} (the real client address")),
         "{body}"
     );
 }

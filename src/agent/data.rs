@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 
 use super::dial::{dial, DialError, Target};
-use super::AgentCtx;
+use super::{proxy_header, AgentCtx};
 use crate::config::AgentConfig;
 use crate::net;
 use crate::pipe::{pipe, PipeCounters};
@@ -86,9 +86,15 @@ pub(crate) async fn serve_client(
         "client connected in {} ms", started.elapsed().as_millis()
     );
 
+    // The PROXY header and any client bytes that came with the ack go to the backend in one
+    // write, ahead of everything else.
+    let header = proxy_header::header(listener.proxy_protocol, client, arrived.gateway_addr);
+    let mut first = header.clone();
+    first.extend_from_slice(&leftover);
     let counters = PipeCounters::default();
-    let result = pipe(backend, b"", data, &leftover, &counters).await;
+    let result = pipe(backend, b"", data, &first, &counters).await;
     let (to_client, from_client) = counters.snapshot();
+    let from_client = from_client.saturating_sub(header.len() as u64);
     let how = match result {
         Ok(()) => "closed".to_string(),
         Err(e) => format!("ended by error ({e})"),

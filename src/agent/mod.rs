@@ -11,6 +11,7 @@
 pub mod backoff;
 mod data;
 mod dial;
+pub mod proxy_header;
 mod session;
 
 use std::sync::Arc;

@@ -374,11 +374,6 @@ impl AgentConfig {
                     )),
                 })?,
             };
-            if proxy_protocol != ProxyProtocol::None {
-                notices.push(format!(
-                    "listener \"{lname}\": proxy_protocol is parsed but not implemented yet; no header is sent"
-                ));
-            }
             let (clients, except) = match &l.clients {
                 Some(r) => parse_rules(&src, r, &ctx("clients."))?,
                 None => (AccessRules::allow_all(), Vec::new()),
