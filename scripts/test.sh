@@ -13,6 +13,9 @@ needs=(
   "curl:curl"
   "useradd:passwd"
   "strace:strace"
+  "/usr/sbin/nginx:nginx-light"
+  "/usr/sbin/vsftpd:vsftpd"
+  "lftp:lftp"
 )
 missing=()
 for pair in "${needs[@]}"; do
