@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod ftp;
 pub mod nginx;
 pub mod relay;
 pub mod servers;

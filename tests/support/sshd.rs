@@ -36,7 +36,7 @@ fn run(cmd: &mut Command) {
 }
 
 /// The test account: created when missing, unlocked for key login (`*` password field).
-fn ensure_user() {
+pub fn ensure_user() {
     let exists = Command::new("id")
         .arg("-u")
         .arg(TEST_USER)
