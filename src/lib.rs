@@ -13,6 +13,34 @@
 //!
 //! The wire protocol between them is in [`protocol`] (specified in `docs/protocol.md`); the
 //! config files in [`config`]; the byte pump in [`pipe`].
+//!
+//! # Embedding: a server that talks to the gateway itself
+//!
+//! A Rust server can skip the agent process and the TCP hop to a backend:
+//! [`agent::GatewayListener`] dials the gateway, opens a public port there, and yields each
+//! client's stream with its *real* address, wherever a `TcpListener` would be used. With axum:
+//!
+//! ```no_run
+//! use axum::{extract::ConnectInfo, routing::get, Router};
+//! use sallyport::agent::{ClientAddr, GatewayListener};
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let listener = GatewayListener::builder("dmz-gw1.example:44500", "acme-web", "8080")?
+//!     .tls("ca.crt", "agent.crt", "agent.key")?
+//!     .bind()
+//!     .await?; // fails with the gateway's reason, e.g. "address in use"
+//!
+//! let app = Router::new().route(
+//!     "/",
+//!     get(|ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>| async move {
+//!         format!("hello, {client}\n")
+//!     }),
+//! );
+//! axum::serve(listener, app.into_make_service_with_connect_info::<ClientAddr>()).await
+//! # }
+//! ```
+//!
+//! `examples/embedded_server.rs` is the runnable version.
 
 pub mod access;
 pub mod addr;

@@ -8,8 +8,9 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 
 use super::dial::{dial, DialError, Target};
+use super::embedded::{Accepted, GatewayStream};
 use super::{proxy_header, AgentCtx};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Backend};
 use crate::net;
 use crate::pipe::{pipe, PipeCounters};
 use crate::protocol::{ClientArrived, ClientFailed, DataHello, Message, Role};
@@ -46,6 +47,9 @@ pub(crate) async fn serve_client(
         tracing::warn!(listener = listener_name, client = %client, "offer for an unknown listener");
         return fail(format!("agent has no listener \"{listener_name}\""));
     };
+    if listener.backend == Backend::Local {
+        return hand_to_application(&ctx, &config, &gateway, &arrived, control).await;
+    }
     let Some(target) = listener.backend_target(arrived.port_offset) else {
         return fail(format!(
             "no backend port for offset {}",
@@ -104,6 +108,41 @@ pub(crate) async fn serve_client(
         from_client, to_client,
         "connection {how} after {:.1} s", started.elapsed().as_secs_f64()
     );
+}
+
+/// For the embedded listener: the data connection itself is the application's stream.
+async fn hand_to_application(
+    ctx: &AgentCtx,
+    config: &AgentConfig,
+    gateway: &Gateway,
+    arrived: &ClientArrived,
+    control: mpsc::Sender<Message>,
+) {
+    let fail = |reason: String| {
+        let _ = control.try_send(Message::ClientFailed(ClientFailed {
+            id: arrived.id,
+            reason,
+        }));
+    };
+    let Some(local) = &ctx.local else {
+        return fail("no application accepts this listener's clients".into());
+    };
+    match open_data_connection(config, gateway, arrived).await {
+        Ok((stream, leftover)) => {
+            let accepted = Accepted {
+                stream: GatewayStream::new(stream, leftover, arrived.client_addr),
+                client_addr: arrived.client_addr,
+                gateway_addr: arrived.gateway_addr,
+            };
+            if local.send(accepted).await.is_err() {
+                tracing::debug!(client = %arrived.client_addr, "the application stopped accepting");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(client = %arrived.client_addr, "data connection failed: {e}");
+            fail(format!("agent's data connection failed: {e}"));
+        }
+    }
 }
 
 /// Dials the gateway, claims the client with its id and token, and waits for the ack. Returns

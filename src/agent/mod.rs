@@ -11,13 +11,18 @@
 pub mod backoff;
 mod data;
 mod dial;
+pub mod embedded;
 pub mod proxy_header;
 mod session;
+pub mod status;
+
+pub use embedded::{Accepted, ClientAddr, GatewayListener, GatewayListenerBuilder, GatewayStream};
+pub use status::{AgentStatus, GatewayStatus};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,6 +39,10 @@ pub(crate) struct AgentCtx {
     /// Every data connection task.
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
+    /// What sessions learn about their gateways.
+    pub status: Arc<watch::Sender<AgentStatus>>,
+    /// Where clients of `Backend::Local` listeners go (the embedding application).
+    pub local: Option<mpsc::Sender<Accepted>>,
 }
 
 impl AgentCtx {
@@ -45,12 +54,32 @@ impl AgentCtx {
 /// A configured agent, ready to [`Agent::run`].
 pub struct Agent {
     config: watch::Sender<Arc<AgentConfig>>,
+    status: Arc<watch::Sender<AgentStatus>>,
+    local: Option<mpsc::Sender<Accepted>>,
 }
 
 impl Agent {
     pub fn new(config: AgentConfig) -> Self {
         let (config, _) = watch::channel(Arc::new(config));
-        Agent { config }
+        let (status, _) = watch::channel(AgentStatus::default());
+        Agent {
+            config,
+            status: Arc::new(status),
+            local: None,
+        }
+    }
+
+    /// An agent whose `Backend::Local` listeners hand their clients to `local`.
+    pub fn with_local_acceptor(config: AgentConfig, local: mpsc::Sender<Accepted>) -> Self {
+        Agent {
+            local: Some(local),
+            ..Agent::new(config)
+        }
+    }
+
+    /// Live view of the gateways: connected or not, last error, listener results.
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
     }
 
     /// Replaces the configuration; every connected session pushes the new listener set.
@@ -65,6 +94,8 @@ impl Agent {
             config: self.config.subscribe(),
             tasks: TaskTracker::new(),
             shutdown: shutdown.clone(),
+            status: self.status.clone(),
+            local: self.local.clone(),
         };
         let config = ctx.config();
         tracing::info!(

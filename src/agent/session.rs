@@ -45,10 +45,20 @@ pub(crate) async fn keep_connected(ctx: AgentCtx, gateway: String) {
         let delay = backoff.next_delay();
         match result {
             Ok(()) => return,
-            Err(e) => tracing::warn!(
-                gateway = %gateway,
-                "control channel lost: {e}; reconnecting in {} ms", delay.as_millis()
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    gateway = %gateway,
+                    "control channel lost: {e}; reconnecting in {} ms", delay.as_millis()
+                );
+                ctx.status.send_modify(|s| {
+                    let g = s.gateways.entry(gateway.clone()).or_default();
+                    g.connected_to = None;
+                    g.connected_since = None;
+                    g.listeners.clear();
+                    g.last_error = Some(e.to_string());
+                    g.failures = if established { 1 } else { g.failures + 1 };
+                });
+            }
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -93,6 +103,13 @@ async fn run_session(
     // Data connections use TLS when the control channel does, unless the gateway waives it.
     let data_tls = current.tls.is_some() && ack.data_tls;
     net::keepalive(conn.get_ref().tcp(), heartbeat * 3);
+    let tls = conn.get_ref().is_tls();
+    ctx.status.send_modify(|s| {
+        let g = s.gateways.entry(gateway.to_string()).or_default();
+        g.connected_to = Some(gateway_addr);
+        g.connected_since = Some(std::time::SystemTime::now());
+        g.tls = tls;
+    });
     tracing::info!(
         gateway = %gateway, addr = %gateway_addr,
         "control channel up ({}, protocol v{}); pushing {} listener(s)",
@@ -139,6 +156,12 @@ async fn run_session(
                         if result.generation == generation {
                             *established = true;
                         }
+                        ctx.status.send_modify(|s| {
+                            let g = s.gateways.entry(gateway.to_string()).or_default();
+                            g.listeners = result.listeners.iter().map(|l| (l.name.clone(), l.status.clone())).collect();
+                            g.last_error = None;
+                            g.failures = 0;
+                        });
                     }
                     Message::Error(e) => return Err(ProtocolError::Peer(e).into()),
                     other => {

@@ -85,12 +85,22 @@ pub enum ProxyProtocol {
     V2,
 }
 
+/// Where a listener's clients go on the agent's side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Backend {
+    /// A TCP server the agent connects to (from `backend = "host:port"`).
+    Tcp(BackendAddr),
+    /// The embedding application itself ([`crate::agent::GatewayListener`]): data connections
+    /// are handed to its `accept()`.
+    Local,
+}
+
 /// One listener: a public port on the gateway forwarded to a backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ListenerConfig {
     pub name: String,
     pub public: PublicAddr,
-    pub backend: BackendAddr,
+    pub backend: Backend,
     pub proxy_protocol: ProxyProtocol,
     #[serde(skip)]
     pub clients: AccessRules,
@@ -111,12 +121,11 @@ impl ListenerConfig {
     /// The backend `host:port` for a client on the public port at `offset`: port for port with
     /// a range backend, always the same port with a single-port backend.
     pub fn backend_target(&self, offset: u16) -> Option<String> {
-        let offset = if self.backend.ports.len() == 1 {
-            0
-        } else {
-            offset
+        let Backend::Tcp(backend) = &self.backend else {
+            return None;
         };
-        self.backend.target(offset)
+        let offset = if backend.ports.len() == 1 { 0 } else { offset };
+        backend.target(offset)
     }
 }
 
@@ -194,6 +203,32 @@ fn parse_gateway(s: &str) -> Result<String, String> {
 }
 
 impl AgentConfig {
+    /// A configuration with defaults and no listener, for programs that build it in code (the
+    /// embedded listener); `gateways` are `host:port` or `host`.
+    pub fn new(site: &str, gateways: &[&str]) -> Result<Self, String> {
+        check_name(site)?;
+        if gateways.is_empty() {
+            return Err("at least one gateway is required".into());
+        }
+        Ok(AgentConfig {
+            site: site.to_string(),
+            name: host_name(),
+            gateways: gateways
+                .iter()
+                .map(|g| parse_gateway(g))
+                .collect::<Result<_, _>>()?,
+            tls: None,
+            source_ip: None,
+            heartbeat: Duration::from_secs(5),
+            reconnect: ReconnectConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+            listeners: Vec::new(),
+            outbound_listen: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            notices: Vec::new(),
+        })
+    }
+
     /// Reads and validates an agent config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = read_file(path)?;
@@ -385,7 +420,7 @@ impl AgentConfig {
             listeners.push(ListenerConfig {
                 name: lname,
                 public,
-                backend,
+                backend: Backend::Tcp(backend),
                 proxy_protocol,
                 clients,
                 clients_text,

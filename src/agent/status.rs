@@ -1,0 +1,43 @@
+//! What the agent knows about its gateways right now: connected or not, the last error, and
+//! what each gateway answered for each listener. Sessions write it; `check`, the embedded
+//! listener and logs read it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use crate::protocol::ListenerStatus;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// Keyed by the gateway as configured (`host:port`).
+    pub gateways: BTreeMap<String, GatewayStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayStatus {
+    /// The address the current control channel reached, while connected.
+    pub connected_to: Option<SocketAddr>,
+    pub connected_since: Option<SystemTime>,
+    /// Whether the control channel runs over TLS.
+    pub tls: bool,
+    /// Why the last session or attempt failed.
+    pub last_error: Option<String>,
+    /// Failed attempts since the last established session.
+    pub failures: u32,
+    /// The gateway's answer for each listener, from the latest config result.
+    pub listeners: BTreeMap<String, ListenerStatus>,
+}
+
+impl AgentStatus {
+    /// Whether every gateway has answered for `listener` and all of them bound it.
+    pub fn bound_everywhere(&self, listener: &str) -> bool {
+        !self.gateways.is_empty()
+            && self.gateways.values().all(|g| {
+                matches!(
+                    g.listeners.get(listener),
+                    Some(ListenerStatus::Bound { .. })
+                )
+            })
+    }
+}
