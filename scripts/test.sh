@@ -16,6 +16,8 @@ needs=(
   "/usr/sbin/nginx:nginx-light"
   "/usr/sbin/vsftpd:vsftpd"
   "lftp:lftp"
+  "/usr/sbin/nft:nftables"
+  "/usr/sbin/ip:iproute2"
 )
 missing=()
 for pair in "${needs[@]}"; do

@@ -83,6 +83,60 @@ pub async fn connect_from(
     Ok(stream)
 }
 
+/// Connects to `target` from `source`, an address that is not this host's: the client's own,
+/// with `IP_TRANSPARENT` (needs root or CAP_NET_ADMIN, and policy routing that delivers the
+/// replies to this host: see packaging/transparent-routing.sh). The client's port is kept when
+/// it is free here, else the kernel picks one. IPv4 only.
+pub async fn connect_transparent(
+    source: SocketAddr,
+    target: &str,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let IpAddr::V4(source_ip) = source.ip() else {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("transparent mode supports IPv4 clients only (client {source}); use proxy_protocol for IPv6"),
+        ));
+    };
+    let attempt = async {
+        let addr = tokio::net::lookup_host(target)
+            .await?
+            .find(SocketAddr::is_ipv4)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!("{target} has no IPv4 address"),
+                )
+            })?;
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_ip_transparent(true).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "IP_TRANSPARENT refused ({e}): transparent mode needs root or CAP_NET_ADMIN"
+                ),
+            )
+        })?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        let with_port = SocketAddr::new(IpAddr::V4(source_ip), source.port());
+        if socket.bind(&with_port.into()).is_err() {
+            socket.bind(&SocketAddr::new(IpAddr::V4(source_ip), 0).into())?;
+        }
+        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+        socket.connect(addr).await
+    };
+    let stream = tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "connect timed out (is the reply route through this host in place?)",
+        )
+    })??;
+    tune(&stream);
+    Ok(stream)
+}
+
 /// Connects to an already resolved address with a timeout.
 pub async fn connect_addr(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))

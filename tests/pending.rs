@@ -269,12 +269,14 @@ async fn pending_clients_per_listener_are_bounded() {
     let _offer1 = arrived(&mut ctl).await;
     let mut w2 = TcpStream::connect(local(public)).await.unwrap();
     let offer2 = arrived(&mut ctl).await;
-    let mut third = TcpStream::connect(local(public)).await.unwrap();
-    let mut buf = [0u8; 1];
-    let end = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
-        .await
-        .expect("the third client must be closed at once");
-    assert!(matches!(end, Ok(0) | Err(_)));
+    // The gateway resets it at once: sometimes before the connect itself has completed.
+    if let Ok(mut third) = TcpStream::connect(local(public)).await {
+        let mut buf = [0u8; 1];
+        let end = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+            .await
+            .expect("the third client must be closed at once");
+        assert!(matches!(end, Ok(0) | Err(_)));
+    }
     gateway.proc.wait_for_log(
         "clients waiting for the agent reached the limit (4096 in total, 2 per listener)",
         Duration::from_secs(2),

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use super::dial::{dial, DialError, Target};
 use super::embedded::{Accepted, GatewayStream};
 use super::{proxy_header, AgentCtx};
-use crate::config::{AgentConfig, Backend};
+use crate::config::{AgentConfig, Backend, Impersonation};
 use crate::net;
 use crate::pipe::{pipe, PipeCounters};
 use crate::protocol::{ClientArrived, ClientFailed, DataHello, Message, Role};
@@ -60,7 +60,12 @@ pub(crate) async fn serve_client(
     // Both dials at once: the client's wait is the slower of the two, not their sum.
     let (data, backend) = tokio::join!(
         open_data_connection(&config, &gateway, &arrived),
-        net::connect(&target, config.connect_timeout),
+        connect_backend(
+            listener.impersonation,
+            client,
+            &target,
+            config.connect_timeout
+        ),
     );
     let backend = match backend {
         Ok(b) => b,
@@ -108,6 +113,19 @@ pub(crate) async fn serve_client(
         from_client, to_client,
         "connection {how} after {:.1} s", started.elapsed().as_secs_f64()
     );
+}
+
+/// Connects to the backend, from the client's own address in transparent mode.
+async fn connect_backend(
+    mode: Impersonation,
+    client: SocketAddr,
+    target: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    match mode {
+        Impersonation::None => net::connect(target, timeout).await,
+        Impersonation::Transparent => net::connect_transparent(client, target, timeout).await,
+    }
 }
 
 /// For the embedded listener: the data connection itself is the application's stream.

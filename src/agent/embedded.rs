@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::Agent;
 use crate::access::{AccessRules, Policy};
 use crate::addr::PublicAddr;
-use crate::config::{AgentConfig, AgentTls, Backend, ListenerConfig, ProxyProtocol};
+use crate::config::{AgentConfig, AgentTls, Backend, Impersonation, ListenerConfig, ProxyProtocol};
 use crate::protocol::{ClientRules, ListenerStatus};
 use crate::transport::{ClientTls, Stream};
 
@@ -255,6 +255,7 @@ impl GatewayListener {
             public,
             backend: Backend::Local,
             proxy_protocol: ProxyProtocol::None,
+            impersonation: Impersonation::None,
             clients: AccessRules::allow_all(),
             clients_text: ClientRules::default(),
         });

@@ -85,6 +85,16 @@ pub enum ProxyProtocol {
     V2,
 }
 
+/// How the backend learns the client's address at the socket level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum Impersonation {
+    /// The backend sees the agent's address (use `proxy_protocol` to pass the client's).
+    #[default]
+    None,
+    /// The agent connects from the client's own address (`IP_TRANSPARENT`, Linux, IPv4).
+    Transparent,
+}
+
 /// Where a listener's clients go on the agent's side.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Backend {
@@ -102,6 +112,7 @@ pub struct ListenerConfig {
     pub public: PublicAddr,
     pub backend: Backend,
     pub proxy_protocol: ProxyProtocol,
+    pub impersonation: Impersonation,
     #[serde(skip)]
     pub clients: AccessRules,
     /// The client rules as written, for the wire.
@@ -169,6 +180,7 @@ struct RawListener {
     public: Spanned<String>,
     backend: Spanned<String>,
     proxy_protocol: Option<Spanned<String>>,
+    impersonation: Option<Spanned<String>>,
     clients: Option<RawRules>,
 }
 
@@ -409,6 +421,17 @@ impl AgentConfig {
                     )),
                 })?,
             };
+            let impersonation = match &l.impersonation {
+                None => Impersonation::None,
+                Some(p) => src.parse_with(p, &ctx("impersonation"), |s| match s {
+                    "none" => Ok(Impersonation::None),
+                    "transparent" if cfg!(target_os = "linux") => Ok(Impersonation::Transparent),
+                    "transparent" => Err("transparent mode needs Linux".to_string()),
+                    o => Err(format!(
+                        "expected \"none\" or \"transparent\", found \"{o}\""
+                    )),
+                })?,
+            };
             let (clients, except) = match &l.clients {
                 Some(r) => parse_rules(&src, r, &ctx("clients."))?,
                 None => (AccessRules::allow_all(), Vec::new()),
@@ -422,6 +445,7 @@ impl AgentConfig {
                 public,
                 backend: Backend::Tcp(backend),
                 proxy_protocol,
+                impersonation,
                 clients,
                 clients_text,
             });

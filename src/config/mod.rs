@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-pub use agent::{AgentConfig, AgentTls, Backend, ListenerConfig, ProxyProtocol, ReconnectConfig};
+pub use agent::{
+    AgentConfig, AgentTls, Backend, Impersonation, ListenerConfig, ProxyProtocol, ReconnectConfig,
+};
 pub use gateway::{GatewayConfig, Limits};
 
 /// A configuration error with its location. `Display` gives the one-line form operators grep for.

@@ -65,6 +65,11 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start(dir: &Workdir) -> Sshd {
+        Sshd::start_at(dir, None, "127.0.0.1", free_port())
+    }
+
+    /// sshd listening on `listen`:`port`, inside network namespace `netns` when given.
+    pub fn start_at(dir: &Workdir, netns: Option<&str>, listen: &str, port: u16) -> Sshd {
         require_openssh();
         ensure_user();
         std::fs::create_dir_all("/run/sshd").unwrap();
@@ -86,12 +91,11 @@ impl Sshd {
         std::fs::copy(key.with_extension("pub"), &authorized).unwrap();
         std::fs::set_permissions(&authorized, std::fs::Permissions::from_mode(0o644)).unwrap();
 
-        let port = free_port();
         let config = root.join("sshd_config");
         std::fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\n\
+                "Port {port}\nListenAddress {listen}\nHostKey {}\nPidFile {}\n\
                  AuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                  UsePAM no\nStrictModes no\nPermitRootLogin no\nAllowUsers {TEST_USER}\n\
                  Subsystem sftp internal-sftp\nLogLevel VERBOSE\nMaxStartups 100:30:200\n",
@@ -101,7 +105,15 @@ impl Sshd {
             ),
         )
         .unwrap();
-        let mut child = Command::new(SSHD)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, SSHD]);
+                c
+            }
+            None => Command::new(SSHD),
+        };
+        let mut child = command
             .args(["-D", "-e", "-f"])
             .arg(&config)
             .stdin(Stdio::null())
@@ -118,12 +130,13 @@ impl Sshd {
                 log2.lock().unwrap().push(line);
             }
         });
+        let ready = || match netns {
+            None => std::net::TcpStream::connect(local(port)).is_ok(),
+            Some(_) => log_ready(&log),
+        };
         assert!(
-            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
-                local(port)
-            )
-            .is_ok()),
-            "sshd did not start listening on port {port}"
+            wait_until(Duration::from_secs(10), ready),
+            "sshd did not start listening on {listen}:{port}"
         );
         Sshd {
             port,
@@ -137,8 +150,28 @@ impl Sshd {
 
     /// Runs `sftp -b` with `batch` against 127.0.0.1:`port` (sshd itself, or the gateway).
     pub fn sftp(&self, port: u16, batch: &str, workdir: &Workdir) -> Output {
+        self.sftp_to(None, "127.0.0.1", port, batch, workdir)
+    }
+
+    /// Runs `sftp -b` against `host`:`port`, from inside namespace `netns` when given.
+    pub fn sftp_to(
+        &self,
+        netns: Option<&str>,
+        host: &str,
+        port: u16,
+        batch: &str,
+        workdir: &Workdir,
+    ) -> Output {
         let batch_file = workdir.write(&format!("batch-{port}-{}", batch.len()), batch);
-        Command::new("sftp")
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "sftp"]);
+                c
+            }
+            None => Command::new("sftp"),
+        };
+        command
             .arg("-b")
             .arg(&batch_file)
             .arg("-i")
@@ -155,9 +188,23 @@ impl Sshd {
                 "-o",
                 "ConnectTimeout=10",
             ])
-            .arg(format!("{TEST_USER}@127.0.0.1"))
+            .arg(format!("{TEST_USER}@{host}"))
             .output()
             .expect("run sftp")
+    }
+}
+
+/// sshd -e logs "Server listening on ..." once its socket is open.
+fn log_ready(log: &Arc<Mutex<Vec<String>>>) -> bool {
+    log.lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("Server listening on"))
+}
+
+impl Sshd {
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 }
 
