@@ -235,7 +235,7 @@ fn silent_control_channel_is_declared_dead_and_replaced() {
         "agent",
         &[relay.addr],
         &[listener("echo", public.port(), echo.addr)],
-        "heartbeat = \"200ms\"",
+        "heartbeat = \"200ms\"\nconnect_timeout = \"2s\"",
         "",
     );
     wait_open(public, Duration::from_secs(10));
