@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::agent::Agent;
 use crate::config::{AgentConfig, GatewayConfig};
-use crate::gateway::Gateway;
+use crate::gateway::{Exit, Gateway};
 
 /// Exit status for an invalid configuration (sysexits.h `EX_CONFIG`).
 pub const EXIT_CONFIG: u8 = 78;
@@ -51,11 +51,48 @@ pub enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+    /// Show a running gateway's state, agents, listeners, counters and rates.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the raw JSON of /api/status and /api/stats instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Control a running gateway: pause, resume, restart or stop.
+    Ctl {
+        action: CtlAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Certificates for mutual TLS between agents and gateways.
     Cert {
         #[command(subcommand)]
         command: CertCommand,
     },
+}
+
+/// Where the admin API is and how to authenticate.
+#[derive(clap::Args, Debug)]
+pub struct AdminArgs {
+    /// Base URL of the gateway's admin API.
+    #[arg(long, default_value = "http://127.0.0.1:9090", env = "SALLYPORT_ADMIN")]
+    pub admin: String,
+    /// Bearer token (`[admin] token` in gateway.toml), needed by ctl when one is set.
+    #[arg(long, env = "SALLYPORT_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum CtlAction {
+    /// Close the listeners; established connections and agents stay.
+    Pause,
+    /// Reopen the listeners.
+    Resume,
+    /// Drop everything, re-read gateway.toml, start again (agents reconnect by themselves).
+    Restart,
+    /// Graceful stop: close the listeners, let connections drain, exit.
+    Stop,
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,8 +129,12 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
             };
-            run_async(run_gateway(cfg))
+            run_async(run_gateway(cfg, config))
         }
+        Command::Status { admin, json } => {
+            run_async(crate::status::print(admin.admin, admin.token, json))
+        }
+        Command::Ctl { action, admin } => run_async(ctl(action, admin)),
         Command::Agent { config } => {
             let cfg = match AgentConfig::load(&config) {
                 Ok(c) => c,
@@ -207,12 +248,93 @@ fn raise_open_files_limit() {
     }
 }
 
-async fn run_gateway(cfg: GatewayConfig) -> anyhow::Result<()> {
+/// Runs the gateway (again after each restart) and its admin server (once, across restarts).
+async fn run_gateway(cfg: GatewayConfig, path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     log_notices(&cfg.notices);
     raise_open_files_limit();
-    let shutdown = stop_on_signals()?;
-    let gateway = Gateway::bind(cfg).await?;
-    gateway.run(shutdown).await
+    let signals = stop_on_signals()?;
+    let (slot, slot_rx) = tokio::sync::watch::channel(None);
+    let admin_stop = CancellationToken::new();
+    let admin = match cfg.admin_listen {
+        Some(addr) => {
+            let listener = crate::admin::bind(addr).await?;
+            let (token, stop) = (cfg.admin_token.clone(), admin_stop.clone());
+            Some(tokio::spawn(crate::admin::serve(
+                listener, slot_rx, token, stop,
+            )))
+        }
+        None => None,
+    };
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut cfg = cfg;
+    loop {
+        let gateway = Gateway::bind(cfg.clone()).await?;
+        let handle = gateway.handle();
+        slot.send_replace(Some(handle.clone()));
+        let reload_path = path.clone();
+        let running = gateway.run(signals.clone());
+        tokio::pin!(running);
+        let exit = loop {
+            tokio::select! {
+                exit = &mut running => break exit?,
+                _ = hup.recv() => match GatewayConfig::load(&reload_path) {
+                    Ok(new) => {
+                        tracing::info!("SIGHUP: {} reloaded", reload_path.display());
+                        log_notices(&new.notices);
+                        cfg = new.clone();
+                        handle.reload(new).await;
+                    }
+                    Err(e) => tracing::error!("SIGHUP: reload refused, keeping the running config: {e}"),
+                },
+            }
+        };
+        slot.send_replace(None);
+        match exit {
+            Exit::Stop => break,
+            Exit::Restart => match GatewayConfig::load(&path) {
+                Ok(new) => {
+                    log_notices(&new.notices);
+                    cfg = new;
+                }
+                Err(e) => {
+                    tracing::error!("restart: {e}; starting again with the previous configuration")
+                }
+            },
+        }
+        tracing::info!("restarting the gateway");
+    }
+    admin_stop.cancel();
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+async fn ctl(action: CtlAction, admin: AdminArgs) -> anyhow::Result<()> {
+    let path = match action {
+        CtlAction::Pause => "/api/pause",
+        CtlAction::Resume => "/api/resume",
+        CtlAction::Restart => "/api/restart",
+        CtlAction::Stop => "/api/stop",
+    };
+    let (code, body) =
+        crate::admin::client::request(&admin.admin, "POST", path, admin.token.as_deref()).await?;
+    match code {
+        200 => {
+            println!(
+                "ok: {} (gateway state: {})",
+                body["action"].as_str().unwrap_or("done"),
+                body["state"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        401 => anyhow::bail!(
+            "401 unauthorized: pass the admin token with --token or SALLYPORT_ADMIN_TOKEN"
+        ),
+        _ => anyhow::bail!("HTTP {code}: {body}"),
+    }
 }
 
 async fn run_agent(cfg: AgentConfig, path: PathBuf) -> anyhow::Result<()> {

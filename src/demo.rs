@@ -27,6 +27,14 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
     )?;
     let gateway = Gateway::bind(gateway_config).await?;
     let control = gateway.control_addr();
+    // The dashboard on the usual port, or any free one if something else has it.
+    let admin = match crate::admin::bind(([127, 0, 0, 1], 9090).into()).await {
+        Ok(l) => l,
+        Err(_) => crate::admin::bind(([127, 0, 0, 1], 0).into()).await?,
+    };
+    let dashboard = admin.local_addr()?;
+    let (_slot, slot_rx) = tokio::sync::watch::channel(Some(gateway.handle()));
+    tokio::spawn(crate::admin::serve(admin, slot_rx, None, shutdown.clone()));
     let gw_task = tokio::spawn(gateway.run(shutdown.clone()));
 
     let agent_config = AgentConfig::parse(
@@ -49,6 +57,7 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
         "\nSallyport demo is running.\n\
          \n  internet client  ->  gateway {public}  <-(control + data, dialed out)-  agent  ->  backend {backend_addr}\n\
          \n  gateway control port: {control}\n\
+         \n  dashboard:            http://{dashboard}/\n\
          \nTry it in another terminal:\n\n    curl http://{public}/\n\
          \nThe backend answers with your real address (from the PROXY v2 header the agent sends) and\n\
          the address the TCP connection came from (the agent). Press Ctrl-C to stop.\n"

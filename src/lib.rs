@@ -44,6 +44,7 @@
 
 pub mod access;
 pub mod addr;
+pub mod admin;
 pub mod agent;
 pub mod certs;
 pub mod cli;
@@ -54,4 +55,5 @@ pub mod limits;
 pub mod net;
 pub mod pipe;
 pub mod protocol;
+pub mod status;
 pub mod transport;

@@ -35,8 +35,8 @@ impl std::fmt::Display for Exceeded {
 /// Counts open connections in total and per source address.
 #[derive(Debug)]
 pub struct ConnLimiter {
-    max_total: usize,
-    max_per_ip: usize,
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     inner: Arc<LimiterState>,
 }
 
@@ -69,21 +69,31 @@ impl Drop for ConnPermit {
 impl ConnLimiter {
     pub fn new(max_total: usize, max_per_ip: usize) -> Self {
         ConnLimiter {
-            max_total,
-            max_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             inner: Arc::default(),
         }
     }
 
+    /// New bounds (a reload); connections already admitted stay.
+    pub fn set_limits(&self, max_total: usize, max_per_ip: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
+    }
+
     pub fn try_acquire(&self, ip: IpAddr) -> Result<ConnPermit, Exceeded> {
         let ip = canonical(ip);
+        let (max_total, max_per_ip) = (
+            self.max_total.load(Ordering::Relaxed),
+            self.max_per_ip.load(Ordering::Relaxed),
+        );
         let mut per_ip = self.inner.per_ip.lock().unwrap();
-        if self.inner.total.load(Ordering::Relaxed) >= self.max_total {
-            return Err(Exceeded::Total(self.max_total));
+        if self.inner.total.load(Ordering::Relaxed) >= max_total {
+            return Err(Exceeded::Total(max_total));
         }
         let n = per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            return Err(Exceeded::PerIp(self.max_per_ip));
+        if *n >= max_per_ip {
+            return Err(Exceeded::PerIp(max_per_ip));
         }
         *n += 1;
         self.inner.total.fetch_add(1, Ordering::Relaxed);

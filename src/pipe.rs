@@ -15,21 +15,37 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Size of each direction's copy buffer.
 const CHUNK: usize = 32 * 1024;
 
-/// Live byte counts of one pipe.
+/// Live byte counts of one pipe, per side and direction. Reads and writes are counted apart:
+/// they differ by what is in flight (and by a prefix read before the pipe started).
 #[derive(Debug, Default)]
 pub struct PipeCounters {
-    /// Bytes read from `a` and written to `b`.
-    pub a_to_b: AtomicU64,
-    /// Bytes read from `b` and written to `a`.
-    pub b_to_a: AtomicU64,
+    /// Bytes read from `a` (including `a_prefix`).
+    pub a_read: AtomicU64,
+    /// Bytes written to `a`.
+    pub a_written: AtomicU64,
+    /// Bytes read from `b` (including `b_prefix`).
+    pub b_read: AtomicU64,
+    /// Bytes written to `b`.
+    pub b_written: AtomicU64,
+}
+
+/// A copy of [`PipeCounters`] at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PipeSnapshot {
+    pub a_read: u64,
+    pub a_written: u64,
+    pub b_read: u64,
+    pub b_written: u64,
 }
 
 impl PipeCounters {
-    pub fn snapshot(&self) -> (u64, u64) {
-        (
-            self.a_to_b.load(Ordering::Relaxed),
-            self.b_to_a.load(Ordering::Relaxed),
-        )
+    pub fn snapshot(&self) -> PipeSnapshot {
+        PipeSnapshot {
+            a_read: self.a_read.load(Ordering::Relaxed),
+            a_written: self.a_written.load(Ordering::Relaxed),
+            b_read: self.b_read.load(Ordering::Relaxed),
+            b_written: self.b_written.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -52,8 +68,20 @@ where
 {
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let forward = copy_direction(&mut ar, a_prefix, &mut bw, &counters.a_to_b);
-    let backward = copy_direction(&mut br, b_prefix, &mut aw, &counters.b_to_a);
+    let forward = copy_direction(
+        &mut ar,
+        a_prefix,
+        &mut bw,
+        &counters.a_read,
+        &counters.b_written,
+    );
+    let backward = copy_direction(
+        &mut br,
+        b_prefix,
+        &mut aw,
+        &counters.b_read,
+        &counters.a_written,
+    );
     tokio::try_join!(forward, backward)?;
     Ok(())
 }
@@ -63,15 +91,17 @@ async fn copy_direction<R, W>(
     reader: &mut R,
     prefix: &[u8],
     writer: &mut W,
-    counter: &AtomicU64,
+    read: &AtomicU64,
+    written: &AtomicU64,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     if !prefix.is_empty() {
+        read.fetch_add(prefix.len() as u64, Ordering::Relaxed);
         writer.write_all(prefix).await?;
-        counter.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        written.fetch_add(prefix.len() as u64, Ordering::Relaxed);
     }
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -79,8 +109,9 @@ where
         if n == 0 {
             break;
         }
+        read.fetch_add(n as u64, Ordering::Relaxed);
         writer.write_all(&buf[..n]).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        written.fetch_add(n as u64, Ordering::Relaxed);
     }
     // Flush, then send FIN. A peer that already closed entirely makes shutdown fail with
     // ENOTCONN; the data has been delivered, so that is not an error of the pipe.
@@ -125,6 +156,11 @@ mod tests {
         client.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, reply);
         pump.await.unwrap().unwrap();
-        assert_eq!(counters.snapshot(), (10, 300_000));
+        let s = counters.snapshot();
+        // "pre" was read from p1 before the pipe started: counted as read from a and written to b.
+        assert_eq!(
+            (s.a_read, s.b_written, s.b_read, s.a_written),
+            (10, 10, 300_000, 300_000)
+        );
     }
 }

@@ -65,7 +65,10 @@ fn the_gateway_refuses_a_second_instance_on_the_same_control_port() {
     let gw = start_gateway(&dir, "");
     let path = dir.write(
         "second.toml",
-        &format!("[control]\nlisten = \"{}\"\n", gw.control),
+        &format!(
+            "[control]\nlisten = \"{}\"\n[admin]\nenabled = false\n",
+            gw.control
+        ),
     );
     let (code, stderr) = run(&["gateway", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");

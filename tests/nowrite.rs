@@ -64,7 +64,7 @@ fn the_gateway_opens_no_file_for_writing_during_a_full_session() {
     let config = dir.write(
         "gateway.toml",
         &format!(
-            "[control]\nlisten = \"127.0.0.1:0\"\n{}\n\n[clients]\nbind = \"127.0.0.1\"\n\n[peers]\ndefault = \"allow\"\nexcept = [\"127.0.0.66\"]\n",
+            "[control]\nlisten = \"127.0.0.1:0\"\n{}\n\n[clients]\nbind = \"127.0.0.1\"\n\n[peers]\ndefault = \"allow\"\nexcept = [\"127.0.0.66\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
             gateway_tls(&certs)
         ),
     );

@@ -32,7 +32,7 @@ fn sshd_sees_the_client_address_through_a_transparent_agent() {
     let sshd = Sshd::start_at(&dir, Some(&backend_ns), "10.77.2.2", 22);
     let config = dir.write(
         "gateway.toml",
-        "[control]\nlisten = \"127.0.0.1:0\"\n[clients]\nbind = \"10.77.1.1\"\n",
+        "[control]\nlisten = \"127.0.0.1:0\"\n[clients]\nbind = \"10.77.1.1\"\n[admin]\nenabled = false\n",
     );
     let gateway = Proc::spawn_program(
         "gateway",

@@ -102,8 +102,12 @@ pub(crate) async fn serve_client(
     first.extend_from_slice(&leftover);
     let counters = PipeCounters::default();
     let result = pipe(backend, b"", data, &first, &counters).await;
-    let (to_client, from_client) = counters.snapshot();
-    let from_client = from_client.saturating_sub(header.len() as u64);
+    // a = backend, b = the data connection (the client's side).
+    let bytes = counters.snapshot();
+    let (to_client, from_client) = (
+        bytes.b_written,
+        bytes.a_written.saturating_sub(header.len() as u64),
+    );
     let how = match result {
         Ok(()) => "closed".to_string(),
         Err(e) => format!("ended by error ({e})"),

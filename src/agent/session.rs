@@ -202,6 +202,10 @@ fn log_config_result(gateway: &str, result: &ConfigResult) {
                 gateway = %gateway, listener = %l.name,
                 "listener FAILED on the gateway: {error}"
             ),
+            ListenerStatus::Paused => tracing::warn!(
+                gateway = %gateway, listener = %l.name,
+                "listener accepted, but the gateway is PAUSED: the port opens when it resumes"
+            ),
         }
     }
 }

@@ -31,7 +31,7 @@ pub struct GatewayConfig {
     pub client_bind: IpAddr,
     /// Destinations the outbound proxy may reach (not yet implemented; parsed and kept).
     pub egress: Vec<String>,
-    /// Admin HTTP API (not yet implemented; parsed and kept).
+    /// Admin HTTP API, `/metrics` and dashboard (default 127.0.0.1:9090); `None` when disabled.
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token the admin API's mutating calls require.
     pub admin_token: Option<String>,
@@ -77,6 +77,8 @@ pub struct Limits {
     /// Control-port connections that have not completed their hello, in total and per IP.
     pub max_handshakes: usize,
     pub max_handshakes_per_ip: usize,
+    /// How long a graceful stop lets established connections finish.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -91,6 +93,7 @@ impl Default for Limits {
             max_connections_per_ip: 512,
             max_handshakes: 4096,
             max_handshakes_per_ip: 1024,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -104,7 +107,7 @@ impl Default for GatewayConfig {
             peers: AccessRules::allow_all(),
             client_bind: Ipv4Addr::UNSPECIFIED.into(),
             egress: Vec::new(),
-            admin_listen: None,
+            admin_listen: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9090)),
             admin_token: None,
             limits: Limits::default(),
             notices: Vec::new(),
@@ -163,6 +166,7 @@ struct RawEgress {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
+    enabled: Option<bool>,
     listen: Option<Spanned<String>>,
     token: Option<Spanned<String>>,
 }
@@ -179,6 +183,7 @@ struct RawLimits {
     max_connections_per_ip: Option<Spanned<u64>>,
     max_handshakes: Option<Spanned<u64>>,
     max_handshakes_per_ip: Option<Spanned<u64>>,
+    drain_timeout: Option<Spanned<String>>,
 }
 
 /// Parses `[peers]`-style rules (also used for listener `clients`).
@@ -272,14 +277,30 @@ impl GatewayConfig {
         }
         if let Some(admin) = &raw.admin {
             if let Some(listen) = &admin.listen {
-                cfg.admin_listen = Some(src.parse_with(listen, "admin.listen", |s| {
+                let addr = src.parse_with(listen, "admin.listen", |s| {
                     s.parse::<SocketAddr>()
                         .map_err(|_| format!("invalid socket address \"{s}\""))
-                })?);
+                })?;
+                if !addr.ip().is_loopback() && admin.token.is_none() {
+                    cfg.notices.push(format!(
+                        "[admin] listens on {addr}, beyond loopback, without a token: anyone who reaches it can stop the gateway"
+                    ));
+                }
+                cfg.admin_listen = Some(addr);
             }
-            cfg.admin_token = admin.token.as_ref().map(|t| t.get_ref().clone());
-            cfg.notices
-                .push("[admin] is parsed but the admin API is not implemented yet".into());
+            if admin.enabled == Some(false) {
+                cfg.admin_listen = None;
+            }
+            if let Some(token) = &admin.token {
+                if token.get_ref().len() < 16 {
+                    return Err(src.error(
+                        token.span(),
+                        "admin.token",
+                        "must be at least 16 characters",
+                    ));
+                }
+                cfg.admin_token = Some(token.get_ref().clone());
+            }
         }
         if let Some(limits) = &raw.limits {
             if let Some(v) = &limits.hello_timeout {
@@ -296,6 +317,14 @@ impl GatewayConfig {
                     "limits.pending_timeout",
                     Duration::from_millis(100),
                     Duration::from_secs(600),
+                )?;
+            }
+            if let Some(v) = &limits.drain_timeout {
+                cfg.limits.drain_timeout = src.duration_within(
+                    v,
+                    "limits.drain_timeout",
+                    Duration::ZERO,
+                    Duration::from_secs(3600),
                 )?;
             }
             if let Some(v) = &limits.max_frame {

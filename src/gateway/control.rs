@@ -71,7 +71,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        if !shared.config.peers.allows(peer.ip()) {
+        if !shared.config().peers.allows(peer.ip()) {
             warn_event(
                 &shared.stats.peers_denied,
                 peer,
@@ -159,7 +159,7 @@ async fn handle_connection(
     permit: ConnPermit,
 ) {
     net::tune(&stream);
-    let timeout = shared.config.limits.hello_timeout;
+    let timeout = shared.config().limits.hello_timeout;
     let opened = match tokio::time::timeout(timeout, open(&shared, stream, peer)).await {
         Ok(Some(opened)) => opened,
         Ok(None) => return,
@@ -190,15 +190,13 @@ async fn handle_connection(
 /// Everything between accept and an accepted hello. `None` when the connection was refused
 /// (already logged, counted and told) or closed.
 async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opened> {
+    let config = shared.config();
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
         Ok(1) => {}
         _ => return None,
     }
-    let stream = match (
-        &shared.config.tls,
-        protocol::looks_like_tls(&[first[0], 0x03]),
-    ) {
+    let stream = match (&config.tls, protocol::looks_like_tls(&[first[0], 0x03])) {
         (Some(tls), true) => match tls.server.accept(tcp).await {
             Ok(s) => s,
             Err(e) => {
@@ -228,7 +226,7 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
         refuse(shared, &mut conn, peer, ErrorCode::BAD_HELLO, e.to_string()).await;
         return None;
     }
-    let mut conn = Connection::new(stream, shared.config.limits.max_frame);
+    let mut conn = Connection::new(stream, shared.config().limits.max_frame);
     let hello = match conn.read_message().await {
         Ok(Some(Message::Hello(h))) => h,
         Ok(None) => {
@@ -260,8 +258,8 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
             return None;
         }
     };
-    if shared.config.tls.is_some() && !conn.get_ref().is_tls() {
-        let plaintext_data_ok = matches!(hello.role, Role::Data(_)) && !shared.config.data_tls;
+    if shared.config().tls.is_some() && !conn.get_ref().is_tls() {
+        let plaintext_data_ok = matches!(hello.role, Role::Data(_)) && !shared.config().data_tls;
         if !plaintext_data_ok {
             let why = "this gateway requires TLS: configure `tls` in agent.toml";
             refuse(
@@ -323,7 +321,7 @@ async fn claim_data(
         version,
         software: protocol::SOFTWARE.to_string(),
         heartbeat_ms: 0,
-        data_tls: shared.config.data_tls,
+        data_tls: shared.config().data_tls,
     });
     if let Err(e) = conn.write_message(&ack).await {
         // Dropping `tx` wakes the client task, which closes the client.
@@ -360,7 +358,7 @@ async fn run_session(
         version,
         software: protocol::SOFTWARE.to_string(),
         heartbeat_ms: heartbeat.as_millis() as u32,
-        data_tls: shared.config.data_tls,
+        data_tls: shared.config().data_tls,
     });
     if conn.write_message(&ack).await.is_err() {
         return;
@@ -395,7 +393,7 @@ async fn run_session(
             "agent session ended after {}: {e}", connected_for(&agent)
         ),
     }
-    shared.sites.leave(&site, agent.id).await;
+    shared.sites.leave(&shared, &site, agent.id).await;
 }
 
 fn connected_for(agent: &AgentHandle) -> String {

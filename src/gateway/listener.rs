@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::pending::Claim;
 use super::site::Site;
-use super::Shared;
+use super::stats::{ConnEntry, ListenerStats};
+use super::{RunState, Shared};
 use crate::access::{canonical, AccessRules};
 use crate::config::check_name;
-use crate::limits::{ConnPermit, Gauge};
+use crate::limits::ConnPermit;
 use crate::net;
 use crate::pipe::{pipe, PipeCounters};
 use crate::protocol::{ClientArrived, ListenerSpec, Message, Token};
@@ -27,14 +28,16 @@ use crate::protocol::{ClientArrived, ListenerSpec, Message, Token};
 pub(crate) struct ListenerInfo {
     pub spec: ListenerSpec,
     pub rules: AccessRules,
-    /// Clients of this listener waiting for a data connection.
-    pub pending: Gauge,
+    /// Counters of this listener (kept across its restarts).
+    pub stats: Arc<ListenerStats>,
 }
 
 /// An open listener: one accept task per port of its range, all stopped together.
 pub(crate) struct RunningListener {
     pub spec: ListenerSpec,
     pub addrs: Vec<SocketAddr>,
+    /// The IP it bound: the spec's, or the gateway's `[clients] bind` at the time.
+    pub bind_ip: std::net::IpAddr,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -51,7 +54,8 @@ impl RunningListener {
         let rules = AccessRules::parse(spec.clients.default, &spec.clients.except)
             .map_err(|e| format!("invalid client rules: {e}"))?;
         let mut bound = Vec::with_capacity(spec.public.ports.len());
-        for addr in spec.public.socket_addrs(shared.config.client_bind) {
+        let bind_ip = spec.public.ip.unwrap_or(shared.config().client_bind);
+        for addr in spec.public.socket_addrs(bind_ip) {
             // Dropping `bound` on error closes the ports opened so far.
             let listener = net::bind_listener(addr)
                 .map_err(|e| format!("{addr}: {}", describe_bind_error(&e)))?;
@@ -62,9 +66,9 @@ impl RunningListener {
             .map(|l| l.local_addr().expect("a bound socket has an address"))
             .collect();
         let info = Arc::new(ListenerInfo {
+            stats: shared.traffic.listener(&site.name, &spec.name),
             spec: spec.clone(),
             rules,
-            pending: Gauge::default(),
         });
         let cancel = CancellationToken::new();
         let tasks = bound
@@ -82,6 +86,7 @@ impl RunningListener {
         Ok(RunningListener {
             spec,
             addrs,
+            bind_ip,
             cancel,
             tasks,
         })
@@ -132,7 +137,15 @@ async fn accept_loop(
                 continue;
             }
         };
+        if shared.state() != RunState::Running {
+            // Pausing closes this socket; a client accepted in between is refused too.
+            info.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            shared.stats.clients_paused.hit();
+            net::reset(stream);
+            continue;
+        }
         if !info.rules.allows(client_addr.ip()) {
+            info.stats.rejected.fetch_add(1, Ordering::Relaxed);
             let occ = shared.stats.clients_rejected.hit();
             if occ.log {
                 tracing::info!(
@@ -198,6 +211,17 @@ async fn client_left(client: &TcpStream) {
     }
 }
 
+/// Counts an accepted client as closed when its task ends before piping.
+struct ClosedOnDrop(Option<Arc<ListenerStats>>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        if let Some(stats) = &self.0 {
+            stats.closed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Decrements an agent's in-flight count when the offer ends, however it ends.
 struct Inflight(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -230,10 +254,13 @@ async fn serve_client(
         tracing::info!(listener, client = %client_addr, "no agent connected; closing client");
         return;
     };
-    let limits = &shared.config.limits;
+    let config = shared.config();
+    let limits = &config.limits;
     let (Some(pending_total), Some(pending_here)) = (
         shared.pending_total.try_acquire(limits.max_pending),
-        info.pending.try_acquire(limits.max_pending_per_listener),
+        info.stats
+            .pending
+            .try_acquire(limits.max_pending_per_listener),
     ) else {
         let what = format_args!(
             "clients waiting for the agent reached the limit ({} in total, {} per listener)",
@@ -243,13 +270,13 @@ async fn serve_client(
         net::reset(client);
         return;
     };
-    shared
-        .stats
-        .clients_accepted
-        .fetch_add(1, Ordering::Relaxed);
+    info.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    // Every accepted client ends up closed: counted here unless it reaches the pipe, whose end
+    // the connection table counts.
+    let mut closed = ClosedOnDrop(Some(info.stats.clone()));
     let id = shared.next_client_id();
     let token = Token::random();
-    let deadline = tokio::time::Instant::now() + shared.config.limits.pending_timeout;
+    let deadline = tokio::time::Instant::now() + limits.pending_timeout;
     let claim = shared.pending.insert(id, token, &site.name);
     agent.inflight.fetch_add(1, Ordering::Relaxed);
     let inflight = Inflight(agent.inflight.clone());
@@ -309,7 +336,7 @@ async fn serve_client(
                 tracing::warn!(
                     listener, client = %client_addr, agent = %agent.name,
                     "no data connection within {}; closing client{}",
-                    humantime::format_duration(shared.config.limits.pending_timeout),
+                    humantime::format_duration(limits.pending_timeout),
                     occ.tally()
                 );
             }
@@ -321,16 +348,31 @@ async fn serve_client(
         listener, client = %client_addr, agent = %data.agent_addr, id,
         "client connected after {} ms", started.elapsed().as_millis()
     );
-    let counters = PipeCounters::default();
-    let result = pipe(client, b"", data.stream, &data.leftover, &counters).await;
-    let (from_client, to_client) = counters.snapshot();
+    let entry = Arc::new(ConnEntry {
+        id,
+        listener: info.stats.clone(),
+        client_addr,
+        gateway_addr,
+        agent_addr: data.agent_addr,
+        started: SystemTime::now(),
+        started_at: Instant::now(),
+        counters: PipeCounters::default(),
+    });
+    closed.0 = None;
+    shared.traffic.start(entry.clone());
+    let result = tokio::select! {
+        r = pipe(client, b"", data.stream, &data.leftover, &entry.counters) => r,
+        _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
+    };
+    shared.traffic.finish(id);
+    let bytes = entry.bytes();
     let how = match result {
         Ok(()) => "closed".to_string(),
         Err(e) => format!("ended by error ({e})"),
     };
     tracing::info!(
         listener, client = %client_addr, id,
-        from_client, to_client,
+        from_client = bytes.client_read, to_client = bytes.client_written,
         "client {how} after {:.1} s", started.elapsed().as_secs_f64()
     );
 }

@@ -95,6 +95,7 @@ impl PendingTable {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.lock().unwrap().len()
     }

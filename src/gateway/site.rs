@@ -4,16 +4,17 @@
 //! changes (a push, the last agent leaving) are serialized by the site's async listener lock, so
 //! a departing agent closing ports and an arriving one opening them never interleave.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::listener::RunningListener;
-use super::Shared;
+use super::{RunState, Shared};
 use crate::addr::display_addrs;
 use crate::protocol::{
     ConfigResult, ListenerResult, ListenerSpec, ListenerStatus, Message, PushConfig,
@@ -35,8 +36,42 @@ pub(crate) struct AgentHandle {
 pub(crate) struct Site {
     pub name: String,
     agents: Mutex<Vec<AgentHandle>>,
-    listeners: tokio::sync::Mutex<BTreeMap<String, RunningListener>>,
+    listeners: tokio::sync::Mutex<SiteListeners>,
+    /// The listeners' states as of the last change, readable without awaiting (admin API).
+    view: Mutex<Vec<ListenerView>>,
     next_pick: AtomicU64,
+}
+
+/// Desired (what agents pushed) and actual (what is open) listeners of a site.
+#[derive(Default)]
+struct SiteListeners {
+    /// The last pushed listener set, in push order, duplicates removed.
+    specs: Vec<ListenerSpec>,
+    open: BTreeMap<String, RunningListener>,
+    /// Why a pushed listener is not open.
+    failed: BTreeMap<String, String>,
+}
+
+/// What a listener is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerState {
+    Listening,
+    /// The gateway is paused: the port is closed until resume.
+    Paused,
+    /// The gateway could not open it (see `error`).
+    Failed,
+}
+
+/// One listener as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerView {
+    pub site: String,
+    pub name: String,
+    pub public: String,
+    pub state: ListenerState,
+    pub addrs: Vec<SocketAddr>,
+    pub error: Option<String>,
 }
 
 impl Site {
@@ -44,7 +79,8 @@ impl Site {
         Site {
             name: name.to_string(),
             agents: Mutex::new(Vec::new()),
-            listeners: tokio::sync::Mutex::new(BTreeMap::new()),
+            listeners: tokio::sync::Mutex::new(SiteListeners::default()),
+            view: Mutex::new(Vec::new()),
             next_pick: AtomicU64::new(0),
         }
     }
@@ -66,28 +102,111 @@ impl Site {
         self.agents.lock().unwrap().len()
     }
 
-    /// Makes the open listeners match `push`: listeners whose spec is unchanged stay open with
-    /// their connections untouched; removed or changed ones close; new ones open.
+    pub fn agents(&self) -> Vec<AgentHandle> {
+        self.agents.lock().unwrap().clone()
+    }
+
+    pub fn listener_views(&self) -> Vec<ListenerView> {
+        self.view.lock().unwrap().clone()
+    }
+
+    /// Records a push and makes the open listeners match it: listeners whose spec is unchanged
+    /// stay open with their connections untouched; removed or changed ones close; new ones
+    /// open (or wait, while the gateway is paused).
     pub async fn apply_config(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
         push: &PushConfig,
     ) -> ConfigResult {
-        let mut open = self.listeners.lock().await;
-        // The first spec of a name counts; later duplicates are reported as failed below.
-        let mut wanted: HashMap<&str, &ListenerSpec> = HashMap::new();
-        for l in &push.listeners {
-            wanted.entry(l.name.as_str()).or_insert(l);
+        let mut listeners = self.listeners.lock().await;
+        let mut seen = HashSet::new();
+        let mut duplicates = HashSet::new();
+        listeners.specs.clear();
+        for spec in &push.listeners {
+            if seen.insert(spec.name.as_str()) {
+                listeners.specs.push(spec.clone());
+            } else {
+                duplicates.insert(spec.name.as_str());
+            }
         }
-
-        let stale: Vec<String> = open
+        let before: HashMap<String, ListenerSpec> = listeners
+            .open
             .iter()
-            .filter(|(name, running)| wanted.get(name.as_str()) != Some(&&running.spec))
+            .map(|(n, r)| (n.clone(), r.spec.clone()))
+            .collect();
+        self.reconcile(shared, &mut listeners).await;
+
+        let results = push
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let first = push.listeners.iter().position(|s| s.name == spec.name) == Some(i);
+                let status = if !first && duplicates.contains(spec.name.as_str()) {
+                    ListenerStatus::Failed {
+                        error: "duplicate listener name in the pushed config".to_string(),
+                    }
+                } else if let Some(running) = listeners.open.get(&spec.name) {
+                    ListenerStatus::Bound {
+                        addrs: running.addrs.clone(),
+                        kept: before.get(&spec.name) == Some(spec),
+                    }
+                } else if let Some(error) = listeners.failed.get(&spec.name) {
+                    ListenerStatus::Failed {
+                        error: error.clone(),
+                    }
+                } else {
+                    ListenerStatus::Paused
+                };
+                ListenerResult {
+                    name: spec.name.clone(),
+                    status,
+                }
+            })
+            .collect();
+        ConfigResult {
+            generation: push.generation,
+            listeners: results,
+        }
+    }
+
+    /// Brings the open listeners in line with the specs, the agents and the gateway's state.
+    pub async fn reconcile_now(self: &Arc<Self>, shared: &Arc<Shared>) {
+        let mut listeners = self.listeners.lock().await;
+        self.reconcile(shared, &mut listeners).await;
+    }
+
+    async fn reconcile(self: &Arc<Self>, shared: &Arc<Shared>, listeners: &mut SiteListeners) {
+        let should_listen = self.agent_count() > 0 && shared.state() == RunState::Running;
+        let bind_ip = shared.config().client_bind;
+        let wanted: HashMap<&str, &ListenerSpec> = listeners
+            .specs
+            .iter()
+            .map(|l| (l.name.as_str(), l))
+            .collect();
+
+        let stale: Vec<String> = listeners
+            .open
+            .iter()
+            .filter(|(name, running)| {
+                !should_listen
+                    || wanted.get(name.as_str()) != Some(&&running.spec)
+                    || (running.spec.public.ip.is_none() && running.bind_ip != bind_ip)
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
-            let running = open.remove(&name).expect("name taken from the map");
-            let reason = if wanted.contains_key(name.as_str()) {
+            let running = listeners
+                .open
+                .remove(&name)
+                .expect("name taken from the map");
+            let reason = if !should_listen {
+                if self.agent_count() == 0 {
+                    "no agent of the site is connected"
+                } else {
+                    "the gateway is paused"
+                }
+            } else if wanted.contains_key(name.as_str()) {
                 "its configuration changed"
             } else {
                 "the agent no longer pushes it"
@@ -95,63 +214,70 @@ impl Site {
             tracing::info!(site = %self.name, listener = %name, "closing listener: {reason}");
             running.stop().await;
         }
-
-        let mut results = Vec::with_capacity(push.listeners.len());
-        let mut seen = std::collections::HashSet::new();
-        for spec in &push.listeners {
-            let status = if !seen.insert(spec.name.as_str()) {
-                ListenerStatus::Failed {
-                    error: "duplicate listener name in the pushed config".to_string(),
+        listeners.failed.clear();
+        if should_listen {
+            for spec in &listeners.specs {
+                if listeners.open.contains_key(&spec.name) {
+                    continue;
                 }
-            } else if let Some(running) = open.get(&spec.name) {
-                ListenerStatus::Bound {
-                    addrs: running.addrs.clone(),
-                    kept: true,
-                }
-            } else {
                 match RunningListener::open(shared, self, spec.clone()) {
                     Ok(running) => {
                         tracing::info!(
                             site = %self.name, listener = %spec.name,
                             "listening on {}", display_addrs(&running.addrs)
                         );
-                        let addrs = running.addrs.clone();
-                        open.insert(spec.name.clone(), running);
-                        ListenerStatus::Bound { addrs, kept: false }
+                        listeners.open.insert(spec.name.clone(), running);
                     }
                     Err(error) => {
                         tracing::warn!(site = %self.name, listener = %spec.name, "cannot listen: {error}");
-                        ListenerStatus::Failed { error }
+                        listeners.failed.insert(spec.name.clone(), error);
                     }
                 }
-            };
-            results.push(ListenerResult {
-                name: spec.name.clone(),
-                status,
-            });
+            }
         }
-        ConfigResult {
-            generation: push.generation,
-            listeners: results,
-        }
+        let view = listeners
+            .specs
+            .iter()
+            .map(|spec| {
+                let (state, addrs, error) = match (
+                    listeners.open.get(&spec.name),
+                    listeners.failed.get(&spec.name),
+                ) {
+                    (Some(r), _) => (ListenerState::Listening, r.addrs.clone(), None),
+                    (None, Some(e)) => (ListenerState::Failed, Vec::new(), Some(e.clone())),
+                    (None, None) => (ListenerState::Paused, Vec::new(), None),
+                };
+                ListenerView {
+                    site: self.name.clone(),
+                    name: spec.name.clone(),
+                    public: spec.public.to_string(),
+                    state,
+                    addrs,
+                    error,
+                }
+            })
+            .collect();
+        *self.view.lock().unwrap() = view;
     }
 
-    /// Closes every listener if no agent is left. Established connections are separate tasks
-    /// and keep piping.
-    async fn close_listeners_if_orphaned(&self) {
-        let mut open = self.listeners.lock().await;
+    /// Closes every listener and forgets the pushed config if no agent is left. Established
+    /// connections are separate tasks and keep piping.
+    async fn close_listeners_if_orphaned(self: &Arc<Self>, shared: &Arc<Shared>) {
+        let mut listeners = self.listeners.lock().await;
         // Re-check under the listener lock: an agent may have joined (and pushed) meanwhile.
-        if self.agent_count() > 0 || open.is_empty() {
+        if self.agent_count() > 0 {
             return;
         }
-        let count = open.len();
-        for (_, running) in std::mem::take(&mut *open) {
-            running.stop().await;
+        let count = listeners.open.len();
+        self.reconcile(shared, &mut listeners).await;
+        listeners.specs.clear();
+        *self.view.lock().unwrap() = Vec::new();
+        if count > 0 {
+            tracing::warn!(
+                site = %self.name,
+                "last agent gone: closed {count} listener(s); established connections continue"
+            );
         }
-        tracing::warn!(
-            site = %self.name,
-            "last agent gone: closed {count} listener(s); established connections continue"
-        );
     }
 }
 
@@ -177,14 +303,20 @@ impl SiteRegistry {
     }
 
     /// Unregisters an agent; the site's listeners close if it was the last one.
-    pub async fn leave(&self, site: &Arc<Site>, agent_id: u64) {
+    pub async fn leave(&self, shared: &Arc<Shared>, site: &Arc<Site>, agent_id: u64) {
         let now_empty = {
             let mut agents = site.agents.lock().unwrap();
             agents.retain(|a| a.id != agent_id);
             agents.is_empty()
         };
         if now_empty {
-            site.close_listeners_if_orphaned().await;
+            site.close_listeners_if_orphaned(shared).await;
         }
+    }
+
+    pub fn all(&self) -> Vec<Arc<Site>> {
+        let mut sites: Vec<_> = self.sites.lock().unwrap().values().cloned().collect();
+        sites.sort_by(|a, b| a.name.cmp(&b.name));
+        sites
     }
 }

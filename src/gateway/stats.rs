@@ -1,19 +1,35 @@
-//! Gateway counters: plain atomics bumped by the code that moves the numbers, read by logs (and
-//! the admin API) without locking anything on the data path. Refusals are [`Event`]s, so their
-//! log lines are rate limited where they are counted.
+//! Gateway statistics: counters bumped by the code that moves the numbers, read by the admin API,
+//! `/metrics` and logs without touching the data path.
+//!
+//! - Byte counts live in each connection's [`PipeCounters`] (atomics, bumped per chunk by the
+//!   pipe). The connection table is locked once when a connection starts and once when it
+//!   ends, never per chunk; a finished connection's bytes are folded into its listener's totals.
+//! - Live totals are computed on read: finished bytes plus the bytes of active connections.
+//! - A sampler records totals every second for per-second rates (over a sliding window) and the
+//!   dashboard's charts.
+//! - Refusals are [`Event`]s, so their log lines are rate limited where they are counted.
 
-use std::sync::atomic::AtomicU64;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::ops::{Add, Sub};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::limits::Event;
+use serde::Serialize;
 
+use crate::limits::{Event, Gauge};
+use crate::pipe::PipeCounters;
+
+/// Control-port and client refusals, counted and logged (rate limited) where they happen.
 #[derive(Debug)]
 pub struct GatewayStats {
-    /// Clients accepted on a public listener and offered to an agent.
-    pub clients_accepted: AtomicU64,
     /// Clients refused by a listener's client rules.
     pub clients_rejected: Event,
     /// Clients refused by a limit (connections in total or per IP, pending clients).
     pub clients_over_limit: Event,
+    /// Clients refused because the gateway is paused (only while the race with closing lasts).
+    pub clients_paused: Event,
     /// Clients closed because no data connection claimed them before their deadline.
     pub clients_unclaimed: Event,
     /// Clients closed because the agent reported it could not serve them.
@@ -33,9 +49,9 @@ pub struct GatewayStats {
 impl Default for GatewayStats {
     fn default() -> Self {
         GatewayStats {
-            clients_accepted: AtomicU64::new(0),
             clients_rejected: Event::some_per_10s(),
             clients_over_limit: Event::once_per_10s(),
+            clients_paused: Event::once_per_10s(),
             clients_unclaimed: Event::some_per_10s(),
             clients_failed: Event::some_per_10s(),
             data_refused: Event::some_per_10s(),
@@ -44,5 +60,408 @@ impl Default for GatewayStats {
             tls_failures: Event::some_per_10s(),
             handshakes_over_limit: Event::once_per_10s(),
         }
+    }
+}
+
+impl GatewayStats {
+    /// Every refusal counter by name, for the API and `/metrics`.
+    pub fn refusals(&self) -> BTreeMap<&'static str, u64> {
+        BTreeMap::from([
+            ("client_rules", self.clients_rejected.count()),
+            ("client_limits", self.clients_over_limit.count()),
+            ("client_paused", self.clients_paused.count()),
+            ("client_unclaimed", self.clients_unclaimed.count()),
+            ("client_agent_failed", self.clients_failed.count()),
+            ("data_token", self.data_refused.count()),
+            ("peer_denied", self.peers_denied.count()),
+            ("bad_hello", self.bad_hellos.count()),
+            ("tls_failed", self.tls_failures.count()),
+            ("handshake_limits", self.handshakes_over_limit.count()),
+        ])
+    }
+}
+
+/// The four byte counters of the original product: what the gateway read from and wrote to
+/// clients, and read from and wrote to agents (their data connections).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Bytes4 {
+    pub client_read: u64,
+    pub client_written: u64,
+    pub agent_read: u64,
+    pub agent_written: u64,
+}
+
+impl Add for Bytes4 {
+    type Output = Bytes4;
+    fn add(self, o: Bytes4) -> Bytes4 {
+        Bytes4 {
+            client_read: self.client_read + o.client_read,
+            client_written: self.client_written + o.client_written,
+            agent_read: self.agent_read + o.agent_read,
+            agent_written: self.agent_written + o.agent_written,
+        }
+    }
+}
+
+impl Sub for Bytes4 {
+    type Output = Bytes4;
+    fn sub(self, o: Bytes4) -> Bytes4 {
+        Bytes4 {
+            client_read: self.client_read.saturating_sub(o.client_read),
+            client_written: self.client_written.saturating_sub(o.client_written),
+            agent_read: self.agent_read.saturating_sub(o.agent_read),
+            agent_written: self.agent_written.saturating_sub(o.agent_written),
+        }
+    }
+}
+
+/// Bytes per second for each of the four counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct Rates4 {
+    pub client_read: f64,
+    pub client_written: f64,
+    pub agent_read: f64,
+    pub agent_written: f64,
+}
+
+impl Rates4 {
+    fn over(delta: Bytes4, secs: f64) -> Rates4 {
+        if secs <= 0.0 {
+            return Rates4::default();
+        }
+        Rates4 {
+            client_read: delta.client_read as f64 / secs,
+            client_written: delta.client_written as f64 / secs,
+            agent_read: delta.agent_read as f64 / secs,
+            agent_written: delta.agent_written as f64 / secs,
+        }
+    }
+}
+
+/// Counters of one listener (by site and name); they outlive restarts of the listener.
+#[derive(Debug)]
+pub struct ListenerStats {
+    pub site: String,
+    pub name: String,
+    /// Clients accepted and offered to an agent.
+    pub accepted: AtomicU64,
+    /// Clients refused by the listener's rules or a limit.
+    pub rejected: AtomicU64,
+    /// Connections that ended (after piping, or unclaimed, or failed).
+    pub closed: AtomicU64,
+    /// Clients waiting for their data connection.
+    pub pending: Gauge,
+    finished: Mutex<Bytes4>,
+}
+
+impl ListenerStats {
+    fn new(site: &str, name: &str) -> Self {
+        ListenerStats {
+            site: site.to_string(),
+            name: name.to_string(),
+            accepted: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            pending: Gauge::default(),
+            finished: Mutex::new(Bytes4::default()),
+        }
+    }
+}
+
+/// One piping client connection.
+#[derive(Debug)]
+pub struct ConnEntry {
+    pub id: u64,
+    pub listener: Arc<ListenerStats>,
+    pub client_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+    pub agent_addr: SocketAddr,
+    pub started: SystemTime,
+    pub started_at: Instant,
+    /// a = the client, b = the agent's data connection.
+    pub counters: PipeCounters,
+}
+
+impl ConnEntry {
+    pub fn bytes(&self) -> Bytes4 {
+        let s = self.counters.snapshot();
+        Bytes4 {
+            client_read: s.a_read,
+            client_written: s.a_written,
+            agent_read: s.b_read,
+            agent_written: s.b_written,
+        }
+    }
+}
+
+/// Seconds kept for charts.
+const HISTORY: usize = 300;
+/// Seconds over which rates are averaged.
+const RATE_WINDOW: usize = 5;
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    bytes: Bytes4,
+    active: u64,
+}
+
+/// Listener stats, active connections and the rate history.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    listeners: Mutex<BTreeMap<(String, String), Arc<ListenerStats>>>,
+    connections: Mutex<HashMap<u64, Arc<ConnEntry>>>,
+    samples: Mutex<VecDeque<Sample>>,
+    listener_samples: Mutex<HashMap<(String, String), VecDeque<(Instant, Bytes4)>>>,
+}
+
+/// Totals and rates of one listener or of the whole gateway.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrafficSnapshot {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub closed: u64,
+    pub active: u64,
+    pub pending: u64,
+    pub bytes: Bytes4,
+    /// Bytes per second over the last few seconds.
+    pub rates: Rates4,
+}
+
+/// The charts' data: one point per second, oldest first.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct History {
+    pub interval_seconds: u64,
+    pub client_read: Vec<f64>,
+    pub client_written: Vec<f64>,
+    pub agent_read: Vec<f64>,
+    pub agent_written: Vec<f64>,
+    pub active: Vec<u64>,
+}
+
+impl Traffic {
+    /// The stats of a listener, made on first use.
+    pub fn listener(&self, site: &str, name: &str) -> Arc<ListenerStats> {
+        self.listeners
+            .lock()
+            .unwrap()
+            .entry((site.to_string(), name.to_string()))
+            .or_insert_with(|| Arc::new(ListenerStats::new(site, name)))
+            .clone()
+    }
+
+    pub fn listeners(&self) -> Vec<Arc<ListenerStats>> {
+        self.listeners.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Registers a connection that starts piping.
+    pub fn start(&self, entry: Arc<ConnEntry>) {
+        self.connections.lock().unwrap().insert(entry.id, entry);
+    }
+
+    /// Unregisters a connection and folds its bytes into its listener's totals.
+    pub fn finish(&self, id: u64) {
+        let Some(entry) = self.connections.lock().unwrap().remove(&id) else {
+            return;
+        };
+        let bytes = entry.bytes();
+        let mut finished = entry.listener.finished.lock().unwrap();
+        *finished = *finished + bytes;
+        entry.listener.closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connections(&self) -> Vec<Arc<ConnEntry>> {
+        let mut v: Vec<_> = self.connections.lock().unwrap().values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Live bytes and active count per listener.
+    fn live(&self) -> HashMap<(String, String), (Bytes4, u64)> {
+        let mut live: HashMap<(String, String), (Bytes4, u64)> = HashMap::new();
+        for c in self.connections.lock().unwrap().values() {
+            let e = live
+                .entry((c.listener.site.clone(), c.listener.name.clone()))
+                .or_default();
+            e.0 = e.0 + c.bytes();
+            e.1 += 1;
+        }
+        live
+    }
+
+    /// Per listener: totals, plus the gateway-wide sum.
+    pub fn snapshot(&self) -> (Vec<(Arc<ListenerStats>, TrafficSnapshot)>, TrafficSnapshot) {
+        let live = self.live();
+        let rates = self.listener_rates();
+        let mut per = Vec::new();
+        let mut total = TrafficSnapshot {
+            accepted: 0,
+            rejected: 0,
+            closed: 0,
+            active: 0,
+            pending: 0,
+            bytes: Bytes4::default(),
+            rates: self.rates(),
+        };
+        for l in self.listeners() {
+            let key = (l.site.clone(), l.name.clone());
+            let (live_bytes, active) = live.get(&key).copied().unwrap_or_default();
+            let snap = TrafficSnapshot {
+                accepted: l.accepted.load(Ordering::Relaxed),
+                rejected: l.rejected.load(Ordering::Relaxed),
+                closed: l.closed.load(Ordering::Relaxed),
+                active,
+                pending: l.pending.get() as u64,
+                bytes: *l.finished.lock().unwrap() + live_bytes,
+                rates: rates.get(&key).copied().unwrap_or_default(),
+            };
+            total.accepted += snap.accepted;
+            total.rejected += snap.rejected;
+            total.closed += snap.closed;
+            total.active += snap.active;
+            total.pending += snap.pending;
+            total.bytes = total.bytes + snap.bytes;
+            per.push((l, snap));
+        }
+        (per, total)
+    }
+
+    /// Records one sample: called every second by the sampler task.
+    pub fn sample(&self) {
+        let at = Instant::now();
+        let (per, total) = self.snapshot();
+        {
+            let mut samples = self.samples.lock().unwrap();
+            samples.push_back(Sample {
+                at,
+                bytes: total.bytes,
+                active: total.active,
+            });
+            while samples.len() > HISTORY + 1 {
+                samples.pop_front();
+            }
+        }
+        let mut ls = self.listener_samples.lock().unwrap();
+        for (l, snap) in per {
+            let q = ls.entry((l.site.clone(), l.name.clone())).or_default();
+            q.push_back((at, snap.bytes));
+            while q.len() > RATE_WINDOW + 1 {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// Gateway-wide rates over the sliding window.
+    pub fn rates(&self) -> Rates4 {
+        let samples = self.samples.lock().unwrap();
+        if samples.len() < 2 {
+            return Rates4::default();
+        }
+        let (Some(last), Some(first)) = (
+            samples.back(),
+            samples.iter().rev().nth(RATE_WINDOW.min(samples.len() - 1)),
+        ) else {
+            return Rates4::default();
+        };
+        Rates4::over(
+            last.bytes - first.bytes,
+            last.at.duration_since(first.at).as_secs_f64(),
+        )
+    }
+
+    fn listener_rates(&self) -> HashMap<(String, String), Rates4> {
+        self.listener_samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(k, q)| {
+                let (first, last) = (q.front()?, q.back()?);
+                Some((
+                    k.clone(),
+                    Rates4::over(
+                        last.1 - first.1,
+                        last.0.duration_since(first.0).as_secs_f64(),
+                    ),
+                ))
+            })
+            .collect()
+    }
+
+    /// Per-second points for the charts.
+    pub fn history(&self) -> History {
+        let samples = self.samples.lock().unwrap();
+        let mut h = History {
+            interval_seconds: 1,
+            ..Default::default()
+        };
+        for pair in samples.iter().collect::<Vec<_>>().windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            let r = Rates4::over(b.bytes - a.bytes, b.at.duration_since(a.at).as_secs_f64());
+            h.client_read.push(r.client_read);
+            h.client_written.push(r.client_written);
+            h.agent_read.push(r.agent_read);
+            h.agent_written.push(r.agent_written);
+            h.active.push(b.active);
+        }
+        h
+    }
+}
+
+/// Samples `traffic` every second until `stop`.
+pub async fn run_sampler(traffic: Arc<Traffic>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => traffic.sample(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(traffic: &Traffic, id: u64) -> Arc<ConnEntry> {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        Arc::new(ConnEntry {
+            id,
+            listener: traffic.listener("s", "l"),
+            client_addr: a,
+            gateway_addr: a,
+            agent_addr: a,
+            started: SystemTime::now(),
+            started_at: Instant::now(),
+            counters: PipeCounters::default(),
+        })
+    }
+
+    #[test]
+    fn finished_and_live_bytes_add_up() {
+        let t = Traffic::default();
+        let c1 = entry(&t, 1);
+        let c2 = entry(&t, 2);
+        t.start(c1.clone());
+        t.start(c2.clone());
+        c1.counters.a_read.fetch_add(100, Ordering::Relaxed);
+        c2.counters.b_written.fetch_add(7, Ordering::Relaxed);
+        let (_, total) = t.snapshot();
+        assert_eq!(
+            (
+                total.active,
+                total.bytes.client_read,
+                total.bytes.agent_written
+            ),
+            (2, 100, 7)
+        );
+        t.finish(1);
+        c1.counters.a_read.fetch_add(1000, Ordering::Relaxed); // after finish: not counted
+        let (per, total) = t.snapshot();
+        assert_eq!(
+            (total.active, total.closed, total.bytes.client_read),
+            (1, 1, 100)
+        );
+        assert_eq!(per.len(), 1);
     }
 }

@@ -186,6 +186,8 @@ pub enum ListenerStatus {
     Bound { addrs: Vec<SocketAddr>, kept: bool },
     /// Not listening, and why (e.g. "127.0.0.1:2222: address in use").
     Failed { error: String },
+    /// Accepted, but not listening while the gateway is paused; it opens on resume.
+    Paused,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -206,10 +206,21 @@ impl Workdir {
     }
 }
 
-/// A gateway process and its bound control address.
+/// A gateway process, its bound control address and its admin API address.
 pub struct Gateway {
     pub proc: Proc,
     pub control: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+/// The address after `prefix` in a log line, up to a space or slash.
+fn addr_after(line: &str, prefix: &str) -> SocketAddr {
+    let rest = line.rsplit(prefix).next().unwrap();
+    let end = rest.find(['/', ' ']).unwrap_or(rest.len());
+    rest[..end]
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("cannot parse an address after {prefix:?} in {line:?}: {e}"))
 }
 
 /// Starts a gateway on loopback with an ephemeral control port. `extra` is appended to
@@ -222,20 +233,45 @@ pub fn start_gateway_named(dir: &Workdir, name: &str, extra: &str) -> Gateway {
     start_gateway_with(dir, name, "listen = \"127.0.0.1:0\"", extra)
 }
 
-/// Starts a gateway whose `[control]` section is `control` (it must set `listen`).
+/// Starts a gateway whose `[control]` section is `control` (it must set `listen`). Unless
+/// `extra` has an `[admin]` section, the admin API listens on an ephemeral loopback port.
 pub fn start_gateway_with(dir: &Workdir, name: &str, control: &str, extra: &str) -> Gateway {
-    let config = format!("[control]\n{control}\n\n[clients]\nbind = \"127.0.0.1\"\n\n{extra}\n");
+    let admin = if extra.contains("[admin]") {
+        ""
+    } else {
+        "[admin]\nlisten = \"127.0.0.1:0\"\n"
+    };
+    let config =
+        format!("[control]\n{control}\n\n[clients]\nbind = \"127.0.0.1\"\n\n{admin}\n{extra}\n");
     let path = dir.write(&format!("{name}.toml"), &config);
+    spawn_gateway(name, &path)
+}
+
+/// Starts `sallyport gateway --config path` and waits for its ports.
+pub fn spawn_gateway(name: &str, path: &Path) -> Gateway {
     let proc = Proc::spawn(name, &["gateway", "--config", path.to_str().unwrap()]);
     let line = proc.wait_for_log("control port listening on ", Duration::from_secs(10));
-    let control = line
-        .rsplit("control port listening on ")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("cannot parse control address from {line:?}: {e}"));
-    Gateway { proc, control }
+    let control = addr_after(&line, "control port listening on ");
+    let admin = proc
+        .log_lines()
+        .iter()
+        .find(|l| l.contains("admin API and dashboard listening on http://"))
+        .map(|l| addr_after(l, "listening on http://"));
+    Gateway {
+        proc,
+        control,
+        admin,
+    }
+}
+
+impl Gateway {
+    /// `http://addr` of the admin API.
+    pub fn admin_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.admin.expect("this gateway has no admin API")
+        )
+    }
 }
 
 /// One `[[listener]]` of an agent config.
