@@ -46,25 +46,43 @@ struct AdminState {
     token: Option<Arc<str>>,
 }
 
-impl AdminState {
-    fn gateway(&self) -> Result<GatewayHandle, Response> {
-        self.gateway.borrow().clone().ok_or_else(|| {
+/// An API error: its status and a JSON `{"error": ...}` body.
+struct ApiError {
+    status: StatusCode,
+    message: &'static str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({"error": self.message}));
+        if self.status == StatusCode::UNAUTHORIZED {
             (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"error": "the gateway is restarting"})),
+                self.status,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"sallyport\"")],
+                body,
             )
                 .into_response()
+        } else {
+            (self.status, body).into_response()
+        }
+    }
+}
+
+impl AdminState {
+    fn gateway(&self) -> Result<GatewayHandle, ApiError> {
+        self.gateway.borrow().clone().ok_or(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the gateway is restarting",
         })
     }
 
     /// Checks the CSRF header and, when configured, the bearer token.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if !headers.contains_key(CSRF_HEADER) {
-            return Err((
-                StatusCode::FORBIDDEN,
-                Json(serde_json::json!({"error": "mutating calls need the X-Requested-By header"})),
-            )
-                .into_response());
+            return Err(ApiError {
+                status: StatusCode::FORBIDDEN,
+                message: "mutating calls need the X-Requested-By header",
+            });
         }
         let Some(token) = &self.token else {
             return Ok(());
@@ -77,12 +95,10 @@ impl AdminState {
         if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
             Ok(())
         } else {
-            Err((
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer realm=\"sallyport\"")],
-                Json(serde_json::json!({"error": "a valid admin token is required"})),
-            )
-                .into_response())
+            Err(ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "a valid admin token is required",
+            })
         }
     }
 }
@@ -152,21 +168,21 @@ pub async fn serve(
 async fn status(State(s): State<AdminState>) -> Response {
     match s.gateway() {
         Ok(g) => Json(g.status()).into_response(),
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
 async fn stats(State(s): State<AdminState>) -> Response {
     match s.gateway() {
         Ok(g) => Json(g.stats()).into_response(),
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
 async fn connections(State(s): State<AdminState>) -> Response {
     match s.gateway() {
         Ok(g) => Json(g.connections()).into_response(),
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -180,7 +196,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             metrics::render(&g),
         )
             .into_response(),
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -190,13 +206,13 @@ where
     F: FnOnce(GatewayHandle) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    if let Err(r) = s.authorize(&headers) {
+    if let Err(e) = s.authorize(&headers) {
         tracing::warn!("admin API: {action} refused (missing or wrong credentials)");
-        return r;
+        return e.into_response();
     }
     let g = match s.gateway() {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     tracing::info!("admin API: {action}");
     f(g.clone()).await;

@@ -199,6 +199,12 @@ const HISTORY: usize = 300;
 /// Seconds over which rates are averaged.
 const RATE_WINDOW: usize = 5;
 
+/// (site, listener name).
+type ListenerKey = (String, String);
+
+/// A listener's recent byte totals, for its rates.
+type RateWindow = VecDeque<(Instant, Bytes4)>;
+
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     at: Instant,
@@ -212,7 +218,7 @@ pub struct Traffic {
     listeners: Mutex<BTreeMap<(String, String), Arc<ListenerStats>>>,
     connections: Mutex<HashMap<u64, Arc<ConnEntry>>>,
     samples: Mutex<VecDeque<Sample>>,
-    listener_samples: Mutex<HashMap<(String, String), VecDeque<(Instant, Bytes4)>>>,
+    listener_samples: Mutex<HashMap<ListenerKey, RateWindow>>,
 }
 
 /// Totals and rates of one listener or of the whole gateway.
