@@ -1,217 +1,204 @@
-//! `GET /metrics`: Prometheus (OpenMetrics text) exposition of the gateway's statistics, read
-//! from the live counters at each scrape (a prometheus-client `Collector`), so nothing is
-//! counted twice and the data path never touches a metrics library.
+//! `GET /metrics`: the gateway's statistics in the Prometheus text format (0.0.4), built at each
+//! scrape from the live counters (so nothing is counted twice and the data path never touches
+//! a metrics library) and written by the `prometheus` crate's `TextEncoder`. Names follow the
+//! Prometheus conventions: `sallyport_` prefix, base units, `_total` on counters.
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Encoder, TextEncoder};
 
-use crate::gateway::{GatewayHandle, RunState};
+use crate::gateway::stats::TrafficSnapshot;
+use crate::gateway::{GatewayHandle, ListenerState, RunState};
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 type Labels = Vec<(&'static str, String)>;
 
-#[derive(Debug)]
-struct GatewayCollector {
-    handle: GatewayHandleDebug,
+fn labels(pairs: &Labels) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.clone());
+            l
+        })
+        .collect()
 }
 
-/// `GatewayHandle` without a useful `Debug`; the collector trait wants one.
-struct GatewayHandleDebug(GatewayHandle);
-
-impl std::fmt::Debug for GatewayHandleDebug {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GatewayHandle")
-    }
-}
-
-fn counters(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    values: &[(Labels, u64)],
-) -> std::fmt::Result {
-    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, value) in values {
-        ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn gauges(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    values: &[(Labels, i64)],
-) -> std::fmt::Result {
-    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, value) in values {
-        ConstGauge::new(*value).encode(metric.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-impl Collector for GatewayCollector {
-    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let gw = &self.handle.0;
-        let stats = gw.stats();
-        let status = gw.status();
-        let per: Vec<_> = stats
-            .listeners
-            .iter()
-            .map(|l| {
-                (
-                    vec![("site", l.site.clone()), ("listener", l.name.clone())],
-                    &l.traffic,
-                )
+fn family(name: &str, help: &str, kind: MetricType, samples: Vec<(Labels, f64)>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(
+        samples
+            .into_iter()
+            .map(|(l, v)| {
+                let mut m = Metric::default();
+                m.set_label(labels(&l));
+                match kind {
+                    MetricType::COUNTER => {
+                        let mut c = Counter::default();
+                        c.set_value(v);
+                        m.set_counter(c);
+                    }
+                    _ => {
+                        let mut g = Gauge::default();
+                        g.set_value(v);
+                        m.set_gauge(g);
+                    }
+                }
+                m
             })
-            .collect();
-        let c = |f: &dyn Fn(&crate::gateway::stats::TrafficSnapshot) -> u64| -> Vec<(Labels, u64)> {
-            per.iter()
-                .map(|(labels, t)| (labels.clone(), f(t)))
-                .collect()
-        };
-        counters(
-            &mut e,
-            "sallyport_clients_accepted",
+            .collect(),
+    );
+    f
+}
+
+/// Renders the metrics of `handle`.
+pub fn render(handle: &GatewayHandle) -> String {
+    let stats = handle.stats();
+    let status = handle.status();
+    let per: Vec<(Labels, &TrafficSnapshot)> = stats
+        .listeners
+        .iter()
+        .map(|l| {
+            (
+                vec![("site", l.site.clone()), ("listener", l.name.clone())],
+                &l.traffic,
+            )
+        })
+        .collect();
+    let each = |f: &dyn Fn(&TrafficSnapshot) -> u64| -> Vec<(Labels, f64)> {
+        per.iter().map(|(l, t)| (l.clone(), f(t) as f64)).collect()
+    };
+    use MetricType::{COUNTER, GAUGE};
+    let mut families = vec![
+        family(
+            "sallyport_clients_accepted_total",
             "Client connections accepted and offered to an agent.",
-            &c(&|t| t.accepted),
-        )?;
-        counters(
-            &mut e,
-            "sallyport_clients_rejected",
+            COUNTER,
+            each(&|t| t.accepted),
+        ),
+        family(
+            "sallyport_clients_rejected_total",
             "Client connections refused by client rules, limits or a pause.",
-            &c(&|t| t.rejected),
-        )?;
-        counters(
-            &mut e,
-            "sallyport_clients_closed",
+            COUNTER,
+            each(&|t| t.rejected),
+        ),
+        family(
+            "sallyport_clients_closed_total",
             "Client connections that ended.",
-            &c(&|t| t.closed),
-        )?;
-        counters(
-            &mut e,
-            "sallyport_client_bytes_read",
+            COUNTER,
+            each(&|t| t.closed),
+        ),
+        family(
+            "sallyport_client_bytes_read_total",
             "Bytes read from clients.",
-            &c(&|t| t.bytes.client_read),
-        )?;
-        counters(
-            &mut e,
-            "sallyport_client_bytes_written",
+            COUNTER,
+            each(&|t| t.bytes.client_read),
+        ),
+        family(
+            "sallyport_client_bytes_written_total",
             "Bytes written to clients.",
-            &c(&|t| t.bytes.client_written),
-        )?;
-        counters(
-            &mut e,
-            "sallyport_agent_bytes_read",
+            COUNTER,
+            each(&|t| t.bytes.client_written),
+        ),
+        family(
+            "sallyport_agent_bytes_read_total",
             "Bytes read from agents' data connections.",
-            &c(&|t| t.bytes.agent_read),
-        )?;
-        counters(
-            &mut e,
-            "sallyport_agent_bytes_written",
+            COUNTER,
+            each(&|t| t.bytes.agent_read),
+        ),
+        family(
+            "sallyport_agent_bytes_written_total",
             "Bytes written to agents' data connections.",
-            &c(&|t| t.bytes.agent_written),
-        )?;
-        let g = |f: &dyn Fn(&crate::gateway::stats::TrafficSnapshot) -> u64| -> Vec<(Labels, i64)> {
-            per.iter()
-                .map(|(labels, t)| (labels.clone(), f(t) as i64))
-                .collect()
-        };
-        gauges(
-            &mut e,
+            COUNTER,
+            each(&|t| t.bytes.agent_written),
+        ),
+        family(
             "sallyport_clients_active",
             "Client connections piping now.",
-            &g(&|t| t.active),
-        )?;
-        gauges(
-            &mut e,
+            GAUGE,
+            each(&|t| t.active),
+        ),
+        family(
             "sallyport_clients_pending",
             "Clients waiting for their data connection.",
-            &g(&|t| t.pending),
-        )?;
-
-        let listening: Vec<(Labels, i64)> = status
-            .listeners
-            .iter()
-            .map(|l| {
-                let up = matches!(l.state, crate::gateway::ListenerState::Listening);
-                (
-                    vec![("site", l.site.clone()), ("listener", l.name.clone())],
-                    up as i64,
-                )
-            })
-            .collect();
-        gauges(
-            &mut e,
-            "sallyport_listener_up",
-            "1 while the listener accepts clients.",
-            &listening,
-        )?;
-
-        let mut sites: std::collections::BTreeMap<String, i64> = Default::default();
-        for a in &status.agents {
-            *sites.entry(a.site.clone()).or_default() += 1;
-        }
-        let agents: Vec<(Labels, i64)> = sites
-            .into_iter()
-            .map(|(site, n)| (vec![("site", site)], n))
-            .collect();
-        gauges(
-            &mut e,
-            "sallyport_agents_connected",
-            "Agents with a control channel, per site.",
-            &agents,
-        )?;
-
-        let refusals: Vec<(Labels, u64)> = stats
-            .refusals
-            .iter()
-            .map(|(reason, n)| (vec![("reason", reason.to_string())], *n))
-            .collect();
-        counters(
-            &mut e,
-            "sallyport_refusals",
-            "Refused connections by reason.",
-            &refusals,
-        )?;
-
-        let states: Vec<(Labels, i64)> = [RunState::Running, RunState::Paused, RunState::Stopping]
-            .iter()
-            .map(|s| {
-                let name = serde_json::to_value(s)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                (vec![("state", name)], (*s == status.state) as i64)
-            })
-            .collect();
-        gauges(
-            &mut e,
-            "sallyport_state",
-            "1 for the gateway's current state.",
-            &states,
-        )?;
-        gauges(
-            &mut e,
-            "sallyport_uptime_seconds",
-            "Seconds since the gateway started.",
-            &[(Vec::new(), status.uptime_seconds as i64)],
-        )?;
-        Ok(())
+            GAUGE,
+            each(&|t| t.pending),
+        ),
+    ];
+    let up = status
+        .listeners
+        .iter()
+        .map(|l| {
+            let labels = vec![("site", l.site.clone()), ("listener", l.name.clone())];
+            (labels, (l.state == ListenerState::Listening) as u8 as f64)
+        })
+        .collect();
+    families.push(family(
+        "sallyport_listener_up",
+        "1 while the listener accepts clients.",
+        GAUGE,
+        up,
+    ));
+    let mut sites = std::collections::BTreeMap::<String, f64>::new();
+    for a in &status.agents {
+        *sites.entry(a.site.clone()).or_default() += 1.0;
     }
-}
-
-/// Renders the metrics of `handle` in OpenMetrics text format.
-pub fn render(handle: &GatewayHandle) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(GatewayCollector {
-        handle: GatewayHandleDebug(handle.clone()),
-    }));
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &registry)
-        .expect("writing to a String cannot fail");
-    out
+    let agents = sites
+        .into_iter()
+        .map(|(site, n)| (vec![("site", site)], n))
+        .collect();
+    families.push(family(
+        "sallyport_agents_connected",
+        "Agents with a control channel, per site.",
+        GAUGE,
+        agents,
+    ));
+    let refusals = stats
+        .refusals
+        .iter()
+        .map(|(reason, n)| (vec![("reason", reason.to_string())], *n as f64))
+        .collect();
+    families.push(family(
+        "sallyport_refusals_total",
+        "Refused connections by reason.",
+        COUNTER,
+        refusals,
+    ));
+    let states = [
+        ("running", RunState::Running),
+        ("paused", RunState::Paused),
+        ("stopping", RunState::Stopping),
+    ]
+    .into_iter()
+    .map(|(name, s)| {
+        (
+            vec![("state", name.to_string())],
+            (s == status.state) as u8 as f64,
+        )
+    })
+    .collect();
+    families.push(family(
+        "sallyport_state",
+        "1 for the gateway's current state.",
+        GAUGE,
+        states,
+    ));
+    families.push(family(
+        "sallyport_uptime_seconds",
+        "Seconds since the gateway started.",
+        GAUGE,
+        vec![(Vec::new(), status.uptime_seconds as f64)],
+    ));
+    // Families without a sample (no listener yet) are left out, as Prometheus expects.
+    families.retain(|f| !f.get_metric().is_empty());
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&families, &mut out)
+        .expect("encoding to memory cannot fail");
+    String::from_utf8(out).expect("the text format is UTF-8")
 }

@@ -189,10 +189,7 @@ async fn connections(State(s): State<AdminState>) -> Response {
 async fn metrics(State(s): State<AdminState>) -> Response {
     match s.gateway() {
         Ok(g) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
+            [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
             metrics::render(&g),
         )
             .into_response(),

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::pending::{Claim, DataConn};
+use super::pending::{Claim, ClaimError, DataConn};
 use super::site::{AgentHandle, Site};
 use super::Shared;
 use crate::access::canonical;
@@ -39,6 +39,9 @@ use crate::transport::Stream;
 /// Heartbeat intervals an agent may ask for.
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
 const HEARTBEAT_MAX: Duration = Duration::from_secs(60);
+
+/// The refusal text for every failed claim.
+const UNKNOWN_CLIENT_TEXT: &str = "unknown, expired or already claimed client id, or wrong token";
 
 /// How long a refused peer gets to read the refusal before the socket closes.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
@@ -307,12 +310,18 @@ async fn claim_data(
     let tx = match shared.pending.claim(data.id, &data.token) {
         Ok(tx) => tx,
         Err(e) => {
-            warn_event(
-                &shared.stats.data_refused,
-                peer,
-                format_args!("data connection refused: {e}"),
-            );
-            conn.send_error(ErrorCode::UNKNOWN_CLIENT, e.to_string())
+            // A late data connection for a client that just left is not an attack: not counted.
+            if matches!(e, ClaimError::Gone(_)) {
+                tracing::debug!(peer = %peer, "data connection refused: {e}");
+            } else {
+                warn_event(
+                    &shared.stats.data_refused,
+                    peer,
+                    format_args!("data connection refused: {e}"),
+                );
+            }
+            // The same words whatever the cause: the peer learns nothing about which ids wait.
+            conn.send_error(ErrorCode::UNKNOWN_CLIENT, UNKNOWN_CLIENT_TEXT)
                 .await;
             return;
         }
@@ -462,7 +471,8 @@ async fn session_loop(
                         // A pending client is woken and closed (and counted) by its own task.
                         // Usually the agent's data connection claimed it already, and closes it
                         // itself; the report still explains why, so count and log it here.
-                        if !shared.pending.fail(f.id, &site.name, f.reason.clone()) {
+                        let pending = shared.pending.fail(f.id, &site.name, f.reason.clone());
+                        if !pending && !shared.pending.is_gone(f.id) {
                             let occ = shared.stats.clients_failed.hit();
                             if occ.log {
                                 tracing::warn!(

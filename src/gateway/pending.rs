@@ -5,7 +5,7 @@
 //! token leaves it in place, so a guesser cannot knock a real client out. Each waiting client
 //! task owns its own deadline and removes its entry when it gives up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
@@ -42,11 +42,19 @@ pub(crate) enum ClaimError {
     Unknown(u64),
     #[error("wrong token for client id {0}")]
     BadToken(u64),
+    /// The client left or timed out moments ago: a late data connection, not an attack.
+    #[error("client id {0} is gone (it left or timed out before its data connection arrived)")]
+    Gone(u64),
 }
+
+/// How many recently gone client ids are remembered, to tell a late data connection from a
+/// guessed or replayed one.
+const GONE_MEMORY: usize = 4096;
 
 #[derive(Default)]
 pub(crate) struct PendingTable {
     entries: Mutex<HashMap<u64, Entry>>,
+    gone: Mutex<(VecDeque<u64>, HashSet<u64>)>,
 }
 
 impl PendingTable {
@@ -61,15 +69,31 @@ impl PendingTable {
         rx
     }
 
-    /// Forgets a client that gave up waiting. Returns whether it was still there.
+    /// Forgets a client that gave up waiting (it left, timed out, or its agent failed it).
+    /// Returns whether it was still there.
     pub fn remove(&self, id: u64) -> bool {
-        self.entries.lock().unwrap().remove(&id).is_some()
+        let removed = self.entries.lock().unwrap().remove(&id).is_some();
+        let mut gone = self.gone.lock().unwrap();
+        if gone.1.insert(id) {
+            gone.0.push_back(id);
+            if gone.0.len() > GONE_MEMORY {
+                let oldest = gone.0.pop_front().expect("not empty");
+                gone.1.remove(&oldest);
+            }
+        }
+        removed
+    }
+
+    /// Whether `id` belonged to a client that left or timed out recently.
+    pub fn is_gone(&self, id: u64) -> bool {
+        self.gone.lock().unwrap().1.contains(&id)
     }
 
     /// Claims a pending client with its token; on success the entry is gone for good.
     pub fn claim(&self, id: u64, token: &Token) -> Result<oneshot::Sender<Claim>, ClaimError> {
         let mut entries = self.entries.lock().unwrap();
         match entries.get(&id) {
+            None if self.is_gone(id) => Err(ClaimError::Gone(id)),
             None => Err(ClaimError::Unknown(id)),
             Some(e) if e.token != *token => Err(ClaimError::BadToken(id)),
             Some(_) => Ok(entries.remove(&id).expect("entry checked above").tx),
@@ -117,6 +141,11 @@ mod tests {
         assert!(table.claim(1, &token).is_ok());
         assert_eq!(table.claim(1, &token).unwrap_err(), ClaimError::Unknown(1));
         assert_eq!(table.len(), 0);
+        // A client that left: its late data connection is told apart from a guess.
+        let late = Token::random();
+        let _rx = table.insert(2, late, "s");
+        table.remove(2);
+        assert_eq!(table.claim(2, &late).unwrap_err(), ClaimError::Gone(2));
     }
 
     #[test]
