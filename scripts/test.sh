@@ -16,6 +16,7 @@ needs=(
   "/usr/sbin/nginx:nginx-light"
   "/usr/sbin/vsftpd:vsftpd"
   "lftp:lftp"
+  "promtool:prometheus"
   "/usr/sbin/nft:nftables"
   "/usr/sbin/ip:iproute2"
 )

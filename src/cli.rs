@@ -268,8 +268,17 @@ async fn run_gateway(cfg: GatewayConfig, path: PathBuf) -> anyhow::Result<()> {
     };
     let mut hup = signal(SignalKind::hangup())?;
     let mut cfg = cfg;
+    // An ephemeral control port ("…:0") stays the same across restarts, or agents would lose it.
+    let mut bound_control: Option<(std::net::SocketAddr, std::net::SocketAddr)> = None;
     loop {
-        let gateway = Gateway::bind(cfg.clone()).await?;
+        let mut bind_cfg = cfg.clone();
+        if let Some((asked, got)) = bound_control {
+            if asked == cfg.control_listen && asked.port() == 0 {
+                bind_cfg.control_listen = got;
+            }
+        }
+        let gateway = Gateway::bind(bind_cfg).await?;
+        bound_control = Some((cfg.control_listen, gateway.control_addr()));
         let handle = gateway.handle();
         slot.send_replace(Some(handle.clone()));
         let reload_path = path.clone();
