@@ -51,6 +51,13 @@ pub enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+    /// Troubleshoot an agent's setup: config, gateway reachability, TLS, peer rules, listeners,
+    /// backends, a test connection per listener. Exit status 1 on any failure.
+    Check {
+        /// Path to agent.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Show a running gateway's state, agents, listeners, counters and rates.
     Status {
         #[command(flatten)]
@@ -122,7 +129,12 @@ pub enum CertCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // `check` prints its own report; only errors of the agent it runs are worth a log line.
+    init_logging(if matches!(cli.command, Command::Check { .. }) {
+        "error"
+    } else {
+        "info"
+    });
     match cli.command {
         Command::Gateway { config } => {
             let cfg = match GatewayConfig::load(&config) {
@@ -130,6 +142,23 @@ pub fn main() -> ExitCode {
                 Err(e) => return config_error(e),
             };
             run_async(run_gateway(cfg, config))
+        }
+        Command::Check { config } => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if rt.block_on(crate::check::run(&config)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::Status { admin, json } => {
             run_async(crate::status::print(admin.admin, admin.token, json))
@@ -181,9 +210,9 @@ fn config_error(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter =
-        EnvFilter::try_from_env("SALLYPORT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        EnvFilter::try_from_env("SALLYPORT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

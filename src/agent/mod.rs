@@ -10,7 +10,7 @@
 
 pub mod backoff;
 mod data;
-mod dial;
+pub(crate) mod dial;
 pub mod embedded;
 pub mod proxy_header;
 mod session;

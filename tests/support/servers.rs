@@ -102,3 +102,26 @@ pub fn echo_transfer(
     send.join().expect("writer thread panicked")?;
     Ok(back)
 }
+
+/// Sends `banner` as soon as a client connects (like SSH, FTP or SMTP servers), then echoes.
+pub fn banner_server(banner: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                if stream.write_all(banner).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

@@ -1,0 +1,360 @@
+//! `sallyport check --config agent.toml`: the manual's troubleshooting list, automated. One
+//! line per check, `ok` or `FAIL` with the cause and the fix; exit status 1 on any failure.
+//!
+//! 1. the config file is valid;
+//! 2. per gateway: the address resolves, the control port is reachable, the TLS handshake and
+//!    certificate names are fine, the gateway's `[peers]` rules let this host in (the gateway
+//!    says so in its refusal);
+//! 3. per gateway and listener: the gateway opened it (or why not); to learn that, the check
+//!    runs a real agent with this config for a few seconds (as a second agent of the site, it
+//!    changes nothing on the gateway and serves any client it is handed);
+//! 4. per backend: reachable from this host;
+//! 5. per listener: a test connection through the gateway's public port gets through: the
+//!    backend's first bytes come back (SSH, FTP, SMTP banners), or the connection stays open,
+//!    which it would not if the agent could not reach the backend.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::dial::{dial, DialError, Target};
+use crate::agent::Agent;
+use crate::config::{AgentConfig, Backend};
+use crate::net;
+use crate::protocol::{DataHello, ErrorCode, ListenerStatus, ProtocolError, Role, Token};
+
+/// Collects results and prints them as they come.
+#[derive(Default)]
+struct Report {
+    checks: usize,
+    failures: usize,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str, detail: impl AsRef<str>) {
+        self.checks += 1;
+        println!("ok    {what}: {}", detail.as_ref());
+    }
+
+    fn fail(&mut self, what: &str, cause: impl AsRef<str>, fix: impl AsRef<str>) {
+        self.checks += 1;
+        self.failures += 1;
+        println!("FAIL  {what}: {} -> fix: {}", cause.as_ref(), fix.as_ref());
+    }
+}
+
+/// Runs every check; returns whether all passed.
+pub async fn run(path: &Path) -> bool {
+    let mut r = Report::default();
+    let config = match AgentConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            r.fail("config", e.to_string(), "correct the file at that line");
+            return false;
+        }
+    };
+    r.ok(
+        &format!("config {}", path.display()),
+        format!(
+            "valid (site {}, {} listener(s), {} gateway(s){})",
+            config.site,
+            config.listeners.len(),
+            config.gateways.len(),
+            if config.tls.is_some() {
+                ", mutual TLS"
+            } else {
+                ", PLAINTEXT"
+            }
+        ),
+    );
+
+    let mut usable = Vec::new();
+    for gateway in &config.gateways {
+        if let Some(addr) = check_gateway(&mut r, &config, gateway).await {
+            usable.push((gateway.clone(), addr));
+        }
+    }
+    check_backends(&mut r, &config).await;
+    for (gateway, addr) in &usable {
+        check_listeners(&mut r, &config, gateway, *addr).await;
+    }
+    println!(
+        "\n{} check(s), {} failed{}",
+        r.checks,
+        r.failures,
+        if r.failures == 0 { ": all good" } else { "" }
+    );
+    r.failures == 0
+}
+
+/// Resolution, reachability, TLS, peer rules. Returns the address reached when usable.
+async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> Option<SocketAddr> {
+    let what = format!("gateway {gateway}");
+    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(gateway).await {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            r.fail(
+                &what,
+                format!("does not resolve: {e}"),
+                "check DNS, or write the gateway's IP in `gateways`",
+            );
+            return None;
+        }
+    };
+    let list: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+    r.ok(&what, format!("resolves to {}", list.join(", ")));
+
+    let started = Instant::now();
+    let tcp = match net::connect_from(gateway, config.source_ip, config.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            let fix = match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    "start the gateway, or check its [control] listen address and port"
+                }
+                std::io::ErrorKind::TimedOut => "a firewall drops traffic to the control port: allow this host in",
+                _ => "check the address, the route and the firewalls between this host and the gateway",
+            };
+            r.fail(&what, format!("control port not reachable: {e}"), fix);
+            return None;
+        }
+    };
+    let reached = tcp.peer_addr().ok()?;
+    let source = tcp.local_addr().ok()?.ip();
+    drop(tcp);
+    r.ok(
+        &what,
+        format!(
+            "control port {reached} reachable in {} ms",
+            started.elapsed().as_millis()
+        ),
+    );
+
+    // A data hello for a client that does not exist goes through TLS, the peer rules and the
+    // version check, then gets UNKNOWN_CLIENT: the answer that proves all of them passed.
+    let probe = Role::Data(DataHello {
+        id: u64::MAX,
+        token: Token::random(),
+    });
+    let target = Target {
+        gateway,
+        resolved: Some(reached),
+    };
+    let tls = config.tls.is_some();
+    match dial(config, target, probe, tls).await {
+        Err(DialError::Protocol(ProtocolError::Peer(e))) if e.code == ErrorCode::UNKNOWN_CLIENT => {
+            if tls {
+                r.ok(&what, "TLS 1.3 handshake ok: gateway certificate valid for that name, agent certificate accepted");
+            } else {
+                r.ok(
+                    &what,
+                    "protocol handshake ok (PLAINTEXT: configure `tls` for production)",
+                );
+            }
+            r.ok(
+                &what,
+                format!("this host ({source}) is allowed by the gateway's [peers] rules"),
+            );
+            Some(reached)
+        }
+        Ok(_) => {
+            r.fail(
+                &what,
+                "accepted a claim for a client that does not exist",
+                "this is not a Sallyport gateway you can trust",
+            );
+            None
+        }
+        Err(DialError::Refused(e)) => {
+            let fix = match e.code {
+                ErrorCode::PEER_DENIED => format!("add {source} to the gateway's [peers] except list (or set source_ip)"),
+                ErrorCode::TLS_REQUIRED => "configure `tls` in agent.toml (see `sallyport cert init`)".to_string(),
+                ErrorCode::UNSUPPORTED_VERSION => "run the same Sallyport version on agent and gateway".to_string(),
+                ErrorCode::LIMIT => "the gateway is at its handshake limit: try again, or raise [limits] max_handshakes".to_string(),
+                _ => "see the gateway's log".to_string(),
+            };
+            r.fail(&what, format!("refused by the gateway: {e}"), fix);
+            None
+        }
+        Err(DialError::Tls { source: e, .. }) => {
+            let text = e.to_string();
+            let fix = if text.contains("UnknownIssuer") {
+                "tls.ca in agent.toml must be the CA that issued the gateway's certificate"
+            } else if text.contains("NotValidForName") {
+                "dial the gateway by a name in its certificate, or set tls.server_name"
+            } else if text.contains("Expired") {
+                "renew the certificate (`sallyport cert init` on the CA host)"
+            } else {
+                "check both sides' certificates and keys"
+            };
+            r.fail(&what, format!("TLS handshake failed: {text}"), fix);
+            None
+        }
+        Err(DialError::CertificateRejected(alert)) => {
+            r.fail(
+                &what,
+                format!("the gateway rejected this agent's certificate (TLS alert {alert:?})"),
+                "issue the agent certificate from the CA named in the gateway's client_ca",
+            );
+            None
+        }
+        Err(e) => {
+            r.fail(
+                &what,
+                e.to_string(),
+                "see both daemons' logs; is `tls` configured on one side only?",
+            );
+            None
+        }
+    }
+}
+
+/// Every backend reachable from this host (both ends of a range).
+async fn check_backends(r: &mut Report, config: &AgentConfig) {
+    for l in &config.listeners {
+        let Backend::Tcp(backend) = &l.backend else {
+            continue;
+        };
+        let mut offsets = vec![0u16];
+        if backend.ports.len() > 1 {
+            offsets.push((backend.ports.len() - 1) as u16);
+        }
+        for offset in offsets {
+            let Some(target) = backend.target(offset) else {
+                continue;
+            };
+            let what = format!("backend {target} (listener {})", l.name);
+            match net::connect(&target, config.connect_timeout).await {
+                Ok(_) => r.ok(&what, "reachable from this host"),
+                Err(e) => r.fail(
+                    &what,
+                    format!("not reachable: {e}"),
+                    "start the backend, or correct `backend` in agent.toml",
+                ),
+            }
+        }
+    }
+}
+
+/// What the gateway says about each listener, and a test connection through each.
+async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, reached: SocketAddr) {
+    let mut one = config.clone();
+    one.gateways = vec![gateway.to_string()];
+    let agent = Arc::new(Agent::new(one));
+    let mut status = agent.status();
+    let stop = CancellationToken::new();
+    let runner = agent.clone();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { runner.run(stop).await }
+    });
+    let answered = tokio::time::timeout(config.connect_timeout * 2, async {
+        loop {
+            if status
+                .borrow_and_update()
+                .gateways
+                .get(gateway)
+                .is_some_and(|g| !g.listeners.is_empty() || config.listeners.is_empty())
+            {
+                return;
+            }
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok();
+    let results = status
+        .borrow()
+        .gateways
+        .get(gateway)
+        .cloned()
+        .unwrap_or_default();
+    if !answered {
+        let why = results.last_error.unwrap_or_else(|| "no answer".into());
+        r.fail(
+            &format!("gateway {gateway}"),
+            format!("no config result: {why}"),
+            "see the agent's and gateway's logs",
+        );
+    }
+    for l in &config.listeners {
+        let what = format!("listener {} on {gateway}", l.name);
+        match results.listeners.get(&l.name) {
+            Some(ListenerStatus::Bound { addrs, .. }) => {
+                r.ok(
+                    &what,
+                    format!("open at {}", crate::addr::display_addrs(addrs)),
+                );
+                let port = addrs.first().map(|a| a.port()).unwrap_or(0);
+                let ip = match l.public.ip {
+                    Some(ip) if !ip.is_unspecified() => ip,
+                    _ => reached.ip(),
+                };
+                test_connection(r, &l.name, SocketAddr::new(ip, port)).await;
+            }
+            Some(ListenerStatus::Failed { error }) => r.fail(
+                &what,
+                format!("the gateway could not open it: {error}"),
+                if error.contains("address in use") {
+                    "free that port on the gateway host, or choose another `public` port"
+                } else {
+                    "see the gateway's log"
+                },
+            ),
+            Some(ListenerStatus::Paused) => r.fail(
+                &what,
+                "the gateway is paused",
+                "`sallyport ctl resume` on the gateway",
+            ),
+            None if answered => r.fail(
+                &what,
+                "the gateway did not report it",
+                "see the gateway's log",
+            ),
+            None => {}
+        }
+    }
+    stop.cancel();
+    let _ = task.await;
+}
+
+async fn test_connection(r: &mut Report, listener: &str, public: SocketAddr) {
+    let what = format!("test connection to {public} (listener {listener})");
+    let mut stream = match net::connect_addr(public, Duration::from_secs(5)).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.fail(
+                &what,
+                format!("cannot connect: {e}"),
+                "the public port is not reachable from this host (a firewall?): test from outside",
+            );
+            return;
+        }
+    };
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(Duration::from_millis(1500), stream.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => {
+            let first_line: String = String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(60)
+                .collect();
+            r.ok(&what, format!("round trip through gateway and agent: the backend answered {first_line:?}"))
+        }
+        Ok(_) => r.fail(
+            &what,
+            "closed at once",
+            "the agent could not reach the backend, or the listener's client rules refuse this host: see the logs",
+        ),
+        Err(_) => r.ok(&what, "connected through gateway and agent; the backend waits for the client to speak"),
+    }
+}
