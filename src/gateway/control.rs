@@ -229,7 +229,9 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
         refuse(shared, &mut conn, peer, ErrorCode::BAD_HELLO, e.to_string()).await;
         return None;
     }
-    let mut conn = Connection::new(stream, shared.config().limits.max_frame);
+    // Until its hello is accepted a peer gets small frames only (a hello is well under 1 KiB),
+    // so thousands of unauthenticated handshakes cannot pin max_frame-sized buffers each.
+    let mut conn = Connection::new(stream, protocol::frame::HELLO_MAX_FRAME);
     let hello = match conn.read_message().await {
         Ok(Some(Message::Hello(h))) => h,
         Ok(None) => {
@@ -276,6 +278,7 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
             return None;
         }
     }
+    conn.set_max_frame(shared.config().limits.max_frame);
     Some(Opened {
         conn,
         hello,

@@ -28,6 +28,8 @@ pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
 
 /// The smallest maximum a peer may configure: a Hello must always fit.
 pub const MIN_MAX_FRAME: usize = 4 * 1024;
+/// The largest frame a gateway reads before the peer's hello was accepted.
+pub const HELLO_MAX_FRAME: usize = MIN_MAX_FRAME;
 
 /// One undecoded frame: its type and its payload bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +53,11 @@ impl FrameCodec {
 
     pub fn max_frame(&self) -> usize {
         self.max_frame
+    }
+
+    /// Changes the limit for the frames still to come (e.g. raised once a hello was accepted).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame.max(MIN_MAX_FRAME);
     }
 }
 

@@ -153,6 +153,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Changes the maximum frame size for the frames still to come.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.framed.codec_mut().set_max_frame(max_frame);
+    }
+
     /// The next message; `Ok(None)` on a clean end of stream between frames. Unknown advisory
     /// messages are skipped here so callers never see them.
     pub async fn read_message(&mut self) -> Result<Option<Message>, ProtocolError> {
