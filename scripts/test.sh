@@ -19,6 +19,8 @@ needs=(
   "promtool:prometheus"
   "/usr/sbin/nft:nftables"
   "/usr/sbin/ip:iproute2"
+  "systemd-analyze:systemd"
+  "setpriv:util-linux"
 )
 missing=()
 for pair in "${needs[@]}"; do
