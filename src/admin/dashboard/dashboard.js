@@ -1,2 +1,513 @@
-async function tick(){const r=await fetch("/api/status");document.getElementById("status").textContent=JSON.stringify(await r.json(),null,2);}
-tick();setInterval(tick,2000);
+// Sallyport gateway dashboard: polls the admin API once a second and renders status, counters,
+// charts and tables; sends control actions after an in-page confirmation. Plain JS, no library:
+// the page must work from the files compiled into the binary, with no network beyond the gateway.
+'use strict';
+
+const POLL_MS = 1000;
+const FETCH_TIMEOUT_MS = 4000;
+const TOKEN_KEY = 'sallyport-admin-token';
+/** Seconds shown by the charts (the API keeps 300 one-second points). */
+const WINDOW_S = 300;
+/** Rows shown in the connections table; the rest are counted. */
+const MAX_CONNECTION_ROWS = 200;
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
+const byTestId = (id) => $(`[data-testid="${id}"]`);
+
+// ---------------------------------------------------------------------------------------------
+// Formatting
+
+const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+
+/** 1536 -> "1.50 KiB": binary units, three significant digits. */
+function fmtBytes(n) {
+  n = Number(n) || 0;
+  if (n < 1024) return `${Math.round(n)} B`;
+  let i = 0;
+  while (n >= 1024 && i < UNITS.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(n < 10 ? 2 : n < 100 ? 1 : 0)} ${UNITS[i]}`;
+}
+
+const fmtRate = (n) => `${fmtBytes(n)}/s`;
+
+/** An axis label: like fmtRate, without trailing zeros ("2 KiB/s", "2.5 KiB/s"). */
+function fmtRateTick(n) {
+  let i = 0;
+  while (n >= 1024 && i < UNITS.length - 1) { n /= 1024; i++; }
+  return `${Number(n.toFixed(2))} ${UNITS[i]}/s`;
+}
+const fmtCount = (n) => (Number(n) || 0).toLocaleString('en-US');
+
+/** 3725 -> "1h 02m": the two largest units. */
+function fmtDuration(s) {
+  s = Math.max(0, Math.floor(Number(s) || 0));
+  const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24;
+  const m = Math.floor(s / 60) % 60, sec = s % 60;
+  const pad = (x) => String(x).padStart(2, '0');
+  if (d) return `${d}d ${pad(h)}h`;
+  if (h) return `${h}h ${pad(m)}m`;
+  if (m) return `${m}m ${pad(sec)}s`;
+  return `${sec}s`;
+}
+
+/** A unix time as local "HH:MM:SS", with the date when it is not today. */
+function fmtTime(unix) {
+  const t = new Date(unix * 1000);
+  const time = t.toLocaleTimeString('en-GB', { hour12: false });
+  return t.toDateString() === new Date().toDateString() ? time : `${t.toISOString().slice(0, 10)} ${time}`;
+}
+
+const FORMATS = { count: fmtCount, bytes: fmtBytes, rate: fmtRate };
+
+/** Reads "a.b" from an object. */
+const field = (obj, path) => path.split('.').reduce((o, k) => (o == null ? undefined : o[k]), obj);
+
+/** Builds an element; children are nodes or strings (set as text, never parsed as HTML). */
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v == null) continue;
+    if (k === 'class') e.className = v; else e.setAttribute(k, v);
+  }
+  e.append(...children.map((c) => (c instanceof Node ? c : String(c))));
+  return e;
+}
+
+/** A numeric table cell. */
+const num = (text) => el('td', { class: 'n' }, text);
+
+// ---------------------------------------------------------------------------------------------
+// API
+
+/** GET or POST; throws an Error whose message says what went wrong (HTTP status or network). */
+async function api(path, options = {}) {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), FETCH_TIMEOUT_MS);
+  let res;
+  try {
+    res = await fetch(path, { cache: 'no-store', ...options, signal: abort.signal });
+  } catch (e) {
+    throw new Error(e.name === 'AbortError' ? 'no answer within 4 s' : 'the gateway is unreachable');
+  } finally {
+    clearTimeout(timer);
+  }
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) {
+    const err = new Error(`HTTP ${res.status}${body.error ? `: ${body.error}` : ''}`);
+    err.status = res.status;
+    throw err;
+  }
+  return body;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+
+let last = null; // the last successful poll: { status, stats, connections, history }
+
+function renderHeader(status, stats) {
+  document.title = `Sallyport · ${location.host}`;
+  byTestId('gateway-name').textContent = location.host;
+  byTestId('version').textContent = `version ${status.version}`;
+  byTestId('uptime').textContent = fmtDuration(stats.uptime_seconds ?? status.uptime_seconds);
+  const c = status.control || {};
+  byTestId('control').textContent =
+    `${c.listen} (${c.tls ? (c.data_tls ? 'TLS 1.3, data TLS' : 'TLS 1.3') : 'PLAINTEXT'})`;
+  byTestId('updated').textContent = new Date().toLocaleTimeString('en-GB', { hour12: false });
+}
+
+/** The big light: the API decides the colour; the label says why. */
+function renderLight(status) {
+  const agents = status.agents.length;
+  const open = status.listeners.filter((l) => l.state === 'listening').length;
+  let label, detail;
+  if (status.state === 'stopping') {
+    label = 'Stopping';
+    detail = 'listeners closed, established connections draining';
+  } else if (status.state === 'paused') {
+    label = 'Paused';
+    detail = `listeners closed, new clients refused; established connections and ${agents} agent(s) kept`;
+  } else if (agents === 0) {
+    label = 'No agent connected';
+    detail = 'running, but no agent: public listeners stay closed until one connects';
+  } else {
+    label = 'Running';
+    detail = `${agents} agent(s) connected · ${open} of ${status.listeners.length} listener(s) open`;
+  }
+  setLight(status.light, label, detail);
+  // Buttons that cannot do anything in this state are disabled.
+  const stopping = status.state === 'stopping';
+  byTestId('btn-pause').disabled = status.state !== 'running';
+  byTestId('btn-resume').disabled = status.state !== 'paused';
+  byTestId('btn-restart').disabled = stopping;
+  byTestId('btn-stop').disabled = stopping;
+}
+
+function setLight(colour, label, detail) {
+  const light = byTestId('status-light');
+  light.dataset.light = colour;
+  light.setAttribute('aria-label', `status ${colour}`);
+  byTestId('status').dataset.light = colour;
+  byTestId('status-label').textContent = label;
+  byTestId('status-detail').textContent = detail;
+}
+
+function renderCounters(stats) {
+  const values = { ...stats.totals, agents: stats.agents };
+  for (const e of $$('[data-field]')) {
+    const v = Number(field(values, e.dataset.field)) || 0;
+    e.dataset.value = String(v);
+    e.textContent = FORMATS[e.dataset.format](v);
+  }
+}
+
+/** Replaces a table's body; `empty` is shown (spanning every column) when there are no rows. */
+function fillTable(testId, rows, empty) {
+  const table = byTestId(testId);
+  const cols = $$('thead th', table).length || 2;
+  const body = $('tbody', table);
+  body.replaceChildren(...(rows.length ? rows : [el('tr', { class: 'empty' }, el('td', { colspan: cols }, empty))]));
+}
+
+function renderListeners(status, stats) {
+  const traffic = new Map(stats.listeners.map((l) => [`${l.site}\u0000${l.name}`, l]));
+  const rows = status.listeners.map((l) => {
+    const t = traffic.get(`${l.site}\u0000${l.name}`) || { bytes: {}, rates: {} };
+    const state = el('span', { class: `badge st-${l.state}` }, l.state);
+    const stateCell = el('td', {}, state);
+    if (l.error) stateCell.append(el('div', { class: 'error' }, l.error));
+    return el('tr', { 'data-site': l.site, 'data-listener': l.name, 'data-state': l.state },
+      el('td', {}, l.site), el('td', {}, el('b', {}, l.name)), el('td', { class: 'mono' }, l.public),
+      el('td', { class: 'mono' }, (l.addrs || []).join(', ') || '–'), stateCell,
+      num(fmtCount(t.active)), num(fmtCount(t.pending)), num(fmtCount(t.accepted)),
+      num(fmtCount(t.rejected)), num(fmtCount(t.closed)),
+      num(`${fmtBytes(t.bytes.client_read)} / ${fmtBytes(t.bytes.client_written)}`),
+      num(`${fmtBytes(t.bytes.agent_read)} / ${fmtBytes(t.bytes.agent_written)}`),
+      num(`${fmtRate(t.rates.client_read)} / ${fmtRate(t.rates.client_written)}`));
+  });
+  byTestId('listeners-count').textContent = `${status.listeners.length}`;
+  fillTable('table-listeners', rows, 'No listeners: no agent has pushed its configuration yet.');
+}
+
+function renderAgents(status) {
+  const rows = status.agents.map((a) => el('tr', { 'data-agent': a.name },
+    el('td', { class: 'mono' }, a.addr), el('td', {}, a.site), el('td', {}, el('b', {}, a.name)),
+    el('td', {}, `${fmtTime(a.connected_since)} `, el('small', {}, `(${fmtDuration(a.connected_seconds)})`)),
+    num(fmtCount(a.inflight))));
+  byTestId('agents-count').textContent = `${status.agents.length}`;
+  fillTable('table-agents', rows, 'No agent connected.');
+}
+
+const REFUSAL_LABELS = {
+  client_rules: 'clients refused by client rules',
+  client_limits: 'clients over a connection limit',
+  client_paused: 'clients refused while pausing',
+  client_unclaimed: 'clients no agent claimed in time',
+  client_agent_failed: 'clients the agent could not serve',
+  data_token: 'data connections with a bad token',
+  peer_denied: 'control connections denied by [peers]',
+  bad_hello: 'control connections with a bad hello',
+  tls_failed: 'failed TLS handshakes',
+  handshake_limits: 'handshakes over a limit',
+  egress_denied: 'outbound requests denied by [egress]',
+  egress_unreachable: 'outbound destinations unreachable',
+};
+
+/** Non-zero refusal counters, then one line for the counters still at zero. */
+function renderRefusals(stats) {
+  const all = Object.entries(stats.refusals || {});
+  const rows = all.filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1])
+    .map(([k, n]) => el('tr', { 'data-reason': k }, el('td', {}, REFUSAL_LABELS[k] || k.replace(/_/g, ' ')), num(fmtCount(n))));
+  const zero = all.length - rows.length;
+  if (zero) {
+    rows.push(el('tr', { class: 'more' }, el('td', { colspan: 2 },
+      rows.length ? `${zero} other reason(s): 0` : `None: all ${zero} refusal counters are at 0.`)));
+  }
+  fillTable('table-refusals', rows, 'None.');
+}
+
+function renderConnections(connections) {
+  const shown = connections.slice(0, MAX_CONNECTION_ROWS);
+  const rows = shown.map((c) => el('tr', { 'data-client': c.client },
+    el('td', { class: 'mono' }, c.client), el('td', {}, c.site), el('td', {}, c.listener),
+    el('td', { class: 'mono' }, c.agent),
+    num(fmtBytes(c.bytes.client_read)), num(fmtBytes(c.bytes.client_written)),
+    num(fmtDuration(c.age_seconds))));
+  if (connections.length > shown.length) {
+    rows.push(el('tr', { class: 'more' }, el('td', { colspan: 7 }, `… and ${connections.length - shown.length} more`)));
+  }
+  byTestId('connections-count').textContent = `${connections.length}`;
+  fillTable('table-connections', rows, 'No client connection is piping.');
+}
+
+// ---------------------------------------------------------------------------------------------
+// Charts: drawn on <canvas>, one point per second, newest at the right edge.
+
+/** A series colour, from the CSS variables of dashboard.css (one place for both). */
+const colour = (name) => getComputedStyle(document.documentElement).getPropertyValue(`--${name}`).trim();
+
+/** Samples kept here when the API has no history (an older gateway). */
+const localHistory = { client_read: [], client_written: [], agent_read: [], agent_written: [], active: [] };
+
+function chartHistory(stats) {
+  const h = stats.history;
+  if (h && Array.isArray(h.active)) return h;
+  for (const k of Object.keys(localHistory)) {
+    localHistory[k].push(k === 'active' ? stats.totals.active : stats.totals.rates[k]);
+    if (localHistory[k].length > WINDOW_S) localHistory[k].shift();
+  }
+  return localHistory;
+}
+
+/** A "nice" step (1, 2, 2.5 or 5 times a power of ten) for about `max / 4`. */
+function niceStep(max) {
+  const raw = max / 4;
+  const pow = 10 ** Math.floor(Math.log10(raw));
+  return [1, 2, 2.5, 5, 10].map((m) => m * pow).find((s) => s >= raw);
+}
+
+/** Y ticks; byte values step in round numbers of the unit that fits the maximum. */
+function ticks(max, bytes) {
+  let unit = 1;
+  if (bytes) while (max / unit >= 1024) unit *= 1024;
+  const step = Math.max(bytes ? 0 : 1, niceStep(max / unit)) * unit; // counts step by whole numbers
+  const top = Math.ceil(max / step) * step;
+  const out = [];
+  for (let v = 0; v <= top + step / 2; v += step) out.push(v);
+  return out;
+}
+
+/**
+ * Draws `series` ([{ values, colour, fill, dash }]) over the last WINDOW_S seconds.
+ * `format` labels the y axis.
+ */
+function drawChart(canvas, series, format, bytes) {
+  const dpr = window.devicePixelRatio || 1;
+  const cssW = canvas.clientWidth, cssH = canvas.clientHeight;
+  if (canvas.width !== Math.round(cssW * dpr) || canvas.height !== Math.round(cssH * dpr)) {
+    canvas.width = Math.round(cssW * dpr);
+    canvas.height = Math.round(cssH * dpr);
+  }
+  const g = canvas.getContext('2d');
+  g.setTransform(dpr, 0, 0, dpr, 0, 0);
+  g.clearRect(0, 0, cssW, cssH);
+  const pad = { l: 74, r: 12, t: 10, b: 22 };
+  const w = cssW - pad.l - pad.r, h = cssH - pad.t - pad.b;
+  const max = Math.max(bytes ? 1024 : 4, ...series.flatMap((s) => s.values.slice(-WINDOW_S)));
+  const ys = ticks(max, bytes);
+  const top = ys[ys.length - 1];
+  const x = (age) => pad.l + w - (age / (WINDOW_S - 1)) * w; // age in seconds, 0 = now
+  const y = (v) => pad.t + h - (v / top) * h;
+
+  g.font = '11px system-ui, sans-serif';
+  g.lineWidth = 1;
+  // Grid: a line per y tick, one per minute.
+  g.strokeStyle = '#e5e9f0';
+  g.fillStyle = '#6b7785';
+  g.textAlign = 'right';
+  g.textBaseline = 'middle';
+  for (const v of ys) {
+    g.beginPath(); g.moveTo(pad.l, Math.round(y(v)) + 0.5); g.lineTo(pad.l + w, Math.round(y(v)) + 0.5); g.stroke();
+    g.fillText(format(v), pad.l - 6, y(v));
+  }
+  g.textAlign = 'center';
+  g.textBaseline = 'top';
+  for (let m = 0; m * 60 < WINDOW_S; m++) {
+    const px = Math.round(x(m * 60)) + 0.5;
+    g.beginPath(); g.moveTo(px, pad.t); g.lineTo(px, pad.t + h); g.stroke();
+    g.fillText(m === 0 ? 'now' : `-${m} min`, Math.min(px, pad.l + w - 12), pad.t + h + 5);
+  }
+  // Series, oldest point first.
+  for (const s of series) {
+    const v = s.values.slice(-WINDOW_S);
+    if (!v.length) continue;
+    const pts = v.map((val, i) => [x(v.length - 1 - i), y(val)]);
+    g.beginPath();
+    pts.forEach(([px, py], i) => (i ? g.lineTo(px, py) : g.moveTo(px, py)));
+    if (s.fill) {
+      g.lineTo(pts[pts.length - 1][0], y(0));
+      g.lineTo(pts[0][0], y(0));
+      g.closePath();
+      g.fillStyle = `${s.colour}22`;
+      g.fill();
+      g.beginPath();
+      pts.forEach(([px, py], i) => (i ? g.lineTo(px, py) : g.moveTo(px, py)));
+    }
+    g.strokeStyle = s.colour;
+    g.lineWidth = 1.6;
+    g.setLineDash(s.dash ? [6, 4] : []);
+    g.stroke();
+    g.setLineDash([]);
+  }
+}
+
+function renderCharts(h) {
+  const rates = ['client_read', 'client_written', 'agent_read', 'agent_written']
+    // Agent-side lines are dashed: with a plain relay they lie on top of the client-side ones.
+    .map((k) => ({ values: h[k] || [], colour: colour(k.replace('_', '-')), dash: k.startsWith('agent') }));
+  drawChart(byTestId('chart-rates'), rates, fmtRateTick, true);
+  drawChart(byTestId('chart-active'), [{ values: h.active || [], colour: colour('active'), fill: true }],
+    (v) => fmtCount(Math.round(v)), false);
+  // How many points the charts hold, for tests and the curious.
+  byTestId('chart-rates').dataset.points = String((h.client_read || []).length);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Polling
+
+let pollTimer = null;
+let polling = false;
+
+async function poll() {
+  clearTimeout(pollTimer);
+  if (polling) return;
+  polling = true;
+  try {
+    const [status, stats, connections] = await Promise.all([
+      api('/api/status'), api('/api/stats'), api('/api/connections'),
+    ]);
+    last = { status, stats, connections };
+    setLost(null);
+    renderHeader(status, stats);
+    renderLight(status);
+    renderCounters(stats);
+    last.history = chartHistory(stats);
+    renderCharts(last.history);
+    renderListeners(status, stats);
+    renderAgents(status);
+    renderRefusals(stats);
+    renderConnections(connections);
+  } catch (e) {
+    setLost(e.status === 503 ? 'The gateway is restarting.' : `${e.message}.`);
+  } finally {
+    polling = false;
+    pollTimer = setTimeout(poll, POLL_MS);
+  }
+}
+
+/** Shows or hides the "connection lost" banner; while lost the light is grey. */
+function setLost(reason) {
+  const banner = byTestId('connection-lost');
+  document.body.classList.toggle('stale', reason != null);
+  if (reason == null) { banner.hidden = true; return; }
+  banner.hidden = false;
+  byTestId('connection-lost-reason').textContent = reason;
+  setLight('unknown', 'No connection to gateway', reason);
+  for (const b of $$('[data-action]')) b.disabled = true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dialogs and toasts
+
+/** Opens a <dialog>; resolves with the value of the button that closed it ('' on Escape). */
+function openDialog(dialog, focus) {
+  return new Promise((resolve) => {
+    dialog.returnValue = '';
+    dialog.addEventListener('close', () => resolve(dialog.returnValue), { once: true });
+    dialog.showModal();
+    if (focus) focus.focus();
+  });
+}
+
+const ACTIONS = {
+  pause: {
+    title: 'Pause the gateway?',
+    text: 'Every public listener closes and new clients are refused. Established connections keep piping and agents stay connected.',
+    ok: 'Pause',
+  },
+  resume: {
+    title: 'Resume the gateway?',
+    text: 'The listeners of every site that has an agent reopen and accept new clients.',
+    ok: 'Resume',
+  },
+  restart: {
+    title: 'Restart the gateway?',
+    text: 'Drops every client connection and agent, re-reads gateway.toml and starts again. Agents reconnect by themselves; clients must reconnect.',
+    ok: 'Restart',
+    danger: true,
+  },
+  stop: {
+    title: 'Stop the gateway?',
+    text: 'Listeners close, established connections drain up to the drain timeout, then the process exits. It does not come back by itself.',
+    ok: 'Stop',
+    danger: true,
+  },
+};
+
+async function confirmAction(action) {
+  const a = ACTIONS[action];
+  const dialog = byTestId('confirm-dialog');
+  byTestId('confirm-title').textContent = a.title;
+  byTestId('confirm-text').textContent = a.text;
+  const ok = byTestId('confirm-ok');
+  ok.textContent = a.ok;
+  ok.classList.toggle('danger', !!a.danger);
+  return (await openDialog(dialog, byTestId('confirm-cancel'))) === 'ok';
+}
+
+/** Asks for the admin token; resolves with it, or null if cancelled. */
+async function askToken(message) {
+  const input = byTestId('token-input');
+  input.value = '';
+  byTestId('token-message').textContent = message;
+  const answer = await openDialog(byTestId('token-dialog'), input);
+  const token = input.value.trim();
+  input.value = '';
+  return answer === 'ok' && token ? token : null;
+}
+
+function toast(message, kind = 'info') {
+  const t = el('div', { class: `toast ${kind}`, role: kind === 'error' ? 'alert' : 'status', 'data-kind': kind }, message);
+  const close = el('button', { type: 'button', class: 'close', 'aria-label': 'dismiss' }, '×');
+  close.addEventListener('click', () => t.remove());
+  t.append(close);
+  byTestId('toasts').append(t);
+  // Errors stay until dismissed; other news fades after a few seconds.
+  if (kind !== 'error') setTimeout(() => t.remove(), 5000);
+}
+
+/**
+ * Sends a control action. The X-Requested-By header proves the call comes from this page;
+ * on 401 the operator is asked for the token, which is kept for this browser tab only.
+ */
+async function sendAction(action) {
+  let refused = false;
+  for (;;) {
+    const headers = { 'X-Requested-By': 'sallyport' };
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) headers.Authorization = `Bearer ${token}`;
+    try {
+      const body = await api(`/api/${action}`, { method: 'POST', headers });
+      toast(`${ACTIONS[action].ok}: done, the gateway is ${body.state}.`, 'ok');
+      poll();
+      return;
+    } catch (e) {
+      if (e.status !== 401) {
+        toast(`${ACTIONS[action].ok} failed: ${e.message}`, 'error');
+        return;
+      }
+      if (token) { sessionStorage.removeItem(TOKEN_KEY); refused = true; }
+      const given = await askToken(refused
+        ? 'The gateway refused that token. Enter the admin token again.'
+        : `The gateway needs its admin token to ${action}.`);
+      if (given == null) {
+        toast(`${ACTIONS[action].ok} cancelled: no admin token given.`, 'error');
+        return;
+      }
+      sessionStorage.setItem(TOKEN_KEY, given);
+    }
+  }
+}
+
+for (const button of $$('[data-action]')) {
+  button.addEventListener('click', async () => {
+    const action = button.dataset.action;
+    if (await confirmAction(action)) await sendAction(action);
+  });
+}
+
+// Redraw the charts at the new size when the window changes.
+window.addEventListener('resize', () => last && renderCharts(last.history));
+
+poll();
