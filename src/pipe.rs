@@ -6,11 +6,20 @@
 //!
 //! Counters are plain atomics bumped once per chunk, readable live by statistics without
 //! touching the pump. This module never looks at the bytes.
+//!
+//! Two pumps do this: [`pipe`], a portable copy loop through a buffer for any pair of streams
+//! (TLS included), and on Linux a zero-copy pump for two plain TCP sockets that moves the bytes
+//! with splice(2) through a kernel pipe, so they never enter user space. [`pipe_tcp`] picks the
+//! right one for a socket and an agent/gateway [`Stream`]. `SALLYPORT_SPLICE=off` in the
+//! environment forces the copy loop (to compare the two, or to rule splice out).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::transport::Stream;
 
 /// Size of each direction's copy buffer.
 const CHUNK: usize = 32 * 1024;
@@ -86,6 +95,41 @@ where
     Ok(())
 }
 
+/// Pipes a plain TCP socket `a` (a client, a backend) and an agent/gateway connection `b`:
+/// zero copy when `b` is plain TCP too (on Linux), the copy loop otherwise (TLS).
+pub async fn pipe_tcp(
+    a: TcpStream,
+    a_prefix: Prefix<'_>,
+    b: Stream,
+    b_prefix: Prefix<'_>,
+    counters: &PipeCounters,
+) -> io::Result<()> {
+    match b {
+        Stream::Plain(b) => pipe_plain(a, a_prefix, b, b_prefix, counters).await,
+        b => pipe(a, a_prefix, b, b_prefix, counters).await,
+    }
+}
+
+/// Pipes two plain TCP sockets, like [`pipe`] (same half-close, errors and counters), with
+/// splice(2) on Linux unless `SALLYPORT_SPLICE=off`.
+pub async fn pipe_plain(
+    a: TcpStream,
+    a_prefix: Prefix<'_>,
+    b: TcpStream,
+    b_prefix: Prefix<'_>,
+    counters: &PipeCounters,
+) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if zero_copy::enabled() {
+        let forward = zero_copy::direction(&a, a_prefix, &b, &counters.a_read, &counters.b_written);
+        let backward =
+            zero_copy::direction(&b, b_prefix, &a, &counters.b_read, &counters.a_written);
+        tokio::try_join!(forward, backward)?;
+        return Ok(());
+    }
+    pipe(a, a_prefix, b, b_prefix, counters).await
+}
+
 /// Copies until end of stream, then half-closes the writer.
 async fn copy_direction<R, W>(
     reader: &mut R,
@@ -122,10 +166,223 @@ where
     }
 }
 
+/// Zero-copy piping between two TCP sockets: socket -> pipe -> socket with splice(2).
+///
+/// Memory: a connection holds no pipe and no buffer while it is idle. A direction takes a pipe
+/// from a small process-wide pool when its socket becomes readable, moves bytes while there are
+/// some, and gives the (then empty) pipe back when the socket has nothing more to read. So the
+/// number of pipes (two descriptors each) follows the transfers in flight, not the open
+/// connections: 8,000 idle clients cost no pipe at all. A pipe that still holds bytes (the pump
+/// was cancelled or failed mid-way) is closed, never pooled, so no byte can leak into another
+/// connection.
+///
+/// Readiness: each splice runs inside `TcpStream::try_io`, which clears tokio's readiness only
+/// when the syscall says EAGAIN. The pipe is always empty when we splice into it, and holds
+/// bytes when we splice out of it, so an EAGAIN always comes from the socket, never from the
+/// pipe: clearing the socket's readiness on it is right, and no wake-up is lost.
+#[cfg(target_os = "linux")]
+mod zero_copy {
+    use std::io;
+    use std::net::Shutdown;
+    use std::os::fd::OwnedFd;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, OnceLock};
+
+    use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    /// Capacity asked of each pipe. The default 64 KiB (16 slots) caps one splice at 16 socket
+    /// buffer fragments; more slots mean fewer syscalls per megabyte. An empty pipe costs only
+    /// its slot array (40 bytes a slot): the pages in flight belong to the sockets' buffers.
+    pub(super) const PIPE_SIZE: usize = 256 * 1024;
+    /// Empty pipes kept for reuse; beyond this a returned pipe is closed.
+    const POOL_MAX: usize = 64;
+    /// Buffer of the fallback copy when no pipe can be had (out of descriptors).
+    const FALLBACK_CHUNK: usize = 16 * 1024;
+
+    static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+    /// Whether to splice: yes unless `SALLYPORT_SPLICE=off` (or `0`, `false`, `no`).
+    pub(super) fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| {
+            !matches!(
+                std::env::var("SALLYPORT_SPLICE").as_deref(),
+                Ok("off" | "0" | "false" | "no")
+            )
+        })
+    }
+
+    /// A kernel pipe, both ends non-blocking. Dropping it closes both ends.
+    pub(super) struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+        /// What the kernel granted (it may refuse to grow a pipe for an unprivileged user).
+        capacity: usize,
+    }
+
+    impl Pipe {
+        /// An empty pipe from the pool, or a new one.
+        pub(super) fn take() -> io::Result<Pipe> {
+            if let Some(pipe) = lock_pool().pop() {
+                return Ok(pipe);
+            }
+            let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+            // Over /proc/sys/fs/pipe-max-size or the user's pipe quota the kernel says EPERM:
+            // then the pipe keeps its current size, which splice copes with just as well.
+            let capacity = fcntl_setpipe_size(&write, PIPE_SIZE)
+                .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))?;
+            Ok(Pipe {
+                read,
+                write,
+                capacity,
+            })
+        }
+
+        /// Returns an empty pipe to the pool. Only call this when every byte spliced in has been
+        /// spliced out.
+        fn give_back(self) {
+            let mut pool = lock_pool();
+            if pool.len() < POOL_MAX {
+                pool.push(self);
+            }
+        }
+    }
+
+    fn lock_pool() -> std::sync::MutexGuard<'static, Vec<Pipe>> {
+        // A panic while holding the lock cannot leave the Vec inconsistent: keep using it.
+        POOL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What one burst of reading ended with.
+    enum Burst {
+        /// The source has nothing more for now.
+        Drained,
+        /// The source reached end of stream.
+        Eof,
+    }
+
+    /// One direction: `from` to `to` until `from` ends, then FIN on `to`. `prefix` goes first.
+    pub(super) async fn direction(
+        from: &TcpStream,
+        prefix: &[u8],
+        to: &TcpStream,
+        read: &AtomicU64,
+        written: &AtomicU64,
+    ) -> io::Result<()> {
+        if !prefix.is_empty() {
+            read.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+            write_all(to, prefix).await?;
+            written.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        }
+        loop {
+            from.readable().await?;
+            let burst = match Pipe::take() {
+                Ok(pipe) => splice_burst(from, to, pipe, read, written).await?,
+                // No descriptor for a pipe: move this burst through a buffer instead.
+                Err(_) => copy_burst(from, to, read, written).await?,
+            };
+            if let Burst::Eof = burst {
+                break;
+            }
+        }
+        // Same rule as the copy loop: a peer that already closed entirely is not an error.
+        match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Splices while `from` has bytes: fill the empty pipe from `from`, empty it into `to`,
+    /// repeat. The pipe goes back to the pool only when empty; on an error or cancellation it is
+    /// dropped (closed) with whatever it held.
+    async fn splice_burst(
+        from: &TcpStream,
+        to: &TcpStream,
+        pipe: Pipe,
+        read: &AtomicU64,
+        written: &AtomicU64,
+    ) -> io::Result<Burst> {
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        loop {
+            // The pipe is empty here: an EAGAIN is the socket's.
+            let filled = from.try_io(Interest::READABLE, || {
+                Ok(splice(from, None, &pipe.write, None, pipe.capacity, flags)?)
+            });
+            let mut in_pipe = match filled {
+                Ok(0) => {
+                    pipe.give_back();
+                    return Ok(Burst::Eof);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    pipe.give_back();
+                    return Ok(Burst::Drained);
+                }
+                Err(e) => return Err(e),
+            };
+            read.fetch_add(in_pipe as u64, Ordering::Relaxed);
+            while in_pipe > 0 {
+                // The pipe holds bytes here: an EAGAIN is the socket's (send buffer full).
+                let sent = to.try_io(Interest::WRITABLE, || {
+                    Ok(splice(&pipe.read, None, to, None, in_pipe, flags)?)
+                });
+                match sent {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        in_pipe -= n;
+                        written.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                    Err(e) => return Err(e),
+                }
+            }
+            // A socket that always has data would otherwise never let this task yield.
+            tokio::task::coop::consume_budget().await;
+        }
+    }
+
+    /// The fallback for one burst: read what `from` has into a buffer, write it to `to`.
+    async fn copy_burst(
+        from: &TcpStream,
+        to: &TcpStream,
+        read: &AtomicU64,
+        written: &AtomicU64,
+    ) -> io::Result<Burst> {
+        let mut buf = vec![0u8; FALLBACK_CHUNK];
+        loop {
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => return Ok(Burst::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+                Err(e) => return Err(e),
+            };
+            read.fetch_add(n as u64, Ordering::Relaxed);
+            write_all(to, &buf[..n]).await?;
+            written.fetch_add(n as u64, Ordering::Relaxed);
+            tokio::task::coop::consume_budget().await;
+        }
+    }
+
+    async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            match to.try_write(bytes) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use tokio::net::TcpListener;
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -134,33 +391,147 @@ mod tests {
         (c, s)
     }
 
+    /// Which pump a test drives.
+    #[derive(Clone, Copy, Debug)]
+    enum Pump {
+        Copy,
+        /// `pipe_plain`: splice on Linux.
+        Plain,
+        /// `pipe_tcp` with a plain `Stream`: the call the gateway and the agent make.
+        Tcp,
+    }
+
+    const PUMPS: [Pump; 3] = [Pump::Copy, Pump::Plain, Pump::Tcp];
+
+    fn start(
+        pump: Pump,
+        a: TcpStream,
+        a_prefix: &'static [u8],
+        b: TcpStream,
+        b_prefix: &'static [u8],
+    ) -> (Arc<PipeCounters>, tokio::task::JoinHandle<io::Result<()>>) {
+        let counters = Arc::new(PipeCounters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            match pump {
+                Pump::Copy => pipe(a, a_prefix, b, b_prefix, &c).await,
+                Pump::Plain => pipe_plain(a, a_prefix, b, b_prefix, &c).await,
+                Pump::Tcp => pipe_tcp(a, a_prefix, Stream::Plain(b), b_prefix, &c).await,
+            }
+        });
+        (counters, task)
+    }
+
     #[tokio::test]
     async fn half_close_travels_and_the_reply_still_arrives() {
-        // client <-> (p1 | pipe | p2) <-> server
-        let (mut client, p1) = tcp_pair().await;
-        let (p2, mut server) = tcp_pair().await;
-        let counters = std::sync::Arc::new(PipeCounters::default());
-        let c2 = counters.clone();
-        let pump = tokio::spawn(async move { pipe(p1, b"pre", p2, b"", &c2).await });
+        for pump in PUMPS {
+            // client <-> (p1 | pipe | p2) <-> server
+            let (mut client, p1) = tcp_pair().await;
+            let (p2, mut server) = tcp_pair().await;
+            let (counters, task) = start(pump, p1, b"pre", p2, b"");
 
-        client.write_all(b"request").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"prerequest");
+            client.write_all(b"request").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"prerequest", "{pump:?}");
 
-        let reply = vec![7u8; 300_000];
-        server.write_all(&reply).await.unwrap();
-        server.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        client.read_to_end(&mut back).await.unwrap();
-        assert_eq!(back, reply);
-        pump.await.unwrap().unwrap();
-        let s = counters.snapshot();
-        // "pre" was read from p1 before the pipe started: counted as read from a and written to b.
-        assert_eq!(
-            (s.a_read, s.b_written, s.b_read, s.a_written),
-            (10, 10, 300_000, 300_000)
-        );
+            let reply = vec![7u8; 300_000];
+            server.write_all(&reply).await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, reply, "{pump:?}");
+            task.await.unwrap().unwrap();
+            let s = counters.snapshot();
+            // "pre" was read from p1 before the pipe started: counted as read from a and written to b.
+            assert_eq!(
+                (s.a_read, s.b_written, s.b_read, s.a_written),
+                (10, 10, 300_000, 300_000),
+                "{pump:?}"
+            );
+        }
+    }
+
+    /// Both directions at once, more than a pipe holds, with a slow reader on one side so the
+    /// writer sees EAGAIN; every byte arrives in order and the counters are exact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_directions_at_once_with_back_pressure() {
+        const LEN: usize = 8 * 1024 * 1024 + 12_345;
+        for pump in PUMPS {
+            let (client, p1) = tcp_pair().await;
+            let (p2, server) = tcp_pair().await;
+            let (counters, task) = start(pump, p1, b"", p2, b"hello");
+            let up: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+            let down: Vec<u8> = (0..LEN).map(|i| (i % 241) as u8).collect();
+
+            let side = |mut s: TcpStream, out: Vec<u8>, slow: bool| {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let send = async {
+                        w.write_all(&out).await.unwrap();
+                        w.shutdown().await.unwrap();
+                    };
+                    let recv = async {
+                        let mut got = Vec::new();
+                        let mut buf = vec![0u8; 7000];
+                        loop {
+                            let n = r.read(&mut buf).await.unwrap();
+                            if n == 0 {
+                                break;
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                            if slow && got.len() < 2_000_000 {
+                                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                            }
+                        }
+                        got
+                    };
+                    tokio::join!(send, recv).1
+                })
+            };
+            let at_client = side(client, up.clone(), true);
+            let at_server = side(server, down.clone(), false);
+            let got_at_client = at_client.await.unwrap();
+            let got_at_server = at_server.await.unwrap();
+            task.await.unwrap().unwrap();
+
+            let mut expected_at_client = b"hello".to_vec();
+            expected_at_client.extend_from_slice(&down);
+            assert!(
+                got_at_client == expected_at_client,
+                "{pump:?}: client got wrong bytes"
+            );
+            assert!(got_at_server == up, "{pump:?}: server got wrong bytes");
+            let s = counters.snapshot();
+            let (l, h) = (LEN as u64, LEN as u64 + 5);
+            assert_eq!(
+                (s.a_read, s.b_written, s.b_read, s.a_written),
+                (l, l, h, h),
+                "{pump:?}"
+            );
+        }
+    }
+
+    /// A reset on one side ends the pump with an error, like the copy loop.
+    #[tokio::test]
+    async fn a_reset_ends_the_pipe() {
+        for pump in PUMPS {
+            let (client, p1) = tcp_pair().await;
+            let (p2, mut server) = tcp_pair().await;
+            let (_counters, task) = start(pump, p1, b"", p2, b"");
+            socket2::SockRef::from(&client)
+                .set_linger(Some(std::time::Duration::ZERO))
+                .unwrap();
+            drop(client);
+            let result = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+                .await
+                .expect("the pump ended")
+                .unwrap();
+            assert!(result.is_err(), "{pump:?}: {result:?}");
+            // The other side was closed by the pump ending.
+            let mut rest = Vec::new();
+            let _ = server.read_to_end(&mut rest).await;
+        }
     }
 }

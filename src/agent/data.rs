@@ -12,7 +12,7 @@ use super::embedded::{Accepted, GatewayStream};
 use super::{proxy_header, AgentCtx};
 use crate::config::{AgentConfig, Backend, Impersonation};
 use crate::net;
-use crate::pipe::{pipe, PipeCounters};
+use crate::pipe::{pipe_tcp, PipeCounters};
 use crate::protocol::{ClientArrived, ClientFailed, DataHello, Message, Role};
 use crate::transport::Stream;
 
@@ -101,7 +101,7 @@ pub(crate) async fn serve_client(
     let mut first = header.clone();
     first.extend_from_slice(&leftover);
     let counters = PipeCounters::default();
-    let result = pipe(backend, b"", data, &first, &counters).await;
+    let result = pipe_tcp(backend, b"", data, &first, &counters).await;
     // a = backend, b = the data connection (the client's side).
     let bytes = counters.snapshot();
     let (to_client, from_client) = (

@@ -21,7 +21,7 @@ use crate::access::{canonical, AccessRules};
 use crate::config::check_name;
 use crate::limits::ConnPermit;
 use crate::net;
-use crate::pipe::{pipe, PipeCounters};
+use crate::pipe::{pipe_tcp, PipeCounters};
 use crate::protocol::{ClientArrived, ListenerSpec, Message, Token};
 
 /// What the accept loops and client tasks of one listener share.
@@ -361,7 +361,7 @@ async fn serve_client(
     closed.0 = None;
     shared.traffic.start(entry.clone());
     let result = tokio::select! {
-        r = pipe(client, b"", data.stream, &data.leftover, &entry.counters) => r,
+        r = pipe_tcp(client, b"", data.stream, &data.leftover, &entry.counters) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
     };
     shared.traffic.finish(id);
