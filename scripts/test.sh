@@ -21,6 +21,9 @@ needs=(
   "/usr/sbin/ip:iproute2"
   "systemd-analyze:systemd"
   "setpriv:util-linux"
+  "/usr/bin/chromium:chromium"
+  "node:nodejs"
+  "npm:npm"
 )
 missing=()
 for pair in "${needs[@]}"; do
@@ -35,6 +38,11 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# playwright-core for the dashboard test (tests/dashboard.rs), pinned by package-lock.json.
+if [ ! -d tests/dashboard/node_modules ]; then
+  npm ci --prefix tests/dashboard --no-audit --no-fund
 fi
 
 cargo fmt --check

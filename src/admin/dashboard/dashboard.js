@@ -31,12 +31,6 @@ function fmtBytes(n) {
 
 const fmtRate = (n) => `${fmtBytes(n)}/s`;
 
-/** An axis label: like fmtRate, without trailing zeros ("2 KiB/s", "2.5 KiB/s"). */
-function fmtRateTick(n) {
-  let i = 0;
-  while (n >= 1024 && i < UNITS.length - 1) { n /= 1024; i++; }
-  return `${Number(n.toFixed(2))} ${UNITS[i]}/s`;
-}
 const fmtCount = (n) => (Number(n) || 0).toLocaleString('en-US');
 
 /** 3725 -> "1h 02m": the two largest units. */
@@ -267,22 +261,26 @@ function niceStep(max) {
   return [1, 2, 2.5, 5, 10].map((m) => m * pow).find((s) => s >= raw);
 }
 
-/** Y ticks; byte values step in round numbers of the unit that fits the maximum. */
-function ticks(max, bytes) {
-  let unit = 1;
-  if (bytes) while (max / unit >= 1024) unit *= 1024;
-  const step = Math.max(bytes ? 0 : 1, niceStep(max / unit)) * unit; // counts step by whole numbers
+/**
+ * Y ticks from 0 to just above `max`. Byte values step in round numbers of one unit (KiB,
+ * MiB ...) chosen for the maximum, and every label uses that unit; counts step by whole numbers.
+ */
+function yAxis(max, bytes) {
+  let unit = 1, u = 0;
+  if (bytes) while (max / unit >= 1000 && u < UNITS.length - 1) { unit *= 1024; u++; }
+  const step = Math.max(bytes ? 0 : 1, niceStep(max / unit)) * unit;
   const top = Math.ceil(max / step) * step;
-  const out = [];
-  for (let v = 0; v <= top + step / 2; v += step) out.push(v);
-  return out;
+  const values = [];
+  for (let v = 0; v <= top + step / 2; v += step) values.push(v);
+  const label = bytes ? (v) => `${Number((v / unit).toFixed(2))} ${UNITS[u]}/s` : fmtCount;
+  return { values, top, label };
 }
 
-/**
- * Draws `series` ([{ values, colour, fill, dash }]) over the last WINDOW_S seconds.
- * `format` labels the y axis.
- */
-function drawChart(canvas, series, format, bytes) {
+/** Seconds the charts show: 60 or 300, chosen with the buttons by the charts, kept per browser. */
+let chartWindow = Number(localStorage.getItem('sallyport-chart-window')) === 60 ? 60 : WINDOW_S;
+
+/** Draws `series` ([{ values, colour, fill, dash }], one value a second) over `chartWindow`. */
+function drawChart(canvas, series, bytes) {
   const dpr = window.devicePixelRatio || 1;
   const cssW = canvas.clientWidth, cssH = canvas.clientHeight;
   if (canvas.width !== Math.round(cssW * dpr) || canvas.height !== Math.round(cssH * dpr)) {
@@ -294,46 +292,50 @@ function drawChart(canvas, series, format, bytes) {
   g.clearRect(0, 0, cssW, cssH);
   const pad = { l: 74, r: 12, t: 10, b: 22 };
   const w = cssW - pad.l - pad.r, h = cssH - pad.t - pad.b;
-  const max = Math.max(bytes ? 1024 : 4, ...series.flatMap((s) => s.values.slice(-WINDOW_S)));
-  const ys = ticks(max, bytes);
-  const top = ys[ys.length - 1];
-  const x = (age) => pad.l + w - (age / (WINDOW_S - 1)) * w; // age in seconds, 0 = now
-  const y = (v) => pad.t + h - (v / top) * h;
+  const span = chartWindow;
+  const shown = series.map((s) => ({ ...s, values: s.values.slice(-span) }));
+  const axis = yAxis(Math.max(bytes ? 1024 : 4, ...shown.flatMap((s) => s.values)), bytes);
+  const x = (age) => pad.l + w - (age / (span - 1)) * w; // age in seconds, 0 = now
+  const y = (v) => pad.t + h - (v / axis.top) * h;
 
   g.font = '11px system-ui, sans-serif';
   g.lineWidth = 1;
-  // Grid: a line per y tick, one per minute.
   g.strokeStyle = '#e5e9f0';
   g.fillStyle = '#6b7785';
+  // Grid: a line per y tick; a line every minute (5 min window) or 10 s (1 min window).
   g.textAlign = 'right';
   g.textBaseline = 'middle';
-  for (const v of ys) {
-    g.beginPath(); g.moveTo(pad.l, Math.round(y(v)) + 0.5); g.lineTo(pad.l + w, Math.round(y(v)) + 0.5); g.stroke();
-    g.fillText(format(v), pad.l - 6, y(v));
+  for (const v of axis.values) {
+    const py = Math.round(y(v)) + 0.5;
+    g.beginPath(); g.moveTo(pad.l, py); g.lineTo(pad.l + w, py); g.stroke();
+    g.fillText(axis.label(v), pad.l - 6, py);
   }
   g.textAlign = 'center';
   g.textBaseline = 'top';
-  for (let m = 0; m * 60 < WINDOW_S; m++) {
-    const px = Math.round(x(m * 60)) + 0.5;
+  const every = span > 60 ? 60 : 10;
+  for (let age = 0; age < span; age += every) {
+    const px = Math.round(x(age)) + 0.5;
     g.beginPath(); g.moveTo(px, pad.t); g.lineTo(px, pad.t + h); g.stroke();
-    g.fillText(m === 0 ? 'now' : `-${m} min`, Math.min(px, pad.l + w - 12), pad.t + h + 5);
+    const text = age === 0 ? 'now' : age % 60 === 0 ? `-${age / 60} min` : `-${age}s`;
+    g.fillText(text, Math.min(px, pad.l + w - 12), pad.t + h + 5);
   }
-  // Series, oldest point first.
-  for (const s of series) {
-    const v = s.values.slice(-WINDOW_S);
-    if (!v.length) continue;
-    const pts = v.map((val, i) => [x(v.length - 1 - i), y(val)]);
-    g.beginPath();
-    pts.forEach(([px, py], i) => (i ? g.lineTo(px, py) : g.moveTo(px, py)));
+  // Series, oldest point first, the newest at the right edge.
+  for (const s of shown) {
+    if (!s.values.length) continue;
+    const pts = s.values.map((val, i) => [x(s.values.length - 1 - i), y(val)]);
+    const path = () => {
+      g.beginPath();
+      pts.forEach(([px, py], i) => (i ? g.lineTo(px, py) : g.moveTo(px, py)));
+    };
     if (s.fill) {
+      path();
       g.lineTo(pts[pts.length - 1][0], y(0));
       g.lineTo(pts[0][0], y(0));
       g.closePath();
       g.fillStyle = `${s.colour}22`;
       g.fill();
-      g.beginPath();
-      pts.forEach(([px, py], i) => (i ? g.lineTo(px, py) : g.moveTo(px, py)));
     }
+    path();
     g.strokeStyle = s.colour;
     g.lineWidth = 1.6;
     g.setLineDash(s.dash ? [6, 4] : []);
@@ -346,9 +348,9 @@ function renderCharts(h) {
   const rates = ['client_read', 'client_written', 'agent_read', 'agent_written']
     // Agent-side lines are dashed: with a plain relay they lie on top of the client-side ones.
     .map((k) => ({ values: h[k] || [], colour: colour(k.replace('_', '-')), dash: k.startsWith('agent') }));
-  drawChart(byTestId('chart-rates'), rates, fmtRateTick, true);
-  drawChart(byTestId('chart-active'), [{ values: h.active || [], colour: colour('active'), fill: true }],
-    (v) => fmtCount(Math.round(v)), false);
+  drawChart(byTestId('chart-rates'), rates, true);
+  drawChart(byTestId('chart-active'), [{ values: h.active || [], colour: colour('active'), fill: true }], false);
+  for (const b of $$('[data-window]')) b.setAttribute('aria-pressed', String(Number(b.dataset.window) === chartWindow));
   // How many points the charts hold, for tests and the curious.
   byTestId('chart-rates').dataset.points = String((h.client_read || []).length);
 }
@@ -507,7 +509,15 @@ for (const button of $$('[data-action]')) {
   });
 }
 
-// Redraw the charts at the new size when the window changes.
+for (const button of $$('[data-window]')) {
+  button.addEventListener('click', () => {
+    chartWindow = Number(button.dataset.window);
+    localStorage.setItem('sallyport-chart-window', String(chartWindow));
+    if (last) renderCharts(last.history);
+  });
+}
+
+// Redraw the charts at the new size when the browser window changes.
 window.addEventListener('resize', () => last && renderCharts(last.history));
 
 poll();

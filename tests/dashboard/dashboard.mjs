@@ -1,0 +1,321 @@
+// Drives the gateway's dashboard in Debian's headless Chromium (playwright-core), as an operator
+// would, and checks what it shows against real TCP traffic made here with node's `net` module.
+// Started by tests/dashboard.rs, which owns the gateway, the agent and the echo backend.
+//
+//   node dashboard.mjs main  ADMIN_URL PUBLIC_PORT SCREENSHOT.png
+//   node dashboard.mjs token ADMIN_URL TOKEN
+//
+// Lines on stdout are for the Rust side: "READY-FOR-AGENT" asks it to start the agent, "PASS"
+// ends a successful run. Any failed check throws, prints why and exits non-zero. Every wait is
+// for a condition, with a deadline; nothing sleeps a fixed time to let things happen.
+
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const [mode, adminUrl, ...rest] = process.argv.slice(2);
+const step = (msg) => console.error(`[dashboard.mjs] ${msg}`);
+
+// ---------------------------------------------------------------------------------------------
+// Waiting and reading the page
+
+/** Polls `probe` until it returns a truthy value; throws with the last value seen on timeout. */
+async function waitFor(what, probe, timeoutMs = 10_000) {
+  const deadline = Date.now() + timeoutMs;
+  let seen;
+  for (;;) {
+    try {
+      seen = await probe();
+      if (seen) return seen;
+    } catch (e) {
+      seen = `error: ${e.message}`;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last seen: ${JSON.stringify(seen)})`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+const tid = (id) => `[data-testid="${id}"]`;
+
+/** The raw number behind a counter (its data-value attribute). */
+async function counter(page, id) {
+  const v = await page.getAttribute(tid(id), 'data-value');
+  return v == null ? NaN : Number(v);
+}
+
+const lightOf = (page) => page.getAttribute(tid('status-light'), 'data-light');
+
+async function waitLight(page, colour, timeoutMs = 10_000) {
+  try {
+    await waitFor(`the status light to be ${colour}`, async () => (await lightOf(page)) === colour, timeoutMs);
+  } catch (e) {
+    throw new Error(`${e.message}; it is ${await lightOf(page)}: ${await page.textContent(tid('status-label'))}`);
+  }
+}
+
+/** Clicks a control button and confirms in the in-page modal. */
+async function clickAndConfirm(page, action) {
+  await page.click(tid(`btn-${action}`));
+  const dialog = page.locator(tid('confirm-dialog'));
+  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  const title = await page.textContent(tid('confirm-title'));
+  if (!title.toLowerCase().includes(action)) throw new Error(`confirm dialog for ${action} says ${JSON.stringify(title)}`);
+  await page.click(tid('confirm-ok'));
+  await dialog.waitFor({ state: 'hidden', timeout: 5000 });
+}
+
+// ---------------------------------------------------------------------------------------------
+// TCP clients (127.0.0.1 only)
+
+/** A client of the echo service behind the gateway; round trips are serialized. */
+class EchoClient {
+  static connect(port) {
+    return new Promise((resolve, reject) => {
+      const sock = net.connect({ host: '127.0.0.1', port });
+      sock.once('connect', () => resolve(new EchoClient(sock)));
+      sock.once('error', reject);
+    });
+  }
+
+  /** Connects and proves one round trip, retrying until `timeoutMs` (a listener may be opening). */
+  static async connectWorking(port, timeoutMs = 10_000) {
+    return waitFor(`a working connection to 127.0.0.1:${port}`, async () => {
+      const c = await EchoClient.connect(port);
+      try {
+        await c.roundTrip(Buffer.from('hello\n'), 3000);
+        return c;
+      } catch (e) {
+        c.sock.destroy();
+        throw e;
+      }
+    }, timeoutMs);
+  }
+
+  constructor(sock) {
+    this.sock = sock;
+    this.sock.setNoDelay(true);
+    this.chunks = [];
+    this.received = 0;
+    this.closed = false;
+    this.wake = () => {};
+    this.chain = Promise.resolve();
+    sock.on('data', (d) => { this.chunks.push(d); this.received += d.length; this.wake(); });
+    sock.on('close', () => { this.closed = true; this.wake(); });
+    sock.on('error', (e) => { this.error = e; });
+  }
+
+  get localAddr() { return `127.0.0.1:${this.sock.localPort}`; }
+
+  /** Sends `data` and waits for exactly it to come back. */
+  roundTrip(data, timeoutMs = 10_000) {
+    const run = async () => {
+      this.chunks = [];
+      this.received = 0;
+      this.sock.write(data);
+      const deadline = Date.now() + timeoutMs;
+      while (this.received < data.length) {
+        if (this.closed) throw new Error(`${this.localAddr}: closed after ${this.received} of ${data.length} echoed bytes (${this.error?.message ?? 'no error'})`);
+        const left = deadline - Date.now();
+        if (left <= 0) throw new Error(`${this.localAddr}: ${this.received} of ${data.length} bytes echoed within ${timeoutMs} ms`);
+        await new Promise((r) => { this.wake = r; setTimeout(r, Math.min(left, 200)); });
+      }
+      if (!Buffer.concat(this.chunks).equals(data)) throw new Error(`${this.localAddr}: the echo differs from what was sent`);
+    };
+    const done = this.chain.then(run);
+    this.chain = done.catch(() => {});
+    return done;
+  }
+
+  /** Half-closes and waits for the echo server to close too. */
+  async close() {
+    await this.chain;
+    this.sock.end();
+    await waitFor(`${this.localAddr} to close`, () => this.closed, 5000);
+  }
+}
+
+/** 'accepted', 'refused' or another error code for one TCP connect. */
+function tryConnect(port, timeoutMs = 2000) {
+  return new Promise((resolve) => {
+    const sock = net.connect({ host: '127.0.0.1', port });
+    const timer = setTimeout(() => { sock.destroy(); resolve('timeout'); }, timeoutMs);
+    sock.once('connect', () => { clearTimeout(timer); sock.destroy(); resolve('accepted'); });
+    sock.once('error', (e) => { clearTimeout(timer); resolve(e.code === 'ECONNREFUSED' ? 'refused' : e.code); });
+  });
+}
+
+function payload(len, seed) {
+  const b = Buffer.alloc(len);
+  let x = seed | 1;
+  for (let i = 0; i < len; i++) { x ^= x << 13; x ^= x >>> 17; x ^= x << 5; b[i] = x & 0xff; }
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenarios
+
+/** No agent (red) -> agent (green) -> traffic moves the counters -> Pause (amber, new clients
+ *  refused, established ones echo) -> Resume (green, new clients work) -> screenshot -> Stop. */
+async function mainScenario(page, publicPort, screenshot) {
+  await waitLight(page, 'red');
+  const label = await page.textContent(tid('status-label'));
+  if (!/no agent/i.test(label)) throw new Error(`red light label: ${JSON.stringify(label)}`);
+  step('red light with no agent');
+  console.log('READY-FOR-AGENT');
+
+  await waitLight(page, 'green', 20_000);
+  await page.locator(`${tid('table-agents')} tr[data-agent="test-agent"]`).waitFor({ timeout: 10_000 });
+  await page.locator(`${tid('table-listeners')} tr[data-listener="echo"][data-state="listening"]`).waitFor({ timeout: 10_000 });
+  step('green light, agent and listener shown');
+
+  // Traffic: 1 MiB through one connection; every byte counter must grow by at least that.
+  const before = {};
+  for (const k of ['client-read', 'client-written', 'agent-read', 'agent-written']) before[k] = await counter(page, `counter-${k}`);
+  const a = await EchoClient.connectWorking(publicPort);
+  const big = payload(1024 * 1024, 7);
+  for (let off = 0; off < big.length; off += 64 * 1024) await a.roundTrip(big.subarray(off, off + 64 * 1024));
+  const sent = big.length;
+  const now = {};
+  try {
+    await waitFor('every byte counter to grow by the 1 MiB sent', async () => {
+      for (const k of Object.keys(before)) now[k] = await counter(page, `counter-${k}`);
+      return Object.keys(before).every((k) => now[k] - before[k] >= sent);
+    });
+  } catch (e) {
+    throw new Error(`${e.message}: before ${JSON.stringify(before)}, now ${JSON.stringify(now)}`);
+  }
+  await waitFor('one active connection', async () => (await counter(page, 'counter-active')) >= 1);
+  await page.locator(`${tid('table-connections')} tr[data-client="${a.localAddr}"]`).waitFor({ timeout: 10_000 });
+  await waitFor('a non-zero client read rate', async () => (await counter(page, 'rate-client-read')) > 0);
+  step(`counters moved by at least ${sent} bytes; connection ${a.localAddr} listed`);
+
+  // Keep traffic flowing (paced: 16 to 128 KiB every 100 ms, in waves) for the charts and
+  // across the pause.
+  let pumping = true;
+  let pumpError = null;
+  const pump = (async () => {
+    for (let seed = 1; pumping; seed++) {
+      await a.roundTrip(payload((16 + 112 * Math.abs(Math.sin(seed / 25))) * 1024 | 0, seed));
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })().catch((e) => { pumpError = e; });
+  const b = await EchoClient.connectWorking(publicPort);
+
+  // Pause through the button and the modal.
+  await clickAndConfirm(page, 'pause');
+  await waitLight(page, 'amber');
+  if (!/paused/i.test(await page.textContent(tid('status-label')))) throw new Error('amber light without "Paused"');
+  await page.locator(`${tid('table-listeners')} tr[data-listener="echo"][data-state="paused"]`).waitFor({ timeout: 5000 });
+  await waitFor('a new connection to be refused while paused', async () => (await tryConnect(publicPort)) === 'refused', 5000);
+  await a.roundTrip(Buffer.from('still echoing while paused\n'));
+  await b.roundTrip(Buffer.from('b too\n'));
+  if (pumpError) throw pumpError;
+  step('paused: amber, new connection refused, established connections echo');
+
+  await clickAndConfirm(page, 'resume');
+  await waitLight(page, 'green');
+  const c = await EchoClient.connectWorking(publicPort, 5000);
+  await c.roundTrip(Buffer.from('new connection after resume\n'));
+  step('resumed: green, a new connection works');
+
+  // A screenshot with 20 s of traffic on the 1-minute charts and three connections listed.
+  await page.click(tid('window-60'));
+  if ((await page.getAttribute(tid('window-60'), 'aria-pressed')) !== 'true') throw new Error('the 1 min button is not pressed');
+  await waitFor('20 s of traffic in the chart history', () => page.evaluate(async () => {
+    const s = await (await fetch('/api/stats')).json();
+    return s.history.client_read.filter((v) => v > 0).length >= 20;
+  }), 40_000);
+  await waitFor('three connections listed', async () =>
+    (await page.locator(`${tid('table-connections')} tbody tr[data-client]`).count()) >= 3);
+  await waitFor('the charts to have drawn the history', async () => Number(await page.getAttribute(tid('chart-rates'), 'data-points')) >= 20);
+  // Toasts of the actions above would hide part of the picture (they fade by themselves later).
+  await page.evaluate(() => document.querySelectorAll('.toast').forEach((t) => t.remove()));
+  await page.mouse.move(0, 0);
+  fs.mkdirSync(path.dirname(screenshot), { recursive: true });
+  await page.screenshot({ path: screenshot, fullPage: true });
+  step(`screenshot saved to ${screenshot}`);
+
+  pumping = false;
+  await pump;
+  if (pumpError) throw pumpError;
+  await Promise.all([a.close(), b.close(), c.close()]);
+  await waitFor('no active connection', async () => (await counter(page, 'counter-active')) === 0);
+
+  // Stop: the gateway exits; the page says the connection is lost.
+  await clickAndConfirm(page, 'stop');
+  await page.locator(tid('connection-lost')).waitFor({ state: 'visible', timeout: 15_000 });
+  await waitLight(page, 'unknown');
+  step('stopped: "connection to gateway lost" shown');
+}
+
+/** A gateway with `[admin] token`: the token dialog appears, a wrong token is refused, the right
+ *  one is kept for the tab and reused; cancelling leaves the gateway as it was. */
+async function tokenScenario(page, token) {
+  await waitLight(page, 'red');
+  const dialog = page.locator(tid('token-dialog'));
+
+  await clickAndConfirm(page, 'pause');
+  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  await page.fill(tid('token-input'), 'wrong-token-0123456789');
+  await page.click(tid('token-ok'));
+  await waitFor('the token dialog to say the token was refused', async () =>
+    (await dialog.isVisible()) && /refused/i.test(await page.textContent(tid('token-message'))), 5000);
+  step('a wrong token is refused and asked again');
+  await page.fill(tid('token-input'), token);
+  await page.click(tid('token-ok'));
+  await waitLight(page, 'amber');
+  const kept = await page.evaluate(() => sessionStorage.getItem('sallyport-admin-token'));
+  if (kept !== token) throw new Error(`sessionStorage holds ${JSON.stringify(kept)}`);
+  step('paused after entering the token; token kept in sessionStorage');
+
+  // The kept token is sent again without asking.
+  await clickAndConfirm(page, 'resume');
+  await waitLight(page, 'red'); // running again, still no agent
+  if (await dialog.isVisible()) throw new Error('the token dialog opened although a token was kept');
+  step('resumed with the kept token');
+
+  // Cancelling the token dialog leaves the gateway running and says so.
+  await page.evaluate(() => sessionStorage.clear());
+  await clickAndConfirm(page, 'pause');
+  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  await page.click(tid('token-cancel'));
+  await page.locator('.toast.error', { hasText: 'cancelled' }).waitFor({ timeout: 5000 });
+  const state = await page.evaluate(async () => (await (await fetch('/api/status')).json()).state);
+  if (state !== 'running') throw new Error(`state after a cancelled token dialog: ${state}`);
+  step('cancel leaves the gateway running, with an error toast');
+}
+
+// ---------------------------------------------------------------------------------------------
+
+const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'sallyport-pw-'));
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: '/usr/bin/chromium',
+  headless: true,
+  viewport: { width: 1440, height: 900 },
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+const pageErrors = [];
+let failed = false;
+try {
+  const page = await context.newPage();
+  page.on('pageerror', (e) => pageErrors.push(e.message));
+  page.setDefaultTimeout(10_000);
+  await page.goto(adminUrl);
+  if (mode === 'main') await mainScenario(page, Number(rest[0]), rest[1]);
+  else if (mode === 'token') await tokenScenario(page, rest[0]);
+  else throw new Error(`unknown mode ${mode}`);
+  if (pageErrors.length) throw new Error(`JavaScript errors in the page: ${pageErrors.join('; ')}`);
+  console.log('PASS');
+} catch (e) {
+  failed = true;
+  console.error(`[dashboard.mjs] FAIL: ${e.stack || e}`);
+} finally {
+  await context.close();
+  fs.rmSync(profile, { recursive: true, force: true });
+}
+process.exit(failed ? 1 : 0);
