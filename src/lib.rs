@@ -51,6 +51,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod egress;
 pub mod gateway;
 pub mod limits;
 pub mod net;

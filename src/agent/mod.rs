@@ -12,6 +12,7 @@ pub mod backoff;
 mod data;
 pub(crate) mod dial;
 pub mod embedded;
+mod outbound;
 pub mod proxy_header;
 mod session;
 pub mod status;
@@ -104,6 +105,10 @@ impl Agent {
             config.listeners.len(), config.gateways.join(", ")
         );
         let sessions = TaskTracker::new();
+        if let Some(outbound) = &config.outbound {
+            let listener = outbound::bind(outbound).await?;
+            sessions.spawn(outbound::serve(ctx.clone(), listener));
+        }
         for gateway in config.gateways.clone() {
             sessions.spawn(session::keep_connected(ctx.clone(), gateway));
         }

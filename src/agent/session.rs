@@ -109,6 +109,7 @@ async fn run_session(
         g.connected_to = Some(gateway_addr);
         g.connected_since = Some(std::time::SystemTime::now());
         g.tls = tls;
+        g.data_tls = data_tls;
     });
     tracing::info!(
         gateway = %gateway, addr = %gateway_addr,

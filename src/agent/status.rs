@@ -21,6 +21,8 @@ pub struct GatewayStatus {
     pub connected_since: Option<SystemTime>,
     /// Whether the control channel runs over TLS.
     pub tls: bool,
+    /// Whether data connections to this gateway use TLS.
+    pub data_tls: bool,
     /// Why the last session or attempt failed.
     pub last_error: Option<String>,
     /// Failed attempts since the last established session.

@@ -35,7 +35,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
     /// SOCKS5 / HTTP CONNECT endpoint (not yet implemented; parsed and kept).
-    pub outbound_listen: Option<SocketAddr>,
+    /// The outbound proxy (SOCKS5 and HTTP CONNECT) for internal hosts, when configured.
+    pub outbound: Option<OutboundConfig>,
     pub max_frame: usize,
     pub notices: Vec<String>,
 }
@@ -188,6 +189,26 @@ struct RawListener {
 #[serde(deny_unknown_fields)]
 struct RawOutbound {
     listen: Spanned<String>,
+    clients: Option<RawRules>,
+    #[serde(default)]
+    users: Vec<RawUser>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: Spanned<String>,
+    password: Spanned<String>,
+}
+
+/// `[outbound]`: where the agent's proxy listens, who may use it, and (optionally) the
+/// user names and passwords it requires (SOCKS5 username/password, HTTP Basic).
+#[derive(Debug, Clone)]
+pub struct OutboundConfig {
+    pub listen: SocketAddr,
+    pub clients: AccessRules,
+    /// Empty: no authentication.
+    pub users: Vec<(String, String)>,
 }
 
 fn host_name() -> String {
@@ -235,7 +256,7 @@ impl AgentConfig {
             reconnect: ReconnectConfig::default(),
             connect_timeout: Duration::from_secs(10),
             listeners: Vec::new(),
-            outbound_listen: None,
+            outbound: None,
             max_frame: DEFAULT_MAX_FRAME,
             notices: Vec::new(),
         })
@@ -454,15 +475,45 @@ impl AgentConfig {
             notices.push("no [[listener]] defined: the gateway will open no public port".into());
         }
 
-        let outbound_listen = match &raw.outbound {
+        let outbound = match &raw.outbound {
             Some(o) => {
-                notices.push(
-                    "[outbound] is parsed but the outbound proxy is not implemented yet".into(),
-                );
-                Some(src.parse_with(&o.listen, "outbound.listen", |s| {
+                let listen = src.parse_with(&o.listen, "outbound.listen", |s| {
                     s.parse::<SocketAddr>()
                         .map_err(|_| format!("invalid socket address \"{s}\""))
-                })?)
+                })?;
+                let clients = match &o.clients {
+                    Some(r) => parse_rules(&src, r, "outbound.clients.")?.0,
+                    None => AccessRules::allow_all(),
+                };
+                let mut users = Vec::new();
+                for u in &o.users {
+                    let name = src.parse_with(&u.name, "outbound.users.name", |s| {
+                        if s.is_empty() || s.len() > 255 || s.contains(':') {
+                            Err("must be 1 to 255 bytes without ':'".to_string())
+                        } else {
+                            Ok(s.to_string())
+                        }
+                    })?;
+                    let password = src.parse_with(&u.password, "outbound.users.password", |s| {
+                        if s.is_empty() || s.len() > 255 {
+                            Err("must be 1 to 255 bytes".to_string())
+                        } else {
+                            Ok(s.to_string())
+                        }
+                    })?;
+                    users.push((name, password));
+                }
+                if !listen.ip().is_loopback() && users.is_empty() && o.clients.is_none() {
+                    notices.push(format!(
+                        "[outbound] listens on {listen} with neither users nor client rules: \
+                         every host that reaches it may use the gateway's egress"
+                    ));
+                }
+                Some(OutboundConfig {
+                    listen,
+                    clients,
+                    users,
+                })
             }
             None => None,
         };
@@ -477,7 +528,7 @@ impl AgentConfig {
             reconnect,
             connect_timeout,
             listeners,
-            outbound_listen,
+            outbound,
             max_frame,
             notices,
         })

@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use super::{read_file, ConfigError, Source};
 use crate::access::{AccessRules, Policy};
+use crate::egress::EgressRules;
 use crate::protocol::frame::{DEFAULT_MAX_FRAME, MIN_MAX_FRAME};
 use crate::transport::ServerTls;
 
@@ -29,8 +30,8 @@ pub struct GatewayConfig {
     pub peers: AccessRules,
     /// Address public listeners bind to when the agent gives only a port.
     pub client_bind: IpAddr,
-    /// Destinations the outbound proxy may reach (not yet implemented; parsed and kept).
-    pub egress: Vec<String>,
+    /// Destinations the outbound proxy may reach; empty: none.
+    pub egress: EgressRules,
     /// Admin HTTP API, `/metrics` and dashboard (default 127.0.0.1:9090); `None` when disabled.
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token the admin API's mutating calls require.
@@ -106,7 +107,7 @@ impl Default for GatewayConfig {
             data_tls: true,
             peers: AccessRules::allow_all(),
             client_bind: Ipv4Addr::UNSPECIFIED.into(),
-            egress: Vec::new(),
+            egress: EgressRules::default(),
             admin_listen: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9090)),
             admin_token: None,
             limits: Limits::default(),
@@ -269,11 +270,17 @@ impl GatewayConfig {
             }
         }
         if let Some(egress) = &raw.egress {
-            cfg.egress = egress.allow.iter().map(|a| a.get_ref().clone()).collect();
-            cfg.notices.push(
-                "[egress] is parsed but the outbound proxy is not implemented yet; nothing is allowed out"
-                    .into(),
-            );
+            for entry in &egress.allow {
+                src.parse_with(entry, "egress.allow", EgressRules::check_entry)?;
+            }
+            cfg.egress = EgressRules::parse(
+                &egress
+                    .allow
+                    .iter()
+                    .map(|a| a.get_ref().as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(|e| src.error_nowhere(format!("egress.allow: {e}")))?;
         }
         if let Some(admin) = &raw.admin {
             if let Some(listen) = &admin.listen {
@@ -431,6 +438,7 @@ listen = "127.0.0.1:9090"
         assert!(cfg.peers.allows("10.3.0.3".parse().unwrap()));
         assert!(cfg.tls.is_none());
         assert_eq!(cfg.egress.len(), 2);
+        assert!(cfg.egress.allows_name("sftp.partner.example", 22));
     }
 
     #[test]

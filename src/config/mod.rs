@@ -18,7 +18,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 pub use agent::{
-    AgentConfig, AgentTls, Backend, Impersonation, ListenerConfig, ProxyProtocol, ReconnectConfig,
+    AgentConfig, AgentTls, Backend, Impersonation, ListenerConfig, OutboundConfig, ProxyProtocol,
+    ReconnectConfig,
 };
 pub use gateway::{GatewayConfig, Limits};
 

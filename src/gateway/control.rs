@@ -32,9 +32,10 @@ use crate::limits::{ConnPermit, Event};
 use crate::net;
 use crate::protocol::{
     self, Connection, ControlHello, DataHello, ErrorCode, Heartbeat, Hello, HelloAck,
-    ListenerStatus, Message, ProtocolError, Role,
+    ListenerStatus, Message, ProtocolError, PushConfig, Role,
 };
 use crate::transport::Stream;
+use tokio_util::sync::CancellationToken;
 
 /// Heartbeat intervals an agent may ask for.
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
@@ -187,6 +188,7 @@ async fn handle_connection(
             run_session(shared, conn, peer, &hello.software, control, version).await
         }
         Role::Data(data) => claim_data(shared, conn, peer, data, version).await,
+        Role::Outbound(out) => super::outbound::serve(shared, conn, peer, out, version).await,
     }
 }
 
@@ -264,7 +266,8 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
         }
     };
     if shared.config().tls.is_some() && !conn.get_ref().is_tls() {
-        let plaintext_data_ok = matches!(hello.role, Role::Data(_)) && !shared.config().data_tls;
+        let plaintext_data_ok =
+            matches!(hello.role, Role::Data(_) | Role::Outbound(_)) && !shared.config().data_tls;
         if !plaintext_data_ok {
             let why = "this gateway requires TLS: configure `tls` in agent.toml";
             refuse(
@@ -377,6 +380,26 @@ async fn run_session(
     }
     net::keepalive(conn.get_ref().tcp(), heartbeat * 3);
 
+    // An agent joins its site (and is offered clients) only once its config is known and
+    // matches the site's other agents'.
+    let limit = shared.config().limits.hello_timeout;
+    let push = match tokio::time::timeout(limit, first_push(&mut conn)).await {
+        Ok(Ok(push)) => push,
+        Ok(Err(e)) => {
+            tracing::warn!(site = %control.site, agent = %control.agent, peer = %peer, "agent session ended before its config: {e}");
+            conn.send_error(e.code(), e.to_string()).await;
+            return;
+        }
+        Err(_) => {
+            let why = format!(
+                "no config pushed within {}",
+                humantime::format_duration(limit)
+            );
+            tracing::warn!(site = %control.site, agent = %control.agent, peer = %peer, "{why}");
+            conn.send_error(ErrorCode::TIMEOUT, why).await;
+            return;
+        }
+    };
     let (tx, rx) = mpsc::channel(1024);
     let agent = AgentHandle {
         id: shared.next_agent_id(),
@@ -385,14 +408,30 @@ async fn run_session(
         connected_since: SystemTime::now(),
         tx,
         inflight: Arc::new(AtomicUsize::new(0)),
+        digest: Arc::new(std::sync::Mutex::new(push.digest.clone())),
+        gone: CancellationToken::new(),
     };
-    let site = shared.sites.join(&control.site, agent.clone());
+    let site = match shared.sites.join(&control.site, agent.clone()) {
+        Ok(site) => site,
+        Err(why) => {
+            tracing::warn!(agent = %agent.name, peer = %peer, "agent refused: {why}");
+            conn.send_error(ErrorCode::CONFIG_REJECTED, why).await;
+            return;
+        }
+    };
     tracing::info!(
         site = %site.name, agent = %agent.name, peer = %peer,
-        "agent connected ({software}, protocol v{version}, {}, heartbeat {} ms)",
+        "agent connected ({software}, protocol v{version}, {}, heartbeat {} ms, config {})",
         if conn.get_ref().is_tls() { "TLS 1.3, certificate verified" } else { "PLAINTEXT" },
-        heartbeat.as_millis()
+        heartbeat.as_millis(),
+        push.digest.chars().take(16).collect::<String>()
     );
+    if let Err(e) = apply_push(&shared, &site, &agent, &mut conn, &push).await {
+        tracing::warn!(site = %site.name, agent = %agent.name, "agent session ended: {e}");
+        shared.sites.leave(&shared, &site, agent.id).await;
+        agent.gone.cancel();
+        return;
+    }
 
     let end = session_loop(&shared, &site, &agent, &mut conn, rx, heartbeat).await;
     match &end {
@@ -406,6 +445,54 @@ async fn run_session(
         ),
     }
     shared.sites.leave(&shared, &site, agent.id).await;
+    // Clients offered to this agent and not yet claimed are offered to another one now.
+    agent.gone.cancel();
+}
+
+/// Reads up to the agent's first config push (heartbeats may come first).
+async fn first_push(conn: &mut Connection<Stream>) -> Result<PushConfig, ProtocolError> {
+    loop {
+        match conn.read_message().await? {
+            Some(Message::Heartbeat(_)) => continue,
+            Some(Message::PushConfig(push)) => return Ok(push),
+            Some(Message::Error(e)) => return Err(ProtocolError::Peer(e)),
+            Some(other) => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "push-config",
+                    got: other.name(),
+                })
+            }
+            None => return Err(ProtocolError::Closed),
+        }
+    }
+}
+
+/// Applies a config push and answers with the per-listener results.
+async fn apply_push(
+    shared: &Arc<Shared>,
+    site: &Arc<Site>,
+    agent: &AgentHandle,
+    conn: &mut Connection<Stream>,
+    push: &PushConfig,
+) -> Result<(), SessionEnd> {
+    if let Err(why) = site.check_digest(agent.id, &push.digest) {
+        conn.send_error(ErrorCode::CONFIG_REJECTED, why.clone())
+            .await;
+        return Err(SessionEnd::Rejected(why));
+    }
+    let result = site.apply_config(shared, push).await;
+    let failed = result
+        .listeners
+        .iter()
+        .filter(|l| matches!(l.status, ListenerStatus::Failed { .. }))
+        .count();
+    tracing::info!(
+        site = %site.name, agent = %agent.name,
+        "config generation {} applied: {} listener(s), {failed} failed",
+        push.generation, push.listeners.len()
+    );
+    conn.write_message(&Message::ConfigResult(result)).await?;
+    Ok(())
 }
 
 fn connected_for(agent: &AgentHandle) -> String {
@@ -427,6 +514,8 @@ enum SessionEnd {
     Unexpected(&'static str),
     #[error("gateway shutting down")]
     Shutdown,
+    #[error("config rejected: {0}")]
+    Rejected(String),
 }
 
 async fn session_loop(
@@ -459,17 +548,7 @@ async fn session_loop(
                 last_heard = Instant::now();
                 match msg {
                     Message::Heartbeat(_) => {}
-                    Message::PushConfig(push) => {
-                        let result = site.apply_config(shared, &push).await;
-                        let failed = result.listeners.iter()
-                            .filter(|l| matches!(l.status, ListenerStatus::Failed { .. })).count();
-                        tracing::info!(
-                            site = %site.name, agent = %agent.name,
-                            "config generation {} applied: {} listener(s), {failed} failed",
-                            push.generation, push.listeners.len()
-                        );
-                        conn.write_message(&Message::ConfigResult(result)).await?;
-                    }
+                    Message::PushConfig(push) => apply_push(shared, site, agent, conn, &push).await?,
                     Message::ClientFailed(f) => {
                         // A pending client is woken and closed (and counted) by its own task.
                         // Usually the agent's data connection claimed it already, and closes it

@@ -249,11 +249,11 @@ async fn serve_client(
         .port()
         .saturating_sub(info.spec.public.ports.first());
 
-    let Some(agent) = site.pick_agent() else {
+    if site.agent_count() == 0 {
         // The last agent left between accept and now.
         tracing::info!(listener, client = %client_addr, "no agent connected; closing client");
         return;
-    };
+    }
     let config = shared.config();
     let limits = &config.limits;
     let (Some(pending_total), Some(pending_here)) = (
@@ -277,27 +277,51 @@ async fn serve_client(
     let id = shared.next_client_id();
     let token = Token::random();
     let deadline = tokio::time::Instant::now() + limits.pending_timeout;
-    let claim = shared.pending.insert(id, token, &site.name);
-    agent.inflight.fetch_add(1, Ordering::Relaxed);
-    let inflight = Inflight(agent.inflight.clone());
-
-    let arrived = Message::ClientArrived(ClientArrived {
+    let mut claim = shared.pending.insert(id, token, &site.name);
+    let arrived = ClientArrived {
         id,
         token,
         listener: listener.to_string(),
         port_offset,
         client_addr,
         gateway_addr,
-    });
+    };
+    // Offer the client to the least busy agent; if that agent goes away before a data
+    // connection claims the client, offer it (same id and token) to another, until the
+    // deadline. With no agent left, wait for one to (re)connect.
+    let mut offered_to: Option<String> = None;
     let wait = async {
-        agent
-            .tx
-            .send(arrived)
-            .await
-            .map_err(|_| "the agent's control channel closed".to_string())?;
-        claim
-            .await
-            .map_err(|_| "the offer was withdrawn".to_string())
+        loop {
+            let joined = site.joined.notified();
+            let Some(agent) = site.pick_agent() else {
+                tokio::select! {
+                    c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
+                    () = joined => continue,
+                }
+            };
+            if let Some(previous) = offered_to.replace(agent.name.clone()) {
+                tracing::info!(
+                    listener, client = %client_addr, id,
+                    "agent {previous} is gone; client offered again, to agent {}", agent.name
+                );
+            }
+            agent.inflight.fetch_add(1, Ordering::Relaxed);
+            let _inflight = Inflight(agent.inflight.clone());
+            if agent
+                .tx
+                .send(Message::ClientArrived(arrived.clone()))
+                .await
+                .is_err()
+            {
+                // Its control channel just closed: it leaves the site; pick again.
+                agent.gone.cancelled().await;
+                continue;
+            }
+            tokio::select! {
+                c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
+                () = agent.gone.cancelled() => continue,
+            }
+        }
     };
     // A client that leaves while waiting gives its pending place back at once instead of at
     // its deadline (otherwise connect-and-close loops could hold every pending place).
@@ -309,7 +333,8 @@ async fn serve_client(
             return;
         }
     };
-    drop((inflight, pending_total, pending_here));
+    drop((pending_total, pending_here));
+    let agent_name = offered_to.unwrap_or_else(|| "-".to_string());
 
     let data = match outcome {
         Ok(Ok(Claim::Data(data))) => data,
@@ -318,7 +343,7 @@ async fn serve_client(
             let occ = shared.stats.clients_failed.hit();
             if occ.log {
                 tracing::warn!(
-                    listener, client = %client_addr, agent = %agent.name,
+                    listener, client = %client_addr, agent = %agent_name,
                     "agent could not serve client: {reason}{}", occ.tally()
                 );
             }
@@ -334,7 +359,7 @@ async fn serve_client(
             let occ = shared.stats.clients_unclaimed.hit();
             if occ.log {
                 tracing::warn!(
-                    listener, client = %client_addr, agent = %agent.name,
+                    listener, client = %client_addr, agent = %agent_name,
                     "no data connection within {}; closing client{}",
                     humantime::format_duration(limits.pending_timeout),
                     occ.tally()

@@ -13,6 +13,7 @@
 
 mod control;
 mod listener;
+pub mod outbound;
 mod pending;
 mod site;
 pub mod stats;

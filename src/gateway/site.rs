@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 
 use super::listener::RunningListener;
 use super::{RunState, Shared};
@@ -31,6 +32,10 @@ pub(crate) struct AgentHandle {
     pub tx: mpsc::Sender<Message>,
     /// Clients offered to this agent and not yet claimed: the "busy" measure for picking.
     pub inflight: Arc<AtomicUsize>,
+    /// The digest of the configuration it pushed last (agents of a site must agree on it).
+    pub digest: Arc<Mutex<String>>,
+    /// Cancelled once the agent has left its site: clients offered to it are offered again.
+    pub gone: CancellationToken,
 }
 
 pub(crate) struct Site {
@@ -40,6 +45,8 @@ pub(crate) struct Site {
     /// The listeners' states as of the last change, readable without awaiting (admin API).
     view: Mutex<Vec<ListenerView>>,
     next_pick: AtomicU64,
+    /// Woken whenever an agent joins (clients waiting for any agent retry).
+    pub joined: Notify,
 }
 
 /// Desired (what agents pushed) and actual (what is open) listeners of a site.
@@ -82,6 +89,7 @@ impl Site {
             listeners: tokio::sync::Mutex::new(SiteListeners::default()),
             view: Mutex::new(Vec::new()),
             next_pick: AtomicU64::new(0),
+            joined: Notify::new(),
         }
     }
 
@@ -96,6 +104,17 @@ impl Site {
             .map(|i| &agents[(start + i) % agents.len()])
             .min_by_key(|a| a.inflight.load(Ordering::Relaxed))
             .cloned()
+    }
+
+    /// Checks that `digest` matches what every other agent of the site pushed, and records it
+    /// as `agent_id`'s. The error names both digests.
+    pub fn check_digest(&self, agent_id: u64, digest: &str) -> Result<(), String> {
+        let agents = self.agents.lock().unwrap();
+        digest_conflict(&self.name, &agents, agent_id, digest)?;
+        if let Some(a) = agents.iter().find(|a| a.id == agent_id) {
+            *a.digest.lock().unwrap() = digest.to_string();
+        }
+        Ok(())
     }
 
     pub fn agent_count(&self) -> usize {
@@ -281,6 +300,31 @@ impl Site {
     }
 }
 
+/// The refusal for an agent whose config differs from another agent's of the same site.
+fn digest_conflict(
+    site: &str,
+    agents: &[AgentHandle],
+    agent_id: u64,
+    digest: &str,
+) -> Result<(), String> {
+    let short = |d: &str| d.chars().take(16).collect::<String>();
+    for other in agents.iter().filter(|a| a.id != agent_id) {
+        let theirs = other.digest.lock().unwrap().clone();
+        if theirs != digest {
+            return Err(format!(
+                "site \"{site}\": this agent's configuration (digest {}) differs from agent \
+                 \"{}\" at {} (digest {}); all agents of a site must push identical listeners \
+                 and backends",
+                short(digest),
+                other.name,
+                other.addr,
+                short(&theirs)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// All sites known to this gateway process. Sites are never removed: an empty one costs a map
 /// entry, and keeping it avoids racing a departing and an arriving agent over two objects.
 #[derive(Default)]
@@ -289,8 +333,10 @@ pub(crate) struct SiteRegistry {
 }
 
 impl SiteRegistry {
-    /// Registers a connected agent with its site.
-    pub fn join(&self, site: &str, agent: AgentHandle) -> Arc<Site> {
+    /// Registers a connected agent with its site, if its config digest matches the other
+    /// agents' (checked and joined atomically, so two agents with different configs cannot
+    /// both get in). The error names both digests.
+    pub fn join(&self, site: &str, agent: AgentHandle) -> Result<Arc<Site>, String> {
         let site = self
             .sites
             .lock()
@@ -298,8 +344,14 @@ impl SiteRegistry {
             .entry(site.to_string())
             .or_insert_with(|| Arc::new(Site::new(site)))
             .clone();
-        site.agents.lock().unwrap().push(agent);
-        site
+        {
+            let mut agents = site.agents.lock().unwrap();
+            let digest = agent.digest.lock().unwrap().clone();
+            digest_conflict(&site.name, &agents, agent.id, &digest)?;
+            agents.push(agent);
+        }
+        site.joined.notify_waiters();
+        Ok(site)
     }
 
     /// Unregisters an agent; the site's listeners close if it was the last one.
@@ -312,6 +364,10 @@ impl SiteRegistry {
         if now_empty {
             site.close_listeners_if_orphaned(shared).await;
         }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Site>> {
+        self.sites.lock().unwrap().get(name).cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<Site>> {

@@ -44,6 +44,10 @@ pub struct GatewayStats {
     pub tls_failures: Event,
     /// Control-port connections refused by the handshake limits.
     pub handshakes_over_limit: Event,
+    /// Outbound connections refused by `[egress]` (or for a site without a connected agent).
+    pub egress_denied: Event,
+    /// Outbound connections whose destination could not be resolved or reached.
+    pub egress_unreachable: Event,
 }
 
 impl Default for GatewayStats {
@@ -59,6 +63,8 @@ impl Default for GatewayStats {
             bad_hellos: Event::some_per_10s(),
             tls_failures: Event::some_per_10s(),
             handshakes_over_limit: Event::once_per_10s(),
+            egress_denied: Event::some_per_10s(),
+            egress_unreachable: Event::some_per_10s(),
         }
     }
 }
@@ -77,6 +83,8 @@ impl GatewayStats {
             ("bad_hello", self.bad_hellos.count()),
             ("tls_failed", self.tls_failures.count()),
             ("handshake_limits", self.handshakes_over_limit.count()),
+            ("egress_denied", self.egress_denied.count()),
+            ("egress_unreachable", self.egress_unreachable.count()),
         ])
     }
 }

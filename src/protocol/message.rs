@@ -57,6 +57,8 @@ pub enum Role {
     Control(ControlHello),
     /// A data connection claiming one pending client.
     Data(DataHello),
+    /// An outbound connection: an internal host asks the gateway to dial `dest` for it.
+    Outbound(OutboundHello),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +78,21 @@ pub struct DataHello {
     pub id: u64,
     /// The pending client's single-use secret.
     pub token: Token,
+}
+
+/// An outbound request, made by an agent's SOCKS5 / HTTP CONNECT proxy for an internal host.
+/// The gateway dials `host:port` only if its own `[egress] allow` list permits it, then answers
+/// with [`HelloAck`] (raw bytes follow, both ways) or an `Error` (EGRESS_DENIED,
+/// DEST_UNREACHABLE) and closes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboundHello {
+    /// The site of the agent asking; it must have a connected agent on this gateway.
+    pub site: String,
+    /// A host name or an IP address literal (without brackets).
+    pub host: String,
+    pub port: u16,
+    /// The internal host that asked the agent's proxy, for the gateway's logs and statistics.
+    pub client_addr: SocketAddr,
 }
 
 /// The gateway's answer to an acceptable [`Hello`]. On a data connection, raw bytes follow it.
@@ -109,6 +126,8 @@ impl ErrorCode {
     pub const TIMEOUT: ErrorCode = ErrorCode(10);
     pub const SHUTTING_DOWN: ErrorCode = ErrorCode(11);
     pub const LIMIT: ErrorCode = ErrorCode(12);
+    pub const EGRESS_DENIED: ErrorCode = ErrorCode(13);
+    pub const DEST_UNREACHABLE: ErrorCode = ErrorCode(14);
 
     pub fn name(self) -> &'static str {
         match self {
@@ -124,6 +143,8 @@ impl ErrorCode {
             Self::TIMEOUT => "timeout",
             Self::SHUTTING_DOWN => "shutting down",
             Self::LIMIT => "limit reached",
+            Self::EGRESS_DENIED => "egress denied",
+            Self::DEST_UNREACHABLE => "destination unreachable",
             _ => "error",
         }
     }

@@ -265,6 +265,20 @@ pub fn spawn_gateway(name: &str, path: &Path) -> Gateway {
 }
 
 impl Gateway {
+    /// GET an admin API path with the real curl; the JSON body.
+    pub fn api(&self, path: &str) -> serde_json::Value {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "5",
+                &format!("{}{path}", self.admin_url()),
+            ])
+            .output()
+            .expect("run curl");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
     /// `http://addr` of the admin API.
     pub fn admin_url(&self) -> String {
         format!(
@@ -293,8 +307,14 @@ pub fn listener(name: &str, public_port: u16, backend: SocketAddr) -> ListenerDe
 
 pub fn agent_config(gateways: &[SocketAddr], listeners: &[ListenerDef], extra: &str) -> String {
     let gws: Vec<String> = gateways.iter().map(|g| format!("\"{g}\"")).collect();
+    // `extra` may name the agent itself (several agents of one site).
+    let name = if extra.lines().any(|l| l.trim_start().starts_with("name ")) {
+        ""
+    } else {
+        "name = \"test-agent\"\n"
+    };
     let mut config = format!(
-        "site = \"test-site\"\nname = \"test-agent\"\ngateways = [{}]\n{extra}\n",
+        "site = \"test-site\"\n{name}gateways = [{}]\n{extra}\n",
         gws.join(", ")
     );
     for l in listeners {

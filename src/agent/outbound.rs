@@ -1,0 +1,504 @@
+//! The outbound proxy: internal hosts reach the outside world through the gateway.
+//!
+//! The agent listens on `[outbound] listen` for SOCKS5 (RFC 1928, CONNECT only, with the
+//! no-authentication method or RFC 1929 username/password when `users` are configured) and
+//! HTTP CONNECT (Basic proxy authentication when `users` are configured), told apart by the
+//! first byte. Each request becomes one data connection to a connected gateway carrying
+//! [`OutboundHello`]; the gateway decides with its own `[egress]` list and dials. Its answer
+//! becomes the SOCKS reply code or HTTP status:
+//!
+//! | gateway answer     | SOCKS5 reply                      | HTTP  |
+//! |--------------------|-----------------------------------|-------|
+//! | connected          | 0x00 succeeded                    | 200   |
+//! | EGRESS_DENIED      | 0x02 not allowed by ruleset       | 403   |
+//! | DEST_UNREACHABLE   | 0x05 refused / 0x04 unreachable   | 502 (504 on a timeout) |
+//! | no gateway / other | 0x01 general failure              | 503 / 502 |
+//!
+//! SOCKS5 is parsed here rather than with a SOCKS crate: the reply must wait for the gateway's
+//! decision, which the SOCKS server crates we looked at (fast-socks5 0.10) do not let a caller
+//! defer; the CONNECT subset is a few dozen lines. HTTP heads are parsed with `httparse`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::BytesMut;
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::dial::{dial, DialError, Target};
+use super::AgentCtx;
+use crate::config::OutboundConfig;
+use crate::net;
+use crate::pipe::{pipe, PipeCounters};
+use crate::protocol::{ErrorCode, OutboundHello, ProtocolError, Role};
+use crate::transport::Stream;
+
+/// How long a client may take for its handshake (methods, authentication, request).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest HTTP request head accepted.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// Binds the proxy's port (errors are for the operator: a port conflict stops the agent).
+pub(crate) async fn bind(config: &OutboundConfig) -> anyhow::Result<TcpListener> {
+    let listener = net::bind_listener(config.listen)
+        .map_err(|e| anyhow::anyhow!("[outbound] cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(
+        "outbound proxy (SOCKS5 and HTTP CONNECT) listening on {}{}",
+        listener.local_addr()?,
+        if config.users.is_empty() {
+            ""
+        } else {
+            ", authentication required"
+        }
+    );
+    Ok(listener)
+}
+
+/// Accepts proxy clients until shutdown.
+pub(crate) async fn serve(ctx: AgentCtx, listener: TcpListener) {
+    let next_gateway = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!("outbound proxy: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(config) = ctx.config().outbound.clone() else {
+            // Removed by a reload: the port closes with this task's next restart.
+            continue;
+        };
+        if !config.clients.allows(client.ip()) {
+            tracing::info!(client = %client, "outbound proxy: client refused by [outbound] clients rules");
+            net::reset(stream);
+            continue;
+        }
+        let ctx2 = ctx.clone();
+        let next = next_gateway.clone();
+        ctx.tasks.spawn(async move {
+            if let Err(e) = serve_client(&ctx2, &config, stream, client, &next).await {
+                tracing::info!(client = %client, "outbound proxy: {e}");
+            }
+        });
+    }
+}
+
+/// A destination as the client asked for it.
+struct Dest {
+    host: String,
+    port: u16,
+}
+
+impl std::fmt::Display for Dest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// How the gateway (or the way to it) answered.
+enum Outcome {
+    Open(Stream, BytesMut),
+    Denied(String),
+    Unreachable(String),
+    Timeout(String),
+    NoGateway,
+    Failed(String),
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Socks,
+    Http,
+}
+
+async fn serve_client(
+    ctx: &AgentCtx,
+    config: &OutboundConfig,
+    mut stream: TcpStream,
+    client: SocketAddr,
+    next: &AtomicUsize,
+) -> anyhow::Result<()> {
+    net::tune(&stream);
+    let started = Instant::now();
+    let mut first = [0u8; 1];
+    if stream.peek(&mut first).await? == 0 {
+        return Ok(());
+    }
+    let kind = if first[0] == 5 {
+        Kind::Socks
+    } else {
+        Kind::Http
+    };
+    let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        match kind {
+            Kind::Socks => socks_request(&mut stream, config).await,
+            Kind::Http => http_request(&mut stream, config).await,
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("{client}: no complete request within {HANDSHAKE_TIMEOUT:?}"))??;
+    let Some((dest, early)) = request else {
+        return Ok(()); // refused during the handshake; the client was told
+    };
+    let outcome = open(ctx, &dest, client, next).await;
+    let (gw_stream, gw_leftover) = match outcome {
+        Outcome::Open(s, l) => (s, l),
+        other => {
+            let (socks, status, why) = match &other {
+                Outcome::Denied(w) => (0x02, "403 Forbidden", w.clone()),
+                Outcome::Unreachable(w) if w.contains("refused") => {
+                    (0x05, "502 Bad Gateway", w.clone())
+                }
+                Outcome::Unreachable(w) => (0x04, "502 Bad Gateway", w.clone()),
+                Outcome::Timeout(w) => (0x04, "504 Gateway Timeout", w.clone()),
+                Outcome::NoGateway => (
+                    0x01,
+                    "503 Service Unavailable",
+                    "no gateway is connected".to_string(),
+                ),
+                Outcome::Failed(w) => (0x01, "502 Bad Gateway", w.clone()),
+                Outcome::Open(..) => unreachable!(),
+            };
+            tracing::warn!(client = %client, "outbound connection to {dest} refused: {why}");
+            match kind {
+                Kind::Socks => socks_reply(&mut stream, socks).await,
+                Kind::Http => http_reply(&mut stream, status, &[], &why).await,
+            }
+            return Ok(());
+        }
+    };
+    match kind {
+        Kind::Socks => socks_reply(&mut stream, 0x00).await,
+        Kind::Http => {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await;
+        }
+    }
+    tracing::info!(client = %client, "outbound connection to {dest} open after {} ms", started.elapsed().as_millis());
+    let counters = PipeCounters::default();
+    let result = pipe(stream, &early, gw_stream, &gw_leftover, &counters).await;
+    let bytes = counters.snapshot();
+    tracing::info!(
+        client = %client, sent = bytes.b_written, received = bytes.a_written,
+        "outbound connection to {dest} {} after {:.1} s",
+        match result { Ok(()) => "closed".to_string(), Err(e) => format!("ended by error ({e})") },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Asks a connected gateway (round robin) to open `dest`; tries the next one if a gateway
+/// cannot be reached at all (its answer, allowed or not, is final).
+async fn open(ctx: &AgentCtx, dest: &Dest, client: SocketAddr, next: &AtomicUsize) -> Outcome {
+    let config = ctx.config();
+    let gateways: Vec<(String, SocketAddr, bool)> = ctx
+        .status
+        .borrow()
+        .gateways
+        .iter()
+        .filter_map(|(name, g)| g.connected_to.map(|a| (name.clone(), a, g.data_tls)))
+        .collect();
+    if gateways.is_empty() {
+        return Outcome::NoGateway;
+    }
+    let start = next.fetch_add(1, Ordering::Relaxed);
+    let mut last = Outcome::NoGateway;
+    for i in 0..gateways.len() {
+        let (name, addr, tls) = &gateways[(start + i) % gateways.len()];
+        let role = Role::Outbound(OutboundHello {
+            site: config.site.clone(),
+            host: dest.host.clone(),
+            port: dest.port,
+            client_addr: client,
+        });
+        let target = Target {
+            gateway: name,
+            resolved: Some(*addr),
+        };
+        // The gateway may take up to 10 s to dial; allow for it on top of our own timeout.
+        let mut cfg = (*config).clone();
+        cfg.connect_timeout = config.connect_timeout + Duration::from_secs(12);
+        match dial(&cfg, target, role, *tls).await {
+            Ok((conn, _ack)) => {
+                let (s, l) = conn.into_parts();
+                return Outcome::Open(s, l);
+            }
+            // The gateway's answer (before or after it accepted the hello) is final.
+            Err(DialError::Refused(e) | DialError::Protocol(ProtocolError::Peer(e))) => {
+                return match e.code {
+                    ErrorCode::EGRESS_DENIED => Outcome::Denied(e.message),
+                    ErrorCode::DEST_UNREACHABLE if e.message.contains("timed out") => {
+                        Outcome::Timeout(e.message)
+                    }
+                    ErrorCode::DEST_UNREACHABLE => Outcome::Unreachable(e.message),
+                    _ => Outcome::Failed(e.to_string()),
+                };
+            }
+            Err(e) => {
+                tracing::warn!(gateway = %name, "outbound: cannot reach the gateway: {e}");
+                last = Outcome::Failed(format!("gateway {name}: {e}"));
+            }
+        }
+    }
+    last
+}
+
+// ---- SOCKS5 -------------------------------------------------------------------------------
+
+/// Method selection, authentication and the request. `None` when the client was refused.
+async fn socks_request(
+    s: &mut TcpStream,
+    config: &OutboundConfig,
+) -> anyhow::Result<Option<(Dest, Vec<u8>)>> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await?;
+    let mut methods = vec![0u8; head[1] as usize];
+    s.read_exact(&mut methods).await?;
+    let wanted = if config.users.is_empty() { 0x00 } else { 0x02 };
+    if !methods.contains(&wanted) {
+        s.write_all(&[5, 0xff]).await?;
+        anyhow::bail!(
+            "SOCKS5 client offered no acceptable method (needs {})",
+            if wanted == 0 {
+                "no authentication"
+            } else {
+                "username/password"
+            }
+        );
+    }
+    s.write_all(&[5, wanted]).await?;
+    if wanted == 0x02 {
+        // RFC 1929: VER=1, ULEN, UNAME, PLEN, PASSWD.
+        let mut ver_len = [0u8; 2];
+        s.read_exact(&mut ver_len).await?;
+        let mut user = vec![0u8; ver_len[1] as usize];
+        s.read_exact(&mut user).await?;
+        let mut plen = [0u8; 1];
+        s.read_exact(&mut plen).await?;
+        let mut password = vec![0u8; plen[0] as usize];
+        s.read_exact(&mut password).await?;
+        if !credentials_ok(config, &user, &password) {
+            s.write_all(&[1, 1]).await?;
+            anyhow::bail!(
+                "SOCKS5 authentication failed for user {:?}",
+                String::from_utf8_lossy(&user)
+            );
+        }
+        s.write_all(&[1, 0]).await?;
+    }
+    // VER CMD RSV ATYP
+    let mut req = [0u8; 4];
+    s.read_exact(&mut req).await?;
+    if req[0] != 5 {
+        anyhow::bail!("SOCKS5 request with version {}", req[0]);
+    }
+    let host = match req[3] {
+        1 => {
+            let mut a = [0u8; 4];
+            s.read_exact(&mut a).await?;
+            Ipv4Addr::from(a).to_string()
+        }
+        3 => {
+            let mut len = [0u8; 1];
+            s.read_exact(&mut len).await?;
+            let mut name = vec![0u8; len[0] as usize];
+            s.read_exact(&mut name).await?;
+            match String::from_utf8(name) {
+                Ok(n) if !n.is_empty() => n,
+                _ => {
+                    socks_reply(s, 0x08).await;
+                    anyhow::bail!("SOCKS5 request with an invalid host name");
+                }
+            }
+        }
+        4 => {
+            let mut a = [0u8; 16];
+            s.read_exact(&mut a).await?;
+            Ipv6Addr::from(a).to_string()
+        }
+        other => {
+            socks_reply(s, 0x08).await;
+            anyhow::bail!("SOCKS5 address type {other} not supported");
+        }
+    };
+    let mut port = [0u8; 2];
+    s.read_exact(&mut port).await?;
+    if req[1] != 1 {
+        socks_reply(s, 0x07).await;
+        anyhow::bail!("SOCKS5 command {} not supported (CONNECT only)", req[1]);
+    }
+    Ok(Some((
+        Dest {
+            host,
+            port: u16::from_be_bytes(port),
+        },
+        Vec::new(),
+    )))
+}
+
+/// A reply with an all-zero bound address (clients do not need it for CONNECT).
+async fn socks_reply(s: &mut TcpStream, code: u8) {
+    let _ = s.write_all(&[5, code, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+}
+
+fn credentials_ok(config: &OutboundConfig, user: &[u8], password: &[u8]) -> bool {
+    // Every entry is compared, in constant time, so timing tells nothing about which matched.
+    config.users.iter().fold(false, |ok, (u, p)| {
+        let m = u.as_bytes().ct_eq(user) & p.as_bytes().ct_eq(password);
+        ok | bool::from(m)
+    })
+}
+
+// ---- HTTP CONNECT -------------------------------------------------------------------------
+
+async fn http_request(
+    s: &mut TcpStream,
+    config: &OutboundConfig,
+) -> anyhow::Result<Option<(Dest, Vec<u8>)>> {
+    let mut buf = Vec::with_capacity(1024);
+    let head_len = loop {
+        let mut chunk = [0u8; 1024];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            anyhow::bail!("HTTP client closed before the end of its request head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            http_reply(
+                s,
+                "431 Request Header Fields Too Large",
+                &[],
+                "request head too large",
+            )
+            .await;
+            anyhow::bail!("HTTP request head over {MAX_HEAD} bytes");
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(
+        req.parse(&buf[..head_len]),
+        Ok(httparse::Status::Complete(_))
+    ) {
+        http_reply(s, "400 Bad Request", &[], "malformed request").await;
+        anyhow::bail!("malformed HTTP request");
+    }
+    if req.method != Some("CONNECT") {
+        let method = req.method.unwrap_or("?").to_string();
+        http_reply(
+            s,
+            "405 Method Not Allowed",
+            &["Allow: CONNECT"],
+            "this proxy only tunnels with CONNECT (use https:// URLs or a SOCKS5 client)",
+        )
+        .await;
+        anyhow::bail!("HTTP {method} refused: CONNECT only");
+    }
+    if !config.users.is_empty() {
+        let given = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .and_then(|v| {
+                v.strip_prefix("Basic ")
+                    .or_else(|| v.strip_prefix("basic "))
+            })
+            .and_then(|b| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .ok()
+            });
+        let ok = given
+            .as_deref()
+            .and_then(|g| {
+                let colon = g.iter().position(|c| *c == b':')?;
+                Some(credentials_ok(config, &g[..colon], &g[colon + 1..]))
+            })
+            .unwrap_or(false);
+        if !ok {
+            http_reply(
+                s,
+                "407 Proxy Authentication Required",
+                &["Proxy-Authenticate: Basic realm=\"sallyport\""],
+                "proxy authentication required",
+            )
+            .await;
+            anyhow::bail!("HTTP CONNECT without valid proxy credentials");
+        }
+    }
+    let target = req.path.unwrap_or("");
+    let Some(dest) = parse_authority(target) else {
+        http_reply(s, "400 Bad Request", &[], "CONNECT needs host:port").await;
+        anyhow::bail!("HTTP CONNECT to {target:?}: not host:port");
+    };
+    Ok(Some((dest, buf[head_len..].to_vec())))
+}
+
+/// `host:port` or `[v6]:port`.
+fn parse_authority(s: &str) -> Option<Dest> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:")?;
+        h.parse::<IpAddr>().ok()?;
+        (h, p)
+    } else {
+        s.rsplit_once(':')?
+    };
+    let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+    if host.is_empty() || host.contains(['/', ' ', '@']) {
+        return None;
+    }
+    Some(Dest {
+        host: host.to_string(),
+        port,
+    })
+}
+
+async fn http_reply(s: &mut TcpStream, status: &str, headers: &[&str], body: &str) {
+    let mut out = format!("HTTP/1.1 {status}\r\n");
+    for h in headers {
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    let body = format!("{body}\n");
+    out.push_str(&format!(
+        "Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    let _ = s.write_all(out.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        let d = parse_authority("example.com:443").unwrap();
+        assert_eq!((d.host.as_str(), d.port), ("example.com", 443));
+        let d = parse_authority("[2001:db8::1]:22").unwrap();
+        assert_eq!((d.host.as_str(), d.port), ("2001:db8::1", 22));
+        assert!(parse_authority("example.com").is_none());
+        assert!(parse_authority("example.com:0").is_none());
+        assert!(parse_authority("http://x:80").is_none());
+    }
+}
