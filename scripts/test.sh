@@ -20,6 +20,8 @@ needs=(
   "/usr/sbin/nft:nftables"
   "/usr/sbin/ip:iproute2"
   "systemd-analyze:systemd"
+  "/usr/sbin/haproxy:haproxy"
+  "nc:netcat-openbsd"
   "setpriv:util-linux"
   "/usr/bin/chromium:chromium"
   "node:nodejs"
