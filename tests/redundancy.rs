@@ -81,10 +81,13 @@ fn fetch(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
+/// When one request of a stream started, and how it went.
+type Outcome = (Instant, Result<(), String>);
+
 /// Runs `work` in a loop on a thread until stopped; records (start time, result).
 struct Stream {
     stop: Arc<AtomicBool>,
-    results: Arc<Mutex<Vec<(Instant, Result<(), String>)>>>,
+    results: Arc<Mutex<Vec<Outcome>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -112,7 +115,7 @@ impl Stream {
         self.results.lock().unwrap().len()
     }
 
-    fn finish(mut self) -> Vec<(Instant, Result<(), String>)> {
+    fn finish(mut self) -> Vec<Outcome> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap();
         std::mem::take(&mut self.results.lock().unwrap())

@@ -164,12 +164,21 @@ function fillTable(testId, rows, empty) {
   body.replaceChildren(...(rows.length ? rows : [el('tr', { class: 'empty' }, el('td', { colspan: cols }, empty))]));
 }
 
+/**
+ * One row per listener of /api/status, with its counters from /api/stats. Counters without a
+ * pushed listener (the agents' outbound proxy, counted as "(outbound)", or a listener an agent
+ * no longer pushes) get a row too, so the rows add up to the totals.
+ */
 function renderListeners(status, stats) {
-  const traffic = new Map(stats.listeners.map((l) => [`${l.site}\u0000${l.name}`, l]));
-  const rows = status.listeners.map((l) => {
-    const t = traffic.get(`${l.site}\u0000${l.name}`) || { bytes: {}, rates: {} };
-    const state = el('span', { class: `badge st-${l.state}` }, l.state);
-    const stateCell = el('td', {}, state);
+  const key = (l) => `${l.site}\u0000${l.name}`;
+  const traffic = new Map(stats.listeners.map((l) => [key(l), l]));
+  const pushed = new Set(status.listeners.map(key));
+  const others = stats.listeners.filter((l) => !pushed.has(key(l))).map((l) => ({
+    site: l.site, name: l.name, public: '–', addrs: [], state: l.name === '(outbound)' ? 'outbound' : 'not pushed',
+  }));
+  const rows = [...status.listeners, ...others].map((l) => {
+    const t = traffic.get(key(l)) || { bytes: {}, rates: {} };
+    const stateCell = el('td', {}, el('span', { class: `badge st-${l.state.replace(' ', '-')}` }, l.state));
     if (l.error) stateCell.append(el('div', { class: 'error' }, l.error));
     return el('tr', { 'data-site': l.site, 'data-listener': l.name, 'data-state': l.state },
       el('td', {}, l.site), el('td', {}, el('b', {}, l.name)), el('td', { class: 'mono' }, l.public),
