@@ -49,7 +49,7 @@ function fmtDuration(s) {
 function fmtTime(unix) {
   const t = new Date(unix * 1000);
   const time = t.toLocaleTimeString('en-GB', { hour12: false });
-  return t.toDateString() === new Date().toDateString() ? time : `${t.toISOString().slice(0, 10)} ${time}`;
+  return t.toDateString() === new Date().toDateString() ? time : `${t.toLocaleDateString('sv-SE')} ${time}`;
 }
 
 const FORMATS = { count: fmtCount, bytes: fmtBytes, rate: fmtRate };
@@ -375,22 +375,25 @@ async function poll() {
   if (polling) return;
   polling = true;
   try {
-    const [status, stats, connections] = await Promise.all([
-      api('/api/status'), api('/api/stats'), api('/api/connections'),
-    ]);
-    last = { status, stats, connections };
+    let answers;
+    try {
+      answers = await Promise.all([api('/api/status'), api('/api/stats'), api('/api/connections')]);
+    } catch (e) {
+      setLost(e.status === 503 ? 'The gateway is restarting.' : `${e.message}.`);
+      return;
+    }
+    const [status, stats, connections] = answers;
+    last = { status, stats, connections, history: chartHistory(stats) };
     setLost(null);
+    // A rendering bug surfaces as a page error (and in the tests), not as "connection lost".
     renderHeader(status, stats);
     renderLight(status);
     renderCounters(stats);
-    last.history = chartHistory(stats);
     renderCharts(last.history);
     renderListeners(status, stats);
     renderAgents(status);
     renderRefusals(stats);
     renderConnections(connections);
-  } catch (e) {
-    setLost(e.status === 503 ? 'The gateway is restarting.' : `${e.message}.`);
   } finally {
     polling = false;
     pollTimer = setTimeout(poll, POLL_MS);
