@@ -21,7 +21,7 @@ needs=(
   "/usr/sbin/ip:iproute2"
   "systemd-analyze:systemd"
   "/usr/sbin/haproxy:haproxy"
-  "nc:netcat-openbsd"
+  "/bin/nc.openbsd:netcat-openbsd"
   "setpriv:util-linux"
   "/usr/bin/chromium:chromium"
   "node:nodejs"
