@@ -244,6 +244,8 @@ async fn check_backends(r: &mut Report, config: &AgentConfig) {
 async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, reached: SocketAddr) {
     let mut one = config.clone();
     one.gateways = vec![gateway.to_string()];
+    // No warm pool: a pooled connection could be handed a real client that dies with `check`.
+    one.pool = 0;
     let agent = Arc::new(Agent::new(one));
     let mut status = agent.status();
     let stop = CancellationToken::new();

@@ -353,7 +353,7 @@ fn a_port_range_listener_opens_and_closes_as_a_whole() {
     let echo = EchoServer::start();
     let gateway = start_gateway(&dir, "");
     // Find three consecutive free ports.
-    let first = (0..50)
+    let first = (0..500)
         .map(|_| free_port())
         .find(|&p| p < 65000 && (1..3).all(|i| TcpListener::bind(local(p + i)).is_ok()))
         .expect("three consecutive free ports");

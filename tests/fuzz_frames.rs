@@ -373,7 +373,7 @@ impl Stats {
 // Checks shared by the properties.
 // ------------------------------------------------------------------------------------------
 
-const KNOWN_KINDS: [u16; 8] = [
+const KNOWN_KINDS: [u16; 9] = [
     kind::HELLO,
     kind::HELLO_ACK,
     kind::ERROR,
@@ -382,6 +382,7 @@ const KNOWN_KINDS: [u16; 8] = [
     kind::CLIENT_ARRIVED,
     kind::CLIENT_FAILED,
     kind::HEARTBEAT,
+    kind::POOL_ASSIGN,
 ];
 
 fn header_len(buf: &[u8]) -> usize {

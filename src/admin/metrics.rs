@@ -158,6 +158,12 @@ pub fn render(handle: &GatewayHandle) -> String {
         GAUGE,
         agents,
     ));
+    families.push(family(
+        "sallyport_pool_idle_connections",
+        "Idle warm-pool data connections agents opened ahead of time.",
+        GAUGE,
+        vec![(vec![], stats.pooled as f64)],
+    ));
     let refusals = stats
         .refusals
         .iter()

@@ -27,11 +27,13 @@ pub(crate) struct Gateway {
 
 /// Serves one client announced by `gateway`. Reports failures on the control channel through
 /// `control` when it is still there; never depends on it otherwise.
+/// `pooled` is a warm-pool data connection the gateway already handed this client (no dial).
 pub(crate) async fn serve_client(
     ctx: AgentCtx,
     gateway: Gateway,
     arrived: ClientArrived,
     control: mpsc::Sender<Message>,
+    pooled: Option<(Stream, BytesMut)>,
 ) {
     let started = Instant::now();
     let config = ctx.config();
@@ -48,7 +50,7 @@ pub(crate) async fn serve_client(
         return fail(format!("agent has no listener \"{listener_name}\""));
     };
     if listener.backend == Backend::Local {
-        return hand_to_application(&ctx, &config, &gateway, &arrived, control).await;
+        return hand_to_application(&ctx, &config, &gateway, &arrived, control, pooled).await;
     }
     let Some(target) = listener.backend_target(arrived.port_offset) else {
         return fail(format!(
@@ -59,7 +61,12 @@ pub(crate) async fn serve_client(
 
     // Both dials at once: the client's wait is the slower of the two, not their sum.
     let (data, backend) = tokio::join!(
-        open_data_connection(&config, &gateway, &arrived),
+        async {
+            match pooled {
+                Some(p) => Ok(p),
+                None => open_data_connection(&config, &gateway, &arrived).await,
+            }
+        },
         connect_backend(
             listener.impersonation,
             client,
@@ -139,6 +146,7 @@ async fn hand_to_application(
     gateway: &Gateway,
     arrived: &ClientArrived,
     control: mpsc::Sender<Message>,
+    pooled: Option<(Stream, BytesMut)>,
 ) {
     let fail = |reason: String| {
         let _ = control.try_send(Message::ClientFailed(ClientFailed {
@@ -149,7 +157,11 @@ async fn hand_to_application(
     let Some(local) = &ctx.local else {
         return fail("no application accepts this listener's clients".into());
     };
-    match open_data_connection(config, gateway, arrived).await {
+    let data = match pooled {
+        Some(p) => Ok(p),
+        None => open_data_connection(config, gateway, arrived).await,
+    };
+    match data {
         Ok((stream, leftover)) => {
             let accepted = Accepted {
                 stream: GatewayStream::new(stream, leftover, arrived.client_addr),

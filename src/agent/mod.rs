@@ -13,6 +13,7 @@ mod data;
 pub(crate) mod dial;
 pub mod embedded;
 mod outbound;
+mod pool;
 pub mod proxy_header;
 mod session;
 pub mod status;

@@ -8,7 +8,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::backoff::Backoff;
 use super::dial::{dial, DialError, Target};
-use super::{data, AgentCtx};
+use super::{data, pool, AgentCtx};
 use crate::addr::display_addrs;
 use crate::config::AgentConfig;
 use crate::net;
@@ -16,6 +16,7 @@ use crate::protocol::{
     ConfigResult, ControlHello, ErrorCode, Heartbeat, ListenerStatus, Message, ProtocolError,
     PushConfig, Role,
 };
+use tokio_util::sync::CancellationToken;
 
 /// Why a session ended (other than shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,11 @@ async fn run_session(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut seq = 0u64;
+    // The warm pool starts once the gateway has accepted the config (the site is joined) and
+    // stops with this session.
+    let pool_stop = CancellationToken::new();
+    let _pool_guard = pool_stop.clone().drop_guard();
+    let mut pool_started = false;
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
@@ -150,12 +156,17 @@ async fn run_session(
                     Message::Heartbeat(_) => {}
                     Message::ClientArrived(arrived) => {
                         let gateway = data::Gateway { name: gateway.to_string(), addr: gateway_addr, tls: data_tls };
-                        ctx.tasks.spawn(data::serve_client(ctx.clone(), gateway, arrived, outbox_tx.clone()));
+                        ctx.tasks.spawn(data::serve_client(ctx.clone(), gateway, arrived, outbox_tx.clone(), None));
                     }
                     Message::ConfigResult(result) => {
                         log_config_result(gateway, &result);
                         if result.generation == generation {
                             *established = true;
+                        }
+                        if !pool_started && ctx.config().pool > 0 {
+                            pool_started = true;
+                            let gateway = data::Gateway { name: gateway.to_string(), addr: gateway_addr, tls: data_tls };
+                            tokio::spawn(pool::maintain(ctx.clone(), gateway, outbox_tx.clone(), pool_stop.clone()));
                         }
                         ctx.status.send_modify(|s| {
                             let g = s.gateways.entry(gateway.to_string()).or_default();

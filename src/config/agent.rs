@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub reconnect: ReconnectConfig,
     /// Timeout for every TCP connect (gateway and backends).
     pub connect_timeout: Duration,
+    /// Idle data connections kept open to each gateway (the warm pool); 0 disables it.
+    pub pool: usize,
     pub listeners: Vec<ListenerConfig>,
     /// SOCKS5 / HTTP CONNECT endpoint (not yet implemented; parsed and kept).
     /// The outbound proxy (SOCKS5 and HTTP CONNECT) for internal hosts, when configured.
@@ -152,6 +154,7 @@ struct RawAgent {
     heartbeat: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     max_frame: Option<Spanned<u64>>,
+    pool: Option<Spanned<u64>>,
     reconnect: Option<RawReconnect>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
@@ -211,6 +214,12 @@ pub struct OutboundConfig {
     pub users: Vec<(String, String)>,
 }
 
+/// Warm-pool connections per gateway by default: enough for a burst of a few clients without a
+/// notification round trip, cheap when idle (two sockets each).
+pub const DEFAULT_POOL: usize = 4;
+/// The most a config may ask for (the gateway holds at most 256 per site).
+pub const MAX_POOL: usize = 64;
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -255,6 +264,7 @@ impl AgentConfig {
             heartbeat: Duration::from_secs(5),
             reconnect: ReconnectConfig::default(),
             connect_timeout: Duration::from_secs(10),
+            pool: DEFAULT_POOL,
             listeners: Vec::new(),
             outbound: None,
             max_frame: DEFAULT_MAX_FRAME,
@@ -365,6 +375,18 @@ impl AgentConfig {
                 n as usize
             }
             None => DEFAULT_MAX_FRAME,
+        };
+
+        let pool = match &raw.pool {
+            Some(v) if *v.get_ref() > MAX_POOL as u64 => {
+                return Err(src.error(
+                    v.span(),
+                    "pool",
+                    format!("{} is more than the allowed {MAX_POOL}", v.get_ref()),
+                ))
+            }
+            Some(v) => *v.get_ref() as usize,
+            None => DEFAULT_POOL,
         };
 
         let mut reconnect = ReconnectConfig::default();
@@ -527,6 +549,7 @@ impl AgentConfig {
             heartbeat,
             reconnect,
             connect_timeout,
+            pool,
             listeners,
             outbound,
             max_frame,

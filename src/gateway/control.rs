@@ -189,6 +189,7 @@ async fn handle_connection(
         }
         Role::Data(data) => claim_data(shared, conn, peer, data, version).await,
         Role::Outbound(out) => super::outbound::serve(shared, conn, peer, out, version).await,
+        Role::Pool(pool) => super::pool::accept(shared, conn, peer, pool, version).await,
     }
 }
 
@@ -266,8 +267,10 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
         }
     };
     if shared.config().tls.is_some() && !conn.get_ref().is_tls() {
-        let plaintext_data_ok =
-            matches!(hello.role, Role::Data(_) | Role::Outbound(_)) && !shared.config().data_tls;
+        let plaintext_data_ok = matches!(
+            hello.role,
+            Role::Data(_) | Role::Outbound(_) | Role::Pool(_)
+        ) && !shared.config().data_tls;
         if !plaintext_data_ok {
             let why = "this gateway requires TLS: configure `tls` in agent.toml";
             refuse(
@@ -445,6 +448,7 @@ async fn run_session(
         ),
     }
     shared.sites.leave(&shared, &site, agent.id).await;
+    site.pool.remove_agent(agent.id);
     // Clients offered to this agent and not yet claimed are offered to another one now.
     agent.gone.cancel();
 }

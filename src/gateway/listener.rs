@@ -22,7 +22,7 @@ use crate::config::check_name;
 use crate::limits::ConnPermit;
 use crate::net;
 use crate::pipe::{pipe_tcp, PipeCounters};
-use crate::protocol::{ClientArrived, ListenerSpec, Message, Token};
+use crate::protocol::{ClientArrived, ListenerSpec, Message, PoolAssign, Token};
 
 /// What the accept loops and client tasks of one listener share.
 pub(crate) struct ListenerInfo {
@@ -275,103 +275,118 @@ async fn serve_client(
     // the connection table counts.
     let mut closed = ClosedOnDrop(Some(info.stats.clone()));
     let id = shared.next_client_id();
-    let token = Token::random();
-    let deadline = tokio::time::Instant::now() + limits.pending_timeout;
-    let mut claim = shared.pending.insert(id, token, &site.name);
-    let arrived = ClientArrived {
+    // A warm pool connection, when the agent keeps some: no notification round trip.
+    let assign = PoolAssign {
         id,
-        token,
         listener: listener.to_string(),
         port_offset,
         client_addr,
         gateway_addr,
     };
-    // Offer the client to the least busy agent; if that agent goes away before a data
-    // connection claims the client, offer it (same id and token) to another, until the
-    // deadline. With no agent left, wait for one to (re)connect.
-    let mut offered_to: Option<String> = None;
-    let wait = async {
-        loop {
-            let joined = site.joined.notified();
-            let Some(agent) = site.pick_agent() else {
+    let pooled = site.pool.assign(&assign).await;
+    let via = if pooled.is_some() { " (warm pool)" } else { "" };
+    let data = if let Some(data) = pooled {
+        drop((pending_total, pending_here));
+        data
+    } else {
+        let token = Token::random();
+        let deadline = tokio::time::Instant::now() + limits.pending_timeout;
+        let mut claim = shared.pending.insert(id, token, &site.name);
+        let arrived = ClientArrived {
+            id,
+            token,
+            listener: listener.to_string(),
+            port_offset,
+            client_addr,
+            gateway_addr,
+        };
+        // Offer the client to the least busy agent; if that agent goes away before a data
+        // connection claims the client, offer it (same id and token) to another, until the
+        // deadline. With no agent left, wait for one to (re)connect.
+        let mut offered_to: Option<String> = None;
+        let wait = async {
+            loop {
+                let joined = site.joined.notified();
+                let Some(agent) = site.pick_agent() else {
+                    tokio::select! {
+                        c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
+                        () = joined => continue,
+                    }
+                };
+                if let Some(previous) = offered_to.replace(agent.name.clone()) {
+                    tracing::info!(
+                        listener, client = %client_addr, id,
+                        "agent {previous} is gone; client offered again, to agent {}", agent.name
+                    );
+                }
+                agent.inflight.fetch_add(1, Ordering::Relaxed);
+                let _inflight = Inflight(agent.inflight.clone());
+                if agent
+                    .tx
+                    .send(Message::ClientArrived(arrived.clone()))
+                    .await
+                    .is_err()
+                {
+                    // Its control channel just closed: it leaves the site; pick again.
+                    agent.gone.cancelled().await;
+                    continue;
+                }
                 tokio::select! {
                     c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
-                    () = joined => continue,
+                    () = agent.gone.cancelled() => continue,
                 }
-            };
-            if let Some(previous) = offered_to.replace(agent.name.clone()) {
-                tracing::info!(
-                    listener, client = %client_addr, id,
-                    "agent {previous} is gone; client offered again, to agent {}", agent.name
-                );
             }
-            agent.inflight.fetch_add(1, Ordering::Relaxed);
-            let _inflight = Inflight(agent.inflight.clone());
-            if agent
-                .tx
-                .send(Message::ClientArrived(arrived.clone()))
-                .await
-                .is_err()
-            {
-                // Its control channel just closed: it leaves the site; pick again.
-                agent.gone.cancelled().await;
-                continue;
+        };
+        // A client that leaves while waiting gives its pending place back at once instead of at
+        // its deadline (otherwise connect-and-close loops could hold every pending place).
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout_at(deadline, wait) => outcome,
+            () = client_left(&client) => {
+                shared.pending.remove(id);
+                tracing::debug!(listener, client = %client_addr, "client left before its data connection arrived");
+                return;
             }
-            tokio::select! {
-                c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
-                () = agent.gone.cancelled() => continue,
-            }
-        }
-    };
-    // A client that leaves while waiting gives its pending place back at once instead of at
-    // its deadline (otherwise connect-and-close loops could hold every pending place).
-    let outcome = tokio::select! {
-        outcome = tokio::time::timeout_at(deadline, wait) => outcome,
-        () = client_left(&client) => {
-            shared.pending.remove(id);
-            tracing::debug!(listener, client = %client_addr, "client left before its data connection arrived");
-            return;
-        }
-    };
-    drop((pending_total, pending_here));
-    let agent_name = offered_to.unwrap_or_else(|| "-".to_string());
+        };
+        drop((pending_total, pending_here));
+        let agent_name = offered_to.unwrap_or_else(|| "-".to_string());
 
-    let data = match outcome {
-        Ok(Ok(Claim::Data(data))) => data,
-        Ok(Ok(Claim::Failed(reason))) => {
-            shared.pending.remove(id);
-            let occ = shared.stats.clients_failed.hit();
-            if occ.log {
-                tracing::warn!(
-                    listener, client = %client_addr, agent = %agent_name,
-                    "agent could not serve client: {reason}{}", occ.tally()
-                );
+        match outcome {
+            Ok(Ok(Claim::Data(data))) => data,
+            Ok(Ok(Claim::Failed(reason))) => {
+                shared.pending.remove(id);
+                let occ = shared.stats.clients_failed.hit();
+                if occ.log {
+                    tracing::warn!(
+                        listener, client = %client_addr, agent = %agent_name,
+                        "agent could not serve client: {reason}{}", occ.tally()
+                    );
+                }
+                return;
             }
-            return;
-        }
-        Ok(Err(reason)) => {
-            shared.pending.remove(id);
-            tracing::warn!(listener, client = %client_addr, "closing client: {reason}");
-            return;
-        }
-        Err(_) => {
-            shared.pending.remove(id);
-            let occ = shared.stats.clients_unclaimed.hit();
-            if occ.log {
-                tracing::warn!(
-                    listener, client = %client_addr, agent = %agent_name,
-                    "no data connection within {}; closing client{}",
-                    humantime::format_duration(limits.pending_timeout),
-                    occ.tally()
-                );
+            Ok(Err(reason)) => {
+                shared.pending.remove(id);
+                tracing::warn!(listener, client = %client_addr, "closing client: {reason}");
+                return;
             }
-            return;
+            Err(_) => {
+                shared.pending.remove(id);
+                let occ = shared.stats.clients_unclaimed.hit();
+                if occ.log {
+                    tracing::warn!(
+                        listener, client = %client_addr, agent = %agent_name,
+                        "no data connection within {}; closing client{}",
+                        humantime::format_duration(limits.pending_timeout),
+                        occ.tally()
+                    );
+                }
+                return;
+            }
         }
     };
 
     tracing::info!(
         listener, client = %client_addr, agent = %data.agent_addr, id,
-        "client connected after {} ms", started.elapsed().as_millis()
+        "client connected after {} ms{via}", started.elapsed().as_millis()
     );
     let entry = Arc::new(ConnEntry {
         id,

@@ -15,6 +15,7 @@ mod control;
 mod listener;
 pub mod outbound;
 mod pending;
+mod pool;
 mod site;
 pub mod stats;
 
@@ -269,6 +270,8 @@ pub struct ListenerStatsView {
 pub struct StatsView {
     pub uptime_seconds: u64,
     pub agents: usize,
+    /// Idle warm-pool data connections, all sites.
+    pub pooled: usize,
     pub totals: TrafficSnapshot,
     pub listeners: Vec<ListenerStatsView>,
     /// Refused connections by reason.
@@ -362,6 +365,7 @@ impl GatewayHandle {
         StatsView {
             uptime_seconds: s.started_at.elapsed().as_secs(),
             agents: s.sites.all().iter().map(|site| site.agent_count()).sum(),
+            pooled: s.sites.all().iter().map(|site| site.pool.len()).sum(),
             totals,
             listeners: per
                 .into_iter()

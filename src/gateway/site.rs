@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::listener::RunningListener;
+use super::pool::Pool;
 use super::{RunState, Shared};
 use crate::addr::display_addrs;
 use crate::protocol::{
@@ -47,6 +48,8 @@ pub(crate) struct Site {
     next_pick: AtomicU64,
     /// Woken whenever an agent joins (clients waiting for any agent retry).
     pub joined: Notify,
+    /// Idle data connections agents opened ahead of time.
+    pub pool: Pool,
 }
 
 /// Desired (what agents pushed) and actual (what is open) listeners of a site.
@@ -90,6 +93,7 @@ impl Site {
             view: Mutex::new(Vec::new()),
             next_pick: AtomicU64::new(0),
             joined: Notify::new(),
+            pool: Pool::default(),
         }
     }
 

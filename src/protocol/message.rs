@@ -26,6 +26,7 @@ pub mod kind {
     pub const CONFIG_RESULT: u16 = 0x0011;
     pub const CLIENT_ARRIVED: u16 = 0x0020;
     pub const CLIENT_FAILED: u16 = 0x0021;
+    pub const POOL_ASSIGN: u16 = 0x0022;
     pub const HEARTBEAT: u16 = 0x0030;
     /// Types at or above this are advisory (ignored when unknown).
     pub const FIRST_ADVISORY: u16 = 0x8000;
@@ -59,6 +60,29 @@ pub enum Role {
     Data(DataHello),
     /// An outbound connection: an internal host asks the gateway to dial `dest` for it.
     Outbound(OutboundHello),
+    /// A warm-pool data connection: it waits, idle, until the gateway hands it a client with
+    /// [`PoolAssign`] (no notification round trip).
+    Pool(PoolHello),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolHello {
+    /// The site whose clients this connection may carry.
+    pub site: String,
+    /// The agent opening it: it must have a control channel from the same IP address; its
+    /// pooled connections are dropped when that control channel ends.
+    pub agent: String,
+}
+
+/// The gateway hands a waiting pool connection a client; raw bytes follow, both ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolAssign {
+    /// The gateway's id for the client (for logs).
+    pub id: u64,
+    pub listener: String,
+    pub port_offset: u16,
+    pub client_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +286,7 @@ pub enum Message {
     ClientArrived(ClientArrived),
     ClientFailed(ClientFailed),
     Heartbeat(Heartbeat),
+    PoolAssign(PoolAssign),
 }
 
 impl Message {
@@ -275,6 +300,7 @@ impl Message {
             Message::ClientArrived(_) => kind::CLIENT_ARRIVED,
             Message::ClientFailed(_) => kind::CLIENT_FAILED,
             Message::Heartbeat(_) => kind::HEARTBEAT,
+            Message::PoolAssign(_) => kind::POOL_ASSIGN,
         }
     }
 
@@ -289,6 +315,7 @@ impl Message {
             Message::ClientArrived(_) => "client-arrived",
             Message::ClientFailed(_) => "client-failed",
             Message::Heartbeat(_) => "heartbeat",
+            Message::PoolAssign(_) => "pool-assign",
         }
     }
 
@@ -309,6 +336,7 @@ impl Message {
             Message::ClientArrived(m) => postcard::to_stdvec(m),
             Message::ClientFailed(m) => postcard::to_stdvec(m),
             Message::Heartbeat(m) => postcard::to_stdvec(m),
+            Message::PoolAssign(m) => postcard::to_stdvec(m),
         }
         .expect("serializing plain data into a Vec cannot fail");
         RawFrame {
@@ -331,6 +359,7 @@ impl Message {
             kind::CLIENT_ARRIVED => Message::ClientArrived(payload(k, p)?),
             kind::CLIENT_FAILED => Message::ClientFailed(payload(k, p)?),
             kind::HEARTBEAT => Message::Heartbeat(payload(k, p)?),
+            kind::POOL_ASSIGN => Message::PoolAssign(payload(k, p)?),
             k if k >= kind::FIRST_ADVISORY => return Ok(None),
             k => return Err(ProtocolError::UnknownMessage { kind: k }),
         };
