@@ -97,7 +97,8 @@ pub(crate) async fn serve_client(
             return fail(format!("agent's data connection failed: {e}"));
         }
     };
-    tracing::info!(
+    // The info line comes when the connection ends, with bytes and duration.
+    tracing::debug!(
         listener = listener_name, client = %client, backend = %target,
         "client connected in {} ms", started.elapsed().as_millis()
     );

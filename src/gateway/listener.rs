@@ -384,7 +384,10 @@ async fn serve_client(
         }
     };
 
-    tracing::info!(
+    // One info line per connection, when it ends (with bytes and duration): logging costs
+    // CPU on the connection path, and a second line per connection halves the new-connection
+    // rate's headroom.
+    tracing::debug!(
         listener, client = %client_addr, agent = %data.agent_addr, id,
         "client connected after {} ms{via}", started.elapsed().as_millis()
     );
