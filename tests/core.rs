@@ -352,11 +352,8 @@ fn a_port_range_listener_opens_and_closes_as_a_whole() {
     let dir = Workdir::new();
     let echo = EchoServer::start();
     let gateway = start_gateway(&dir, "");
-    // Find three consecutive free ports.
-    let first = (0..500)
-        .map(|_| free_port())
-        .find(|&p| p < 65000 && (1..3).all(|i| TcpListener::bind(local(p + i)).is_ok()))
-        .expect("three consecutive free ports");
+    // Three consecutive free ports, below the ephemeral range (busy when other tests run).
+    let first = support::ftp::free_port_range(3);
     let range = ListenerDef {
         name: "range".into(),
         public: format!("127.0.0.1:{first}-{}", first + 2),
