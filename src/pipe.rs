@@ -207,6 +207,12 @@ mod zero_copy {
 
     static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
+    #[cfg(test)]
+    thread_local! {
+        /// Makes `Pipe::take` fail on this thread, as when out of descriptors (tests only).
+        pub(super) static NO_PIPES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     /// Whether to splice: yes unless `SALLYPORT_SPLICE=off` (or `0`, `false`, `no`).
     pub(super) fn enabled() -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
@@ -229,6 +235,10 @@ mod zero_copy {
     impl Pipe {
         /// An empty pipe from the pool, or a new one.
         pub(super) fn take() -> io::Result<Pipe> {
+            #[cfg(test)]
+            if NO_PIPES.with(|no| no.get()) {
+                return Err(io::Error::other("no pipes in this test"));
+            }
             if let Some(pipe) = lock_pool().pop() {
                 return Ok(pipe);
             }
@@ -403,9 +413,22 @@ mod tests {
         Plain,
         /// `pipe_tcp` with a plain `Stream`: the call the gateway and the agent make.
         Tcp,
+        /// `pipe_plain` when no pipe can be had (out of descriptors): the buffered fallback.
+        /// Only on a current-thread runtime, where the flag's thread runs every task.
+        #[cfg(target_os = "linux")]
+        NoPipes,
     }
 
     const PUMPS: [Pump; 3] = [Pump::Copy, Pump::Plain, Pump::Tcp];
+
+    /// For current-thread tests: also the fallback without pipes.
+    fn all_pumps() -> Vec<Pump> {
+        #[allow(unused_mut)]
+        let mut pumps = PUMPS.to_vec();
+        #[cfg(target_os = "linux")]
+        pumps.push(Pump::NoPipes);
+        pumps
+    }
 
     fn start(
         pump: Pump,
@@ -421,6 +444,13 @@ mod tests {
                 Pump::Copy => pipe(a, a_prefix, b, b_prefix, &c).await,
                 Pump::Plain => pipe_plain(a, a_prefix, b, b_prefix, &c).await,
                 Pump::Tcp => pipe_tcp(a, a_prefix, Stream::Plain(b), b_prefix, &c).await,
+                #[cfg(target_os = "linux")]
+                Pump::NoPipes => {
+                    zero_copy::NO_PIPES.with(|no| no.set(true));
+                    let r = pipe_plain(a, a_prefix, b, b_prefix, &c).await;
+                    zero_copy::NO_PIPES.with(|no| no.set(false));
+                    r
+                }
             }
         });
         (counters, task)
@@ -428,7 +458,7 @@ mod tests {
 
     #[tokio::test]
     async fn half_close_travels_and_the_reply_still_arrives() {
-        for pump in PUMPS {
+        for pump in all_pumps() {
             // client <-> (p1 | pipe | p2) <-> server
             let (mut client, p1) = tcp_pair().await;
             let (p2, mut server) = tcp_pair().await;
@@ -520,7 +550,7 @@ mod tests {
     /// A reset on one side ends the pump with an error, like the copy loop.
     #[tokio::test]
     async fn a_reset_ends_the_pipe() {
-        for pump in PUMPS {
+        for pump in all_pumps() {
             let (client, p1) = tcp_pair().await;
             let (p2, mut server) = tcp_pair().await;
             let (_counters, task) = start(pump, p1, b"", p2, b"");
