@@ -33,7 +33,7 @@ use super::dial::{dial, DialError, Target};
 use super::AgentCtx;
 use crate::config::OutboundConfig;
 use crate::net;
-use crate::pipe::{pipe, PipeCounters};
+use crate::pipe::{pipe_tcp, PipeCounters};
 use crate::protocol::{ErrorCode, OutboundHello, ProtocolError, Role};
 use crate::transport::Stream;
 
@@ -191,7 +191,7 @@ async fn serve_client(
     }
     tracing::info!(client = %client, "outbound connection to {dest} open after {} ms", started.elapsed().as_millis());
     let counters = PipeCounters::default();
-    let result = pipe(stream, &early, gw_stream, &gw_leftover, &counters).await;
+    let result = pipe_tcp(stream, &early, gw_stream, &gw_leftover, &counters).await;
     let bytes = counters.snapshot();
     tracing::info!(
         client = %client, sent = bytes.b_written, received = bytes.a_written,

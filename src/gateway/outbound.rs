@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use super::stats::{ConnEntry, ListenerStats};
 use super::Shared;
 use crate::net;
-use crate::pipe::{pipe, PipeCounters};
+use crate::pipe::{pipe_tcp, PipeCounters};
 use crate::protocol::{self, Connection, ErrorCode, HelloAck, Message, OutboundHello};
 use crate::transport::Stream;
 
@@ -194,7 +194,7 @@ pub(crate) async fn serve(
     });
     shared.traffic.start(entry.clone());
     let result = tokio::select! {
-        r = pipe(dest_stream, b"", stream, &leftover, &entry.counters) => r,
+        r = pipe_tcp(dest_stream, b"", stream, &leftover, &entry.counters) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
     };
     shared.traffic.finish(id);
