@@ -709,7 +709,7 @@ fn a_backend_that_dies_or_refuses_closes_the_client_and_is_counted() {
 
     // Dies mid-stream: nginx is SIGKILLed while it sends.
     let out = d.dir.path().join("partial.bin");
-    let mut transfer = slow_download(&z, &format!("http://{public}/big.bin"), &out, "2M");
+    let mut transfer = slow_download(&z, &format!("http://{public}/big.bin"), &out, "4M");
     assert!(wait_until(Duration::from_secs(10), || file_len(&out) >= 1024 * 1024));
     let killed = Instant::now();
     drop(web);
@@ -736,7 +736,7 @@ fn a_backend_that_dies_or_refuses_closes_the_client_and_is_counted() {
     );
     eprintln!(
         "FIGURE backend SIGKILL mid-stream: client closed (curl exit 18) {} ms after the kill \
-         while draining at 2 MiB/s, with {} of {} bytes, all identical",
+         while draining at 4 MiB/s, with {} of {} bytes, all identical",
         closed_in.as_millis(),
         got.len(),
         file.len()

@@ -243,7 +243,7 @@ pub struct Zones {
     pub internal_ip: IpAddr,
     /// The internet end's interface (more client addresses go there).
     pub internet_if: String,
-    /// Packets the internal firewall dropped so far is `dropped_into_internal()`.
+    /// Last, so the namespaces go after everything else in the struct.
     net: Namespaces,
 }
 
