@@ -56,3 +56,11 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test "$@"
 fi
+
+# The benchmark's smoke mode: every variant (direct, rathole, sallyport plain and TLS) moves
+# bytes through iperf3, wrk and the connection tests with no errors; no timing is judged.
+# About a minute, plus installing iperf3/wrk and building rathole once on a fresh machine.
+# Skipped when extra arguments select particular tests, or with SALLYPORT_SKIP_BENCH=1.
+if [ $# -eq 0 ] && [ -z "${SALLYPORT_SKIP_BENCH:-}" ]; then
+  bench/run --smoke
+fi
