@@ -335,12 +335,7 @@ async fn claim_data(
             return;
         }
     };
-    let ack = Message::HelloAck(HelloAck {
-        version,
-        software: protocol::SOFTWARE.to_string(),
-        heartbeat_ms: 0,
-        data_tls: shared.config().data_tls,
-    });
+    let ack = data_ack(&shared, version);
     if let Err(e) = conn.write_message(&ack).await {
         // Dropping `tx` wakes the client task, which closes the client.
         tracing::warn!(peer = %peer, id = data.id, "data connection failed during hello: {e}");
@@ -355,6 +350,16 @@ async fn claim_data(
     if tx.send(claim).is_err() {
         tracing::debug!(peer = %peer, id = data.id, "client gave up just before its data connection arrived");
     }
+}
+
+/// The gateway's answer to an accepted data, outbound or pool hello (no heartbeats on those).
+pub(crate) fn data_ack(shared: &Shared, version: u16) -> Message {
+    Message::HelloAck(HelloAck {
+        version,
+        software: protocol::SOFTWARE.to_string(),
+        heartbeat_ms: 0,
+        data_tls: shared.config().data_tls,
+    })
 }
 
 /// Runs one agent's control channel until it ends, then removes the agent from its site.

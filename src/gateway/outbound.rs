@@ -19,7 +19,7 @@ use super::stats::{ConnEntry, ListenerStats};
 use super::Shared;
 use crate::net;
 use crate::pipe::{pipe_tcp, PipeCounters};
-use crate::protocol::{self, Connection, ErrorCode, HelloAck, Message, OutboundHello};
+use crate::protocol::{Connection, ErrorCode, OutboundHello};
 use crate::transport::Stream;
 
 /// The name outbound connections are counted under, per site (not a valid listener name, so it
@@ -163,12 +163,7 @@ pub(crate) async fn serve(
         }
     };
     stats.accepted.fetch_add(1, Ordering::Relaxed);
-    let ack = Message::HelloAck(HelloAck {
-        version,
-        software: protocol::SOFTWARE.to_string(),
-        heartbeat_ms: 0,
-        data_tls: shared.config().data_tls,
-    });
+    let ack = super::control::data_ack(&shared, version);
     if let Err(e) = conn.write_message(&ack).await {
         stats.closed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(peer = %peer, "outbound connection to {dest} failed during hello: {e}");

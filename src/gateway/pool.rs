@@ -17,7 +17,7 @@ use futures::FutureExt;
 use super::pending::DataConn;
 use super::Shared;
 use crate::net;
-use crate::protocol::{self, Connection, ErrorCode, HelloAck, Message, PoolAssign, PoolHello};
+use crate::protocol::{Connection, ErrorCode, Message, PoolAssign, PoolHello};
 use crate::transport::Stream;
 
 /// How long a pooled connection may wait for a client before the gateway recycles it.
@@ -163,12 +163,7 @@ pub(crate) async fn accept(
         conn.send_error(ErrorCode::BAD_HELLO, why).await;
         return;
     };
-    let ack = Message::HelloAck(HelloAck {
-        version,
-        software: protocol::SOFTWARE.to_string(),
-        heartbeat_ms: 0,
-        data_tls: shared.config().data_tls,
-    });
+    let ack = super::control::data_ack(&shared, version);
     if conn.write_message(&ack).await.is_err() {
         return;
     }
