@@ -143,23 +143,11 @@ pub fn main() -> ExitCode {
             };
             run_async(run_gateway(cfg, config))
         }
-        Command::Check { config } => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            if rt.block_on(crate::check::run(&config)) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Command::Check { config } => match runtime() {
+            Ok(rt) if rt.block_on(crate::check::run(&config)) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(code) => code,
+        },
         Command::Status { admin, json } => {
             run_async(crate::status::print(admin.admin, admin.token, json))
         }
@@ -221,16 +209,21 @@ fn init_logging(default: &str) {
         .init();
 }
 
-fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// The multi-threaded tokio runtime every command runs on.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+            ExitCode::FAILURE
+        })
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
