@@ -54,6 +54,7 @@ pub mod demo;
 pub mod egress;
 pub mod gateway;
 pub mod limits;
+pub mod mem;
 pub mod net;
 pub mod pipe;
 pub mod protocol;

@@ -114,7 +114,11 @@ impl Agent {
             sessions.spawn(session::keep_connected(ctx.clone(), gateway));
         }
         sessions.close();
+        // Give memory back after load peaks; stops with the sessions.
+        let tasks = ctx.tasks.clone();
+        let trimmer = tokio::spawn(crate::mem::trim_after_peaks(move || tasks.len(), 256));
         sessions.wait().await;
+        trimmer.abort();
         ctx.tasks.close();
         if tokio::time::timeout(DRAIN_GRACE, ctx.tasks.wait())
             .await

@@ -179,10 +179,17 @@ impl Gateway {
             shared.traffic.clone(),
             shared.shutdown.clone(),
         ));
+        // Give memory back after load peaks (aborted with this function's end).
+        let counter = shared.clone();
+        let trimmer = tokio::spawn(crate::mem::trim_after_peaks(
+            move || counter.clients.current(),
+            256,
+        ));
         tokio::select! {
             _ = signals.cancelled() => shared.request_exit(Exit::Stop),
             _ = shared.exit_requested.cancelled() => {}
         }
+        trimmer.abort();
         let exit = shared.exit.lock().unwrap().unwrap_or(Exit::Stop);
         *shared.state.lock().unwrap() = RunState::Stopping;
         let active = shared.traffic.connections().len();
