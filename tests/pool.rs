@@ -40,8 +40,11 @@ fn the_pool_fills_serves_clients_without_a_notification_and_refills() {
     }
     // Every client went through a pooled connection: none was announced on the control
     // channel, and the pool is back to its size.
-    assert_eq!(gw.proc.count_log("(warm pool)"), 10);
-    assert_eq!(agent.count_log("client connected in"), 10);
+    // (The log lines travel through pipes to the harness: wait for them.)
+    assert!(wait_until(Duration::from_secs(5), || {
+        gw.proc.count_log("(warm pool)") == 10 && agent.count_log("client connected in") == 10
+    }));
+    assert_eq!(gw.proc.count_log("client connected after"), 10);
     assert!(wait_until(Duration::from_secs(5), || pooled(&gw) == 3));
     let metrics = std::process::Command::new("curl")
         .args(["-s", &format!("{}/metrics", gw.admin_url())])
@@ -120,5 +123,7 @@ fn an_agent_that_leaves_takes_its_pooled_connections_with_it() {
     for i in 0..8 {
         echo_round_trip(local(port), &format!("after a left {i}"));
     }
-    assert_eq!(b.count_log("client connected in"), 8);
+    assert!(wait_until(Duration::from_secs(5), || b
+        .count_log("client connected in")
+        == 8));
 }
