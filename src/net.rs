@@ -187,3 +187,23 @@ mod libc_errno {
     #[cfg(not(target_os = "linux"))]
     pub const ENOBUFS: i32 = 55;
 }
+
+/// Half-closes, then drains what the peer still sends for up to `linger`: closing a socket with
+/// unread input sends a reset, which can destroy what was sent last (a refusal, the end of a
+/// reply) before the peer reads it, and turns a clean close into "connection reset".
+pub async fn close_gently<S>(stream: &mut S, linger: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(linger, async {
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}

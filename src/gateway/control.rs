@@ -18,7 +18,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -133,19 +133,8 @@ async fn refuse_before_reading(stream: TcpStream, code: ErrorCode, message: Stri
     close_gently(&mut stream).await;
 }
 
-/// Half-closes, then drains what the peer still sends for a moment: closing a socket with
-/// unread input sends a reset, which can destroy the refusal before the peer reads it.
 async fn close_gently<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
-    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-        let _ = stream.shutdown().await;
-        let mut sink = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
+    net::close_gently(stream, REFUSAL_LINGER).await
 }
 
 /// A connection whose hello was accepted.

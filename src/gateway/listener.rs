@@ -354,6 +354,9 @@ async fn serve_client(
             Ok(Ok(Claim::Data(data))) => data,
             Ok(Ok(Claim::Failed(reason))) => {
                 shared.pending.remove(id);
+                // An orderly close (the client's first bytes may be unread): not a reset.
+                let mut client = client;
+                net::close_gently(&mut client, std::time::Duration::from_secs(1)).await;
                 let occ = shared.stats.clients_failed.hit();
                 if occ.log {
                     tracing::warn!(
