@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
         return;
     }
-    let kind = u16::from_be_bytes([data[0], data[1]]) & 0x801f; // known types and a few others
+    let kind = u16::from_be_bytes([data[0], data[1]]) & 0x803f; // known types (up to 0x0030) and a few others
     let frame = RawFrame {
         kind,
         payload: Bytes::copy_from_slice(&data[2..]),
