@@ -81,19 +81,15 @@ pub(crate) async fn serve_client(
                 listener = listener_name, client = %client,
                 "backend {target} unreachable: {e}; closing the client"
             );
+            // The gateway closes the client on this report, or when the data connection (if any)
+            // closes without a byte.
+            fail(format!("backend {target} unreachable: {e}"));
             // Close the data connection cleanly (the client's request may be unread in it),
             // so the client sees an orderly close, not a reset.
             if let Ok((mut data, _)) = data {
-                let _ = control.try_send(Message::ClientFailed(ClientFailed {
-                    id: arrived.id,
-                    reason: format!("backend {target} unreachable: {e}"),
-                }));
                 net::close_gently(&mut data, std::time::Duration::from_secs(1)).await;
-                return;
             }
-            // The gateway closes the client on this report, or when the data connection (if any)
-            // closes without a byte.
-            return fail(format!("backend {target} unreachable: {e}"));
+            return;
         }
     };
     let (data, leftover) = match data {

@@ -218,6 +218,9 @@ async fn open(ctx: &AgentCtx, dest: &Dest, client: SocketAddr, next: &AtomicUsiz
     }
     let start = next.fetch_add(1, Ordering::Relaxed);
     let mut last = Outcome::NoGateway;
+    // The gateway may take up to 10 s to dial; allow for it on top of our own timeout.
+    let mut cfg = (*config).clone();
+    cfg.connect_timeout = config.connect_timeout + Duration::from_secs(12);
     for i in 0..gateways.len() {
         let (name, addr, tls) = &gateways[(start + i) % gateways.len()];
         let role = Role::Outbound(OutboundHello {
@@ -230,9 +233,6 @@ async fn open(ctx: &AgentCtx, dest: &Dest, client: SocketAddr, next: &AtomicUsiz
             gateway: name,
             resolved: Some(*addr),
         };
-        // The gateway may take up to 10 s to dial; allow for it on top of our own timeout.
-        let mut cfg = (*config).clone();
-        cfg.connect_timeout = config.connect_timeout + Duration::from_secs(12);
         match dial(&cfg, target, role, *tls).await {
             Ok((conn, _ack)) => {
                 let (s, l) = conn.into_parts();
