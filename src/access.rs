@@ -9,7 +9,10 @@
 //! - a CIDR block: `10.1.0.0/16`, `fd00::/8`
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:10.0.0.5`, as seen on dual-stack sockets) are matched as
-//! the IPv4 address they carry. This module only decides; counting and logging belong to callers.
+//! the IPv4 address they carry, and mapped patterns (`::ffff:10.0.0.5`, `::ffff:10.0.0.0/120`,
+//! ranges of mapped addresses) are canonicalised to IPv4 when parsed, so they match the clients
+//! they name: a mapped pattern that silently matched nothing would turn a deny exception into an
+//! allow. This module only decides; counting and logging belong to callers.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -70,6 +73,34 @@ impl IpPattern {
     }
 }
 
+/// An IPv4-mapped IPv6 block (`::ffff:a.b.c.d/N`, N >= 96) as the IPv4 block it covers
+/// (`a.b.c.d/N-96`), since addresses are matched in their IPv4 form. Other blocks are unchanged
+/// (an IPv6 block wider than the mapped range, such as `::/0`, is an IPv6 rule and matches only
+/// IPv6 addresses).
+pub fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(
+                ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                    .expect("a prefix of at most 32 bits")
+                    .trunc(),
+            ),
+            None => net,
+        },
+        other => other,
+    }
+}
+
+impl fmt::Display for IpPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpPattern::Single(ip) => write!(f, "{ip}"),
+            IpPattern::Net(net) => write!(f, "{net}"),
+            IpPattern::Range(lo, hi) => write!(f, "{lo}-{hi}"),
+        }
+    }
+}
+
 /// Maps `::ffff:a.b.c.d` to `a.b.c.d` so IPv4 rules apply on dual-stack sockets.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -92,7 +123,7 @@ impl FromStr for IpPattern {
         if s.contains('/') {
             return s
                 .parse::<IpNet>()
-                .map(|n| IpPattern::Net(n.trunc()))
+                .map(|n| IpPattern::Net(canonical_net(n.trunc())))
                 .map_err(|_| format!("invalid CIDR block \"{s}\""));
         }
         if let Some((lo, hi)) = s.split_once('-') {
@@ -170,6 +201,12 @@ impl AccessRules {
         Ok(AccessRules { default, except })
     }
 
+    /// The exceptions as a list, e.g. `["10.0.0.0/24", "10.2.0.10-10.2.0.20"]`.
+    pub fn except_text(&self) -> String {
+        let items: Vec<String> = self.except.iter().map(|p| format!("\"{p}\"")).collect();
+        format!("[{}]", items.join(", "))
+    }
+
     pub fn allows(&self, ip: IpAddr) -> bool {
         let excepted = self.except.iter().any(|p| p.matches(ip));
         match self.default {
@@ -222,6 +259,32 @@ mod tests {
         let rules = AccessRules::parse(Policy::Deny, &["127.0.0.2"]).unwrap();
         assert!(rules.allows(ip("127.0.0.2")));
         assert!(!rules.allows(ip("127.0.0.3")));
+    }
+
+    #[test]
+    fn ipv4_mapped_patterns_match_the_ipv4_clients_they_name() {
+        for (pattern, inside, outside) in [
+            ("::ffff:127.0.0.7", "127.0.0.7", "127.0.0.8"),
+            ("::ffff:127.0.0.7/128", "127.0.0.7", "127.0.0.8"),
+            ("::ffff:10.1.0.0/112", "10.1.200.3", "10.2.0.1"),
+            ("::ffff:10.0.0.1-::ffff:10.0.0.9", "10.0.0.5", "10.0.0.10"),
+        ] {
+            let p: IpPattern = pattern.parse().unwrap();
+            assert!(p.matches(ip(inside)), "{pattern} must match {inside}");
+            assert!(p.matches(ip(&format!("::ffff:{inside}"))), "{pattern}");
+            assert!(
+                !p.matches(ip(outside)),
+                "{pattern} must not match {outside}"
+            );
+        }
+        assert_eq!(
+            "::ffff:127.0.0.0/120".parse::<IpPattern>().unwrap(),
+            IpPattern::Net("127.0.0.0/24".parse().unwrap())
+        );
+        // A wide IPv6 block stays an IPv6 rule.
+        let all_v6: IpPattern = "::/0".parse().unwrap();
+        assert!(all_v6.matches(ip("2001:db8::1")));
+        assert!(!all_v6.matches(ip("127.0.0.1")));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!
 //! A range backend maps port for port onto a public range of the same length.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -159,6 +160,68 @@ impl PublicAddr {
     }
 }
 
+/// The public addresses a set of listeners holds, to tell whether one more conflicts with any
+/// of them ([`PublicAddr::conflicts`]) in O(log n) rather than by comparing it with each: a file
+/// of 16,000 listeners is checked in one pass.
+#[derive(Debug, Default)]
+pub struct Occupancy {
+    /// Ranges on one address, per address: disjoint within an address.
+    by_ip: HashMap<IpAddr, BTreeMap<u16, u16>>,
+    /// Ranges on every address (no IP, `0.0.0.0`, `::`): disjoint from every other range.
+    wildcard: BTreeMap<u16, u16>,
+    /// The union of the ranges on single addresses, merged (what a wildcard must stay clear of).
+    specific: BTreeMap<u16, u16>,
+}
+
+/// Whether a set of disjoint ranges (first -> last) has one overlapping `r`: only the range
+/// starting last at or before `r.last` can.
+fn overlaps_any(set: &BTreeMap<u16, u16>, r: &PortRange) -> bool {
+    set.range(..=r.last)
+        .next_back()
+        .is_some_and(|(_, &last)| last >= r.first)
+}
+
+impl Occupancy {
+    /// Holds `public` unless it conflicts with an address already held; `false` then (the
+    /// caller names the other listener, once).
+    pub fn claim(&mut self, public: &PublicAddr) -> bool {
+        let r = &public.ports;
+        match public.ip.filter(|ip| !ip.is_unspecified()) {
+            None => {
+                if overlaps_any(&self.wildcard, r) || overlaps_any(&self.specific, r) {
+                    return false;
+                }
+                self.wildcard.insert(r.first, r.last);
+            }
+            Some(ip) => {
+                let own = self.by_ip.entry(ip).or_default();
+                if overlaps_any(own, r) || overlaps_any(&self.wildcard, r) {
+                    return false;
+                }
+                own.insert(r.first, r.last);
+                // Merge into the union: it stays a set of disjoint ranges.
+                let (mut first, mut last) = (r.first, r.last);
+                if let Some((&f, &l)) = self.specific.range(..=first).next_back() {
+                    if l >= first {
+                        first = f;
+                        last = last.max(l);
+                        self.specific.remove(&f);
+                    }
+                }
+                while let Some((&f, &l)) = self.specific.range(first..).next() {
+                    if f > last {
+                        break;
+                    }
+                    last = last.max(l);
+                    self.specific.remove(&f);
+                }
+                self.specific.insert(first, last);
+            }
+        }
+        true
+    }
+}
+
 impl FromStr for PublicAddr {
     type Err = String;
 
@@ -307,6 +370,30 @@ mod tests {
                 postcard::from_bytes::<PortRange>(&bad).is_err(),
                 "{first}-{last}"
             );
+        }
+    }
+
+    proptest::proptest! {
+        /// The index agrees with comparing every pair: a listener is refused exactly when it
+        /// conflicts with one accepted before it.
+        #[test]
+        fn occupancy_agrees_with_pairwise_conflicts(
+            addrs in proptest::collection::vec((0u8..4, 1u16..60, 0u16..8), 1..40)
+        ) {
+            let ips = [None, Some("0.0.0.0"), Some("127.0.0.1"), Some("127.0.0.2")];
+            let mut held = Occupancy::default();
+            let mut accepted: Vec<PublicAddr> = Vec::new();
+            for (ip, first, len) in addrs {
+                let public = PublicAddr {
+                    ip: ips[ip as usize].map(|s| s.parse().unwrap()),
+                    ports: PortRange::new(first, first + len).unwrap(),
+                };
+                let pairwise = accepted.iter().any(|o| o.conflicts(&public));
+                proptest::prop_assert_eq!(held.claim(&public), !pairwise, "{}", public);
+                if !pairwise {
+                    accepted.push(public);
+                }
+            }
         }
     }
 

@@ -1,8 +1,18 @@
-//! `sallyport cert init`: a private CA and the gateway and agent certificates for mutual TLS.
+//! `sallyport cert init` and `sallyport cert issue`: a private CA and the gateway and agent
+//! certificates for mutual TLS.
 //!
-//! The CA is kept in `ca.crt` / `ca.key`; running again with `--agent-name` in the same
-//! directory reuses it to issue more agent certificates. Private keys are created with mode
-//! 0600 and existing files are never overwritten without `--force`.
+//! The CA is kept in `DIR/ca.crt` / `DIR/ca.key`. `cert init` makes it (or reuses it) with one
+//! gateway certificate (`gateway.crt`) and one agent certificate (`agent.crt`); `cert issue`
+//! signs one more certificate with the CA already there: `--gateway NAME[,NAME|IP...]` (a
+//! second gateway, or a gateway's new names) or `--agent NAME`, as `DIR/NAME.crt` and
+//! `DIR/NAME.key`.
+//!
+//! What it must never do: replace the CA without `--new-ca` (a new CA invalidates every
+//! certificate the old one issued, on every host); overwrite a file without `--force`; keep a
+//! file silently when the operator asked for something else (a gateway certificate for other
+//! names is an error that says what to run). Every run says which files it wrote, replaced or
+//! kept. Nothing is written until every decision is made, so a refused run changes nothing.
+//! Private keys are written with mode 0600.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -13,7 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::config::check_name;
@@ -30,11 +40,36 @@ pub struct InitOptions {
     pub agent_names: Vec<String>,
     /// Validity of issued (non-CA) certificates.
     pub days: u32,
+    /// Replace the gateway and agent certificates this command makes (the CA is kept).
+    pub force: bool,
+    /// Replace the CA too, and with it the gateway and agent certificates.
+    pub new_ca: bool,
+}
+
+/// Whom a certificate from `cert issue` is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A gateway, valid for these DNS names and IP addresses (agents check the one they dial),
+    /// in this order; the first one names the files.
+    Gateway { names: Vec<String> },
+    /// An agent (a client certificate), named in gateway logs by its common name.
+    Agent { name: String },
+}
+
+/// What `cert issue` should make.
+#[derive(Debug, Clone)]
+pub struct IssueOptions {
+    pub dir: PathBuf,
+    pub subject: Subject,
+    pub days: u32,
+    /// Replace `NAME.crt` / `NAME.key` if they exist.
     pub force: bool,
 }
 
 const CA_COMMON_NAME: &str = "Sallyport private CA";
 const CA_YEARS: i64 = 10;
+/// File stems `cert issue` must not write: the CA's own files.
+const RESERVED_STEMS: [&str; 1] = ["ca"];
 
 /// A new CA's parameters. Its name carries a random suffix, so two installations' CAs never
 /// share a subject and a foreign certificate fails as "unknown issuer".
@@ -88,14 +123,8 @@ fn leaf_params(
     Ok(params)
 }
 
-/// Writes a new file; refuses to replace one unless `force`.
-fn write_file(path: &Path, content: &str, private: bool, force: bool) -> anyhow::Result<()> {
-    if path.exists() && !force {
-        bail!(
-            "{} already exists (use --force to replace it)",
-            path.display()
-        );
-    }
+/// Writes a file (replacing it if there is one: the caller decided). Keys get mode 0600.
+fn write_file(path: &Path, content: &str, private: bool) -> anyhow::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     options.mode(if private { 0o600 } else { 0o644 });
@@ -103,7 +132,7 @@ fn write_file(path: &Path, content: &str, private: bool, force: bool) -> anyhow:
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     if private {
-        // `mode` applies only to new files; an existing one (with --force) is tightened here.
+        // `mode` applies only to new files; a replaced one is tightened here.
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
@@ -116,153 +145,491 @@ struct Ca {
     key: KeyPair,
 }
 
-/// Loads the CA from `dir` (any CA certificate with a key rcgen can sign with, including one
-/// the operator brings), or makes one. Returns it and whether it is new.
-fn load_or_create_ca(dir: &Path, force: bool) -> anyhow::Result<(Ca, bool)> {
+/// Loads the CA from `dir`: any CA certificate with a key rcgen can sign with, including one
+/// the operator brings.
+fn load_ca(dir: &Path) -> anyhow::Result<Ca> {
     let key_path = dir.join("ca.key");
-    if key_path.exists() && !force {
-        let pem = std::fs::read_to_string(&key_path)
-            .with_context(|| format!("cannot read {}", key_path.display()))?;
-        let key = KeyPair::from_pem(&pem)
-            .with_context(|| format!("{}: not a private key", key_path.display()))?;
-        let cert_path = dir.join("ca.crt");
-        let cert_pem = std::fs::read_to_string(&cert_path)
-            .with_context(|| format!("cannot read {}", cert_path.display()))?;
-        // Rebuilding the CA from its own certificate keeps its subject and key identifier, so
-        // what it issues now chains to the ca.crt agents and gateways already have.
-        let params = CertificateParams::from_ca_cert_pem(&cert_pem)
-            .with_context(|| format!("{}: not a usable CA certificate", cert_path.display()))?;
-        let cert = params.self_signed(&key)?;
-        return Ok((Ca { cert, key }, false));
-    }
+    let pem = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("cannot read {}", key_path.display()))?;
+    let key = KeyPair::from_pem(&pem)
+        .with_context(|| format!("{}: not a private key", key_path.display()))?;
+    let cert_path = dir.join("ca.crt");
+    let cert_pem = std::fs::read_to_string(&cert_path)
+        .with_context(|| format!("cannot read {}", cert_path.display()))?;
+    // Rebuilding the CA from its own certificate keeps its subject and key identifier, so what
+    // it issues now chains to the ca.crt agents and gateways already have.
+    let params = CertificateParams::from_ca_cert_pem(&cert_pem)
+        .with_context(|| format!("{}: not a usable CA certificate", cert_path.display()))?;
+    let cert = params.self_signed(&key)?;
+    Ok(Ca { cert, key })
+}
+
+fn new_ca() -> anyhow::Result<Ca> {
     let key = KeyPair::generate()?;
     let cert = ca_params()?.self_signed(&key)?;
-    write_file(&dir.join("ca.crt"), &cert.pem(), false, force)?;
-    write_file(&key_path, &key.serialize_pem(), true, force)?;
-    Ok((Ca { cert, key }, true))
+    Ok(Ca { cert, key })
 }
 
-fn issue(
-    ca: &Ca,
-    dir: &Path,
-    file_stem: &str,
-    params: CertificateParams,
-    force: bool,
-) -> anyhow::Result<()> {
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &ca.cert, &ca.key)?;
-    write_file(
-        &dir.join(format!("{file_stem}.crt")),
-        &cert.pem(),
-        false,
-        force,
-    )?;
-    write_file(
-        &dir.join(format!("{file_stem}.key")),
-        &key.serialize_pem(),
-        true,
-        force,
-    )?;
-    Ok(())
+/// A certificate to sign and where it goes.
+struct Leaf {
+    stem: String,
+    common_name: String,
+    sans: Vec<String>,
+    server: bool,
 }
 
-/// Makes the CA (or reuses the one in `dir`) and the certificates; returns a summary of what to
-/// copy where.
-pub fn init(opts: &InitOptions) -> anyhow::Result<String> {
-    for name in &opts.agent_names {
-        check_name(name).map_err(|e| anyhow::anyhow!("--agent-name: {e}"))?;
-        anyhow::ensure!(
-            !matches!(name.as_str(), "ca" | "gateway"),
-            "--agent-name: \"{name}\" would overwrite the CA or gateway files"
-        );
-    }
-    std::fs::create_dir_all(&opts.dir)
-        .with_context(|| format!("cannot create {}", opts.dir.display()))?;
-    let (ca, new_ca) = load_or_create_ca(&opts.dir, opts.force)?;
-    let mut out = String::new();
-    let dir = opts.dir.display();
-    if new_ca {
-        writeln!(out, "Created a private CA in {dir}:")?;
-        writeln!(
-            out,
-            "  ca.crt          the CA certificate: copy it to the gateway AND to every agent"
-        )?;
-        writeln!(out, "  ca.key          the CA private key (mode 0600): keep it offline; only `cert init` needs it")?;
-    } else {
-        writeln!(out, "Reusing the private CA in {dir} (ca.crt, ca.key)")?;
-    }
-
-    let make_gateway = new_ca || opts.force || !opts.dir.join("gateway.crt").exists();
-    if make_gateway {
-        let mut names = opts.gateway_names.clone();
-        let mut ips = opts.gateway_ips.clone();
-        let defaults = names.is_empty() && ips.is_empty();
-        if defaults {
-            names.push("localhost".into());
-            ips.extend(["127.0.0.1".parse::<IpAddr>()?, "::1".parse()?]);
-        }
-        let common_name = names.first().cloned().unwrap_or_else(|| ips[0].to_string());
+impl Leaf {
+    fn gateway(stem: &str, names: &[String], ips: &[IpAddr]) -> Leaf {
         let sans: Vec<String> = names
             .iter()
             .cloned()
-            .chain(ips.iter().map(|ip| ip.to_string()))
+            .chain(ips.iter().map(IpAddr::to_string))
             .collect();
-        issue(
-            &ca,
-            &opts.dir,
-            "gateway",
-            leaf_params(&common_name, sans.clone(), true, opts.days)?,
-            opts.force,
-        )?;
-        writeln!(
-            out,
-            "  gateway.crt     \\ copy to the gateway host; valid for: {}",
-            sans.join(", ")
-        )?;
-        writeln!(out, "  gateway.key     / (mode 0600)")?;
-        if defaults {
-            writeln!(
-                out,
-                "  NOTE: no --gateway-name/--gateway-ip given: the gateway certificate only suits local tests"
-            )?;
+        Leaf {
+            stem: stem.to_string(),
+            common_name: sans[0].clone(),
+            sans,
+            server: true,
         }
     }
-    let mut agents: Vec<String> = Vec::new();
-    if new_ca || (opts.force && opts.agent_names.is_empty()) {
-        agents.push("agent".to_string());
+
+    fn agent(name: &str) -> Leaf {
+        Leaf {
+            stem: name.to_string(),
+            common_name: name.to_string(),
+            sans: vec![name.to_string()],
+            server: false,
+        }
     }
-    agents.extend(opts.agent_names.iter().cloned());
-    for name in &agents {
-        issue(
-            &ca,
-            &opts.dir,
-            name,
-            leaf_params(name, vec![name.clone()], false, opts.days)?,
-            opts.force,
-        )?;
-        writeln!(
-            out,
-            "  {:<15} \\ copy to the agent host \"{name}\"",
-            format!("{name}.crt")
-        )?;
-        writeln!(out, "  {:<15} / (mode 0600)", format!("{name}.key"))?;
+
+    fn files(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        (
+            dir.join(format!("{}.crt", self.stem)),
+            dir.join(format!("{}.key", self.stem)),
+        )
     }
+
+    fn exists(&self, dir: &Path) -> bool {
+        let (crt, key) = self.files(dir);
+        crt.exists() || key.exists()
+    }
+
+    /// Signs a new key and writes both files.
+    fn write(&self, ca: &Ca, dir: &Path, days: u32) -> anyhow::Result<time::OffsetDateTime> {
+        let params = leaf_params(&self.common_name, self.sans.clone(), self.server, days)?;
+        let until = params.not_after;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca.cert, &ca.key)?;
+        let (crt, key_path) = self.files(dir);
+        write_file(&crt, &cert.pem(), false)?;
+        write_file(&key_path, &key.serialize_pem(), true)?;
+        Ok(until)
+    }
+
+    /// What to tell the operator about it.
+    fn role(&self) -> String {
+        if self.server {
+            format!(
+                "gateway certificate, valid for {}: copy both to that gateway",
+                self.sans.join(", ")
+            )
+        } else {
+            format!(
+                "agent certificate \"{}\": copy both to that agent's host",
+                self.common_name
+            )
+        }
+    }
+}
+
+/// The names and addresses an existing certificate is valid for.
+fn sans_of(path: &Path) -> anyhow::Result<Vec<String>> {
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let params = CertificateParams::from_ca_cert_pem(&pem)
+        .with_context(|| format!("{}: not a certificate", path.display()))?;
+    Ok(params
+        .subject_alt_names
+        .iter()
+        .map(|san| match san {
+            SanType::DnsName(n) => n.to_string(),
+            SanType::IpAddress(ip) => ip.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect())
+}
+
+fn date(t: time::OffsetDateTime) -> String {
+    format!("{}-{:02}-{:02}", t.year(), t.month() as u8, t.day())
+}
+
+/// The report of one run: one line per pair of files.
+#[derive(Default)]
+struct Report(String);
+
+impl Report {
+    fn line(&mut self, verb: &str, files: (&Path, &Path), what: impl std::fmt::Display) {
+        let _ = writeln!(
+            self.0,
+            "{verb:<9}{}, {}: {what}",
+            files.0.display(),
+            files.1.display()
+        );
+    }
+}
+
+/// `cert init`: makes the CA (or reuses the one in `dir`), the gateway certificate and agent
+/// certificates. Returns the report: what it wrote, replaced or kept, and what to copy where.
+pub fn init(opts: &InitOptions) -> anyhow::Result<String> {
+    let dir = &opts.dir;
+    for name in &opts.agent_names {
+        check_agent_name(name).map_err(|e| anyhow::anyhow!("--agent-name: {e}"))?;
+        anyhow::ensure!(
+            name != "gateway",
+            "--agent-name: \"gateway\" would overwrite the gateway's files"
+        );
+    }
+    for name in &opts.gateway_names {
+        check_dns_name(name).map_err(|e| anyhow::anyhow!("--gateway-name: {e}"))?;
+    }
+    let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let ca_exists = ca_key.exists();
+    if !ca_exists && ca_crt.exists() && !opts.new_ca {
+        bail!(
+            "{} exists without {}: bring the CA's key, or make a new CA with --new-ca (every \
+             certificate the old one issued stops working)",
+            ca_crt.display(),
+            ca_key.display()
+        );
+    }
+    if !ca_exists && !opts.new_ca && !opts.force {
+        if let Some(orphan) = ["gateway.crt", "agent.crt"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+        {
+            bail!(
+                "{} exists but {} does not: nothing was written (bring the CA that issued it,                  or add --force to make a new CA and replace it)",
+                orphan.display(),
+                ca_key.display()
+            );
+        }
+    }
+    let fresh_ca = !ca_exists || opts.new_ca;
+    // Everything this run issues is replaced when the CA is new: the old files would no longer
+    // chain to it.
+    let replace = opts.force || opts.new_ca;
+
+    // Decide about the gateway certificate before writing anything.
+    let asked = !opts.gateway_names.is_empty() || !opts.gateway_ips.is_empty();
+    let gateway_crt = dir.join("gateway.crt");
+    let existing_sans = if gateway_crt.exists() {
+        Some(sans_of(&gateway_crt)?)
+    } else {
+        None
+    };
+    let gateway = match (&existing_sans, replace) {
+        (Some(sans), false) => {
+            if asked {
+                let mut want: Vec<String> = opts.gateway_names.clone();
+                want.extend(opts.gateway_ips.iter().map(IpAddr::to_string));
+                let (mut a, mut b) = (want.clone(), sans.clone());
+                a.sort();
+                b.sort();
+                if a != b {
+                    bail!(
+                        "{} exists and is valid for {}, not for {}: nothing was written.\n  \
+                         To replace it (the CA is kept): add --force.\n  \
+                         For a second gateway: sallyport cert issue --dir {} --gateway {}",
+                        gateway_crt.display(),
+                        sans.join(", "),
+                        want.join(", "),
+                        dir.display(),
+                        want.join(",")
+                    );
+                }
+            }
+            None
+        }
+        // Rotating without new names keeps the names the certificate had.
+        (Some(sans), true) if !asked => Some(Leaf {
+            stem: "gateway".into(),
+            common_name: sans.first().cloned().unwrap_or_else(|| "gateway".into()),
+            sans: sans.clone(),
+            server: true,
+        }),
+        _ if asked => Some(Leaf::gateway(
+            "gateway",
+            &opts.gateway_names,
+            &opts.gateway_ips,
+        )),
+        _ => Some(Leaf::gateway(
+            "gateway",
+            &["localhost".to_string()],
+            &["127.0.0.1".parse()?, "::1".parse()?],
+        )),
+    };
+
+    // Agents: the default "agent" with a new CA or a rotation, and every name asked for.
+    let mut agents: Vec<Leaf> = Vec::new();
+    if fresh_ca || (opts.force && opts.agent_names.is_empty()) {
+        agents.push(Leaf::agent("agent"));
+    }
+    for name in &opts.agent_names {
+        if !agents.iter().any(|a| a.stem == *name) {
+            agents.push(Leaf::agent(name));
+        }
+    }
+    if !replace {
+        if let Some(taken) = agents.iter().find(|a| a.exists(dir)) {
+            bail!(
+                "{} already exists: nothing was written (add --force to replace it; the CA is \
+                 kept)",
+                taken.files(dir).0.display()
+            );
+        }
+    }
+
+    // Now write.
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut report = Report::default();
+    let ca = if fresh_ca {
+        let ca = new_ca()?;
+        write_file(&ca_crt, &ca.cert.pem(), false)?;
+        write_file(&ca_key, &ca.key.serialize_pem(), true)?;
+        if ca_exists {
+            report.line(
+                "replaced",
+                (&ca_crt, &ca_key),
+                "a NEW private CA: every certificate the old one issued no longer validates; \
+                 copy ca.crt to the gateways AND every agent, and reissue their certificates",
+            );
+        } else {
+            report.line(
+                "wrote",
+                (&ca_crt, &ca_key),
+                "the private CA: ca.crt to the gateways AND every agent; keep ca.key offline \
+                 (only `cert` commands need it)",
+            );
+        }
+        ca
+    } else {
+        report.line("kept", (&ca_crt, &ca_key), "the private CA (reused)");
+        load_ca(dir)?
+    };
+
+    match &gateway {
+        Some(leaf) => {
+            let verb = if leaf.exists(dir) {
+                "replaced"
+            } else {
+                "wrote"
+            };
+            let until = leaf.write(&ca, dir, opts.days)?;
+            report.line(
+                verb,
+                (&leaf.files(dir).0, &leaf.files(dir).1),
+                format!("{} (until {})", leaf.role(), date(until)),
+            );
+            if !asked && existing_sans.is_none() {
+                report
+                    .0
+                    .push_str("         NOTE: no --gateway-name/--gateway-ip given: the gateway certificate only suits local tests\n");
+            }
+        }
+        None => {
+            let sans = existing_sans.clone().unwrap_or_default();
+            report.line(
+                "kept",
+                (&gateway_crt, &dir.join("gateway.key")),
+                format!(
+                    "the gateway certificate, valid for {} (--force replaces it)",
+                    sans.join(", ")
+                ),
+            );
+        }
+    }
+    for leaf in &agents {
+        let verb = if leaf.exists(dir) {
+            "replaced"
+        } else {
+            "wrote"
+        };
+        let until = leaf.write(&ca, dir, opts.days)?;
+        report.line(
+            verb,
+            (&leaf.files(dir).0, &leaf.files(dir).1),
+            format!("{} (until {})", leaf.role(), date(until)),
+        );
+    }
+    if !agents.iter().any(|a| a.stem == "agent") && dir.join("agent.crt").exists() {
+        report.line(
+            "kept",
+            (&dir.join("agent.crt"), &dir.join("agent.key")),
+            "the agent certificate",
+        );
+    }
+    if opts.new_ca && ca_exists {
+        let issued: Vec<String> = other_certificates(dir, &gateway, &agents)?;
+        if !issued.is_empty() {
+            let _ = writeln!(
+                report.0,
+                "         NOTE: issued by the old CA, no longer valid: {} (reissue each with \
+                 `sallyport cert issue`)",
+                issued.join(", ")
+            );
+        }
+    }
+
+    let mut out = report.0;
+    let agent = agents.first().map(|a| a.stem.as_str()).unwrap_or("agent");
+    writeln!(out, "\nThen configure:")?;
     writeln!(
         out,
-        "\nCertificates are valid for {} days. Then configure:",
-        opts.days
+        "  gateway.toml:  [control] tls = {{ cert = \"gateway.crt\", key = \"gateway.key\", client_ca = \"ca.crt\" }}"
     )?;
-    writeln!(out, "  gateway.toml:  [control]")?;
-    writeln!(
-        out,
-        "                 tls = {{ cert = \"gateway.crt\", key = \"gateway.key\", client_ca = \"ca.crt\" }}"
-    )?;
-    let agent = agents.first().map(String::as_str).unwrap_or("agent");
     writeln!(
         out,
         "  agent.toml:    tls = {{ ca = \"ca.crt\", cert = \"{agent}.crt\", key = \"{agent}.key\" }}"
     )?;
     Ok(out)
+}
+
+/// `*.crt` files in `dir` other than the CA's and the ones just written.
+fn other_certificates(
+    dir: &Path,
+    gateway: &Option<Leaf>,
+    agents: &[Leaf],
+) -> anyhow::Result<Vec<String>> {
+    let mut others = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".crt") else {
+            continue;
+        };
+        let written = stem == "ca"
+            || gateway.as_ref().is_some_and(|g| g.stem == stem)
+            || agents.iter().any(|a| a.stem == stem);
+        if !written {
+            others.push(name);
+        }
+    }
+    others.sort();
+    Ok(others)
+}
+
+/// `cert issue`: one more gateway or agent certificate from the CA in `dir`.
+pub fn issue(opts: &IssueOptions) -> anyhow::Result<String> {
+    let dir = &opts.dir;
+    let leaf = match &opts.subject {
+        Subject::Gateway { names } => {
+            let mut dns = Vec::new();
+            let mut ips = Vec::new();
+            for n in names {
+                match n.parse::<IpAddr>() {
+                    Ok(ip) => ips.push(ip),
+                    Err(_) => {
+                        check_dns_name(n).map_err(|e| anyhow::anyhow!("--gateway: {e}"))?;
+                        dns.push(n.clone());
+                    }
+                }
+            }
+            let stem = match names.first() {
+                Some(n) if n.contains('*') => bail!(
+                    "--gateway: the first name names the files and cannot be a wildcard (\"{n}\"): \
+                     put a plain name first"
+                ),
+                Some(n) => n.clone(),
+                None => bail!("--gateway: at least one name or address"),
+            };
+            Leaf::gateway(&stem, &dns, &ips)
+        }
+        Subject::Agent { name } => {
+            check_agent_name(name).map_err(|e| anyhow::anyhow!("--agent: {e}"))?;
+            Leaf::agent(name)
+        }
+    };
+    anyhow::ensure!(
+        !RESERVED_STEMS.contains(&leaf.stem.as_str()),
+        "\"{}\" would overwrite the CA's files",
+        leaf.stem
+    );
+    if !dir.join("ca.key").exists() {
+        bail!(
+            "no CA in {}: {} is missing (run `sallyport cert init --dir {}` first, or issue on \
+             the host that keeps the CA)",
+            dir.display(),
+            dir.join("ca.key").display(),
+            dir.display()
+        );
+    }
+    let existed = leaf.exists(dir);
+    if existed && !opts.force {
+        bail!(
+            "{} already exists: nothing was written (add --force to replace it with a new key; \
+             the old certificate stays valid until it expires, as the CA is kept)",
+            leaf.files(dir).0.display()
+        );
+    }
+    let ca = load_ca(dir)?;
+    let until = leaf.write(&ca, dir, opts.days)?;
+    let mut report = Report::default();
+    report.line(
+        "kept",
+        (&dir.join("ca.crt"), &dir.join("ca.key")),
+        "the private CA that signed it",
+    );
+    let (crt, key) = leaf.files(dir);
+    report.line(
+        if existed { "replaced" } else { "wrote" },
+        (&crt, &key),
+        format!("{} (until {})", leaf.role(), date(until)),
+    );
+    let mut out = report.0;
+    let (crt, key) = (format!("{}.crt", leaf.stem), format!("{}.key", leaf.stem));
+    if leaf.server {
+        writeln!(
+            out,
+            "\nThen configure that gateway:  [control] tls = {{ cert = \"{crt}\", key = \"{key}\", client_ca = \"ca.crt\" }}"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "\nThen configure that agent:  tls = {{ ca = \"ca.crt\", cert = \"{crt}\", key = \"{key}\" }}"
+        )?;
+    }
+    Ok(out)
+}
+
+/// An agent name: a file stem and a certificate name (the config's name rules).
+fn check_agent_name(name: &str) -> Result<(), String> {
+    check_name(name)?;
+    if RESERVED_STEMS.contains(&name) {
+        return Err(format!("\"{name}\" would overwrite the CA's files"));
+    }
+    Ok(())
+}
+
+/// A DNS name for a gateway certificate (a leading `*.` wildcard allowed), also safe as a file
+/// name.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    let plain = name.strip_prefix("*.").unwrap_or(name);
+    let ok = !plain.is_empty()
+        && name.len() <= 253
+        && plain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "\"{name}\" is not a DNS name (letters, digits and '-' in dot-separated labels)"
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -278,14 +645,22 @@ mod tests {
             agent_names: vec![],
             days: 30,
             force: false,
+            new_ca: false,
         }
+    }
+
+    fn read(d: &Path, f: &str) -> Vec<u8> {
+        std::fs::read(d.join(f)).unwrap()
     }
 
     #[test]
     fn init_makes_every_file_and_tls_accepts_them() {
         let dir = tempfile::tempdir().unwrap();
         let summary = init(&opts(dir.path())).unwrap();
-        assert!(summary.contains("dmz-gw1.example, 192.0.2.10"), "{summary}");
+        assert!(
+            summary.contains("valid for dmz-gw1.example, 192.0.2.10"),
+            "{summary}"
+        );
         for f in [
             "ca.crt",
             "ca.key",
@@ -294,6 +669,7 @@ mod tests {
             "agent.crt",
             "agent.key",
         ] {
+            assert!(summary.contains(&format!("{}", dir.path().join(f).display())));
             let meta = std::fs::metadata(dir.path().join(f)).unwrap();
             let mode = meta.permissions().mode() & 0o777;
             if f.ends_with(".key") {
@@ -318,17 +694,140 @@ mod tests {
         .unwrap();
 
         // Again: nothing is overwritten, and more agents come from the same CA.
-        let ca_before = std::fs::read(d.join("ca.crt")).unwrap();
+        let ca_before = read(d, "ca.crt");
         let mut more = opts(d);
         more.agent_names = vec!["agent-b".into()];
         let summary = init(&more).unwrap();
-        assert!(summary.contains("Reusing the private CA"), "{summary}");
-        assert_eq!(std::fs::read(d.join("ca.crt")).unwrap(), ca_before);
+        assert!(summary.contains("kept     "), "{summary}");
+        assert!(summary.contains("the private CA (reused)"), "{summary}");
+        assert_eq!(read(d, "ca.crt"), ca_before);
         assert!(d.join("agent-b.key").exists());
-        more.agent_names = vec!["agent-b".into()];
         assert!(init(&more)
             .unwrap_err()
             .to_string()
+            .contains("already exists: nothing was written"));
+    }
+
+    #[test]
+    fn init_with_other_gateway_names_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init(&opts(d)).unwrap();
+        let before: Vec<Vec<u8>> = ["ca.crt", "gateway.crt", "agent.crt"]
+            .iter()
+            .map(|f| read(d, f))
+            .collect();
+        let mut other = opts(d);
+        other.gateway_names = vec!["dmz-gw2.example".into()];
+        other.gateway_ips = vec![];
+        let err = init(&other).unwrap_err().to_string();
+        assert!(
+            err.contains("valid for dmz-gw1.example, 192.0.2.10, not for dmz-gw2.example"),
+            "{err}"
+        );
+        assert!(err.contains("cert issue --dir"), "{err}");
+        let after: Vec<Vec<u8>> = ["ca.crt", "gateway.crt", "agent.crt"]
+            .iter()
+            .map(|f| read(d, f))
+            .collect();
+        assert_eq!(before, after);
+        // The same names in another order are the same certificate: kept.
+        let mut same = opts(d);
+        same.gateway_names = vec!["dmz-gw1.example".into()];
+        let summary = init(&same).unwrap();
+        assert!(
+            summary.contains("the gateway certificate, valid for"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn force_rotates_the_leaves_and_keeps_the_ca_new_ca_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init(&opts(d)).unwrap();
+        let (ca, gw) = (read(d, "ca.crt"), read(d, "gateway.crt"));
+        let mut force = opts(d);
+        force.gateway_names = vec![];
+        force.gateway_ips = vec![];
+        force.force = true;
+        let summary = init(&force).unwrap();
+        assert_eq!(read(d, "ca.crt"), ca, "--force replaced the CA");
+        assert_ne!(read(d, "gateway.crt"), gw);
+        // No names given: the rotated certificate keeps the old names.
+        assert_eq!(
+            sans_of(&d.join("gateway.crt")).unwrap(),
+            ["dmz-gw1.example", "192.0.2.10"]
+        );
+        assert!(summary.contains("replaced "), "{summary}");
+
+        issue(&IssueOptions {
+            dir: d.to_path_buf(),
+            subject: Subject::Agent {
+                name: "agent-b".into(),
+            },
+            days: 5,
+            force: false,
+        })
+        .unwrap();
+        let mut new = opts(d);
+        new.new_ca = true;
+        let summary = init(&new).unwrap();
+        assert_ne!(read(d, "ca.crt"), ca);
+        assert!(summary.contains("a NEW private CA"), "{summary}");
+        assert!(
+            summary.contains("no longer valid: agent-b.crt"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn issue_writes_name_files_signed_by_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let gw2 = IssueOptions {
+            dir: d.to_path_buf(),
+            subject: Subject::Gateway {
+                names: vec!["dmz-gw2.example".into(), "192.0.2.11".into()],
+            },
+            days: 10,
+            force: false,
+        };
+        assert!(issue(&gw2).unwrap_err().to_string().contains("no CA in"));
+        init(&opts(d)).unwrap();
+        let summary = issue(&gw2).unwrap();
+        assert!(
+            summary.contains("valid for dmz-gw2.example, 192.0.2.11"),
+            "{summary}"
+        );
+        crate::transport::ServerTls::load(
+            &d.join("dmz-gw2.example.crt"),
+            &d.join("dmz-gw2.example.key"),
+            &d.join("ca.crt"),
+        )
+        .unwrap();
+        assert!(issue(&gw2)
+            .unwrap_err()
+            .to_string()
             .contains("already exists"));
+        for bad in [
+            Subject::Agent { name: "ca".into() },
+            Subject::Agent {
+                name: "../x".into(),
+            },
+            Subject::Gateway {
+                names: vec!["*.example".into()],
+            },
+            Subject::Gateway {
+                names: vec!["a/b".into()],
+            },
+            Subject::Gateway { names: vec![] },
+        ] {
+            let o = IssueOptions {
+                subject: bad.clone(),
+                ..gw2.clone()
+            };
+            assert!(issue(&o).is_err(), "{bad:?}");
+        }
     }
 }

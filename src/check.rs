@@ -4,11 +4,14 @@
 //! 1. the config file is valid;
 //! 2. per gateway: the address resolves, the control port is reachable, the TLS handshake and
 //!    certificate names are fine, the gateway's `[peers]` rules let this host in (the gateway
-//!    says so in its refusal);
+//!    says so in its refusal; the probe is a data hello for [`PROBE_ID`], which the gateway
+//!    counts as a check, not as a knock);
 //! 3. per gateway and listener: the gateway opened it (or why not); to learn that, the check
-//!    runs a real agent with this config for a few seconds (as a second agent of the site, it
-//!    changes nothing on the gateway and serves any client it is handed);
-//! 4. per backend: reachable from this host;
+//!    runs a real agent with this config for a few seconds (as a second agent of the site named
+//!    `NAME.check`, without the outbound proxy or a warm pool, it changes nothing on the
+//!    gateway and serves any client it is handed);
+//! 4. per backend: reachable from this host; the outbound proxy's port: free, or held by a
+//!    SOCKS5 proxy;
 //! 5. per listener: a test connection through the gateway's public port gets through: the
 //!    backend's first bytes come back (SSH, FTP, SMTP banners), or the connection stays open,
 //!    which it would not if the agent could not reach the backend.
@@ -24,26 +27,45 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::dial::{dial, DialError, Target};
 use crate::agent::Agent;
 use crate::config::{AgentConfig, Backend};
+use crate::escape::escaped;
 use crate::net;
-use crate::protocol::{DataHello, ErrorCode, ListenerStatus, ProtocolError, Role, Token};
+use crate::protocol::{DataHello, ErrorCode, ListenerStatus, ProtocolError, Role, Token, PROBE_ID};
 
 /// Collects results and prints them as they come.
 #[derive(Default)]
 struct Report {
     checks: usize,
     failures: usize,
+    warnings: usize,
 }
 
 impl Report {
+    /// Something that fails only if the agent runs the way this check runs (its user and
+    /// capabilities may differ): said, not counted as a failure.
+    fn warn(&mut self, what: &str, cause: impl AsRef<str>, fix: impl AsRef<str>) {
+        self.checks += 1;
+        self.warnings += 1;
+        println!(
+            "warn  {what}: {} -> fix: {}",
+            escaped(cause.as_ref()),
+            escaped(fix.as_ref())
+        );
+    }
+
     fn ok(&mut self, what: &str, detail: impl AsRef<str>) {
         self.checks += 1;
-        println!("ok    {what}: {}", detail.as_ref());
+        // Details carry the gateway's words (listener results, refusals): escaped.
+        println!("ok    {what}: {}", escaped(detail.as_ref()));
     }
 
     fn fail(&mut self, what: &str, cause: impl AsRef<str>, fix: impl AsRef<str>) {
         self.checks += 1;
         self.failures += 1;
-        println!("FAIL  {what}: {} -> fix: {}", cause.as_ref(), fix.as_ref());
+        println!(
+            "FAIL  {what}: {} -> fix: {}",
+            escaped(cause.as_ref()),
+            escaped(fix.as_ref())
+        );
     }
 }
 
@@ -79,14 +101,24 @@ pub async fn run(path: &Path) -> bool {
         }
     }
     check_backends(&mut r, &config).await;
+    check_outbound(&mut r, &config).await;
+    check_transparent(&mut r, &config);
     for (gateway, addr) in &usable {
         check_listeners(&mut r, &config, gateway, *addr).await;
     }
+    let warned = match r.warnings {
+        0 => String::new(),
+        n => format!(", {n} warning(s)"),
+    };
     println!(
-        "\n{} check(s), {} failed{}",
+        "\n{} check(s), {} failed{warned}{}",
         r.checks,
         r.failures,
-        if r.failures == 0 { ": all good" } else { "" }
+        if r.failures == 0 && r.warnings == 0 {
+            ": all good"
+        } else {
+            ""
+        }
     );
     r.failures == 0
 }
@@ -134,10 +166,11 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
         ),
     );
 
-    // A data hello for a client that does not exist goes through TLS, the peer rules and the
-    // version check, then gets UNKNOWN_CLIENT: the answer that proves all of them passed.
+    // A data hello for client id 0, which is never a client, goes through TLS, the peer
+    // rules and the version check, then gets UNKNOWN_CLIENT: the answer that proves all of them
+    // passed. The gateway counts it as a check probe, not as a wrong token (an alert).
     let probe = Role::Data(DataHello {
-        id: u64::MAX,
+        id: PROBE_ID,
         token: Token::random(),
     });
     let target = Target {
@@ -187,7 +220,7 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
             } else if text.contains("NotValidForName") {
                 "dial the gateway by a name in its certificate, or set tls.server_name"
             } else if text.contains("Expired") {
-                "renew the certificate (`sallyport cert init` on the CA host)"
+                "issue a new certificate on the CA host (`sallyport cert issue --dir DIR --agent NAME --force`, or `--gateway NAME,...` for the gateway's)"
             } else {
                 "check both sides' certificates and keys"
             };
@@ -240,21 +273,90 @@ async fn check_backends(r: &mut Report, config: &AgentConfig) {
     }
 }
 
+/// The outbound proxy's port: free (the agent opens it when it starts), or held by a SOCKS5
+/// proxy (the running agent's), or taken by something else (the agent cannot start).
+async fn check_outbound(r: &mut Report, config: &AgentConfig) {
+    let Some(outbound) = &config.outbound else {
+        return;
+    };
+    let listen = outbound.listen;
+    let what = format!("outbound proxy {listen}");
+    let target = match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], listen.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listen.port()))
+        }
+        _ => listen,
+    };
+    let mut stream = match net::connect_addr(target, Duration::from_secs(2)).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            r.ok(&what, "port free: the agent opens it when it starts");
+            return;
+        }
+        Err(e) => {
+            r.fail(
+                &what,
+                format!("cannot test the port: {e}"),
+                "check `[outbound] listen` in agent.toml",
+            );
+            return;
+        }
+    };
+    // A SOCKS5 greeting offering "no authentication": any SOCKS5 server answers 05 and its
+    // choice (00, or FF when it requires a password); other programs do not.
+    use tokio::io::AsyncWriteExt;
+    let mut reply = [0u8; 2];
+    let answered = tokio::time::timeout(Duration::from_secs(2), async {
+        stream.write_all(&[5, 1, 0]).await?;
+        stream.read_exact(&mut reply).await
+    })
+    .await;
+    match answered {
+        Ok(Ok(_)) if reply[0] == 5 => r.ok(
+            &what,
+            "a SOCKS5 proxy answers there (the running agent's, if it is running)",
+        ),
+        _ => r.fail(
+            &what,
+            "the port is taken by a program that is not a SOCKS5 proxy: the agent cannot open it",
+            "stop that program, or choose another `[outbound] listen`",
+        ),
+    }
+}
+
+/// Transparent listeners need `IP_TRANSPARENT` (root or CAP_NET_ADMIN). This process is not
+/// necessarily the agent (a service manager may grant the agent more), so a refusal is a warning.
+fn check_transparent(r: &mut Report, config: &AgentConfig) {
+    for l in &config.listeners {
+        if l.impersonation != crate::config::Impersonation::Transparent {
+            continue;
+        }
+        let what = format!("listener {} (impersonation = \"transparent\")", l.name);
+        match net::may_connect_transparent() {
+            Ok(()) => r.ok(&what, "this process may set IP_TRANSPARENT"),
+            Err(e) => r.warn(
+                &what,
+                format!("this process cannot set IP_TRANSPARENT ({e}): run like this, the agent would fail every client of it"),
+                "run the agent as root or with CAP_NET_ADMIN (systemd: AmbientCapabilities=CAP_NET_ADMIN); ignore this if the agent's service has it",
+            ),
+        }
+    }
+}
+
 /// What the gateway says about each listener, and a test connection through each.
 async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, reached: SocketAddr) {
-    let mut one = config.clone();
-    one.gateways = vec![gateway.to_string()];
-    // No warm pool: a pooled connection could be handed a real client that dies with `check`.
-    one.pool = 0;
-    let agent = Arc::new(Agent::new(one));
+    let agent = Arc::new(Agent::new(test_agent_config(config, gateway)));
     let mut status = agent.status();
     let stop = CancellationToken::new();
     let runner = agent.clone();
-    let task = tokio::spawn({
+    let mut task = tokio::spawn({
         let stop = stop.clone();
         async move { runner.run(stop).await }
     });
-    let answered = tokio::time::timeout(config.connect_timeout * 2, async {
+    let wait_for_result = async {
         loop {
             if status
                 .borrow_and_update()
@@ -265,12 +367,15 @@ async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, re
                 return;
             }
             if status.changed().await.is_err() {
-                return;
+                return std::future::pending().await;
             }
         }
-    })
-    .await
-    .is_ok();
+    };
+    // The test agent may also end on its own (it could not start): that is the answer then.
+    let (answered, ended) = tokio::select! {
+        r = tokio::time::timeout(config.connect_timeout * 2, wait_for_result) => (r.is_ok(), None),
+        ended = &mut task => (false, Some(ended)),
+    };
     let results = status
         .borrow()
         .gateways
@@ -278,7 +383,17 @@ async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, re
         .cloned()
         .unwrap_or_default();
     if !answered {
-        let why = results.last_error.unwrap_or_else(|| "no answer".into());
+        let why = match ended {
+            Some(Ok(Err(e))) => format!("the test agent could not run: {e:#}"),
+            Some(Ok(Ok(()))) => "the test agent stopped before the gateway answered".into(),
+            Some(Err(e)) => format!("the test agent failed: {e}"),
+            None => results.last_error.clone().unwrap_or_else(|| {
+                format!(
+                    "no answer within {}",
+                    humantime::format_duration(config.connect_timeout * 2)
+                )
+            }),
+        };
         r.fail(
             &format!("gateway {gateway}"),
             format!("no config result: {why}"),
@@ -323,7 +438,30 @@ async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, re
         }
     }
     stop.cancel();
-    let _ = task.await;
+    if !task.is_finished() {
+        let _ = task.await;
+    }
+}
+
+/// The agent `check` runs to learn the gateway's answers: this site's listeners, one gateway,
+/// and nothing a running agent of the same config holds or would be confused with.
+fn test_agent_config(config: &AgentConfig, gateway: &str) -> AgentConfig {
+    let mut one = config.clone();
+    one.gateways = vec![gateway.to_string()];
+    // No warm pool: a pooled connection could be handed a real client that dies with `check`.
+    one.pool = 0;
+    // The running agent holds the outbound port; the test agent has no use for it.
+    one.outbound = None;
+    // The gateway's log and status tell the test agent from the real one.
+    one.name = check_agent_name(&config.name);
+    one
+}
+
+/// `NAME.check`, within the 64 characters a name may have.
+pub fn check_agent_name(name: &str) -> String {
+    const SUFFIX: &str = ".check";
+    let keep = name.len().min(64 - SUFFIX.len());
+    format!("{}{SUFFIX}", &name[..keep])
 }
 
 async fn test_connection(r: &mut Report, listener: &str, public: SocketAddr) {

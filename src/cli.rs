@@ -1,8 +1,9 @@
 //! The command line: subcommands, logging, signals and exit codes.
 //!
 //! Exit codes: 0 after a clean stop, 1 on a runtime failure, 78 (`EX_CONFIG`) when a config file
-//! is invalid: nothing has been opened then, and a service manager should not restart in a loop
-//! (the systemd units set `RestartPreventExitStatus=78`).
+//! is invalid or names an address the daemon cannot listen on (control, admin or outbound port
+//! taken by another program): a service manager should not restart in a loop (the systemd units
+//! set `RestartPreventExitStatus=78`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -24,11 +25,30 @@ pub const EXIT_CONFIG: u8 = 78;
     name = "sallyport",
     version,
     about = "A DMZ gateway: expose internal TCP services with no inbound hole into the internal network",
-    after_help = "Logging: set SALLYPORT_LOG (e.g. debug, or sallyport=debug,info). Docs: README.md and docs/."
+    after_help = "Logging: set SALLYPORT_LOG (e.g. debug, or sallyport=debug,info); --log-format json (or SALLYPORT_LOG_FORMAT=json) for JSON lines. Docs: README.md and docs/."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr: `text` for people, `json` for a SIEM (one object per line; see
+    /// docs/operations.md for the fields of each connection's record).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "SALLYPORT_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `LEVEL message key=value ...`, coloured on a terminal.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `message` and the event's fields.
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -38,12 +58,28 @@ pub enum Command {
         /// Path to gateway.toml.
         #[arg(long, short)]
         config: PathBuf,
+        /// Only validate the config file (fields, addresses, TLS files) and exit: 0 when it is
+        /// valid, 78 when not. Opens no socket.
+        #[arg(long)]
+        check_config: bool,
+        /// Dry run: validate gateway.toml (TLS files included), print every effective setting,
+        /// exit 0, or 78 with file:line: field.
+        #[arg(long)]
+        check: bool,
     },
     /// Run the agent (inside, next to the backends).
     Agent {
         /// Path to agent.toml.
         #[arg(long, short)]
         config: PathBuf,
+        /// Only validate the config file (fields, addresses, TLS files) and exit: 0 when it is
+        /// valid, 78 when not. Opens no socket and dials no gateway (`sallyport check` does).
+        #[arg(long)]
+        check_config: bool,
+        /// Dry run: validate agent.toml (TLS files included), print every effective setting and
+        /// listener, exit 0, or 78 with file:line: field.
+        #[arg(long)]
+        check: bool,
     },
     /// Run gateway, agent and a tiny HTTP backend in one process on loopback.
     Demo {
@@ -58,7 +94,8 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show a running gateway's state, agents, listeners, counters and rates.
+    /// Show a running gateway's or agent's state, listeners and counters (without --admin:
+    /// the gateway on 127.0.0.1:9090, else the agent on 127.0.0.1:9091).
     Status {
         #[command(flatten)]
         admin: AdminArgs,
@@ -66,7 +103,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Control a running gateway: pause, resume, restart or stop.
+    /// Control a running gateway (pause, resume, restart, stop) or agent (reload).
     Ctl {
         action: CtlAction,
         #[command(flatten)]
@@ -77,18 +114,37 @@ pub enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// Write the man pages and shell completions generated from this command line (for
+    /// packagers: packaging/build-deb runs it, so they never drift from the binary).
+    #[command(hide = true)]
+    #[command(group(clap::ArgGroup::new("output").required(true).multiple(true)))]
+    Generate {
+        /// Directory for sallyport.1 and one page per subcommand (sallyport-gateway.1 ...).
+        #[arg(long, value_name = "DIR", group = "output")]
+        man: Option<PathBuf>,
+        /// Directory for the completions: sallyport.bash, _sallyport (zsh), sallyport.fish.
+        #[arg(long, value_name = "DIR", group = "output")]
+        completions: Option<PathBuf>,
+    },
 }
 
 /// Where the admin API is and how to authenticate.
 #[derive(clap::Args, Debug)]
 pub struct AdminArgs {
-    /// Base URL of the gateway's admin API.
-    #[arg(long, default_value = "http://127.0.0.1:9090", env = "SALLYPORT_ADMIN")]
-    pub admin: String,
-    /// Bearer token (`[admin] token` in gateway.toml), needed by ctl when one is set.
+    /// Base URL of the gateway's or the agent's admin API [default: http://127.0.0.1:9090 for
+    /// the gateway, http://127.0.0.1:9091 for the agent].
+    #[arg(long, env = "SALLYPORT_ADMIN")]
+    pub admin: Option<String>,
+    /// Bearer token (`[admin] token` in gateway.toml or agent.toml), needed by ctl when one is
+    /// set.
     #[arg(long, env = "SALLYPORT_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
+
+/// The gateway's admin API unless `--admin` says otherwise.
+pub const GATEWAY_ADMIN_URL: &str = "http://127.0.0.1:9090";
+/// The agent's admin API unless `--admin` says otherwise.
+pub const AGENT_ADMIN_URL: &str = "http://127.0.0.1:9091";
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum CtlAction {
@@ -100,6 +156,8 @@ pub enum CtlAction {
     Restart,
     /// Graceful stop: close the listeners, let connections drain, exit.
     Stop,
+    /// Agent: re-read agent.toml and push it to every gateway (as SIGHUP does).
+    Reload,
 }
 
 #[derive(Subcommand, Debug)]
@@ -109,10 +167,11 @@ pub enum CertCommand {
         /// Directory for ca.crt, ca.key, gateway.crt, gateway.key, agent.crt, agent.key.
         #[arg(long)]
         dir: PathBuf,
-        /// DNS name of the gateway, as agents dial it (repeatable).
+        /// DNS name of the gateway, as agents dial it (repeat for each name; both gateways of a
+        /// pair may share one certificate valid for all their names).
         #[arg(long = "gateway-name")]
         gateway_names: Vec<String>,
-        /// IP address of the gateway, as agents dial it (repeatable).
+        /// IP address of the gateway, as agents dial it (repeat for each address).
         #[arg(long = "gateway-ip")]
         gateway_ips: Vec<std::net::IpAddr>,
         /// Issue a certificate NAME.crt / NAME.key for another agent (repeatable).
@@ -121,7 +180,32 @@ pub enum CertCommand {
         /// Validity of the gateway and agent certificates, in days.
         #[arg(long, default_value_t = 825)]
         days: u32,
-        /// Replace existing files (a new CA invalidates every certificate it issued).
+        /// Replace gateway.crt and agent.crt (or the --agent-name ones) with new keys; the CA is
+        /// kept, so every other certificate stays valid.
+        #[arg(long)]
+        force: bool,
+        /// Replace the CA itself (and gateway.crt, agent.crt): every certificate the old CA
+        /// issued stops working, on every host.
+        #[arg(long = "new-ca")]
+        new_ca: bool,
+    },
+    /// Sign one more certificate with the CA in DIR: DIR/NAME.crt and DIR/NAME.key.
+    #[command(group(clap::ArgGroup::new("subject").required(true).args(["gateway", "agent"])))]
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A gateway certificate for NAME (the file name and first name) and any further DNS
+        /// names or IP addresses agents dial it by: --gateway dmz-gw2.example,192.0.2.11
+        #[arg(long, value_name = "NAME[,NAME|IP...]", value_delimiter = ',')]
+        gateway: Vec<String>,
+        /// An agent certificate named NAME.
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// Validity, in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace NAME.crt / NAME.key if they exist (the CA is never replaced here).
         #[arg(long)]
         force: bool,
     },
@@ -130,67 +214,164 @@ pub enum CertCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // `check` prints its own report; only errors of the agent it runs are worth a log line.
-    init_logging(if matches!(cli.command, Command::Check { .. }) {
-        "error"
-    } else {
-        "info"
-    });
+    init_logging(
+        if matches!(cli.command, Command::Check { .. }) {
+            "error"
+        } else {
+            "info"
+        },
+        cli.log_format,
+    );
     match cli.command {
-        Command::Gateway { config } => {
+        Command::Gateway {
+            config,
+            check_config,
+            check,
+        } => {
             let cfg = match GatewayConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
             };
-            run_async(run_gateway(cfg, config))
+            if check_config {
+                return config_valid(&config, &cfg.notices);
+            }
+            if check {
+                print!("{}", describe_gateway(&config, &cfg));
+                return ExitCode::SUCCESS;
+            }
+            let path = config.clone();
+            run_daemon(&path, run_gateway(cfg, config))
         }
         Command::Check { config } => match runtime() {
             Ok(rt) if rt.block_on(crate::check::run(&config)) => ExitCode::SUCCESS,
             Ok(_) => ExitCode::FAILURE,
             Err(code) => code,
         },
-        Command::Status { admin, json } => {
-            run_async(crate::status::print(admin.admin, admin.token, json))
-        }
+        Command::Status { admin, json } => run_async(status(admin, json)),
         Command::Ctl { action, admin } => run_async(ctl(action, admin)),
-        Command::Agent { config } => {
+        Command::Agent {
+            config,
+            check_config,
+            check,
+        } => {
             let cfg = match AgentConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
             };
-            run_async(run_agent(cfg, config))
+            if check_config {
+                return config_valid(&config, &cfg.notices);
+            }
+            if check {
+                print!("{}", describe_agent(&config, &cfg));
+                return ExitCode::SUCCESS;
+            }
+            let path = config.clone();
+            run_daemon(&path, run_agent(cfg, config))
         }
         Command::Demo { port } => run_async(crate::demo::run(port)),
-        Command::Cert {
-            command:
-                CertCommand::Init {
-                    dir,
-                    gateway_names,
-                    gateway_ips,
-                    agent_names,
-                    days,
-                    force,
-                },
-        } => {
-            let opts = crate::certs::InitOptions {
-                dir,
-                gateway_names,
-                gateway_ips,
-                agent_names,
-                days,
-                force,
-            };
-            match crate::certs::init(&opts) {
-                Ok(summary) => {
-                    print!("{summary}");
-                    ExitCode::SUCCESS
-                }
+        Command::Generate { man, completions } => {
+            match generate(man.as_deref(), completions.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::FAILURE
                 }
             }
         }
+        Command::Cert { command } => match cert(command) {
+            Ok(summary) => {
+                print!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn cert(command: CertCommand) -> anyhow::Result<String> {
+    match command {
+        CertCommand::Init {
+            dir,
+            gateway_names,
+            gateway_ips,
+            agent_names,
+            days,
+            force,
+            new_ca,
+        } => crate::certs::init(&crate::certs::InitOptions {
+            dir,
+            gateway_names,
+            gateway_ips,
+            agent_names,
+            days,
+            force,
+            new_ca,
+        }),
+        CertCommand::Issue {
+            dir,
+            gateway,
+            agent,
+            days,
+            force,
+        } => {
+            let subject = match agent {
+                Some(name) => crate::certs::Subject::Agent { name },
+                None => crate::certs::Subject::Gateway {
+                    names: gateway.iter().map(|s| s.trim().to_string()).collect(),
+                },
+            };
+            crate::certs::issue(&crate::certs::IssueOptions {
+                dir,
+                subject,
+                days,
+                force,
+            })
+        }
+    }
+}
+
+/// `gateway --check`: what the gateway would run with.
+fn describe_gateway(path: &Path, cfg: &GatewayConfig) -> String {
+    let mut out = format!("{}: valid; the gateway would run with:\n", path.display());
+    out.push_str(&crate::config::reference::render(&cfg.settings()));
+    for n in &cfg.notices {
+        out.push_str(&format!("warning: {n}\n"));
+    }
+    out
+}
+
+/// `agent --check`: what the agent would run with.
+fn describe_agent(path: &Path, cfg: &AgentConfig) -> String {
+    let mut out = format!("{}: valid; the agent would run with:\n", path.display());
+    out.push_str(&crate::config::reference::render(&cfg.settings()));
+    out.push_str(&format!(
+        "  listeners ({}, config digest {}):\n",
+        cfg.listeners.len(),
+        &cfg.digest()[..16]
+    ));
+    for l in &cfg.listeners {
+        let backend = match &l.backend {
+            crate::config::Backend::Tcp(b) => b.to_string(),
+            crate::config::Backend::Local => "(this process)".to_string(),
+        };
+        out.push_str(&format!(
+            "    {}  public {}  backend {}  proxy_protocol {:?}  impersonation {:?}  clients {} except {}\n",
+            l.name,
+            l.public,
+            backend,
+            l.proxy_protocol,
+            l.impersonation,
+            l.clients.default,
+            l.clients.except_text()
+        ));
+    }
+    for n in &cfg.notices {
+        out.push_str(&format!("warning: {n}\n"));
+    }
+    out
 }
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
@@ -198,15 +379,141 @@ fn config_error(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn init_logging(default: &str) {
+/// `--check-config` on a file that loaded: its warnings, then a line saying it is valid.
+fn config_valid(path: &Path, notices: &[String]) -> ExitCode {
+    for n in notices {
+        eprintln!("warning: {n}");
+    }
+    println!("{}: valid", path.display());
+    ExitCode::SUCCESS
+}
+
+/// `sallyport generate`: the man pages and completions, from the clap definition above. A
+/// subcommand of the binary rather than a build script: the pages describe exactly the binary
+/// that is packaged, and no build of the crate pays for generating them.
+fn generate(man: Option<&Path>, completions: Option<&Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    if let Some(dir) = man {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+        // `help` is a subcommand for the shell, not a page; build() names each subcommand
+        // "sallyport-gateway" and so on, the page titles.
+        let mut cmd = Cli::command().disable_help_subcommand(true);
+        cmd.build();
+        write_man_pages(&cmd, dir)?;
+    }
+    if let Some(dir) = completions {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let path = clap_complete::generate_to(shell, &mut completed(), "sallyport", dir)
+                .with_context(|| format!("{shell} completions in {}", dir.display()))?;
+            println!("{}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// The command line as the shells complete it: clap_complete would offer hidden subcommands
+/// (`generate`) too, so the top level is rebuilt from the visible ones.
+fn completed() -> clap::Command {
+    use clap::CommandFactory;
+    let full = Cli::command();
+    let visible = clap::Command::new("sallyport")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    match full.get_about() {
+        Some(about) => visible.about(about.clone()),
+        None => visible,
+    }
+}
+
+/// One page per visible command, sub-subcommands included (`sallyport-cert-init.1`).
+fn write_man_pages(cmd: &clap::Command, dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let visible: Vec<&clap::Command> = cmd.get_subcommands().filter(|c| !c.is_hide_set()).collect();
+    for sub in &visible {
+        write_man_pages(sub, dir)?;
+    }
+    let man = clap_mangen::Man::new(cmd.clone())
+        .source(format!("sallyport {}", env!("CARGO_PKG_VERSION")))
+        .manual("Sallyport");
+    let path = dir.join(man.get_filename());
+    let mut page = Vec::new();
+    man.render(&mut page)?;
+    let top = cmd.get_display_name().is_none();
+    if top {
+        page.extend_from_slice(MAN_EXIT_STATUS_AND_FILES.as_bytes());
+    }
+    // SEE ALSO: the top page lists every subcommand's page, the others point back to it.
+    let mut see_also = if top {
+        Vec::new()
+    } else {
+        vec!["sallyport".to_string()]
+    };
+    see_also.extend(
+        visible
+            .iter()
+            .filter_map(|c| c.get_display_name().map(str::to_string)),
+    );
+    let refs: Vec<String> = see_also.iter().map(|n| format!(".BR {n} (1)")).collect();
+    page.extend_from_slice(format!(".SH \"SEE ALSO\"\n{}\n", refs.join(" ,\n")).as_bytes());
+    std::fs::write(&path, page).with_context(|| format!("{}", path.display()))?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// Sections of sallyport(1) that clap has no field for (roff).
+const MAN_EXIT_STATUS_AND_FILES: &str = r#".SH "EXIT STATUS"
+.TP
+.B 0
+A clean stop (SIGTERM, SIGINT, \fBsallyport ctl stop\fR), or a command that succeeded.
+.TP
+.B 1
+A runtime failure, or a failed \fBsallyport check\fR.
+.TP
+.B 78
+An invalid configuration file (EX_CONFIG): the message names the file, line and field, and
+nothing was opened. The systemd units do not restart after it.
+.SH FILES
+.TP
+.I /etc/sallyport/gateway.toml
+The gateway's configuration, read by sallyport-gateway.service.
+.TP
+.I /etc/sallyport/agent.toml
+The agent's configuration, read by sallyport-agent.service.
+.TP
+.I /usr/share/doc/sallyport/
+README.md and the manual: operations.md, security.md, deployment.md, protocol.md.
+"#;
+
+fn init_logging(default: &str, format: LogFormat) {
     let filter =
         EnvFilter::try_from_env("SALLYPORT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logger = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        // Peer-supplied names, reasons and hosts reach log lines: escape control characters.
+        LogFormat::Text => logger
+            .with_ansi(std::io::stderr().is_terminal())
+            .fmt_fields(crate::escape::log_fields())
+            .init(),
+        // Fields at the top level, next to `timestamp`, `level` and `message`: what a SIEM
+        // indexes. serde_json escapes every string (control characters too), so a
+        // peer-supplied name cannot split or forge a line.
+        LogFormat::Json => logger
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// The multi-threaded tokio runtime every command runs on.
@@ -220,6 +527,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+/// A start that failed on the configuration's account (its admin port is taken): the exit
+/// status is [`EXIT_CONFIG`], so a service manager does not restart it in a loop.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match runtime() {
         Ok(rt) => rt,
@@ -229,9 +542,50 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
+            if e.downcast_ref::<StartError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Runs a daemon; an address its config file names that cannot be listened on (taken by another
+/// program, not an address of this host) is a configuration error: exit 78 like the others, so a
+/// service manager does not restart into the same clash in a loop.
+fn run_daemon(
+    config: &std::path::Path,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_address_clash(&e) || e.downcast_ref::<StartError>().is_some() => {
+            tracing::error!("{}: {e:#}", config.display());
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` comes from listening on an address that is in use or not local.
+fn is_address_clash(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind;
+    e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::AddrInUse | ErrorKind::AddrNotAvailable
+            )
+        })
+    })
 }
 
 /// Cancels the returned token on SIGINT or SIGTERM.
@@ -270,26 +624,20 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Runs the gateway (again after each restart) and its admin server (once, across restarts).
+/// Runs the gateway (again after each restart) and its admin server (across restarts; a
+/// reload or restart applies `[admin]` to it).
 async fn run_gateway(cfg: GatewayConfig, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     log_notices(&cfg.notices);
     raise_open_files_limit();
     let signals = stop_on_signals()?;
     let (slot, slot_rx) = tokio::sync::watch::channel(None);
-    let admin_stop = CancellationToken::new();
-    let admin = match cfg.admin_listen {
-        Some(addr) => {
-            let listener = crate::admin::bind(addr).await?;
-            let (token, stop) = (cfg.admin_token.clone(), admin_stop.clone());
-            Some(tokio::spawn(crate::admin::serve(
-                listener, slot_rx, token, stop,
-            )))
-        }
-        None => None,
-    };
+    let state = crate::admin::AdminState::new(slot_rx, cfg.admin_token.clone(), Some(path.clone()));
+    let mut admin = crate::admin::server::AdminServer::start(&cfg, state).await?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut cfg = cfg;
+    // The configuration the last gateway ran with, to fall back on if a new one cannot bind.
+    let mut last_good: Option<GatewayConfig> = None;
     // An ephemeral control port ("…:0") stays the same across restarts, or agents would lose it.
     let mut bound_control: Option<(std::net::SocketAddr, std::net::SocketAddr)> = None;
     loop {
@@ -299,72 +647,157 @@ async fn run_gateway(cfg: GatewayConfig, path: PathBuf) -> anyhow::Result<()> {
                 bind_cfg.control_listen = got;
             }
         }
-        let gateway = Gateway::bind(bind_cfg).await?;
+        let gateway = match (Gateway::bind(bind_cfg).await, last_good.take()) {
+            (Ok(g), _) => g,
+            (Err(e), Some(previous)) => {
+                tracing::error!("restart: {e:#}; starting again with the previous configuration");
+                cfg = previous;
+                continue;
+            }
+            (Err(e), None) => return Err(e),
+        };
         bound_control = Some((cfg.control_listen, gateway.control_addr()));
         let handle = gateway.handle();
         slot.send_replace(Some(handle.clone()));
-        let reload_path = path.clone();
         let running = gateway.run(signals.clone());
         tokio::pin!(running);
         let exit = loop {
             tokio::select! {
                 exit = &mut running => break exit?,
-                _ = hup.recv() => match GatewayConfig::load(&reload_path) {
+                _ = hup.recv() => match GatewayConfig::load(&path) {
                     Ok(new) => {
-                        tracing::info!("SIGHUP: {} reloaded", reload_path.display());
+                        tracing::info!("SIGHUP: {} reloaded", path.display());
                         log_notices(&new.notices);
-                        cfg = new.clone();
-                        handle.reload(new).await;
+                        if let Err(e) = admin.apply(&new).await {
+                            tracing::error!("reload: {e}");
+                        }
+                        handle.reload(new.clone()).await;
+                        cfg = new;
                     }
                     Err(e) => tracing::error!("SIGHUP: reload refused, keeping the running config: {e}"),
                 },
             }
         };
         slot.send_replace(None);
-        match exit {
-            Exit::Stop => break,
-            Exit::Restart => match GatewayConfig::load(&path) {
-                Ok(new) => {
-                    log_notices(&new.notices);
-                    cfg = new;
-                }
-                Err(e) => {
-                    tracing::error!("restart: {e}; starting again with the previous configuration")
-                }
-            },
+        if exit == Exit::Stop {
+            break;
+        }
+        last_good = Some(handle.config().as_ref().clone());
+        // `ctl restart` validated and staged the file; otherwise read it now.
+        match handle
+            .take_staged()
+            .map(Ok)
+            .unwrap_or_else(|| GatewayConfig::load(&path))
+        {
+            Ok(new) => {
+                log_notices(&new.notices);
+                cfg = new;
+            }
+            Err(e) => {
+                tracing::error!("restart: {e}; starting again with the previous configuration")
+            }
+        }
+        if let Err(e) = admin.apply(&cfg).await {
+            tracing::error!("restart: {e}");
         }
         tracing::info!("restarting the gateway");
     }
-    admin_stop.cancel();
-    if let Some(admin) = admin {
-        let _ = admin.await;
-    }
+    admin.stop().await;
     tracing::info!("gateway stopped");
     Ok(())
 }
 
-async fn ctl(action: CtlAction, admin: AdminArgs) -> anyhow::Result<()> {
-    let path = match action {
-        CtlAction::Pause => "/api/pause",
-        CtlAction::Resume => "/api/resume",
-        CtlAction::Restart => "/api/restart",
-        CtlAction::Stop => "/api/stop",
+/// `sallyport status`: the given admin API, or the gateway's default address, or (when no
+/// gateway answers there) the agent's.
+async fn status(admin: AdminArgs, json: bool) -> anyhow::Result<()> {
+    let url = match admin.admin {
+        Some(url) => url,
+        None => {
+            let gateway = crate::admin::client::authority(GATEWAY_ADMIN_URL)?;
+            if tokio::net::TcpStream::connect(&gateway).await.is_ok() {
+                GATEWAY_ADMIN_URL.to_string()
+            } else {
+                AGENT_ADMIN_URL.to_string()
+            }
+        }
     };
-    let (code, body) =
-        crate::admin::client::request(&admin.admin, "POST", path, admin.token.as_deref()).await?;
+    crate::status::print(url, admin.token, json).await
+}
+
+async fn ctl(action: CtlAction, admin: AdminArgs) -> anyhow::Result<()> {
+    let (path, daemon) = match action {
+        CtlAction::Pause => ("/api/pause", "gateway"),
+        CtlAction::Resume => ("/api/resume", "gateway"),
+        CtlAction::Restart => ("/api/restart", "gateway"),
+        CtlAction::Stop => ("/api/stop", "gateway"),
+        CtlAction::Reload => ("/api/reload", "agent"),
+    };
+    let url = admin.admin.unwrap_or_else(|| {
+        if daemon == "agent" {
+            AGENT_ADMIN_URL
+        } else {
+            GATEWAY_ADMIN_URL
+        }
+        .to_string()
+    });
+    let token = admin.token.as_deref();
+    let (code, body) = crate::admin::client::request(&url, "POST", path, token).await?;
+    let action_name = &path["/api/".len()..];
     match code {
+        200 if daemon == "agent" => {
+            println!(
+                "ok: {action_name} (agent configuration generation {})",
+                body["generation"]
+            );
+            for n in body["notices"].as_array().into_iter().flatten() {
+                println!(
+                    "warning: {}",
+                    crate::escape::escape(n.as_str().unwrap_or(""))
+                );
+            }
+            Ok(())
+        }
         200 => {
             println!(
                 "ok: {} (gateway state: {})",
                 body["action"].as_str().unwrap_or("done"),
                 body["state"].as_str().unwrap_or("?")
             );
+            if let Some(changes) = body["changes"].as_array() {
+                if changes.is_empty() {
+                    println!("gateway.toml: no key changed");
+                }
+                for c in changes {
+                    println!("  {}", c.as_str().unwrap_or_default());
+                }
+            }
             Ok(())
         }
         401 => anyhow::bail!(
             "401 unauthorized: pass the admin token with --token or SALLYPORT_ADMIN_TOKEN"
         ),
-        _ => anyhow::bail!("HTTP {code}: {body}"),
+        // The other daemon's admin API: say so rather than "not found".
+        404 => {
+            let other = crate::admin::client::get(&url, "/api/status", token)
+                .await
+                .ok()
+                .and_then(|s| s["daemon"].as_str().map(String::from))
+                .unwrap_or_else(|| "gateway".into());
+            match other.as_str() {
+                "agent" => anyhow::bail!(
+                    "{url} is an agent's admin API: `ctl {action_name}` controls a gateway (an agent has `ctl reload`)"
+                ),
+                _ => anyhow::bail!(
+                    "{url} is a gateway's admin API: `ctl {action_name}` is for an agent (reload a gateway with SIGHUP: systemctl reload sallyport-gateway)"
+                ),
+            }
+        }
+        _ => anyhow::bail!(
+            "HTTP {code}: {}",
+            body["error"]
+                .as_str()
+                .map_or_else(|| body.to_string(), crate::escape::escape)
+        ),
     }
 }
 
@@ -373,25 +806,41 @@ async fn run_agent(cfg: AgentConfig, path: PathBuf) -> anyhow::Result<()> {
     log_notices(&cfg.notices);
     raise_open_files_limit();
     let shutdown = stop_on_signals()?;
-    let agent = std::sync::Arc::new(Agent::new(cfg));
+    let admin_config = cfg.admin.clone();
+    let agent = std::sync::Arc::new(Agent::from_file(cfg, Some(path)));
+    // The admin port is part of the configuration: when it is taken the agent stops before it
+    // dials anything, with the config error's exit status, rather than run unobservable.
+    let admin_stop = CancellationToken::new();
+    let admin = match admin_config.listen {
+        Some(addr) => {
+            let listener = crate::admin::bind(addr, crate::admin::agent::LISTENING)
+                .await
+                .map_err(|e| {
+                    StartError(format!(
+                        "{e:#}: another agent on this host? set [admin] listen to a free port, or enabled = false"
+                    ))
+                })?;
+            Some(tokio::spawn(crate::admin::agent::serve(
+                listener,
+                agent.clone(),
+                admin_config.token,
+                admin_stop.clone(),
+            )))
+        }
+        None => None,
+    };
     let mut hup = signal(SignalKind::hangup())?;
     let reloader = agent.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            reload_agent(&reloader, &path);
+            // A refusal is logged (and shown by the admin API) inside; the running config stays.
+            let _ = reloader.reload_file("SIGHUP");
         }
     });
-    agent.run(shutdown).await
-}
-
-/// SIGHUP: re-read agent.toml; a bad file is reported and the running config kept.
-fn reload_agent(agent: &Agent, path: &Path) {
-    match AgentConfig::load(path) {
-        Ok(cfg) => {
-            tracing::info!("SIGHUP: {} reloaded", path.display());
-            log_notices(&cfg.notices);
-            agent.reload(cfg);
-        }
-        Err(e) => tracing::error!("SIGHUP: reload refused, keeping the running config: {e}"),
+    let result = agent.run(shutdown).await;
+    admin_stop.cancel();
+    if let Some(admin) = admin {
+        let _ = admin.await;
     }
+    result
 }

@@ -38,6 +38,8 @@ struct Rule {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EgressRules {
     rules: Vec<Rule>,
+    /// The entries as written (for reload reports and `--check`).
+    entries: Vec<String>,
 }
 
 fn normalize(name: &str) -> String {
@@ -85,9 +87,9 @@ fn parse_rule(entry: &str) -> Result<Rule, String> {
     }
     let ports = parse_ports(ports).map_err(|e| format!("\"{entry}\": {e}"))?;
     let host = if let Ok(net) = host.parse::<IpNet>() {
-        Host::Net(net.trunc())
+        Host::Net(crate::access::canonical_net(net.trunc()))
     } else if let Ok(ip) = host.parse::<IpAddr>() {
-        Host::Net(IpNet::from(ip))
+        Host::Net(crate::access::canonical_net(IpNet::from(ip)))
     } else if let Some(domain) = host.strip_prefix("*.") {
         check_name(domain).map_err(|e| format!("\"{entry}\": {e}"))?;
         Host::Below(format!(".{}", normalize(domain)))
@@ -114,6 +116,22 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a destination host as an agent's proxy client or an outbound hello names it: an IP
+/// address literal or a DNS name (letters, digits, '-', '_' in dot-separated labels). Anything
+/// else (spaces, control characters, '%', '@', '/') is refused at the edge, before it is
+/// resolved, logged or shown; the error shows the host escaped.
+pub fn check_destination(host: &str) -> Result<(), String> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    check_name(host).map_err(|_| {
+        format!(
+            "invalid destination host \"{}\"",
+            crate::escape::escape(host)
+        )
+    })
+}
+
 impl EgressRules {
     /// Parses the list; the error names the entry.
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
@@ -121,12 +139,20 @@ impl EgressRules {
             .iter()
             .map(|e| parse_rule(e.as_ref()))
             .collect::<Result<_, _>>()
-            .map(|rules| EgressRules { rules })
+            .map(|rules| EgressRules {
+                rules,
+                entries: entries.iter().map(|e| e.as_ref().to_string()).collect(),
+            })
     }
 
     /// Parses one entry (for errors that name the line of the entry).
     pub fn check_entry(entry: &str) -> Result<(), String> {
         parse_rule(entry).map(|_| ())
+    }
+
+    /// The entries as written.
+    pub fn entries(&self) -> &[String] {
+        &self.entries
     }
 
     pub fn is_empty(&self) -> bool {

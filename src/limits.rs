@@ -1,7 +1,8 @@
 //! Bounds on what peers and clients can make a daemon hold, and log lines that cannot flood.
 //!
-//! - [`ConnLimiter`]: at most N connections in total and M per source IP; a permit is released
-//!   when dropped, however the connection ends.
+//! - [`ConnLimiter`]: at most N connections in total and M per source address (an IPv4 address,
+//!   or an IPv6 /64: [`limit_key`]), optionally keeping part of the total for trusted addresses;
+//!   a permit is released when dropped, however the connection ends.
 //! - [`Gauge`]: a plain bounded count (pending clients per listener, in total).
 //! - [`Event`]: a counter with a rate-limited log: the first few occurrences are logged, then at
 //!   most one line per interval saying how many were suppressed meanwhile.
@@ -9,7 +10,7 @@
 //! Nothing here closes sockets or writes logs itself; callers do, with their own context.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -32,11 +33,23 @@ impl std::fmt::Display for Exceeded {
     }
 }
 
-/// Counts open connections in total and per source address.
+/// The key a per-address limit counts under: the IPv4 address (IPv4-mapped IPv6 included), or
+/// the /64 of an IPv6 address. One host or customer usually holds a whole /64, so a limit per
+/// single IPv6 address would be no limit at all.
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
+        v4 => v4,
+    }
+}
+
+/// Counts open connections in total and per source address ([`limit_key`]).
 #[derive(Debug)]
 pub struct ConnLimiter {
     max_total: AtomicUsize,
     max_per_ip: AtomicUsize,
+    /// Places of the total only trusted callers may take (see [`ConnLimiter::try_acquire_for`]).
+    reserved: AtomicUsize,
     inner: Arc<LimiterState>,
 }
 
@@ -71,8 +84,15 @@ impl ConnLimiter {
         ConnLimiter {
             max_total: AtomicUsize::new(max_total),
             max_per_ip: AtomicUsize::new(max_per_ip),
+            reserved: AtomicUsize::new(0),
             inner: Arc::default(),
         }
+    }
+
+    /// Keeps `reserved` places of the total for trusted callers: strangers can fill at most
+    /// `max_total - reserved`.
+    pub fn set_reserved(&self, reserved: usize) {
+        self.reserved.store(reserved, Ordering::Relaxed);
     }
 
     /// New bounds (a reload); connections already admitted stay.
@@ -82,14 +102,24 @@ impl ConnLimiter {
     }
 
     pub fn try_acquire(&self, ip: IpAddr) -> Result<ConnPermit, Exceeded> {
-        let ip = canonical(ip);
+        self.try_acquire_for(ip, false)
+    }
+
+    /// Like [`ConnLimiter::try_acquire`]; a `trusted` caller may also take the reserved places.
+    pub fn try_acquire_for(&self, ip: IpAddr, trusted: bool) -> Result<ConnPermit, Exceeded> {
+        let ip = limit_key(ip);
         let (max_total, max_per_ip) = (
             self.max_total.load(Ordering::Relaxed),
             self.max_per_ip.load(Ordering::Relaxed),
         );
+        let open_to_caller = if trusted {
+            max_total
+        } else {
+            max_total.saturating_sub(self.reserved.load(Ordering::Relaxed))
+        };
         let mut per_ip = self.inner.per_ip.lock().unwrap();
-        if self.inner.total.load(Ordering::Relaxed) >= max_total {
-            return Err(Exceeded::Total(max_total));
+        if self.inner.total.load(Ordering::Relaxed) >= open_to_caller {
+            return Err(Exceeded::Total(open_to_caller));
         }
         let n = per_ip.entry(ip).or_insert(0);
         if *n >= max_per_ip {
@@ -123,7 +153,27 @@ impl Drop for GaugePermit {
     }
 }
 
+/// `n` places of a [`Gauge`], given back together when dropped.
+#[derive(Debug)]
+pub struct GaugePermits(Arc<AtomicUsize>, usize);
+
+impl Drop for GaugePermits {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
+
 impl Gauge {
+    /// Takes `n` places if that keeps the count at or below `max`.
+    pub fn try_acquire_many(&self, n: usize, max: usize) -> Option<GaugePermits> {
+        self.value
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v + n <= max).then_some(v + n)
+            })
+            .ok()
+            .map(|_| GaugePermits(self.value.clone(), n))
+    }
+
     /// Takes a place if fewer than `max` are taken.
     pub fn try_acquire(&self, max: usize) -> Option<GaugePermit> {
         self.value
@@ -266,6 +316,42 @@ mod tests {
         assert_eq!(limiter.try_acquire(b).unwrap_err(), Exceeded::Total(3));
         drop(p1);
         assert!(limiter.try_acquire(b).is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_per_64_and_trusted_callers_keep_a_reserve() {
+        let limiter = ConnLimiter::new(10, 2);
+        let _a = limiter
+            .try_acquire("2001:db8:1:2::1".parse().unwrap())
+            .unwrap();
+        let _b = limiter
+            .try_acquire("2001:db8:1:2::ffff".parse().unwrap())
+            .unwrap();
+        // A third address of the same /64 is the same client.
+        assert_eq!(
+            limiter
+                .try_acquire("2001:db8:1:2:aaaa::7".parse().unwrap())
+                .unwrap_err(),
+            Exceeded::PerIp(2)
+        );
+        assert!(limiter
+            .try_acquire("2001:db8:1:3::1".parse().unwrap())
+            .is_ok());
+
+        let limiter = ConnLimiter::new(4, 4);
+        limiter.set_reserved(1);
+        let stranger: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..3)
+            .map(|_| limiter.try_acquire(stranger).unwrap())
+            .collect();
+        assert_eq!(
+            limiter.try_acquire(stranger).unwrap_err(),
+            Exceeded::Total(3)
+        );
+        let agent: IpAddr = "10.0.0.2".parse().unwrap();
+        let _reserved = limiter.try_acquire_for(agent, true).unwrap();
+        assert!(limiter.try_acquire_for(agent, true).is_err());
+        drop(held);
     }
 
     #[test]

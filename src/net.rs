@@ -137,6 +137,14 @@ pub async fn connect_transparent(
     Ok(stream)
 }
 
+/// Whether this process may set `IP_TRANSPARENT` (root or CAP_NET_ADMIN), tried on a socket
+/// that is never bound: transparent mode's backend connections need it.
+pub fn may_connect_transparent() -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_ip_transparent(true)
+}
+
 /// Connects to an already resolved address with a timeout.
 pub async fn connect_addr(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -162,10 +170,75 @@ pub fn keepalive(stream: &TcpStream, idle: Duration) {
     let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
+/// A second descriptor of a connected TCP socket, to read its round-trip time while the
+/// connection itself is owned elsewhere (a control channel split into reader and writer). Drop
+/// it with the connection: while it lives, the socket stays open.
+pub struct RttProbe(std::os::fd::OwnedFd);
+
+impl RttProbe {
+    pub fn of(stream: &TcpStream) -> Option<RttProbe> {
+        use std::os::fd::AsFd;
+        stream.as_fd().try_clone_to_owned().ok().map(RttProbe)
+    }
+
+    /// The kernel's smoothed round-trip time of the connection (`TCP_INFO`), once measured.
+    pub fn rtt(&self) -> Option<Duration> {
+        use std::os::fd::AsRawFd;
+        tcp_rtt(self.0.as_raw_fd())
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn tcp_rtt(fd: std::os::fd::RawFd) -> Option<Duration> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call, and the kernel
+    // writes at most `len` bytes into it; `fd` is an open descriptor (owned by the probe) for
+    // the duration of the call. getsockopt has no other memory effects.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: `tcp_info` is plain integers, for which all-zero bytes (the initial value, for
+    // any field an older kernel did not write) are a valid value.
+    let info = unsafe { info.assume_init() };
+    (info.tcpi_rtt > 0).then(|| Duration::from_micros(info.tcpi_rtt.into()))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tcp_rtt(_fd: std::os::fd::RawFd) -> Option<Duration> {
+    None
+}
+
+/// Bounds how long data sent on a control connection may stay unacknowledged before the kernel
+/// gives up on the connection (`TCP_USER_TIMEOUT`, Linux only): a peer host that vanished, or a
+/// path that black-holes, ends the connection even while bytes wait in the send queue, which
+/// keepalive alone does not cover.
+pub fn user_timeout(stream: &TcpStream, timeout: Duration) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = SockRef::from(stream).set_tcp_user_timeout(Some(timeout));
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (stream, timeout);
+}
+
 /// Closes with a reset instead of a FIN: the peer sees "connection reset" at once.
 pub fn reset(stream: TcpStream) {
-    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    reset_on_close(&stream);
     drop(stream);
+}
+
+/// Makes the socket's close send a reset (SO_LINGER 0) instead of a FIN; bytes still in its
+/// send buffer are discarded, as with any reset.
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Whether an accept error is about running out of a resource (file descriptors, memory),

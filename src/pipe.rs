@@ -1,8 +1,16 @@
 //! The byte pump: moves bytes between two connected streams, both ways, unchanged.
 //!
 //! Each direction copies until its reader reaches end of stream, then shuts down the writer's
-//! send side, so a half-close (FIN) travels through and the other direction keeps flowing until
-//! it ends too. An error in either direction ends both: a reset on one side resets the pipe.
+//! send side, so a half-close (FIN, or TLS close_notify) travels through and the other direction
+//! keeps flowing until it ends too. Whenever a reader has nothing to give, the writer is flushed
+//! first: a TLS writer accepts bytes into user space even when its socket is full, and without
+//! the flush the tail of a burst would wait there until the sender sends again.
+//!
+//! A failure ends both directions and resets both sides: a reset read on one side, a TLS stream
+//! that ends without close_notify (a truncation), a failed write, a shutdown that finds the
+//! peer gone (ENOTCONN), or the pipe being cancelled. Both sockets then close with SO_LINGER 0,
+//! so the other end sees a reset, never a clean end of stream that would make a cut transfer
+//! look complete (docs/protocol.md, "Half-close and reset").
 //!
 //! Counters are plain atomics bumped once per chunk, readable live by statistics without
 //! touching the pump. This module never looks at the bytes.
@@ -14,11 +22,14 @@
 //! environment forces the copy loop (to compare the two, or to rule splice out).
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::net;
 use crate::transport::Stream;
 
 /// Size of each direction's copy buffer.
@@ -64,8 +75,57 @@ impl PipeCounters {
 /// frame in the same read); they are delivered first.
 pub type Prefix<'a> = &'a [u8];
 
+/// A stream with a TCP socket under it, whose close the pipe can turn into a reset.
+pub trait Resettable {
+    /// Makes closing this stream send a TCP reset (SO_LINGER 0) instead of a FIN.
+    fn reset_on_close(&self);
+}
+
+impl Resettable for TcpStream {
+    fn reset_on_close(&self) {
+        net::reset_on_close(self);
+    }
+}
+
+impl Resettable for Stream {
+    fn reset_on_close(&self) {
+        Stream::reset_on_close(self);
+    }
+}
+
+/// The two ends of a pipe. Unless marked clean (both directions ended with an end of stream
+/// passed on), dropping them resets both: an error or a cancellation on one side reaches the
+/// other as a reset.
+struct Ends<A: Resettable, B: Resettable> {
+    a: A,
+    b: B,
+    clean: bool,
+}
+
+impl<A: Resettable, B: Resettable> Ends<A, B> {
+    fn new(a: A, b: B) -> Self {
+        Ends { a, b, clean: false }
+    }
+
+    /// Marks the pipe clean when `result` is; passes `result` on.
+    fn settle(&mut self, result: io::Result<()>) -> io::Result<()> {
+        self.clean = result.is_ok();
+        result
+    }
+}
+
+impl<A: Resettable, B: Resettable> Drop for Ends<A, B> {
+    fn drop(&mut self) {
+        if !self.clean {
+            self.a.reset_on_close();
+            self.b.reset_on_close();
+        }
+    }
+}
+
 /// Pipes `a` and `b` together until both directions have ended. `a_prefix` was read from `a`
-/// and goes to `b` first; `b_prefix` likewise the other way.
+/// and goes to `b` first; `b_prefix` likewise the other way. On an error (or if this future is
+/// dropped before the end) both sides are reset.
 pub async fn pipe<A, B>(
     a: A,
     a_prefix: Prefix<'_>,
@@ -74,27 +134,30 @@ pub async fn pipe<A, B>(
     counters: &PipeCounters,
 ) -> io::Result<()>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Resettable + Unpin,
+    B: AsyncRead + AsyncWrite + Resettable + Unpin,
 {
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let forward = copy_direction(
-        &mut ar,
-        a_prefix,
-        &mut bw,
-        &counters.a_read,
-        &counters.b_written,
-    );
-    let backward = copy_direction(
-        &mut br,
-        b_prefix,
-        &mut aw,
-        &counters.b_read,
-        &counters.a_written,
-    );
-    tokio::try_join!(forward, backward)?;
-    Ok(())
+    let mut ends = Ends::new(a, b);
+    let result = {
+        let (mut ar, mut aw) = tokio::io::split(&mut ends.a);
+        let (mut br, mut bw) = tokio::io::split(&mut ends.b);
+        let forward = copy_direction(
+            &mut ar,
+            a_prefix,
+            &mut bw,
+            &counters.a_read,
+            &counters.b_written,
+        );
+        let backward = copy_direction(
+            &mut br,
+            b_prefix,
+            &mut aw,
+            &counters.b_read,
+            &counters.a_written,
+        );
+        tokio::try_join!(forward, backward).map(|_| ())
+    };
+    ends.settle(result)
 }
 
 /// Pipes a plain TCP socket `a` (a client, a backend) and an agent/gateway connection `b`:
@@ -112,7 +175,7 @@ pub async fn pipe_tcp(
     }
 }
 
-/// Pipes two plain TCP sockets, like [`pipe`] (same half-close, errors and counters), with
+/// Pipes two plain TCP sockets, like [`pipe`] (same half-close, resets and counters), with
 /// splice(2) on Linux unless `SALLYPORT_SPLICE=off`.
 pub async fn pipe_plain(
     a: TcpStream,
@@ -123,16 +186,18 @@ pub async fn pipe_plain(
 ) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     if zero_copy::enabled() {
-        let forward = zero_copy::direction(&a, a_prefix, &b, &counters.a_read, &counters.b_written);
-        let backward =
-            zero_copy::direction(&b, b_prefix, &a, &counters.b_read, &counters.a_written);
-        tokio::try_join!(forward, backward)?;
-        return Ok(());
+        let mut ends = Ends::new(a, b);
+        let (a, b) = (&ends.a, &ends.b);
+        let forward = zero_copy::direction(a, a_prefix, b, &counters.a_read, &counters.b_written);
+        let backward = zero_copy::direction(b, b_prefix, a, &counters.b_read, &counters.a_written);
+        let result = tokio::try_join!(forward, backward).map(|_| ());
+        return ends.settle(result);
     }
     pipe(a, a_prefix, b, b_prefix, counters).await
 }
 
-/// Copies until end of stream, then half-closes the writer.
+/// Copies until end of stream, then half-closes the writer. Any error is the pipe's end (the
+/// caller resets both sides).
 async fn copy_direction<R, W>(
     reader: &mut R,
     prefix: &[u8],
@@ -149,12 +214,14 @@ where
         writer.write_all(prefix).await?;
         written.fetch_add(prefix.len() as u64, Ordering::Relaxed);
     }
+    // Whether bytes were written since the last flush (a TLS writer may still hold them).
+    let mut unflushed = !prefix.is_empty();
     // Start small and grow on the first full read: an idle connection (most of them, under
     // load) then holds 4 KiB per direction instead of CHUNK (measured by tests/load.rs with
     // TLS data connections: the two CHUNK buffers were most of the ~80 KB per idle connection).
     let mut buf = vec![0u8; IDLE_CHUNK.min(CHUNK)];
     loop {
-        let n = reader.read(&mut buf).await?;
+        let n = read_or_flush(reader, &mut buf, writer, &mut unflushed).await?;
         if n == 0 {
             break;
         }
@@ -163,15 +230,45 @@ where
         }
         read.fetch_add(n as u64, Ordering::Relaxed);
         writer.write_all(&buf[..n]).await?;
+        unflushed = true;
         written.fetch_add(n as u64, Ordering::Relaxed);
     }
-    // Flush, then send FIN. A peer that already closed entirely makes shutdown fail with
-    // ENOTCONN; the data has been delivered, so that is not an error of the pipe.
+    // Flush, then send FIN (TLS: close_notify, then FIN). A shutdown that finds the peer gone
+    // (ENOTCONN) means it reset: an error, so the side we read from is reset too.
     writer.flush().await?;
-    match writer.shutdown().await {
-        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-        _ => Ok(()),
-    }
+    writer.shutdown().await
+}
+
+/// Reads into `buf`. While the reader has nothing, flushes the writer if bytes were written
+/// since the last flush, as tokio's own `copy` does: otherwise the tail of a burst can sit in a
+/// TLS writer's buffer for as long as the source stays quiet (an SFTP upload waiting for its
+/// acknowledgement, a reply waiting for the next request).
+async fn read_or_flush<R, W>(
+    reader: &mut R,
+    buf: &mut [u8],
+    writer: &mut W,
+    unflushed: &mut bool,
+) -> io::Result<usize>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    std::future::poll_fn(|cx| {
+        let mut read_buf = ReadBuf::new(buf);
+        match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+            Poll::Ready(result) => return Poll::Ready(result.map(|()| read_buf.filled().len())),
+            Poll::Pending => {}
+        }
+        if *unflushed {
+            // Pending: woken by the writer's socket (or by the reader); either way we come back.
+            if let Poll::Ready(result) = Pin::new(&mut *writer).poll_flush(cx) {
+                result?;
+                *unflushed = false;
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Zero-copy piping between two TCP sockets: socket -> pipe -> socket with splice(2).
@@ -309,11 +406,8 @@ mod zero_copy {
                 break;
             }
         }
-        // Same rule as the copy loop: a peer that already closed entirely is not an error.
-        match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
-            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-            _ => Ok(()),
-        }
+        // Same rule as the copy loop: a peer found gone (ENOTCONN) reset, so this is an error.
+        socket2::SockRef::from(to).shutdown(Shutdown::Write)
     }
 
     /// Splices while `from` has bytes: fill the empty pipe from `from`, empty it into `to`,
@@ -404,6 +498,7 @@ mod zero_copy {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -555,25 +650,76 @@ mod tests {
         }
     }
 
-    /// A reset on one side ends the pump with an error, like the copy loop.
+    /// Reads to the end of the stream; the error it ends with, if any.
+    async fn end_of(mut s: TcpStream) -> io::Result<usize> {
+        let mut rest = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("the stream ended")
+    }
+
+    fn reset(s: TcpStream) {
+        socket2::SockRef::from(&s)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(s);
+    }
+
+    /// A reset on either side ends the pump with an error and reaches the other side as a
+    /// reset, not as an end of stream.
     #[tokio::test]
-    async fn a_reset_ends_the_pipe() {
+    async fn a_reset_crosses_as_a_reset() {
         for pump in all_pumps() {
-            let (client, p1) = tcp_pair().await;
+            for client_resets in [true, false] {
+                let (mut client, p1) = tcp_pair().await;
+                let (p2, mut server) = tcp_pair().await;
+                let (_counters, task) = start(pump, p1, b"", p2, b"");
+                // Bytes in flight first, so the pump is in its loop.
+                client.write_all(b"partial upload").await.unwrap();
+                server.write_all(b"partial download").await.unwrap();
+                let mut buf = [0u8; 16];
+                server.read_exact(&mut buf[..14]).await.unwrap();
+                client.read_exact(&mut buf).await.unwrap();
+                let other = if client_resets {
+                    reset(client);
+                    server
+                } else {
+                    reset(server);
+                    client
+                };
+                let result = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+                    .await
+                    .expect("the pump ended")
+                    .unwrap();
+                assert!(result.is_err(), "{pump:?}: {result:?}");
+                let end = end_of(other).await;
+                assert!(
+                    matches!(&end, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+                    "{pump:?}, client resets: {client_resets}: {end:?}"
+                );
+            }
+        }
+    }
+
+    /// A pump dropped before the end (the gateway out of drain time) resets both sides: a cut
+    /// transfer must not look complete.
+    #[tokio::test]
+    async fn a_cancelled_pipe_resets_both_sides() {
+        for pump in all_pumps() {
+            let (mut client, p1) = tcp_pair().await;
             let (p2, mut server) = tcp_pair().await;
             let (_counters, task) = start(pump, p1, b"", p2, b"");
-            socket2::SockRef::from(&client)
-                .set_linger(Some(std::time::Duration::ZERO))
-                .unwrap();
-            drop(client);
-            let result = tokio::time::timeout(std::time::Duration::from_secs(5), task)
-                .await
-                .expect("the pump ended")
-                .unwrap();
-            assert!(result.is_err(), "{pump:?}: {result:?}");
-            // The other side was closed by the pump ending.
-            let mut rest = Vec::new();
-            let _ = server.read_to_end(&mut rest).await;
+            client.write_all(b"x").await.unwrap();
+            server.read_exact(&mut [0u8; 1]).await.unwrap();
+            task.abort();
+            let _ = task.await;
+            for side in [client, server] {
+                let end = end_of(side).await;
+                assert!(
+                    matches!(&end, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+                    "{pump:?}: {end:?}"
+                );
+            }
         }
     }
 }

@@ -1,8 +1,13 @@
 //! `sallyport status`: the admin API's status and statistics as terminal tables.
 
+use std::collections::{HashMap, HashSet};
+
 use serde_json::Value;
 
 use crate::admin::client;
+use crate::agent::report::{self, Light, ListenerStatsReport, StatsReport, StatusReport};
+use crate::escape::escape;
+use crate::gateway::outbound::OUTBOUND_LISTENER;
 
 /// `1.5 MB`, `12 KB`, `512 B`.
 pub fn human_bytes(n: f64) -> String {
@@ -64,12 +69,34 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(0.0)
 }
 
+/// A value for the terminal. Names, errors and addresses come from agents (or from whoever
+/// answers on the admin port): control characters are escaped, never printed.
 fn s(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => escape(s),
         Value::Null => "-".into(),
-        other => other.to_string(),
+        other => escape(&other.to_string()),
     }
+}
+
+/// One row of the listener table: its name, where it listens, its state and its counters.
+fn listener_row(key: &(String, String), public: String, state: String, st: &Value) -> Vec<String> {
+    vec![
+        key.0.clone(),
+        key.1.clone(),
+        public,
+        state,
+        u(&st["active"]).to_string(),
+        u(&st["pending"]).to_string(),
+        u(&st["accepted"]).to_string(),
+        u(&st["rejected"]).to_string(),
+        u(&st["closed"]).to_string(),
+        format!(
+            "{} / {}",
+            human_bytes(f(&st["bytes"]["client_read"])),
+            human_bytes(f(&st["bytes"]["client_written"]))
+        ),
+    ]
 }
 
 /// Renders the status and stats documents as the `status` command prints them.
@@ -117,46 +144,76 @@ pub fn render(status: &Value, stats: &Value) -> String {
         ));
     }
 
-    let listeners = status["listeners"].as_array().cloned().unwrap_or_default();
-    let per = stats["listeners"].as_array().cloned().unwrap_or_default();
-    out.push_str(&format!("\nListeners ({})\n", listeners.len()));
-    if !listeners.is_empty() {
-        let rows: Vec<Vec<String>> = listeners
+    let revoked = status["revoked"].as_array().cloned().unwrap_or_default();
+    if !revoked.is_empty() {
+        out.push_str(&format!("\nRevoked by [peers] ({})\n", revoked.len()));
+        let rows: Vec<Vec<String>> = revoked
             .iter()
-            .map(|l| {
-                let st = per
-                    .iter()
-                    .find(|p| p["site"] == l["site"] && p["name"] == l["name"])
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                let mut state = s(&l["state"]);
-                if let Some(e) = l["error"].as_str() {
-                    state = format!("{state}: {e}");
-                }
-                let addrs = l["addrs"].as_array().cloned().unwrap_or_default();
-                let public = match addrs.len() {
-                    0 => s(&l["public"]),
-                    1 => s(&addrs[0]),
-                    n => format!("{} (+{} ports)", s(&addrs[0]), n - 1),
+            .map(|r| {
+                let established = if r["established_closed"] == true {
+                    "closed"
+                } else {
+                    "left to finish"
                 };
                 vec![
-                    s(&l["site"]),
-                    s(&l["name"]),
-                    public,
-                    state,
-                    u(&st["active"]).to_string(),
-                    u(&st["pending"]).to_string(),
-                    u(&st["accepted"]).to_string(),
-                    u(&st["rejected"]).to_string(),
-                    u(&st["closed"]).to_string(),
+                    s(&r["site"]),
+                    s(&r["agent"]),
+                    s(&r["addr"]),
+                    s(&r["reason"]),
                     format!(
-                        "{} / {}",
-                        human_bytes(f(&st["bytes"]["client_read"])),
-                        human_bytes(f(&st["bytes"]["client_written"]))
+                        "{} pooled, {} established ({established})",
+                        u(&r["pooled"]),
+                        u(&r["established"])
                     ),
                 ]
             })
             .collect();
+        out.push_str(&table(
+            &["SITE", "AGENT", "ADDRESS", "WHY", "CONNECTIONS"],
+            &rows,
+        ));
+    }
+
+    let listeners = status["listeners"].as_array().cloned().unwrap_or_default();
+    let per = stats["listeners"].as_array().cloned().unwrap_or_default();
+    let counters: HashMap<(String, String), &Value> = per
+        .iter()
+        .map(|p| ((s(&p["site"]), s(&p["name"])), p))
+        .collect();
+    let mut shown = HashSet::new();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for l in &listeners {
+        let key = (s(&l["site"]), s(&l["name"]));
+        let st = counters.get(&key).copied().unwrap_or(&Value::Null);
+        let mut state = s(&l["state"]);
+        if let Some(e) = l["error"].as_str() {
+            state = format!("{state}: {e}");
+        }
+        let addrs = l["addrs"].as_array().cloned().unwrap_or_default();
+        let public = match addrs.len() {
+            0 => s(&l["public"]),
+            1 => s(&addrs[0]),
+            n => format!("{} (+{} ports)", s(&addrs[0]), n - 1),
+        };
+        rows.push(listener_row(&key, public, state, st));
+        shown.insert(key);
+    }
+    // Counters without a pushed listener: the agents' outbound proxy traffic, and listeners no
+    // longer pushed. Without these rows the table would not add up to the totals below.
+    for p in &per {
+        let key = (s(&p["site"]), s(&p["name"]));
+        if shown.contains(&key) {
+            continue;
+        }
+        let state = if key.1 == OUTBOUND_LISTENER {
+            "outbound"
+        } else {
+            "not pushed"
+        };
+        rows.push(listener_row(&key, "-".into(), state.into(), p));
+    }
+    out.push_str(&format!("\nListeners ({})\n", rows.len()));
+    if !rows.is_empty() {
         out.push_str(&table(
             &[
                 "SITE",
@@ -204,7 +261,7 @@ pub fn render(status: &Value, stats: &Value) -> String {
         let nonzero: Vec<String> = refusals
             .iter()
             .filter(|(_, v)| u(v) > 0)
-            .map(|(k, v)| format!("{k} {}", u(v)))
+            .map(|(k, v)| format!("{} {}", escape(k), u(v)))
             .collect();
         if !nonzero.is_empty() {
             out.push_str(&format!("\nRefused: {}\n", nonzero.join(", ")));
@@ -213,13 +270,181 @@ pub fn render(status: &Value, stats: &Value) -> String {
     out
 }
 
-/// `sallyport status`.
+/// Renders an agent's status and stats as the `status` command prints them.
+pub fn render_agent(status: &StatusReport, stats: &StatsReport) -> String {
+    let mut out = String::new();
+    let up = status.gateways.iter().filter(|g| g.connected).count();
+    let (mark, light) = match status.light {
+        Light::Green => ("●", "green"),
+        Light::Amber => ("◐", "amber"),
+        Light::Red => ("○", "red"),
+    };
+    out.push_str(&format!(
+        "Sallyport agent {}   site {}, agent {}   {mark} {up} OF {} GATEWAYS CONNECTED ({light})   up {}   config generation {} ({})\n",
+        status.version,
+        escape(&status.site),
+        escape(&status.agent),
+        status.gateways.len(),
+        human_duration(status.uptime_seconds),
+        status.config.generation,
+        status.config.digest.chars().take(12).collect::<String>(),
+    ));
+    if let Some(r) = status.config.last_reload.as_ref().filter(|r| !r.ok) {
+        out.push_str(&format!(
+            "  last reload REFUSED, running the previous configuration: {}\n",
+            escape(r.error.as_deref().unwrap_or("?"))
+        ));
+    }
+
+    out.push_str(&format!("\nGateways ({})\n", status.gateways.len()));
+    let rows: Vec<Vec<String>> = status
+        .gateways
+        .iter()
+        .map(|g| {
+            let dash = || "-".to_string();
+            vec![
+                escape(&g.gateway),
+                if g.connected { "connected" } else { "down" }.to_string(),
+                g.addr.clone().unwrap_or_else(dash),
+                g.connected_seconds.map_or_else(dash, human_duration),
+                match &g.tls {
+                    Some(t) => format!("{} {}", t.version, escape(&t.server_name)),
+                    None if g.connected => "PLAINTEXT".into(),
+                    None => dash(),
+                },
+                g.rtt_ms.map_or_else(dash, |ms| format!("{ms:.1} ms")),
+                if g.connected {
+                    format!("{}/{}", g.pool.idle, g.pool.size)
+                } else {
+                    dash()
+                },
+                match &g.last_error {
+                    Some(e) => format!("{} ({} attempts)", escape(e), g.reconnect_attempts),
+                    None => dash(),
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "GATEWAY",
+            "STATE",
+            "ADDRESS",
+            "CONNECTED",
+            "TLS",
+            "RTT",
+            "POOL",
+            "LAST ERROR",
+        ],
+        &rows,
+    ));
+
+    let counters: HashMap<&str, &ListenerStatsReport> = stats
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l))
+        .collect();
+    let mut header: Vec<String> = ["LISTENER", "PUBLIC", "BACKEND"].map(String::from).to_vec();
+    header.extend(
+        status
+            .gateways
+            .iter()
+            .map(|g| format!("ON {}", escape(&g.gateway))),
+    );
+    header.extend(["SERVED", "ACTIVE", "BACKEND FAILURES", "CLIENT IN / OUT"].map(String::from));
+    let mut failures = Vec::new();
+    let rows: Vec<Vec<String>> = status
+        .listeners
+        .iter()
+        .map(|l| {
+            let mut row = vec![escape(&l.name), l.public.clone(), escape(&l.backend)];
+            for g in &status.gateways {
+                let on = g.listeners.iter().find(|x| x.name == l.name);
+                row.push(match on {
+                    Some(x) if !x.addrs.is_empty() => format!("{} {}", x.state, x.addrs.join(",")),
+                    Some(x) => match &x.error {
+                        Some(e) => format!("{}: {}", x.state, escape(e)),
+                        None => x.state.clone(),
+                    },
+                    None => "-".into(),
+                });
+            }
+            let c = counters.get(l.name.as_str()).map(|c| &c.counters);
+            let get = |f: fn(&crate::agent::report::ListenerSnapshot) -> u64| c.map_or(0, f);
+            row.push(get(|c| c.served).to_string());
+            row.push(get(|c| c.active).to_string());
+            row.push(get(|c| c.backend_failures).to_string());
+            row.push(format!(
+                "{} / {}",
+                human_bytes(get(|c| c.bytes.from_client) as f64),
+                human_bytes(get(|c| c.bytes.to_client) as f64)
+            ));
+            if let Some(f) = c.and_then(|c| c.last_failure.as_ref()) {
+                failures.push(format!("  {}: {}", escape(&l.name), escape(&f.error)));
+            }
+            row
+        })
+        .collect();
+    out.push_str(&format!("\nListeners ({})\n", rows.len()));
+    if !rows.is_empty() {
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        out.push_str(&table(&header, &rows));
+    }
+    if !failures.is_empty() {
+        out.push_str("\nLast failure per listener\n");
+        for f in failures {
+            out.push_str(&f);
+            out.push('\n');
+        }
+    }
+    let t = &stats.totals;
+    out.push_str(&format!(
+        "\nClients: {} active, {} offered, {} served, {} backend failures, {} data connection failures\n",
+        t.active, t.offered, t.served, t.backend_failures, t.data_failures
+    ));
+    if let Some(o) = &status.outbound {
+        let counts: Vec<String> = stats
+            .outbound
+            .requests
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{n} {}", k.replace('_', " ")))
+            .collect();
+        out.push_str(&format!(
+            "Outbound proxy {}{}: {} active; requests: {}\n",
+            o.listen,
+            if o.authentication {
+                " (authentication)"
+            } else {
+                ""
+            },
+            stats.outbound.active,
+            if counts.is_empty() {
+                "none".to_string()
+            } else {
+                counts.join(", ")
+            }
+        ));
+    }
+    out
+}
+
+/// `sallyport status`: whichever daemon answers at `admin` (the gateway's or the agent's admin
+/// server; `/api/status` says which).
 pub async fn print(admin: String, token: Option<String>, json: bool) -> anyhow::Result<()> {
     let status = client::get(&admin, "/api/status", token.as_deref()).await?;
     let stats = client::get(&admin, "/api/stats", token.as_deref()).await?;
     if json {
         let both = serde_json::json!({"status": status, "stats": stats});
         println!("{}", serde_json::to_string_pretty(&both)?);
+    } else if status["daemon"] == report::DAEMON {
+        let status: StatusReport = serde_json::from_value(status).map_err(|e| {
+            anyhow::anyhow!("{admin}/api/status: an agent's answer this version does not read: {e}")
+        })?;
+        let stats: StatsReport = serde_json::from_value(stats).map_err(|e| {
+            anyhow::anyhow!("{admin}/api/stats: an agent's answer this version does not read: {e}")
+        })?;
+        print!("{}", render_agent(&status, &stats));
     } else {
         print!("{}", render(&status, &stats));
     }

@@ -47,6 +47,78 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         !matches!(self, Stream::Plain(_))
     }
+
+    /// The negotiated TLS version (`TLS 1.3`), on a TLS stream.
+    pub fn tls_version(&self) -> Option<&'static str> {
+        let version = match self {
+            Stream::Plain(_) => return None,
+            Stream::ServerTls(s) => s.get_ref().1.protocol_version(),
+            Stream::ClientTls(s) => s.get_ref().1.protocol_version(),
+        }?;
+        Some(match version {
+            rustls::ProtocolVersion::TLSv1_3 => "TLS 1.3",
+            rustls::ProtocolVersion::TLSv1_2 => "TLS 1.2",
+            _ => "TLS",
+        })
+    }
+
+    /// On the gateway's side of a TLS connection: the SHA-256 of the agent's end-entity
+    /// certificate, which pool and outbound connections must share with their control session.
+    pub fn peer_cert_digest(&self) -> Option<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        match self {
+            Stream::ServerTls(s) => {
+                let cert = s.get_ref().1.peer_certificates()?.first()?;
+                Some(Sha256::digest(cert.as_ref()).into())
+            }
+            _ => None,
+        }
+    }
+
+    /// Makes dropping this stream a reset of the TCP connection under it (SO_LINGER 0). For
+    /// TLS that is also a close without close_notify, which the peer reads as a truncation:
+    /// dropping a TLS stream never sends one, only `shutdown()` does.
+    pub fn reset_on_close(&self) {
+        crate::net::reset_on_close(self.tcp());
+    }
+
+    /// Without waiting: for TLS, queues close_notify (unless already sent) and writes what the
+    /// socket takes at once, so a stream dropped without `shutdown()` can still end cleanly.
+    /// When the socket is full the rest is lost and the peer sees a truncation, which is what
+    /// it is. For plain TCP nothing to do: the kernel sends FIN at close.
+    pub fn try_close_notify(&mut self) {
+        match self {
+            Stream::Plain(_) => {}
+            Stream::ServerTls(s) => {
+                let (tcp, conn) = s.get_mut();
+                close_notify_now(tcp, &mut **conn);
+            }
+            Stream::ClientTls(s) => {
+                let (sniff, conn) = s.get_mut();
+                close_notify_now(&sniff.inner, &mut **conn);
+            }
+        }
+    }
+}
+
+/// Queues close_notify and writes pending TLS records while `tcp` takes them without blocking.
+fn close_notify_now<D>(tcp: &TcpStream, conn: &mut rustls::ConnectionCommon<D>) {
+    struct NoWait<'a>(&'a TcpStream);
+    impl io::Write for NoWait<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.try_write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    conn.send_close_notify();
+    while conn.wants_write() {
+        match conn.write_tls(&mut NoWait(tcp)) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
 }
 
 macro_rules! delegate {

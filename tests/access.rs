@@ -200,3 +200,49 @@ fn client_rules_per_listener_reject_and_count() {
         .unwrap();
     assert!(last.contains("(3 so far)"), "{last}");
 }
+
+/// Issue 12 item 9: an IPv4-mapped exception (`::ffff:127.0.0.7/128`) in `[peers]` or in a
+/// listener's client rules names the IPv4 host it carries. Before the fix it parsed and then
+/// matched nothing, so a deny exception let its host in.
+#[test]
+fn ipv4_mapped_exceptions_apply_to_peers_and_to_clients() {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let gw = gateway_with_peers(
+        &dir,
+        "default = \"allow\"\nexcept = [\"::ffff:127.0.0.7/128\", \"::ffff:127.0.8.0/120\"]",
+    );
+    for denied in ["127.0.0.7", "127.0.8.9"] {
+        assert!(
+            matches!(
+                probe(gw.control, ip(denied)),
+                Answer::Refused(ErrorCode::PEER_DENIED, _)
+            ),
+            "{denied} must be denied by its IPv4-mapped [peers] exception"
+        );
+    }
+    assert_eq!(probe(gw.control, ip("127.0.0.6")), Answer::LetIn);
+
+    let port = free_port();
+    let mut l = listener("mapped", port, echo.addr);
+    l.extra = r#"clients = { default = "allow", except = ["::ffff:127.0.0.8/128"] }"#.into();
+    let _agent = start_agent(&dir, "agent", &[gw.control], &[l], "", "");
+    wait_open(local(port), Duration::from_secs(10));
+    let echoes = |source: &str| -> bool {
+        let Ok(mut s) = connect_from(ip(source), local(port)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 5];
+        s.write_all(b"ping\n").is_ok() && s.read_exact(&mut got).is_ok() && &got == b"ping\n"
+    };
+    assert!(echoes("127.0.0.9"));
+    assert!(
+        !echoes("127.0.0.8"),
+        "127.0.0.8 must be rejected by its IPv4-mapped client exception"
+    );
+    gw.proc.wait_for_log(
+        "client rejected by the listener's rules",
+        Duration::from_secs(2),
+    );
+}

@@ -1,7 +1,8 @@
 //! Fuzz-style property tests for the control protocol's decoders: the frame codec
 //! ([`FrameCodec`]), the message decoder ([`Message::from_frame`]) and the hello path a gateway
 //! runs on a new connection ([`read_preamble`] + [`Connection::read_message`]), plus the agent's
-//! refusal sniffer ([`Sniff`]).
+//! refusal sniffer ([`Sniff`]); and the text a peer controls (issue 12): the escaping of logs
+//! and `status`, the destination-host check and access-rule patterns (section (f)).
 //!
 //! Every property runs thousands of random and mutated inputs and checks that nothing panics,
 //! that errors come back as [`ProtocolError`]s of the expected kind, that decoding does not
@@ -37,8 +38,9 @@ use sallyport::protocol::frame::{HEADER_LEN, MIN_MAX_FRAME};
 use sallyport::protocol::{
     hello, kind, read_preamble, with_preamble, ClientArrived, ClientFailed, ClientRules,
     ConfigResult, Connection, ControlHello, DataHello, ErrorCode, FrameCodec, Heartbeat, Hello,
-    HelloAck, ListenerResult, ListenerSpec, ListenerStatus, Message, ProtocolError, PushConfig,
-    RawFrame, Role, Token, DEFAULT_MAX_FRAME, MAGIC,
+    HelloAck, ListenerResult, ListenerSpec, ListenerStatus, Message, OutboundHello, PoolAccepted,
+    PoolAssign, PoolHello, ProtocolError, PushConfig, RawFrame, Role, SessionSecret, Token,
+    DEFAULT_MAX_FRAME, MAGIC,
 };
 use sallyport::transport::{refusal, Sniff};
 
@@ -373,16 +375,18 @@ impl Stats {
 // Checks shared by the properties.
 // ------------------------------------------------------------------------------------------
 
-const KNOWN_KINDS: [u16; 9] = [
+const KNOWN_KINDS: [u16; 11] = [
     kind::HELLO,
     kind::HELLO_ACK,
     kind::ERROR,
+    kind::SESSION_SECRET,
     kind::PUSH_CONFIG,
     kind::CONFIG_RESULT,
     kind::CLIENT_ARRIVED,
     kind::CLIENT_FAILED,
     kind::HEARTBEAT,
     kind::POOL_ASSIGN,
+    kind::POOL_ACCEPTED,
 ];
 
 fn header_len(buf: &[u8]) -> usize {
@@ -762,6 +766,53 @@ fn role() -> impl Strategy<Value = Role> {
             })
         }),
         (any::<u64>(), token()).prop_map(|(id, token)| Role::Data(DataHello { id, token })),
+        (outbound_hello(), proptest::option::of(token())).prop_map(|(h, secret)| match secret {
+            Some(s) => Role::SessionOutbound(h, s),
+            None => Role::Outbound(h),
+        }),
+        (text(), text(), proptest::option::of(token())).prop_map(|(site, agent, secret)| {
+            let h = PoolHello { site, agent };
+            match secret {
+                Some(s) => Role::SessionPool(h, s),
+                None => Role::Pool(h),
+            }
+        }),
+    ]
+}
+
+fn outbound_hello() -> impl Strategy<Value = OutboundHello> {
+    (text(), text(), any::<u16>(), socket_addr()).prop_map(|(site, host, port, client_addr)| {
+        OutboundHello {
+            site,
+            host,
+            port,
+            client_addr,
+        }
+    })
+}
+
+/// The messages of the warm pool and of session binding (v2 adds PoolAccepted and
+/// SessionSecret).
+fn pool_and_session_message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (
+            any::<u64>(),
+            text(),
+            any::<u16>(),
+            socket_addr(),
+            socket_addr()
+        )
+            .prop_map(|(id, listener, port_offset, client_addr, gateway_addr)| {
+                Message::PoolAssign(PoolAssign {
+                    id,
+                    listener,
+                    port_offset,
+                    client_addr,
+                    gateway_addr,
+                })
+            }),
+        any::<u64>().prop_map(|id| Message::PoolAccepted(PoolAccepted { id })),
+        token().prop_map(|secret| Message::SessionSecret(SessionSecret { secret })),
     ]
 }
 
@@ -797,7 +848,7 @@ fn listener_result() -> impl Strategy<Value = ListenerResult> {
     (text(), status).prop_map(|(name, status)| ListenerResult { name, status })
 }
 
-/// Every v1 message, with arbitrary field values.
+/// Every message of versions 1 and 2, with arbitrary field values.
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (any::<u16>(), any::<u16>(), text(), role()).prop_map(|(min, max, software, role)| {
@@ -852,6 +903,7 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), text())
             .prop_map(|(id, reason)| Message::ClientFailed(ClientFailed { id, reason })),
         any::<u64>().prop_map(|seq| Message::Heartbeat(Heartbeat { seq })),
+        pool_and_session_message(),
     ]
 }
 
@@ -1364,6 +1416,115 @@ fn agent_reads_mutated_answers() {
 }
 
 // ------------------------------------------------------------------------------------------
+// (f) Text a peer controls (the stable form of fuzz/fuzz_targets/peer_text.rs, issue 12 items 8
+//     and 9): the escaping every log line and `status` apply, the destination-host check, and
+//     access-rule patterns, IPv4-mapped ones included.
+// ------------------------------------------------------------------------------------------
+
+/// Text biased towards what an attacker sends: controls (C0, C1, DEL), bidi and zero-width
+/// marks, the host characters, and any char at all.
+fn hostile_text() -> impl Strategy<Value = String> {
+    let c = prop_oneof![
+        4 => proptest::char::range('a', 'z'),
+        2 => proptest::sample::select(vec!['.', '-', '_', ':', '0', '9', '\\', ' ', '[', ']']),
+        2 => proptest::char::range('\0', '\u{1f}'),
+        1 => proptest::char::range('\u{7f}', '\u{9f}'),
+        1 => proptest::sample::select(vec![
+            '\u{200b}', '\u{200e}', '\u{200f}', '\u{2028}', '\u{2029}', '\u{202a}', '\u{202e}',
+            '\u{2060}', '\u{2066}', '\u{2069}', '\u{feff}',
+        ]),
+        1 => any::<char>(),
+    ];
+    vec(c, 0..40).prop_map(String::from_iter)
+}
+
+#[test]
+fn peer_text_is_escaped_and_checked() {
+    use sallyport::egress::{check_destination, EgressRules};
+    use sallyport::escape::{escape, is_unsafe};
+    run_property("peer text", 8192, hostile_text(), |text| {
+        let shown = escape(&text);
+        // Nothing unsafe survives, so no line break, ESC or bidi override reaches a log or a
+        // terminal...
+        prop_assert!(!shown.chars().any(is_unsafe), "{:?} -> {:?}", text, shown);
+        // ...and text with nothing unsafe reads unchanged.
+        if !text.chars().any(is_unsafe) {
+            prop_assert_eq!(&shown, &text);
+        }
+        if check_destination(&text).is_ok() {
+            prop_assert!(
+                text.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c)),
+                "accepted destination {:?}",
+                text
+            );
+        }
+        let _ = EgressRules::parse(&[&text]);
+        let _ = text.parse::<sallyport::access::IpPattern>();
+        Ok(())
+    });
+}
+
+#[test]
+fn ipv4_mapped_patterns_match_like_their_ipv4_form() {
+    use sallyport::access::IpPattern;
+    use std::net::Ipv4Addr;
+    let strategy = (
+        any::<u32>(),
+        0u8..=32,
+        any::<u32>(),
+        0u8..4,
+        any::<[u16; 8]>(),
+    );
+    run_property(
+        "ipv4-mapped patterns",
+        4096,
+        strategy,
+        |(net, len, probe, near, v6)| {
+            let (net, probe) = (Ipv4Addr::from(net), Ipv4Addr::from(probe));
+            // Half the probes fall inside the network, whatever its prefix.
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            let probe = match near {
+                0 | 1 => Ipv4Addr::from((u32::from(net) & mask) | (u32::from(probe) & !mask)),
+                _ => probe,
+            };
+            let hi = Ipv4Addr::from(u32::from(net).max(u32::from(probe)));
+            let lo = Ipv4Addr::from(u32::from(net).min(u32::from(probe)));
+            let pairs = [
+                (format!("::ffff:{net}/{}", 96 + len), format!("{net}/{len}")),
+                (format!("::ffff:{net}"), format!("{net}")),
+                (format!("::ffff:{lo}-::ffff:{hi}"), format!("{lo}-{hi}")),
+                (format!("::ffff:{lo} - {hi}"), format!("{lo}-{hi}")),
+            ];
+            let other_v6 = IpAddr::from(std::net::Ipv6Addr::from(v6));
+            for (mapped, plain) in &pairs {
+                let m: IpPattern = mapped.parse().map_err(TestCaseError::fail)?;
+                let p: IpPattern = plain.parse().map_err(TestCaseError::fail)?;
+                prop_assert_eq!(&m, &p, "{} is not canonicalised to {}", mapped, plain);
+                for ip in [IpAddr::V4(probe), IpAddr::V4(net), other_v6] {
+                    let as_mapped = match ip {
+                        IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+                        v6 => v6,
+                    };
+                    // A client seen as IPv4 or as IPv4-mapped IPv6 (a dual-stack socket) is
+                    // matched the same by the mapped rule and by its IPv4 form.
+                    prop_assert_eq!(m.matches(ip), p.matches(ip), "{} on {}", mapped, ip);
+                    prop_assert_eq!(
+                        m.matches(as_mapped),
+                        m.matches(ip),
+                        "{} on {}",
+                        mapped,
+                        as_mapped
+                    );
+                }
+                prop_assert!(m.matches(IpAddr::V4(net)), "{} misses {}", mapped, net);
+            }
+            Ok(())
+        },
+    );
+}
+
+// ------------------------------------------------------------------------------------------
 // Regression cases.
 // ------------------------------------------------------------------------------------------
 
@@ -1477,7 +1638,7 @@ fn regression_truncated_hello() {
         payload: frame.payload.slice(..frame.payload.len() - 3),
     };
     let err = Message::from_frame(&short).unwrap_err().to_string();
-    assert!(err.contains("versions 1..=1"), "{err}");
+    assert!(err.contains("versions 1..=2"), "{err}");
 }
 
 #[test]

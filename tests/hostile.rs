@@ -153,9 +153,12 @@ fn an_unknown_message_type_before_and_after_the_hello() {
     ctl.write_all(&frame(0x0777, b"boom")).unwrap();
     let mut reply = Vec::new();
     let _ = ctl.read_to_end(&mut reply);
-    // HelloAck, then the error frame, then the close.
-    let ack_len = 4 + u32::from_be_bytes(reply[..4].try_into().unwrap()) as usize;
-    match support::wire::parse_reply(&reply[ack_len..]) {
+    // HelloAck and SessionSecret (protocol v2), then the error frame, then the close.
+    let frame_len =
+        |at: usize| 4 + u32::from_be_bytes(reply[at..at + 4].try_into().unwrap()) as usize;
+    let ack_len = frame_len(0);
+    let secret_len = frame_len(ack_len);
+    match support::wire::parse_reply(&reply[ack_len + secret_len..]) {
         Reply::Frame(Message::Error(e)) => assert_eq!(e.code, ErrorCode::UNKNOWN_MESSAGE),
         other => panic!("expected an error frame, got {other:?}"),
     }
@@ -185,15 +188,15 @@ fn a_wrong_version() {
     refused_with(
         s.send(&protocol::with_preamble(&hello)),
         ErrorCode::UNSUPPORTED_VERSION,
-        "we speak 1..=1, the peer 9..=12",
+        "we speak 1..=2, the peer 9..=12",
     );
     // A future hello whose role this version cannot even decode still gets the version error.
     let mut bytes = MAGIC.to_vec();
-    bytes.extend_from_slice(&frame(protocol::kind::HELLO, &[2, 3, 0, 9, 0xff]));
+    bytes.extend_from_slice(&frame(protocol::kind::HELLO, &[3, 4, 0, 9, 0xff]));
     refused_with(
         s.send(&bytes),
         ErrorCode::UNSUPPORTED_VERSION,
-        "the peer 2..=3",
+        "the peer 3..=4",
     );
     s.still_serving("wrong versions");
 }

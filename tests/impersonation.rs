@@ -40,7 +40,7 @@ fn through_gateway_with_proxy_protocol(version: &str) {
     );
     assert!(line.contains(" 200 "), "{line}");
     // The agent logs each connection with the real client address.
-    agent.wait_for_log("client=127.0.0.7:", Duration::from_secs(2));
+    agent.wait_for_log("client_ip=127.0.0.7 ", Duration::from_secs(2));
 }
 
 #[test]

@@ -117,6 +117,15 @@ fn counters_are_exact_in_the_api_and_in_metrics() {
     assert_eq!(t["bytes"]["client_written"].as_u64(), Some(15_000));
     assert_eq!(t["bytes"]["agent_read"].as_u64(), Some(15_000));
     assert_eq!(stats["refusals"]["client_rules"].as_u64(), Some(3));
+    // Every refusal key the API reports is documented where operators look for alert names.
+    let ops = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    for key in stats["refusals"].as_object().unwrap().keys() {
+        assert!(
+            ops.contains(&format!("`{key}`")),
+            "refusal key {key} is not documented in docs/operations.md"
+        );
+    }
     let l = &stats["listeners"][0];
     assert_eq!(
         (l["site"].as_str(), l["name"].as_str()),
@@ -473,4 +482,142 @@ fn status_prints_the_tables() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
+}
+
+/// A SOCKS5 CONNECT (no authentication) to an IPv4 address; the reply code and the stream.
+fn socks5_connect_ip(proxy: std::net::SocketAddr, to: std::net::SocketAddr) -> (u8, TcpStream) {
+    let std::net::IpAddr::V4(ip) = to.ip() else {
+        panic!("IPv4 only")
+    };
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).unwrap();
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&ip.octets());
+    req.extend_from_slice(&to.port().to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    (reply[1], s)
+}
+
+/// The number in `column` of a `status` table row, by header position.
+fn column(header: &str, row: &str, name: &str) -> u64 {
+    let start = header.find(name).unwrap();
+    row[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no number under {name} in {row:?}"))
+}
+
+/// Issue 13 item 11: the listener table of `sallyport status` adds up to its totals, the
+/// agents' outbound proxy traffic included (its "(outbound)" row was missing), and clients
+/// refused by `max_connections_per_ip` count in their listener's `rejected`.
+#[test]
+fn status_rows_add_up_to_the_totals_with_outbound_and_limit_refusals() {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let partner = EchoServer::start();
+    let gw = start_gateway(
+        &dir,
+        &format!(
+            "[egress]\nallow = [\"{}\"]\n\n[limits]\nmax_connections_per_ip = 1\n",
+            partner.addr
+        ),
+    );
+    let public = local(free_port());
+    let proxy = local(free_port());
+    let agent = start_agent(
+        &dir,
+        "agent",
+        &[gw.control],
+        &[listener("echo", public.port(), echo.addr)],
+        "",
+        &format!("\n[outbound]\nlisten = \"{proxy}\"\n"),
+    );
+    agent.wait_for_log("listener open on the gateway", Duration::from_secs(10));
+
+    // One client through the listener, held open; a second from the same address is refused.
+    let mut held = TcpStream::connect(public).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    held.write_all(b"x").unwrap();
+    held.read_exact(&mut [0u8; 1]).unwrap();
+    let mut refused = TcpStream::connect(public).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    assert!(matches!(refused.read(&mut [0u8; 1]), Ok(0) | Err(_)));
+    // Two outbound connections through the agent's SOCKS5 proxy.
+    for _ in 0..2 {
+        let (code, mut s) = socks5_connect_ip(proxy, partner.addr);
+        assert_eq!(code, 0, "SOCKS5 CONNECT to an allowed destination");
+        s.write_all(b"out").unwrap();
+        let mut got = [0u8; 3];
+        s.read_exact(&mut got).unwrap();
+    }
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let t = &get_json(&gw, "/api/stats")["totals"];
+            t["active"] == 0 && t["accepted"] == 3
+        }),
+        "{}",
+        get_json(&gw, "/api/stats")["totals"]
+    );
+    let stats = get_json(&gw, "/api/stats");
+    let echo_stats = stats["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "echo")
+        .unwrap();
+    assert_eq!(
+        echo_stats["rejected"], 1,
+        "a client refused by max_connections_per_ip counts as rejected: {echo_stats}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["status", "--admin", &gw.admin_url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let header_at = lines
+        .iter()
+        .position(|l| l.contains("LISTENER") && l.contains("ACCEPTED"))
+        .unwrap();
+    let header = lines[header_at];
+    let rows: Vec<&str> = lines[header_at + 1..]
+        .iter()
+        .take_while(|l| !l.trim().is_empty())
+        .copied()
+        .collect();
+    assert!(
+        rows.iter().any(|r| r.contains("(outbound)")),
+        "no (outbound) row:\n{text}"
+    );
+    let totals = lines.iter().find(|l| l.starts_with("Clients:")).unwrap();
+    let total = |what: &str| -> u64 {
+        let at = totals.find(what).unwrap();
+        totals[..at]
+            .rsplit([' ', ','])
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    for (col, word) in [
+        ("ACCEPTED", "accepted"),
+        ("REJECTED", "rejected"),
+        ("CLOSED", "closed"),
+    ] {
+        let sum: u64 = rows.iter().map(|r| column(header, r, col)).sum();
+        assert_eq!(sum, total(word), "{col} rows do not add up:\n{text}");
+    }
+    assert_eq!(total("accepted"), 3, "{text}");
 }

@@ -324,3 +324,136 @@ fn proxy_users_are_required_when_configured() {
     assert_eq!(body, Nginx::PAGE);
     assert_eq!(partner.access_lines().len(), 2);
 }
+
+/// Issue 13 item 13: two gateways of one site with different `[egress]` lists. The agent asks
+/// the next gateway when one denies, so every request to a destination one of them allows gets
+/// through (on main every other request failed: curl exit 97, SOCKS5 "not allowed").
+#[test]
+fn a_denial_by_one_gateway_is_asked_of_the_next() {
+    let dir = Workdir::new();
+    let partner = Nginx::start(&dir, "partner", NginxOptions::default());
+    let allowed = format!("localhost:{}", partner.port);
+    let gw1 = start_gateway_named(&dir, "gw1", &format!("[egress]\nallow = [\"{allowed}\"]\n"));
+    let gw2 = start_gateway_named(&dir, "gw2", "[egress]\nallow = []\n");
+    let proxy = local(free_port());
+    let agent = start_agent(
+        &dir,
+        "agent",
+        &[gw1.control, gw2.control],
+        &[],
+        "",
+        &format!("\n[outbound]\nlisten = \"{proxy}\"\n"),
+    );
+    for gw in [&gw1, &gw2] {
+        gw.proc
+            .wait_for_log("config generation 1 applied", Duration::from_secs(10));
+    }
+    agent.wait_for_log("outbound proxy", Duration::from_secs(5));
+    let url = format!("http://localhost:{}/", partner.port);
+    for i in 0..6 {
+        let (ok, body, err) = curl(&["--socks5-hostname", &proxy.to_string(), &url]);
+        assert!(ok, "request {i}: {err}");
+        assert_eq!(body, Nginx::PAGE);
+    }
+    // gw2 was asked (round robin starts with each gateway in turn) and said no; gw1 served all.
+    assert!(
+        wait_until(Duration::from_secs(5), || outbound_stats(&gw1)["closed"]
+            == 6),
+        "{}",
+        outbound_stats(&gw1)
+    );
+    assert!(
+        gw2.api("/api/stats")["refusals"]["egress_denied"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+    // A destination neither allows is denied, with both gateways' reasons.
+    let (code, _s) = socks5_connect(proxy, "example.invalid", 443);
+    assert_eq!(code, 0x02);
+}
+
+/// `sallyport ctl ACTION` against `gw`; whether it succeeded.
+fn ctl(gw: &Gateway, action: &str) -> bool {
+    Command::new(BIN)
+        .args(["ctl", action, "--admin", &gw.admin_url()])
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Issue 13 item 15: pausing a gateway pauses the outbound traffic through it too (on main a
+/// paused gateway kept dialing out). New outbound requests go through the other gateway; one
+/// already open through the paused gateway keeps going; with every gateway paused a request is
+/// refused (SOCKS5 0x01) and works again after `ctl resume`.
+#[test]
+fn a_paused_gateway_takes_no_new_outbound_connections() {
+    let dir = Workdir::new();
+    let partner = Nginx::start(&dir, "partner", NginxOptions::default());
+    let allow = format!("[egress]\nallow = [\"localhost:{}\"]\n", partner.port);
+    let gw1 = start_gateway_named(&dir, "gw1", &allow);
+    let gw2 = start_gateway_named(&dir, "gw2", &allow);
+    let proxy = local(free_port());
+    let agent = start_agent(
+        &dir,
+        "agent",
+        &[gw1.control, gw2.control],
+        &[],
+        "",
+        &format!("\n[outbound]\nlisten = \"{proxy}\"\n"),
+    );
+    for gw in [&gw1, &gw2] {
+        gw.proc
+            .wait_for_log("config generation 1 applied", Duration::from_secs(10));
+    }
+    agent.wait_for_log("outbound proxy", Duration::from_secs(5));
+    // Open connections until one goes through gw1 (round robin: the first or the second).
+    let mut through_gw1 = None;
+    for _ in 0..2 {
+        let (code, s) = socks5_connect(proxy, "localhost", partner.port);
+        assert_eq!(code, 0);
+        if wait_until(Duration::from_secs(2), || {
+            outbound_stats(&gw1)["active"] == 1
+        }) {
+            through_gw1 = Some(s);
+            break;
+        }
+    }
+    let mut held = through_gw1.expect("no outbound connection went through gw1");
+
+    // gw2 may already have served (and closed) the first try above.
+    let gw2_closed = || outbound_stats(&gw2)["closed"].as_u64().unwrap_or(0);
+    let closed_before = gw2_closed();
+    assert!(ctl(&gw1, "pause"));
+    let url = format!("http://localhost:{}/", partner.port);
+    let socks = format!("socks5h://{proxy}");
+    for i in 0..4 {
+        let (ok, body, err) = curl(&["--proxy", &socks, &url]);
+        assert!(ok, "request {i} while gw1 is paused: {err}");
+        assert_eq!(body, Nginx::PAGE);
+    }
+    assert!(
+        outbound_stats(&gw1)["rejected"].as_u64().unwrap() >= 2,
+        "{}",
+        outbound_stats(&gw1)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || gw2_closed() == closed_before + 4),
+        "{}",
+        outbound_stats(&gw2)
+    );
+    // The connection opened before the pause still works.
+    write!(held, "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    held.read_to_string(&mut answer).unwrap();
+    assert!(answer.ends_with(Nginx::PAGE), "{answer}");
+
+    // Both paused: nothing goes out, and the client hears it at once.
+    assert!(ctl(&gw2, "pause"));
+    let (code, _s) = socks5_connect(proxy, "localhost", partner.port);
+    assert_eq!(code, 0x01);
+    assert!(ctl(&gw1, "resume") && ctl(&gw2, "resume"));
+    let (ok, body, err) = curl(&["--proxy", &socks, &url]);
+    assert!(ok, "after resume: {err}");
+    assert_eq!(body, Nginx::PAGE);
+}

@@ -32,7 +32,8 @@ async fn next(ctl: &mut Connection<TcpStream>) -> Message {
             .await
             .expect("no message from the gateway")
             .unwrap();
-        if !matches!(msg, Message::Heartbeat(_)) {
+        // A v2 session's secret comes first: this scripted agent has no pool to prove.
+        if !matches!(msg, Message::Heartbeat(_) | Message::SessionSecret(_)) {
             return msg;
         }
     }
@@ -294,4 +295,210 @@ async fn pending_clients_per_listener_are_bounded() {
         .await
         .unwrap();
     ping(&mut w2, "the second one still waited").await;
+}
+
+/// Opens a connection speaking protocol versions 1..=`max_version`.
+async fn open_v(gateway: SocketAddr, role: Role, max_version: u16) -> Connection<TcpStream> {
+    let mut stream = TcpStream::connect(gateway).await.unwrap();
+    let hello = Message::Hello(protocol::Hello {
+        min_version: 1,
+        max_version,
+        software: "scripted".into(),
+        role,
+    });
+    stream
+        .write_all(&protocol::with_preamble(&hello))
+        .await
+        .unwrap();
+    Connection::new(stream, DEFAULT_MAX_FRAME)
+}
+
+/// A scripted agent's control session (protocol 1..=`max_version`): hello, push of one
+/// listener on `public`, the result. Returns the session and its secret (v2).
+async fn scripted_session_v(
+    gateway: SocketAddr,
+    agent: &str,
+    public: u16,
+    max_version: u16,
+) -> (Connection<TcpStream>, Option<Token>) {
+    let role = Role::Control(ControlHello {
+        site: "scripted".into(),
+        agent: agent.into(),
+        heartbeat_ms: 60_000,
+    });
+    let mut ctl = open_v(gateway, role, max_version).await;
+    assert!(matches!(
+        ctl.expect_message().await.unwrap(),
+        Message::HelloAck(_)
+    ));
+    let secret = if max_version >= 2 {
+        match ctl.expect_message().await.unwrap() {
+            Message::SessionSecret(s) => Some(s.secret),
+            other => panic!("expected the session secret, got {other:?}"),
+        }
+    } else {
+        None
+    };
+    ctl.write_message(&Message::PushConfig(PushConfig {
+        generation: 1,
+        digest: "d".into(),
+        listeners: vec![ListenerSpec {
+            name: "l".into(),
+            public: PublicAddr {
+                ip: Some("127.0.0.1".parse().unwrap()),
+                ports: PortRange::single(public),
+            },
+            clients: ClientRules::default(),
+        }],
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(next(&mut ctl).await, Message::ConfigResult(_)));
+    (ctl, secret)
+}
+
+async fn scripted_session(gateway: SocketAddr, agent: &str, public: u16) -> Connection<TcpStream> {
+    scripted_session_v(gateway, agent, public, protocol::MAX_VERSION)
+        .await
+        .0
+}
+
+fn refusals(gateway: &Gateway, reason: &str) -> u64 {
+    gateway.api("/api/stats")["refusals"][reason]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_agent_of_a_re_offered_client_loses_its_claim_quietly() {
+    let dir = Workdir::new();
+    let gateway = start_gateway(&dir, "");
+    let public = free_port();
+    // The client is offered to a (the only agent), a goes away, the client is offered to b, b
+    // claims it; then a's data connection arrives after all, with the right token.
+    let mut a = scripted_session(gateway.control, "a", public).await;
+    let mut client = TcpStream::connect(local(public)).await.unwrap();
+    let first = arrived(&mut a).await;
+    let mut b = scripted_session(gateway.control, "b", public).await;
+    drop(a);
+    let second = arrived(&mut b).await;
+    assert_eq!((second.id, second.token), (first.id, first.token));
+    claim(gateway.control, second.id, second.token)
+        .await
+        .unwrap();
+    ping(&mut client, "served by b").await;
+
+    let late = claim(gateway.control, first.id, first.token).await;
+    // Refused with the usual words, so the peer learns nothing new ...
+    assert!(
+        matches!(&late, Err(ProtocolError::Peer(e)) if e.code == ErrorCode::UNKNOWN_CLIENT),
+        "{late:?}"
+    );
+    // ... but it is a lost race, not a guessed or replayed token: not counted, no warning.
+    gateway.proc.wait_for_log(
+        "was claimed by another agent it was offered to",
+        Duration::from_secs(2),
+    );
+    assert_eq!(refusals(&gateway, "data_token"), 0);
+    assert_eq!(refusals(&gateway, "client_agent_failed"), 0);
+    assert!(
+        !gateway
+            .proc
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("data connection refused")),
+        "the lost race was logged as a refusal"
+    );
+    // A wrong token for the same id still counts.
+    let guessed = claim(gateway.control, first.id, Token::random()).await;
+    assert!(guessed.is_err());
+    assert!(wait_until(Duration::from_secs(2), || refusals(
+        &gateway,
+        "data_token"
+    ) == 1));
+    ping(&mut client, "still served").await;
+}
+
+/// The agent reconnected while the gateway still holds its old session (a cut it has not
+/// noticed yet): two sessions of agent "x" from one address. Pool connections opened for the
+/// new session must survive the old one's end, and serve.
+async fn reconnected_agents_pool(max_version: u16) {
+    let dir = Workdir::new();
+    let gateway = start_gateway(&dir, "");
+    let public = free_port();
+    let (old, _) = scripted_session_v(gateway.control, "x", public, max_version).await;
+    let (mut new, secret) = scripted_session_v(gateway.control, "x", public, max_version).await;
+    let hello = protocol::PoolHello {
+        site: "scripted".into(),
+        agent: "x".into(),
+    };
+    let role = || match secret {
+        Some(secret) => Role::SessionPool(hello.clone(), secret),
+        None => Role::Pool(hello.clone()),
+    };
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let mut m = open_v(gateway.control, role(), max_version).await;
+        match m.expect_message().await.unwrap() {
+            Message::HelloAck(ack) => assert_eq!(ack.version, max_version),
+            other => panic!("unexpected {other:?}"),
+        }
+        members.push(m);
+    }
+    let pooled = || gateway.api("/api/stats")["pooled"].as_u64().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(5), || pooled() == 3));
+
+    // The old session is finally noticed dead: it takes only its own pooled connections.
+    drop(old);
+    assert!(wait_until(Duration::from_secs(5), || {
+        gateway.proc.count_log("agent disconnected") + gateway.proc.count_log("agent session ended")
+            == 1
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pooled(),
+        3,
+        "the new session's pooled connections were closed"
+    );
+
+    // And they serve: a client is handed to one, which answers at once (v2) and echoes.
+    let (assigned_tx, mut assigned) = tokio::sync::mpsc::channel(3);
+    for mut m in members {
+        let assigned_tx = assigned_tx.clone();
+        tokio::spawn(async move {
+            let Ok(Message::PoolAssign(assign)) = m.expect_message().await else {
+                return;
+            };
+            if max_version >= 2 {
+                let answer = Message::PoolAccepted(protocol::PoolAccepted { id: assign.id });
+                m.write_message(&answer).await.unwrap();
+            }
+            assigned_tx.send(assign.id).await.unwrap();
+            let (mut stream, leftover) = m.into_parts();
+            stream.write_all(&leftover).await.unwrap();
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+    let mut client = TcpStream::connect(local(public)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), assigned.recv())
+        .await
+        .expect("no pooled connection got the client");
+    ping(&mut client, "through the new session's pool").await;
+    // The new session saw no announcement: the client went through its pool.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), next(&mut new))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_agents_pool_is_filed_under_its_new_session() {
+    reconnected_agents_pool(protocol::MAX_VERSION).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_v1_agents_pool_is_filed_under_its_new_session() {
+    reconnected_agents_pool(1).await;
 }

@@ -130,3 +130,53 @@ fn an_agent_that_leaves_takes_its_pooled_connections_with_it() {
         .count_log("client connected in")
         == 8));
 }
+
+#[test]
+fn agents_wanting_more_than_the_sites_pool_holds_back_off_quietly() {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let gw = start_gateway(&dir, "");
+    let port = free_port();
+    // Five agents of one site want 5 x 64 = 320 pooled connections; the gateway holds 256.
+    let agents: Vec<Proc> = (0..5)
+        .map(|i| {
+            let top = format!("name = \"a{i}\"\npool = 64");
+            start_agent(
+                &dir,
+                &format!("agent-{i}"),
+                &[gw.control],
+                &[listener("echo", port, echo.addr)],
+                &top,
+                "",
+            )
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || pooled(&gw) == 256),
+        "the pool never filled: {}",
+        pooled(&gw)
+    );
+    let refused = || {
+        gw.api("/api/stats")["refusals"]["pool_full"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let (logged, counted) = (gw.proc.count_log("pool connection refused"), refused());
+    std::thread::sleep(Duration::from_secs(6));
+    let (logged, counted) = (
+        gw.proc.count_log("pool connection refused") - logged,
+        refused() - counted,
+    );
+    eprintln!(
+        "pool over the site's cap: {counted} refusals in 6 s after it filled, {logged} log lines"
+    );
+    // Redialing every second would be 64 refusals (and 64 warnings) a second. The agents
+    // back off (1, 2, 4 ... s, up to a minute) and the gateway warns at most once per 10 s.
+    assert!(logged <= 1, "{logged} warnings in 6 s");
+    assert!(counted <= 3 * 64, "{counted} refusals in 6 s");
+    assert!(agents
+        .iter()
+        .any(|a| a.count_log("the gateway's pool for this site is full") >= 1));
+    // The pool still serves.
+    echo_round_trip(local(port), "a pooled client");
+}

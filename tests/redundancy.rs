@@ -28,10 +28,7 @@ impl Haproxy {
             std::path::Path::new(HAPROXY).exists(),
             "{HAPROXY} is missing: run the tests with scripts/test.sh, which installs haproxy"
         );
-        let mut cfg = String::from(
-            "global\n  maxconn 4000\n\ndefaults\n  mode tcp\n  timeout connect 1s\n  \
-             timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch\n",
-        );
+        let mut cfg = format!("global\n  maxconn 4000\n\n{}", documented_defaults());
         for (i, (front, back)) in fronts.iter().enumerate() {
             cfg.push_str(&format!(
                 "\nfrontend f{i}\n  bind 127.0.0.1:{front}\n  default_backend b{i}\n\nbackend b{i}\n  balance roundrobin\n"
@@ -56,6 +53,31 @@ impl Haproxy {
         }
         Haproxy { child }
     }
+}
+
+/// The `defaults` section of docs/deployment.md's HAProxy example, as an operator copies it,
+/// with `timeout client` and `timeout server` shortened to 1 s so that a test can see that
+/// `timeout tunnel` (which the example must have) keeps idle sessions open past them.
+fn documented_defaults() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deployment.md"))
+        .unwrap();
+    let start = doc
+        .find("\ndefaults\n")
+        .expect("deployment.md has an HAProxy defaults section");
+    let section = &doc[start + 1..];
+    let end = section.find("\n\n").expect("the defaults section ends");
+    section[..end]
+        .lines()
+        .map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words[..] {
+                ["timeout", which @ ("client" | "server"), ..] => {
+                    format!("  timeout {which} 1s\n")
+                }
+                _ => format!("{line}\n"),
+            }
+        })
+        .collect()
 }
 
 impl Drop for Haproxy {
@@ -142,7 +164,7 @@ fn gateway_at(dir: &Workdir, name: &str, control_port: u16, client_ip: &str) -> 
         &format!("{name}.toml"),
         &format!(
             "[control]\nlisten = \"127.0.0.1:{control_port}\"\n\n[clients]\nbind = \"{client_ip}\"\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n"
+             [peers]\ndefault = \"deny\"\nexcept = [\"127.0.0.1\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n"
         ),
     );
     spawn_gateway(name, &path)
@@ -185,6 +207,22 @@ fn two_gateways_behind_haproxy_keep_serving_while_one_dies_and_returns() {
         &["127.0.0.11", "127.0.0.12"],
     );
     fetch(local(front_web)).expect("through HAProxy and a gateway");
+    // docs/deployment.md (issue 13 item 15): with its defaults an idle session outlives
+    // `timeout client`/`server` (1 s here) thanks to `timeout tunnel`. Meanwhile HAProxy checks
+    // 4 servers every 200 ms (about 50 checks); the few the gateways accept before HAProxy's
+    // reset are counted as clients (the figure deployment.md quotes).
+    let mut idle = echo_session(local(front_echo));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(still_echoes(&mut idle), "HAProxy cut an idle session");
+    drop(idle);
+    let accepted: u64 = [&gw1, &gw2]
+        .iter()
+        .map(|g| count_accepted(g, "web") + count_accepted(g, "echo"))
+        .sum();
+    eprintln!(
+        "health checks accepted as clients in 2.5 s: {}",
+        accepted.saturating_sub(2)
+    );
 
     // In-flight sessions, spread by HAProxy over both gateways.
     let mut sessions: Vec<TcpStream> = (0..10).map(|_| echo_session(local(front_echo))).collect();
@@ -325,8 +363,10 @@ fn two_agents_of_a_site_share_clients_and_survive_the_loss_of_one() {
         && agent_b.count_log("connection closed") > 5));
 
     let mut agent_a = agent_a;
-    let killed_at = Instant::now();
     agent_a.kill();
+    // After the process is reaped: its sockets are closed, so a client that starts now cannot
+    // have been handed to agent a while it still lived.
+    let killed_at = Instant::now();
     let before: usize = streams.iter().map(Stream::count).sum();
     assert!(wait_until(Duration::from_secs(20), || streams
         .iter()
@@ -335,6 +375,8 @@ fn two_agents_of_a_site_share_clients_and_survive_the_loss_of_one() {
         >= before + 200));
     let mut total = 0;
     let mut after = 0;
+    let mut cut_in_flight = 0;
+    let threads = streams.len();
     for s in streams {
         for (at, r) in s.finish() {
             total += 1;
@@ -343,19 +385,31 @@ fn two_agents_of_a_site_share_clients_and_survive_the_loss_of_one() {
             }
             if let Err(e) = r {
                 eprintln!(
-                    "failed at {:?} after the kill: {e}",
+                    "failed, started {:?} after the kill: {e}",
                     at.checked_duration_since(killed_at)
                 );
-                failures.fetch_add(1, Ordering::Relaxed);
+                // A client agent a was piping (or being handed) when it was SIGKILLed loses its
+                // stream: nothing can save bytes inside a dead process. At most one per thread.
+                if at < killed_at {
+                    cut_in_flight += 1;
+                } else {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
     eprintln!(
-        "two agents: {total} connections, {after} after agent a was killed, {} failed",
+        "two agents: {total} connections, {after} after agent a was killed, {} of those failed, \
+         {cut_in_flight} cut in flight",
         failures.load(Ordering::Relaxed)
     );
-    // Clients offered to the dead agent and not yet claimed were offered to b: none failed.
+    // Clients offered to the dead agent and not yet claimed were offered to b: none that
+    // started after the kill failed.
     assert_eq!(failures.load(Ordering::Relaxed), 0);
+    assert!(
+        cut_in_flight <= threads,
+        "{cut_in_flight} in-flight failures"
+    );
     assert_eq!(agents_connected(&gw), 1);
 
     // A third agent with a different config is refused, with both digests named.
@@ -410,8 +464,7 @@ fn clients_offered_to_a_frozen_agent_are_offered_again_to_another() {
 
     // Freeze a: its control channel stays open but it answers nothing, so the clients offered
     // to it wait until the gateway declares it dead (3 heartbeats) and offers them to b. (No
-    // warm pool here: a client handed to a hung agent's pooled connection is lost with it, like
-    // the connections it was piping; see docs/deployment.md.)
+    // warm pool here: tests/liveness.rs covers clients handed to a hung agent's pool.)
     agent_a.signal("STOP");
     let started = Instant::now();
     let clients: Vec<_> = (0..8)

@@ -32,7 +32,7 @@ fn sshd_sees_the_client_address_through_a_transparent_agent() {
     let sshd = Sshd::start_at(&dir, Some(&backend_ns), "10.77.2.2", 22);
     let config = dir.write(
         "gateway.toml",
-        "[control]\nlisten = \"127.0.0.1:0\"\n[clients]\nbind = \"10.77.1.1\"\n[admin]\nenabled = false\n",
+        "[control]\nlisten = \"127.0.0.1:0\"\n[clients]\nbind = \"10.77.1.1\"\n[peers]\ndefault = \"deny\"\nexcept = [\"127.0.0.1\"]\n[admin]\nenabled = false\n",
     );
     let gateway = Proc::spawn_program(
         "gateway",
@@ -96,6 +96,6 @@ fn sshd_sees_the_client_address_through_a_transparent_agent() {
         !sshd.log_contains("Connection from 10.77.2.1"),
         "sshd must never see the agent's address"
     );
-    agent.wait_for_log("client=10.77.1.2:", Duration::from_secs(2));
+    agent.wait_for_log("client_ip=10.77.1.2 ", Duration::from_secs(2));
     drop((agent, gateway, sshd));
 }

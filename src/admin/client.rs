@@ -10,7 +10,7 @@ use super::CSRF_HEADER;
 
 /// `http://host:port` (a trailing slash is fine; only plain HTTP: the admin API listens on
 /// loopback or a management network).
-fn authority(base: &str) -> anyhow::Result<String> {
+pub fn authority(base: &str) -> anyhow::Result<String> {
     let rest = base
         .strip_prefix("http://")
         .with_context(|| format!("admin URL {base:?} must start with http://"))?;
@@ -27,7 +27,7 @@ pub async fn request(
     let authority = authority(base)?;
     let stream = tokio::net::TcpStream::connect(&authority)
         .await
-        .with_context(|| format!("cannot reach the admin API at {base} (is the gateway running, with [admin] enabled?)"))?;
+        .with_context(|| format!("cannot reach the admin API at {base} (is the daemon running, with [admin] enabled?)"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;

@@ -12,7 +12,8 @@ use crate::gateway::{GatewayHandle, ListenerState, RunState};
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-type Labels = Vec<(&'static str, String)>;
+/// Label names and values of one sample.
+pub(crate) type Labels = Vec<(&'static str, String)>;
 
 fn labels(pairs: &Labels) -> Vec<LabelPair> {
     pairs
@@ -26,7 +27,13 @@ fn labels(pairs: &Labels) -> Vec<LabelPair> {
         .collect()
 }
 
-fn family(name: &str, help: &str, kind: MetricType, samples: Vec<(Labels, f64)>) -> MetricFamily {
+/// One metric family: its samples, each with its labels.
+pub(crate) fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: Vec<(Labels, f64)>,
+) -> MetricFamily {
     let mut f = MetricFamily::default();
     f.set_name(name.to_string());
     f.set_help(help.to_string());
@@ -175,6 +182,12 @@ pub fn render(handle: &GatewayHandle) -> String {
         COUNTER,
         refusals,
     ));
+    families.push(family(
+        "sallyport_check_probes_total",
+        "Data hellos from `sallyport check` runs (not refusals).",
+        COUNTER,
+        vec![(vec![], stats.check_probes as f64)],
+    ));
     let states = [
         ("running", RunState::Running),
         ("paused", RunState::Paused),
@@ -200,7 +213,12 @@ pub fn render(handle: &GatewayHandle) -> String {
         GAUGE,
         vec![(Vec::new(), status.uptime_seconds as f64)],
     ));
-    // Families without a sample (no listener yet) are left out, as Prometheus expects.
+    encode(families)
+}
+
+/// The text format of `families`, leaving out those without a sample (no listener yet), as
+/// Prometheus expects.
+pub(crate) fn encode(mut families: Vec<MetricFamily>) -> String {
     families.retain(|f| !f.get_metric().is_empty());
     let mut out = Vec::new();
     TextEncoder::new()

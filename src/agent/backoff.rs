@@ -20,6 +20,11 @@ impl Backoff {
         Backoff { config, attempt: 0 }
     }
 
+    /// Takes new bounds (a reload); the attempt count carries on.
+    pub fn set_config(&mut self, config: ReconnectConfig) {
+        self.config = config;
+    }
+
     /// The upper bound of the next delay, before jitter.
     pub fn step(&self) -> Duration {
         let factor = 1u32 << self.attempt.min(20);

@@ -2,6 +2,7 @@
 //! backend at the same time, then pipe the two.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -10,24 +11,31 @@ use tokio::sync::mpsc;
 use super::dial::{dial, DialError, Target};
 use super::embedded::{Accepted, GatewayStream};
 use super::{proxy_header, AgentCtx};
+use crate::audit::{ConnectionEnd, Daemon};
 use crate::config::{AgentConfig, Backend, Impersonation};
 use crate::net;
 use crate::pipe::{pipe_tcp, PipeCounters};
-use crate::protocol::{ClientArrived, ClientFailed, DataHello, Message, Role};
+use crate::protocol::{ClientArrived, ClientFailed, DataHello, ErrorCode, Message, Role, Token};
 use crate::transport::Stream;
 
 /// The gateway that announced a client, where its data connection goes.
+#[derive(Clone)]
 pub(crate) struct Gateway {
     /// As configured (`host:port`): the TLS name.
     pub name: String,
     /// The address the control channel reached: data goes to the same gateway instance.
     pub addr: SocketAddr,
     pub tls: bool,
+    /// The secret the gateway gave this control session (protocol v2): pool connections prove
+    /// they belong to the session with it.
+    pub session: Option<Token>,
 }
 
 /// Serves one client announced by `gateway`. Reports failures on the control channel through
 /// `control` when it is still there; never depends on it otherwise.
 /// `pooled` is a warm-pool data connection the gateway already handed this client (no dial).
+/// Counts the client in its listener's statistics and ends with its audit record
+/// ([`crate::audit`]), whatever happens.
 pub(crate) async fn serve_client(
     ctx: AgentCtx,
     gateway: Gateway,
@@ -45,18 +53,41 @@ pub(crate) async fn serve_client(
             reason,
         }));
     };
-    let Some(listener) = config.listener(listener_name) else {
-        tracing::warn!(listener = listener_name, client = %client, "offer for an unknown listener");
-        return fail(format!("agent has no listener \"{listener_name}\""));
+    let record = |outcome, error: Option<&str>, backend: Option<&str>, bytes: (u64, u64)| {
+        ConnectionEnd {
+            conn: arrived.id,
+            site: &config.site,
+            listener: listener_name,
+            client,
+            gateway: arrived.gateway_addr,
+            agent: Some(&config.name),
+            agent_addr: None,
+            backend,
+            bytes_from_client: bytes.0,
+            bytes_to_client: bytes.1,
+            duration: started.elapsed(),
+            outcome,
+            error,
+        }
+        .log(Daemon::Agent)
     };
+    let Some(listener) = config.listener(listener_name) else {
+        // Not counted: statistics exist only for configured listeners, whatever a gateway names.
+        tracing::warn!(listener = listener_name, client = %client, "offer for an unknown listener");
+        let why = format!("agent has no listener \"{listener_name}\"");
+        record("refused", Some(&why), None, (0, 0));
+        return fail(why);
+    };
+    let stats = ctx.stats.listener(&listener.name);
+    stats.offered();
     if listener.backend == Backend::Local {
+        // The application owns the stream from here, and its logging.
         return hand_to_application(&ctx, &config, &gateway, &arrived, control, pooled).await;
     }
     let Some(target) = listener.backend_target(arrived.port_offset) else {
-        return fail(format!(
-            "no backend port for offset {}",
-            arrived.port_offset
-        ));
+        let why = format!("no backend port for offset {}", arrived.port_offset);
+        record("refused", Some(&why), None, (0, 0));
+        return fail(why);
     };
 
     // Both dials at once: the client's wait is the slower of the two, not their sum.
@@ -81,9 +112,12 @@ pub(crate) async fn serve_client(
                 listener = listener_name, client = %client,
                 "backend {target} unreachable: {e}; closing the client"
             );
+            let why = format!("backend {target} unreachable: {e}");
+            stats.backend_failed(&why);
+            record("backend_unreachable", Some(&why), Some(&target), (0, 0));
             // The gateway closes the client on this report, or when the data connection (if any)
             // closes without a byte.
-            fail(format!("backend {target} unreachable: {e}"));
+            fail(why);
             // Close the data connection cleanly (the client's request may be unread in it),
             // so the client sees an orderly close, not a reset.
             if let Ok((mut data, _)) = data {
@@ -94,16 +128,28 @@ pub(crate) async fn serve_client(
     };
     let (data, leftover) = match data {
         Ok(d) => d,
+        Err(DialError::Refused(e)) if e.code == ErrorCode::UNKNOWN_CLIENT => {
+            // Claimed by another agent it was offered to as well (this one was slow), or gone:
+            // the gateway knows the client's fate; a failure report would only add noise.
+            tracing::info!(
+                listener = listener_name, client = %client, id = arrived.id,
+                "client already taken by another agent or gone; not serving it"
+            );
+            return;
+        }
         Err(e) => {
             tracing::warn!(
                 listener = listener_name, client = %client, gateway = %gateway.name,
                 "data connection failed: {e}"
             );
+            let why = format!("agent's data connection failed: {e}");
+            stats.data_failed(&why);
+            record("data_failed", Some(&why), Some(&target), (0, 0));
             // Without this the client would wait for its deadline.
-            return fail(format!("agent's data connection failed: {e}"));
+            return fail(why);
         }
     };
-    // The info line comes when the connection ends, with bytes and duration.
+    // The audit record comes when the connection ends, with bytes and duration.
     tracing::debug!(
         listener = listener_name, client = %client, backend = %target,
         "client connected in {} ms", started.elapsed().as_millis()
@@ -114,23 +160,20 @@ pub(crate) async fn serve_client(
     let header = proxy_header::header(listener.proxy_protocol, client, arrived.gateway_addr);
     let mut first = header.clone();
     first.extend_from_slice(&leftover);
-    let counters = PipeCounters::default();
+    let counters = Arc::new(PipeCounters::default());
+    let serving = stats.serving(counters.clone(), header.len() as u64);
     let result = pipe_tcp(backend, b"", data, &first, &counters).await;
+    drop(serving);
     // a = backend, b = the data connection (the client's side).
     let bytes = counters.snapshot();
-    let (to_client, from_client) = (
-        bytes.b_written,
+    let moved = (
         bytes.a_written.saturating_sub(header.len() as u64),
+        bytes.b_written,
     );
-    let how = match result {
-        Ok(()) => "closed".to_string(),
-        Err(e) => format!("ended by error ({e})"),
-    };
-    tracing::info!(
-        listener = listener_name, client = %client, backend = %target,
-        from_client, to_client,
-        "connection {how} after {:.1} s", started.elapsed().as_secs_f64()
-    );
+    match result {
+        Ok(()) => record("closed", None, Some(&target), moved),
+        Err(e) => record("error", Some(&e.to_string()), Some(&target), moved),
+    }
 }
 
 /// Connects to the backend, from the client's own address in transparent mode.
@@ -170,6 +213,7 @@ async fn hand_to_application(
     };
     match data {
         Ok((stream, leftover)) => {
+            ctx.stats.listener(&arrived.listener).served_locally();
             let accepted = Accepted {
                 stream: GatewayStream::new(stream, leftover, arrived.client_addr),
                 client_addr: arrived.client_addr,
@@ -179,9 +223,14 @@ async fn hand_to_application(
                 tracing::debug!(client = %arrived.client_addr, "the application stopped accepting");
             }
         }
+        Err(DialError::Refused(e)) if e.code == ErrorCode::UNKNOWN_CLIENT => {
+            tracing::info!(client = %arrived.client_addr, id = arrived.id, "client already taken by another agent or gone; not serving it");
+        }
         Err(e) => {
             tracing::warn!(client = %arrived.client_addr, "data connection failed: {e}");
-            fail(format!("agent's data connection failed: {e}"));
+            let why = format!("agent's data connection failed: {e}");
+            ctx.stats.listener(&arrived.listener).data_failed(&why);
+            fail(why);
         }
     }
 }

@@ -33,11 +33,19 @@ pub struct Accepted {
 }
 
 /// One client's connection through the gateway: reads what the client sent, writes to it.
+///
+/// Over TLS data connections, written bytes can wait in the TLS layer until the next write or
+/// a flush: call `flush()` after a reply before waiting for the client (hyper and axum do), and
+/// `shutdown()` to end the stream; its end of stream reaches the client as a FIN. Dropping the
+/// stream without `shutdown()` still ends it cleanly when the close can be written at once;
+/// [`GatewayStream::abort`] ends it with a reset instead.
 pub struct GatewayStream {
     inner: Stream,
     /// Client bytes that arrived together with the gateway's ack, served first.
     prefix: BytesMut,
     client_addr: SocketAddr,
+    /// Set by [`GatewayStream::abort`]: close with a reset, not an end of stream.
+    abort: bool,
 }
 
 impl GatewayStream {
@@ -46,12 +54,32 @@ impl GatewayStream {
             inner,
             prefix,
             client_addr,
+            abort: false,
         }
     }
 
     /// The client's real address.
     pub fn client_addr(&self) -> SocketAddr {
         self.client_addr
+    }
+
+    /// Ends the connection with a reset: the client sees "connection reset", never a clean
+    /// end of stream (like closing a `TcpStream` with SO_LINGER 0). For an aborted transfer.
+    pub fn abort(mut self) {
+        self.abort = true;
+    }
+}
+
+impl Drop for GatewayStream {
+    fn drop(&mut self) {
+        // A TLS stream dropped without close_notify reads as a truncation, which the gateway
+        // passes on to the client as a reset (docs/protocol.md): send it now if we can, so a
+        // dropped stream ends like a dropped TcpStream.
+        if self.abort {
+            self.inner.reset_on_close();
+        } else {
+            self.inner.try_close_notify();
+        }
     }
 }
 
@@ -114,7 +142,9 @@ impl GatewayListenerBuilder {
             ca: ca.to_path_buf(),
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
+            server_name: None,
             client,
+            fingerprint: crate::config::reference::fingerprint(&[ca, cert, key]),
         });
         Ok(self)
     }
@@ -232,6 +262,7 @@ impl GatewayListenerBuilder {
 /// loop {
 ///     let (mut stream, client) = listener.accept().await?;
 ///     stream.write_all(format!("hello, {client}\n").as_bytes()).await?;
+///     stream.shutdown().await?;
 /// }
 /// # }
 /// ```

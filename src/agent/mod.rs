@@ -15,23 +15,23 @@ pub mod embedded;
 mod outbound;
 mod pool;
 pub mod proxy_header;
+mod reload;
+pub mod report;
 mod session;
+pub mod stats;
 pub mod status;
+mod supervisor;
 
 pub use embedded::{Accepted, ClientAddr, GatewayListener, GatewayListenerBuilder, GatewayStream};
 pub use status::{AgentStatus, GatewayStatus};
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::AgentConfig;
-
-/// How long a stopping agent waits for established connections to finish.
-const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// What every task of one agent shares.
 #[derive(Clone)]
@@ -45,6 +45,8 @@ pub(crate) struct AgentCtx {
     pub status: Arc<watch::Sender<AgentStatus>>,
     /// Where clients of `Backend::Local` listeners go (the embedding application).
     pub local: Option<mpsc::Sender<Accepted>>,
+    /// Counters for the admin API and `/metrics`.
+    pub stats: Arc<stats::AgentStats>,
 }
 
 impl AgentCtx {
@@ -58,16 +60,34 @@ pub struct Agent {
     config: watch::Sender<Arc<AgentConfig>>,
     status: Arc<watch::Sender<AgentStatus>>,
     local: Option<mpsc::Sender<Accepted>>,
+    stats: Arc<stats::AgentStats>,
+    /// The configuration's generation and reload history.
+    config_state: reload::ConfigState,
+    started: std::time::SystemTime,
 }
 
 impl Agent {
     pub fn new(config: AgentConfig) -> Self {
+        Agent::from_file(config, None)
+    }
+
+    /// An agent whose configuration came from `path` (`None`: built in code), which
+    /// [`Agent::reload_file`] re-reads.
+    pub fn from_file(config: AgentConfig, path: Option<std::path::PathBuf>) -> Self {
+        let stats = Arc::new(stats::AgentStats::default());
+        for l in &config.listeners {
+            stats.listener(&l.name);
+        }
+        let config_state = reload::ConfigState::new(&config, path);
         let (config, _) = watch::channel(Arc::new(config));
         let (status, _) = watch::channel(AgentStatus::default());
         Agent {
             config,
             status: Arc::new(status),
             local: None,
+            stats,
+            config_state,
+            started: std::time::SystemTime::now(),
         }
     }
 
@@ -84,9 +104,35 @@ impl Agent {
         self.status.subscribe()
     }
 
-    /// Replaces the configuration; every connected session pushes the new listener set.
-    pub fn reload(&self, config: AgentConfig) {
+    /// Replaces the configuration and says, key by key, what changes (logged): sessions push
+    /// the new listener set, and the supervisor follows `gateways`, `[outbound]` and the
+    /// control channels' own settings. Returns the new configuration generation.
+    pub fn reload(&self, config: AgentConfig) -> u64 {
+        warn_if_transparent_impossible(&config);
+        let old = self.config.borrow().clone();
+        let changes = old.changes(&config);
+        let listeners = old.listener_changes(&config);
+        for change in &changes {
+            tracing::info!("reload: {change}");
+        }
+        if !listeners.is_empty() {
+            tracing::info!("reload: {listeners}: pushed to every gateway");
+        }
+        tracing::info!(
+            "reload: agent configuration applied ({} key(s) changed{})",
+            changes.len(),
+            if listeners.is_empty() {
+                ", listeners unchanged"
+            } else {
+                ""
+            }
+        );
+        for l in &config.listeners {
+            self.stats.listener(&l.name);
+        }
+        let generation = self.config_state.applied(&config);
         self.config.send_replace(Arc::new(config));
+        generation
     }
 
     /// Connects to every gateway and serves until `shutdown` is cancelled, then closes the
@@ -98,6 +144,7 @@ impl Agent {
             shutdown: shutdown.clone(),
             status: self.status.clone(),
             local: self.local.clone(),
+            stats: self.stats.clone(),
         };
         let config = ctx.config();
         tracing::info!(
@@ -105,31 +152,57 @@ impl Agent {
             "agent starting: {} listener(s), gateway(s) {}",
             config.listeners.len(), config.gateways.join(", ")
         );
-        let sessions = TaskTracker::new();
-        if let Some(outbound) = &config.outbound {
-            let listener = outbound::bind(outbound).await?;
-            sessions.spawn(outbound::serve(ctx.clone(), listener));
-        }
-        for gateway in config.gateways.clone() {
-            sessions.spawn(session::keep_connected(ctx.clone(), gateway));
-        }
-        sessions.close();
+        warn_if_transparent_impossible(&config);
         // Give memory back after load peaks; stops with the sessions.
         let tasks = ctx.tasks.clone();
         let trimmer = tokio::spawn(crate::mem::trim_after_peaks(move || tasks.len(), 256));
+        // Control channels and the outbound proxy, following reloads until shutdown.
+        let sessions = TaskTracker::new();
+        let supervised = supervisor::supervise(&ctx, &sessions).await;
+        sessions.close();
         sessions.wait().await;
         trimmer.abort();
+        supervised?;
         ctx.tasks.close();
-        if tokio::time::timeout(DRAIN_GRACE, ctx.tasks.wait())
-            .await
-            .is_err()
-        {
+        // The setting in force when the stop came (a reload may have changed it).
+        let drain = ctx.config().drain_timeout;
+        if !ctx.tasks.is_empty() {
+            tracing::info!(
+                "stopping: {} connection(s) may finish within {} (drain_timeout)",
+                ctx.tasks.len(),
+                humantime::format_duration(drain)
+            );
+        }
+        if tokio::time::timeout(drain, ctx.tasks.wait()).await.is_err() {
             tracing::warn!(
                 "{} connection(s) still open after {}; exiting anyway",
                 ctx.tasks.len(),
-                humantime::format_duration(DRAIN_GRACE)
+                humantime::format_duration(drain)
             );
         }
         Ok(())
+    }
+}
+
+/// Transparent listeners need `IP_TRANSPARENT`; without root or CAP_NET_ADMIN every one of their
+/// clients would fail. Said once, at start and at each reload, rather than once per client.
+fn warn_if_transparent_impossible(config: &AgentConfig) {
+    let transparent: Vec<&str> = config
+        .listeners
+        .iter()
+        .filter(|l| l.impersonation == crate::config::Impersonation::Transparent)
+        .map(|l| l.name.as_str())
+        .collect();
+    if transparent.is_empty() {
+        return;
+    }
+    if let Err(e) = crate::net::may_connect_transparent() {
+        tracing::warn!(
+            "listener(s) {} use impersonation = \"transparent\", but this process cannot set \
+             IP_TRANSPARENT ({e}): every client of them will fail. Run the agent as root or with \
+             CAP_NET_ADMIN (systemd: AmbientCapabilities=CAP_NET_ADMIN and CapabilityBoundingSet, \
+             see docs/impersonation.md)",
+            transparent.join(", ")
+        );
     }
 }

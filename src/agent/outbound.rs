@@ -30,22 +30,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::dial::{dial, DialError, Target};
+use super::stats::OutboundOutcome;
 use super::AgentCtx;
-use crate::config::OutboundConfig;
+use crate::config::{OutboundConfig, OUTBOUND_MAX_CLIENTS, OUTBOUND_MAX_CLIENTS_PER_IP};
+use crate::egress::check_destination;
+use crate::escape::escape;
+use crate::limits::{ConnLimiter, Event};
 use crate::net;
 use crate::pipe::{pipe_tcp, PipeCounters};
-use crate::protocol::{ErrorCode, OutboundHello, ProtocolError, Role};
+use crate::protocol::{ErrorCode, OutboundHello, ProtocolError, Role, Token};
 use crate::transport::Stream;
 
-/// How long a client may take for its handshake (methods, authentication, request).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest HTTP request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
 
 /// Binds the proxy's port (errors are for the operator: a port conflict stops the agent).
 pub(crate) async fn bind(config: &OutboundConfig) -> anyhow::Result<TcpListener> {
-    let listener = net::bind_listener(config.listen)
-        .map_err(|e| anyhow::anyhow!("[outbound] cannot listen on {}: {e}", config.listen))?;
+    // The io::Error stays in the chain: a taken port is a configuration error (exit 78).
+    let listener = anyhow::Context::with_context(net::bind_listener(config.listen), || {
+        format!("[outbound] cannot listen on {}", config.listen)
+    })?;
     tracing::info!(
         "outbound proxy (SOCKS5 and HTTP CONNECT) listening on {}{}",
         listener.local_addr()?,
@@ -58,9 +62,13 @@ pub(crate) async fn bind(config: &OutboundConfig) -> anyhow::Result<TcpListener>
     Ok(listener)
 }
 
-/// Accepts proxy clients until shutdown.
+/// Accepts proxy clients until shutdown. Each holds a place in `limiter` (in total and per
+/// address) from accept to close; over a cap a client is reset at once, counted in one log
+/// line per 10 s.
 pub(crate) async fn serve(ctx: AgentCtx, listener: TcpListener) {
     let next_gateway = Arc::new(AtomicUsize::new(0));
+    let limiter = ConnLimiter::new(OUTBOUND_MAX_CLIENTS, OUTBOUND_MAX_CLIENTS_PER_IP);
+    let over_limit = Event::once_per_10s();
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -79,19 +87,44 @@ pub(crate) async fn serve(ctx: AgentCtx, listener: TcpListener) {
             continue;
         };
         if !config.clients.allows(client.ip()) {
+            ctx.stats.outbound.count(OutboundOutcome::Refused);
             tracing::info!(client = %client, "outbound proxy: client refused by [outbound] clients rules");
             net::reset(stream);
             continue;
         }
+        limiter.set_limits(config.max_clients, config.max_clients_per_ip);
+        let permit = match limiter.try_acquire(client.ip()) {
+            Ok(p) => p,
+            Err(limit) => {
+                ctx.stats.outbound.count(OutboundOutcome::Refused);
+                let occ = over_limit.hit();
+                if occ.log {
+                    tracing::warn!(client = %client, "outbound proxy: client refused: proxy clients reached {limit}{}", occ.tally());
+                }
+                net::reset(stream);
+                continue;
+            }
+        };
         let ctx2 = ctx.clone();
         let next = next_gateway.clone();
         ctx.tasks.spawn(async move {
+            let _permit = permit;
             if let Err(e) = serve_client(&ctx2, &config, stream, client, &next).await {
+                ctx2.stats.outbound.count(if e.is::<AuthFailed>() {
+                    OutboundOutcome::AuthFailed
+                } else {
+                    OutboundOutcome::BadRequest
+                });
                 tracing::info!(client = %client, "outbound proxy: {e}");
             }
         });
     }
 }
+
+/// A client that gave no or wrong proxy credentials (counted apart from malformed requests).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct AuthFailed(String);
 
 /// A destination as the client asked for it.
 struct Dest {
@@ -134,27 +167,44 @@ async fn serve_client(
 ) -> anyhow::Result<()> {
     net::tune(&stream);
     let started = Instant::now();
-    let mut first = [0u8; 1];
-    if stream.peek(&mut first).await? == 0 {
-        return Ok(());
-    }
-    let kind = if first[0] == 5 {
-        Kind::Socks
-    } else {
-        Kind::Http
-    };
-    let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        match kind {
-            Kind::Socks => socks_request(&mut stream, config).await,
-            Kind::Http => http_request(&mut stream, config).await,
+    let limit = config.handshake_timeout;
+    // The whole handshake, from the first byte on, is bounded: a silent client holds its
+    // descriptor and its place for `handshake_timeout` at most.
+    let request = tokio::time::timeout(limit, async {
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await? == 0 {
+            return Ok((Kind::Http, None));
         }
+        let kind = if first[0] == 5 {
+            Kind::Socks
+        } else {
+            Kind::Http
+        };
+        let request = match kind {
+            Kind::Socks => socks_request(&mut stream, config).await?,
+            Kind::Http => http_request(&mut stream, config).await?,
+        };
+        anyhow::Ok((kind, request))
     })
     .await
-    .map_err(|_| anyhow::anyhow!("{client}: no complete request within {HANDSHAKE_TIMEOUT:?}"))??;
-    let Some((dest, early)) = request else {
-        return Ok(()); // refused during the handshake; the client was told
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "{client}: no complete request within {}; closed",
+            humantime::format_duration(limit)
+        )
+    })??;
+    let (kind, Some((dest, early))) = request else {
+        return Ok(()); // closed before a byte, or refused during the handshake (it was told)
     };
     let outcome = open(ctx, &dest, client, next).await;
+    ctx.stats.outbound.count(match &outcome {
+        Outcome::Open(..) => OutboundOutcome::Connected,
+        Outcome::Denied(_) => OutboundOutcome::Denied,
+        Outcome::Unreachable(_) => OutboundOutcome::Unreachable,
+        Outcome::Timeout(_) => OutboundOutcome::Timeout,
+        Outcome::NoGateway => OutboundOutcome::NoGateway,
+        Outcome::Failed(_) => OutboundOutcome::Failed,
+    });
     let (gw_stream, gw_leftover) = match outcome {
         Outcome::Open(s, l) => (s, l),
         other => {
@@ -191,7 +241,9 @@ async fn serve_client(
     }
     tracing::info!(client = %client, "outbound connection to {dest} open after {} ms", started.elapsed().as_millis());
     let counters = PipeCounters::default();
+    let piping = ctx.stats.outbound.piping();
     let result = pipe_tcp(stream, &early, gw_stream, &gw_leftover, &counters).await;
+    drop(piping);
     let bytes = counters.snapshot();
     tracing::info!(
         client = %client, sent = bytes.b_written, received = bytes.a_written,
@@ -203,32 +255,44 @@ async fn serve_client(
 }
 
 /// Asks a connected gateway (round robin) to open `dest`; tries the next one if a gateway
-/// cannot be reached at all (its answer, allowed or not, is final).
+/// cannot be reached at all, is paused (SHUTTING_DOWN), or its `[egress]` list denies the
+/// destination (gateways of one site may allow different destinations: each decides for
+/// itself). Only a denial by every gateway is a denial; a gateway that allowed the destination and could not reach it answers
+/// for all (trying others would multiply the wait).
 async fn open(ctx: &AgentCtx, dest: &Dest, client: SocketAddr, next: &AtomicUsize) -> Outcome {
     let config = ctx.config();
-    let gateways: Vec<(String, SocketAddr, bool)> = ctx
+    let gateways: Vec<(String, SocketAddr, bool, Option<Token>)> = ctx
         .status
         .borrow()
         .gateways
         .iter()
-        .filter_map(|(name, g)| g.connected_to.map(|a| (name.clone(), a, g.data_tls)))
+        .filter_map(|(name, g)| {
+            g.connected_to
+                .map(|a| (name.clone(), a, g.data_tls, g.session))
+        })
         .collect();
     if gateways.is_empty() {
         return Outcome::NoGateway;
     }
     let start = next.fetch_add(1, Ordering::Relaxed);
     let mut last = Outcome::NoGateway;
+    let mut denials: Vec<String> = Vec::new();
     // The gateway may take up to 10 s to dial; allow for it on top of our own timeout.
     let mut cfg = (*config).clone();
     cfg.connect_timeout = config.connect_timeout + Duration::from_secs(12);
     for i in 0..gateways.len() {
-        let (name, addr, tls) = &gateways[(start + i) % gateways.len()];
-        let role = Role::Outbound(OutboundHello {
+        let (name, addr, tls, session) = &gateways[(start + i) % gateways.len()];
+        let hello = OutboundHello {
             site: config.site.clone(),
             host: dest.host.clone(),
             port: dest.port,
             client_addr: client,
-        });
+        };
+        // v2 proves the connection with the control session's secret.
+        let role = match session {
+            Some(secret) => Role::SessionOutbound(hello, *secret),
+            None => Role::Outbound(hello),
+        };
         let target = Target {
             gateway: name,
             resolved: Some(*addr),
@@ -238,10 +302,23 @@ async fn open(ctx: &AgentCtx, dest: &Dest, client: SocketAddr, next: &AtomicUsiz
                 let (s, l) = conn.into_parts();
                 return Outcome::Open(s, l);
             }
-            // The gateway's answer (before or after it accepted the hello) is final.
+            // Its [egress] list is its own: another gateway may allow the destination.
+            Err(DialError::Refused(e) | DialError::Protocol(ProtocolError::Peer(e)))
+                if e.code == ErrorCode::EGRESS_DENIED =>
+            {
+                tracing::debug!(gateway = %name, "outbound: {dest} denied by this gateway: {}", e.message);
+                denials.push(format!("gateway {name}: {}", e.message));
+            }
+            // Paused or stopping: it serves nobody new, the next one may.
+            Err(DialError::Refused(e) | DialError::Protocol(ProtocolError::Peer(e)))
+                if e.code == ErrorCode::SHUTTING_DOWN =>
+            {
+                tracing::debug!(gateway = %name, "outbound: {dest} not served by this gateway: {}", e.message);
+                last = Outcome::Failed(format!("gateway {name}: {}", e.message));
+            }
+            // Any other answer of the gateway (before or after it accepted the hello) is final.
             Err(DialError::Refused(e) | DialError::Protocol(ProtocolError::Peer(e))) => {
                 return match e.code {
-                    ErrorCode::EGRESS_DENIED => Outcome::Denied(e.message),
                     ErrorCode::DEST_UNREACHABLE if e.message.contains("timed out") => {
                         Outcome::Timeout(e.message)
                     }
@@ -255,7 +332,13 @@ async fn open(ctx: &AgentCtx, dest: &Dest, client: SocketAddr, next: &AtomicUsiz
             }
         }
     }
-    last
+    // A denial is the answer of a gateway that was asked; one that could not be reached said
+    // nothing about the destination.
+    if denials.is_empty() {
+        last
+    } else {
+        Outcome::Denied(denials.join("; "))
+    }
 }
 
 // ---- SOCKS5 -------------------------------------------------------------------------------
@@ -294,10 +377,11 @@ async fn socks_request(
         s.read_exact(&mut password).await?;
         if !credentials_ok(config, &user, &password) {
             s.write_all(&[1, 1]).await?;
-            anyhow::bail!(
+            return Err(AuthFailed(format!(
                 "SOCKS5 authentication failed for user {:?}",
                 String::from_utf8_lossy(&user)
-            );
+            ))
+            .into());
         }
         s.write_all(&[1, 0]).await?;
     }
@@ -318,11 +402,16 @@ async fn socks_request(
             s.read_exact(&mut len).await?;
             let mut name = vec![0u8; len[0] as usize];
             s.read_exact(&mut name).await?;
+            // Validated here, at the edge: the name is resolved, logged and shown later.
             match String::from_utf8(name) {
-                Ok(n) if !n.is_empty() => n,
-                _ => {
+                Ok(n) if check_destination(&n).is_ok() => n,
+                n => {
                     socks_reply(s, 0x08).await;
-                    anyhow::bail!("SOCKS5 request with an invalid host name");
+                    let shown = n.map_or_else(
+                        |e| escape(&String::from_utf8_lossy(e.as_bytes())),
+                        |n| escape(&n),
+                    );
+                    anyhow::bail!("SOCKS5 request for an invalid host name \"{shown}\"");
                 }
             }
         }
@@ -357,9 +446,13 @@ async fn socks_reply(s: &mut TcpStream, code: u8) {
 }
 
 fn credentials_ok(config: &OutboundConfig, user: &[u8], password: &[u8]) -> bool {
-    // Every entry is compared, in constant time, so timing tells nothing about which matched.
+    // Every entry is compared, in constant time, so timing tells nothing about which matched;
+    // digests are compared, since `ct_eq` on raw bytes returns at once when the lengths differ.
+    use sha2::{Digest, Sha256};
+    let (user, password) = (Sha256::digest(user), Sha256::digest(password));
     config.users.iter().fold(false, |ok, (u, p)| {
-        let m = u.as_bytes().ct_eq(user) & p.as_bytes().ct_eq(password);
+        let m = Sha256::digest(u.as_bytes()).ct_eq(&user)
+            & Sha256::digest(p.as_bytes()).ct_eq(&password);
         ok | bool::from(m)
     })
 }
@@ -442,7 +535,7 @@ async fn http_request(
                 "proxy authentication required",
             )
             .await;
-            anyhow::bail!("HTTP CONNECT without valid proxy credentials");
+            return Err(AuthFailed("HTTP CONNECT without valid proxy credentials".into()).into());
         }
     }
     let target = req.path.unwrap_or("");
@@ -463,9 +556,7 @@ fn parse_authority(s: &str) -> Option<Dest> {
         s.rsplit_once(':')?
     };
     let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
-    if host.is_empty() || host.contains(['/', ' ', '@']) {
-        return None;
-    }
+    check_destination(host).ok()?;
     Some(Dest {
         host: host.to_string(),
         port,
@@ -500,5 +591,8 @@ mod tests {
         assert!(parse_authority("example.com").is_none());
         assert!(parse_authority("example.com:0").is_none());
         assert!(parse_authority("http://x:80").is_none());
+        assert!(parse_authority("evil\nFORGED:80").is_none());
+        assert!(parse_authority("a\u{202e}b:80").is_none());
+        assert!(parse_authority("user@host:80").is_none());
     }
 }

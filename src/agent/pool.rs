@@ -1,34 +1,81 @@
 //! The warm pool, agent side: keep `pool` idle data connections open to a gateway so a new
 //! client is spliced without a notification round trip (see `gateway::pool`).
 //!
-//! One maintainer per control session. Each member dials with the `Pool` role and waits; when
-//! the gateway hands it a client (`PoolAssign`), the member is served like an announced client
-//! (backend, PROXY header, pipe) as an agent task of its own, and the maintainer opens a
-//! replacement at once. A member the gateway closes (it recycles idle ones after a minute) is
-//! replaced too; a member that cannot connect is replaced after a pause, so a gateway that
-//! refuses pool connections is not hammered. Stopping the maintainer (the control session
-//! ended) closes the idle members; assigned ones carry on.
+//! One maintainer per control session. Each member dials with the `SessionPool` role (the
+//! control session's secret proves it belongs to that session; `Pool` to a v1 gateway, which
+//! then needs it over TLS, see `gateway::binding`) and waits; when the gateway hands it a client
+//! (`PoolAssign`), the member answers `PoolAccepted` first (on protocol v2, before anything else
+//! happens to the client), then is served like an announced client (backend, PROXY header,
+//! pipe) as an agent task of its own, and the maintainer opens a replacement at once. A member
+//! whose answer cannot be written (the gateway gave up on it and reset the connection) drops the
+//! client without touching a backend.
+//!
+//! A member the gateway closes (it recycles idle ones after a minute) is replaced too; a member
+//! that cannot connect is replaced after a pause, so a gateway that refuses pool connections is
+//! not hammered. When the gateway says its pool for the site is full (several agents together
+//! want more than it holds), the maintainer keeps what it has and tries for more after a pause
+//! that doubles up to [`FULL_PAUSE_MAX`]. Stopping the maintainer (the control session ended,
+//! or the agent stops) closes the idle members properly (TLS close_notify); assigned ones
+//! carry on.
 
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::data::{self, Gateway};
 use super::dial::{dial, Target};
 use super::AgentCtx;
-use crate::protocol::{ClientArrived, Message, PoolHello, Role, Token};
+use crate::protocol::{
+    ClientArrived, ErrorCode, Feature, Message, PoolAccepted, PoolHello, Role, Token,
+};
 
 /// How a member left the idle state.
 enum Left {
     Assigned,
     Closed,
     Failed,
+    /// The gateway's pool for this site is full.
+    Full,
+}
+
+/// One idle pool connection in the agent's status, for as long as it lives.
+struct Idle {
+    status: std::sync::Arc<tokio::sync::watch::Sender<super::AgentStatus>>,
+    gateway: String,
+}
+
+impl Idle {
+    fn start(ctx: &AgentCtx, gateway: &str) -> Self {
+        ctx.status.send_modify(|s| {
+            s.gateways.entry(gateway.to_string()).or_default().pool_idle += 1;
+        });
+        Idle {
+            status: ctx.status.clone(),
+            gateway: gateway.to_string(),
+        }
+    }
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.status.send_modify(|s| {
+            let g = s.gateways.entry(self.gateway.clone()).or_default();
+            g.pool_idle = g.pool_idle.saturating_sub(1);
+        });
+    }
 }
 
 /// Pause after a member could not connect, before the next try.
 const RETRY: Duration = Duration::from_secs(1);
+/// The longest pause before asking a full pool for room again.
+const FULL_PAUSE_MAX: Duration = Duration::from_secs(60);
+
+/// How long stopping members get to close their connections properly (TLS close_notify).
+const CLOSE_LIMIT: Duration = Duration::from_secs(1);
 
 pub(crate) async fn maintain(
     ctx: AgentCtx,
@@ -36,60 +83,122 @@ pub(crate) async fn maintain(
     control: mpsc::Sender<Message>,
     stop: CancellationToken,
 ) {
+    // Members stop when the session ends or the agent stops, and close their idle connections
+    // themselves: an aborted task would drop a TLS stream without a close_notify.
+    let quit = stop.child_token();
     let mut members: JoinSet<Left> = JoinSet::new();
+    // While the gateway's pool is full: when to ask again, and the next pause.
+    let mut full_until: Option<Instant> = None;
+    let mut full_pause = RETRY;
     loop {
         let wanted = ctx.config().pool;
-        while members.len() < wanted {
-            members.spawn(member(
-                ctx.clone(),
-                clone_gateway(&gateway),
-                control.clone(),
-            ));
+        if full_until.is_none() {
+            while members.len() < wanted {
+                members.spawn(member(
+                    ctx.clone(),
+                    gateway.clone(),
+                    control.clone(),
+                    quit.clone(),
+                ));
+            }
         }
-        tokio::select! {
-            _ = stop.cancelled() => return, // dropping the set closes the idle members
-            _ = ctx.shutdown.cancelled() => return,
-            left = members.join_next(), if !members.is_empty() => {
-                if let Some(Ok(Left::Failed)) = left {
+        let retry_at = full_until.unwrap_or_else(Instant::now);
+        let stopped = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = ctx.shutdown.cancelled() => true,
+            left = members.join_next(), if !members.is_empty() => match left {
+                Some(Ok(Left::Failed)) => {
                     tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(RETRY) => {}
+                        _ = stop.cancelled() => true,
+                        _ = ctx.shutdown.cancelled() => true,
+                        _ = tokio::time::sleep(RETRY) => false,
                     }
                 }
+                Some(Ok(Left::Full)) if full_until.is_none() => {
+                    tracing::info!(
+                        gateway = %gateway.name,
+                        "the gateway's pool for this site is full: keeping {} pooled connection(s), asking for more in {}",
+                        members.len(), humantime::format_duration(full_pause)
+                    );
+                    full_until = Some(Instant::now() + full_pause);
+                    full_pause = (full_pause * 2).min(FULL_PAUSE_MAX);
+                    false
+                }
+                // A client took a member: the gateway's pool has room again.
+                Some(Ok(Left::Assigned)) => {
+                    full_pause = RETRY;
+                    false
+                }
+                _ => false,
+            },
+            () = tokio::time::sleep_until(retry_at), if full_until.is_some() => {
+                full_until = None;
+                false
             }
             // A reload may raise `pool` while no member changes state.
-            _ = tokio::time::sleep(Duration::from_secs(5)), if members.len() >= wanted => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)), if members.len() >= wanted => false,
+        };
+        if stopped {
+            quit.cancel();
+            // Members still dialing or closing after the limit are dropped with the set.
+            let _ = tokio::time::timeout(CLOSE_LIMIT, async {
+                while members.join_next().await.is_some() {}
+            })
+            .await;
+            return;
         }
     }
 }
 
-fn clone_gateway(g: &Gateway) -> Gateway {
-    Gateway {
-        name: g.name.clone(),
-        addr: g.addr,
-        tls: g.tls,
-    }
-}
-
-async fn member(ctx: AgentCtx, gateway: Gateway, control: mpsc::Sender<Message>) -> Left {
+async fn member(
+    ctx: AgentCtx,
+    gateway: Gateway,
+    control: mpsc::Sender<Message>,
+    quit: CancellationToken,
+) -> Left {
     let config = ctx.config();
-    let role = Role::Pool(PoolHello {
+    let hello = PoolHello {
         site: config.site.clone(),
         agent: config.name.clone(),
-    });
+    };
+    // v2 proves the connection with the session's secret (required in plaintext); a v1 gateway
+    // gets the v1 hello.
+    let role = match gateway.session {
+        Some(secret) => Role::SessionPool(hello, secret),
+        None => Role::Pool(hello),
+    };
     let target = Target {
         gateway: &gateway.name,
         resolved: Some(gateway.addr),
     };
-    let mut conn = match dial(&config, target, role, gateway.tls).await {
-        Ok((conn, _ack)) => conn,
+    let dialed = tokio::select! {
+        _ = quit.cancelled() => return Left::Closed,
+        dialed = dial(&config, target, role, gateway.tls) => dialed,
+    };
+    let (mut conn, version) = match dialed {
+        Ok((conn, ack)) => (conn, ack.version),
+        // A full pool is refused before the ack (SPRT + LIMIT); older gateways send LIMIT after
+        // it (below). Either way: back off, do not redial every second.
+        Err(super::dial::DialError::Refused(e)) if e.code == ErrorCode::LIMIT => return Left::Full,
         Err(e) => {
             tracing::debug!(gateway = %gateway.name, "pool connection failed: {e}");
             return Left::Failed;
         }
     };
-    let assign = match conn.read_message().await {
+    // Counted as idle (in the admin API) from the ack until the gateway hands it a client or it
+    // closes, however that happens.
+    let idle = Idle::start(&ctx, &gateway.name);
+    let first = tokio::select! {
+        _ = quit.cancelled() => {
+            // An orderly close: TLS close_notify, then FIN.
+            let _ = conn.get_mut().shutdown().await;
+            return Left::Closed;
+        }
+        first = conn.read_message() => first,
+    };
+    let assign = match first {
         Ok(Some(Message::PoolAssign(a))) => a,
+        Ok(Some(Message::Error(e))) if e.code == ErrorCode::LIMIT => return Left::Full,
         Ok(Some(Message::Error(e))) => {
             tracing::debug!(gateway = %gateway.name, "pool connection refused: {e}");
             return Left::Failed;
@@ -104,6 +213,18 @@ async fn member(ctx: AgentCtx, gateway: Gateway, control: mpsc::Sender<Message>)
             return Left::Closed;
         }
     };
+    if Feature::PoolAccepted.on(version) {
+        // Before anything else: the gateway offers the client elsewhere without this answer.
+        // If it already gave up, the connection is reset and the write fails: drop the client.
+        let answer = Message::PoolAccepted(PoolAccepted { id: assign.id });
+        if let Err(e) = conn.write_message(&answer).await {
+            tracing::info!(
+                gateway = %gateway.name, client = %assign.client_addr, id = assign.id,
+                "pooled client dropped: the gateway gave up on this connection before it was answered ({e})"
+            );
+            return Left::Closed;
+        }
+    }
     let arrived = ClientArrived {
         id: assign.id,
         // Not used: the connection is already the client's.
@@ -113,6 +234,7 @@ async fn member(ctx: AgentCtx, gateway: Gateway, control: mpsc::Sender<Message>)
         client_addr: assign.client_addr,
         gateway_addr: assign.gateway_addr,
     };
+    drop(idle);
     let pooled = conn.into_parts();
     ctx.tasks.spawn(data::serve_client(
         ctx.clone(),

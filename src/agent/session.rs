@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::sync::{mpsc, oneshot};
 
 use super::backoff::Backoff;
 use super::dial::{dial, DialError, Target};
@@ -12,8 +11,10 @@ use super::{data, pool, AgentCtx};
 use crate::addr::display_addrs;
 use crate::config::AgentConfig;
 use crate::net;
+use crate::protocol::liveness::{Beat, Liveness, MISSED};
+use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
-    ConfigResult, ControlHello, ErrorCode, Heartbeat, ListenerStatus, Message, ProtocolError,
+    ConfigResult, ControlHello, ErrorCode, Feature, ListenerStatus, Message, ProtocolError,
     PushConfig, Role,
 };
 use tokio_util::sync::CancellationToken;
@@ -25,24 +26,32 @@ pub(crate) enum SessionError {
     Dial(#[from] DialError),
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
-    #[error("no message from the gateway for {0:?} (3 heartbeats missed)")]
+    #[error("{0}")]
+    Write(#[from] OutboxError),
+    #[error("no message from the gateway for {0:?} ({MISSED} heartbeats missed)")]
     HeartbeatsMissed(Duration),
     #[error("unexpected {0} from the gateway")]
     Unexpected(&'static str),
 }
 
-/// Keeps a control channel to `gateway` until shutdown, reconnecting after every failure.
-pub(crate) async fn keep_connected(ctx: AgentCtx, gateway: String) {
+/// Keeps a control channel to `gateway` until shutdown (of the agent, or of this channel: a
+/// reload removed or replaced it), reconnecting after every failure. `up` hears when the
+/// gateway first accepts the config.
+pub(crate) async fn keep_connected(
+    ctx: AgentCtx,
+    gateway: String,
+    mut up: Option<oneshot::Sender<()>>,
+) {
     let mut backoff = Backoff::new(ctx.config().reconnect);
     loop {
         let mut established = false;
-        let result = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            r = run_session(&ctx, &gateway, &mut established) => r,
-        };
+        // The session watches for shutdown itself, so that it can close its channel properly.
+        let result = run_session(&ctx, &gateway, &mut established, &mut up).await;
         if established {
             backoff.reset();
         }
+        // `[reconnect]` applies from the next delay after a reload.
+        backoff.set_config(ctx.config().reconnect);
         let delay = backoff.next_delay();
         match result {
             Ok(()) => return,
@@ -55,6 +64,7 @@ pub(crate) async fn keep_connected(ctx: AgentCtx, gateway: String) {
                     let g = s.gateways.entry(gateway.clone()).or_default();
                     g.connected_to = None;
                     g.connected_since = None;
+                    g.session = None;
                     g.listeners.clear();
                     g.last_error = Some(e.to_string());
                     g.failures = if established { 1 } else { g.failures + 1 };
@@ -82,6 +92,7 @@ async fn run_session(
     ctx: &AgentCtx,
     gateway: &str,
     established: &mut bool,
+    up: &mut Option<oneshot::Sender<()>>,
 ) -> Result<(), SessionError> {
     let mut config = ctx.config.clone();
     let current = config.borrow_and_update().clone();
@@ -94,7 +105,28 @@ async fn run_session(
         gateway,
         resolved: None,
     };
-    let (mut conn, ack) = dial(&current, target, role, current.tls.is_some()).await?;
+    let (mut conn, ack) = tokio::select! {
+        _ = ctx.shutdown.cancelled() => return Ok(()),
+        dialed = dial(&current, target, role, current.tls.is_some()) => dialed?,
+    };
+    // v2: the gateway's next frame is this session's secret, which proves our pool and
+    // outbound connections.
+    let session = if Feature::SessionBinding.on(ack.version) {
+        match tokio::time::timeout(current.connect_timeout, conn.expect_message()).await {
+            Ok(Ok(Message::SessionSecret(s))) => Some(s.secret),
+            Ok(Ok(other)) => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "session-secret",
+                    got: other.name(),
+                }
+                .into())
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(DialError::Timeout(current.connect_timeout).into()),
+        }
+    } else {
+        None
+    };
     let heartbeat = Duration::from_millis(ack.heartbeat_ms.max(100) as u64);
     let gateway_addr = conn
         .get_ref()
@@ -103,14 +135,30 @@ async fn run_session(
         .map_err(ProtocolError::Io)?;
     // Data connections use TLS when the control channel does, unless the gateway waives it.
     let data_tls = current.tls.is_some() && ack.data_tls;
-    net::keepalive(conn.get_ref().tcp(), heartbeat * 3);
     let tls = conn.get_ref().is_tls();
+    let tls_version = conn.get_ref().tls_version();
+    let server_name = current
+        .tls
+        .as_ref()
+        .filter(|_| tls)
+        .and_then(|t| t.client.name_for(gateway).ok())
+        .map(|n| n.to_str().into_owned());
+    // The socket's round-trip time stays readable after the channel is split.
+    let rtt = net::RttProbe::of(conn.get_ref().tcp());
+    let read_rtt = || rtt.as_ref().and_then(net::RttProbe::rtt);
     ctx.status.send_modify(|s| {
         let g = s.gateways.entry(gateway.to_string()).or_default();
         g.connected_to = Some(gateway_addr);
         g.connected_since = Some(std::time::SystemTime::now());
         g.tls = tls;
         g.data_tls = data_tls;
+        g.tls_version = tls_version;
+        g.server_name = server_name;
+        g.protocol = Some(ack.version);
+        g.heartbeat_ms = Some(ack.heartbeat_ms);
+        g.rtt = read_rtt();
+        g.sessions += 1;
+        g.session = session;
     });
     tracing::info!(
         gateway = %gateway, addr = %gateway_addr,
@@ -125,48 +173,63 @@ async fn run_session(
     );
 
     let mut generation = 1;
-    conn.write_message(&push_message(&current, generation))
-        .await?;
+    let mut liveness = Liveness::new(heartbeat);
+    net::keepalive(conn.get_ref().tcp(), liveness.write_limit());
+    net::user_timeout(conn.get_ref().tcp(), liveness.write_limit());
+    // Writes go through the outbox's own task, so a gateway that stops reading cannot stop the
+    // heartbeat check or shutdown. Data tasks report clients they cannot serve through it too.
+    let (mut reader, sink) = conn.split();
+    let (outbox_tx, failures) = mpsc::channel::<Message>(256);
+    let mut outbox = Outbox::spawn(sink, failures, liveness.write_limit());
+    outbox.send(push_message(&current, generation))?;
 
-    // Data tasks report clients they cannot serve through this outbox.
-    let (outbox_tx, mut outbox) = mpsc::channel::<Message>(256);
-    let mut ticker = tokio::time::interval(heartbeat);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    let mut seq = 0u64;
     // The warm pool starts once the gateway has accepted the config (the site is joined) and
     // stops with this session.
     let pool_stop = CancellationToken::new();
     let _pool_guard = pool_stop.clone().drop_guard();
-    let mut pool_started = false;
-    loop {
+    let mut pool: Option<tokio::task::JoinHandle<()>> = None;
+    let gateway_for_data = || data::Gateway {
+        name: gateway.to_string(),
+        addr: gateway_addr,
+        tls: data_tls,
+        session,
+    };
+    let end = loop {
         tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(()),
-            incoming = conn.read_message() => {
-                let msg = match incoming {
-                    Ok(Some(msg)) => msg,
-                    Ok(None) => return Err(ProtocolError::Closed.into()),
-                    Err(e) => {
-                        conn.send_error(e.code(), e.to_string()).await;
-                        return Err(e.into());
+            // A stopping agent closes its control channels without an Error frame, but
+            // properly (TLS close_notify, then FIN): the gateway logs an orderly end.
+            _ = ctx.shutdown.cancelled() => {
+                // The pool's idle members close themselves just as properly (within a second).
+                let pool_closed = async {
+                    if let Some(pool) = pool.take() {
+                        let _ = pool.await;
                     }
                 };
-                last_heard = Instant::now();
+                tokio::join!(outbox.close(None, FAREWELL_LIMIT), pool_closed);
+                return Ok(());
+            }
+            incoming = reader.read_message() => {
+                let msg = match incoming {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break SessionError::Protocol(ProtocolError::Closed),
+                    Err(e) => break e.into(),
+                };
+                liveness.heard();
                 match msg {
                     Message::Heartbeat(_) => {}
                     Message::ClientArrived(arrived) => {
-                        let gateway = data::Gateway { name: gateway.to_string(), addr: gateway_addr, tls: data_tls };
-                        ctx.tasks.spawn(data::serve_client(ctx.clone(), gateway, arrived, outbox_tx.clone(), None));
+                        ctx.tasks.spawn(data::serve_client(ctx.clone(), gateway_for_data(), arrived, outbox_tx.clone(), None));
                     }
                     Message::ConfigResult(result) => {
                         log_config_result(gateway, &result);
                         if result.generation == generation {
                             *established = true;
+                            if let Some(up) = up.take() {
+                                let _ = up.send(());
+                            }
                         }
-                        if !pool_started && ctx.config().pool > 0 {
-                            pool_started = true;
-                            let gateway = data::Gateway { name: gateway.to_string(), addr: gateway_addr, tls: data_tls };
-                            tokio::spawn(pool::maintain(ctx.clone(), gateway, outbox_tx.clone(), pool_stop.clone()));
+                        if pool.is_none() && ctx.config().pool > 0 {
+                            pool = Some(tokio::spawn(pool::maintain(ctx.clone(), gateway_for_data(), outbox_tx.clone(), pool_stop.clone())));
                         }
                         ctx.status.send_modify(|s| {
                             let g = s.gateways.entry(gateway.to_string()).or_default();
@@ -175,29 +238,66 @@ async fn run_session(
                             g.failures = 0;
                         });
                     }
-                    Message::Error(e) => return Err(ProtocolError::Peer(e).into()),
-                    other => {
-                        let err = SessionError::Unexpected(other.name());
-                        conn.send_error(ErrorCode::PROTOCOL, err.to_string()).await;
-                        return Err(err);
-                    }
+                    Message::Error(e) => break ProtocolError::Peer(e).into(),
+                    other => break SessionError::Unexpected(other.name()),
                 }
             }
-            Some(out) = outbox.recv() => conn.write_message(&out).await?,
+            why = outbox.failed() => break why.into(),
             Ok(()) = config.changed() => {
                 let new = config.borrow_and_update().clone();
+                if new.site != current.site {
+                    // This channel speaks for the old site: a new channel replaces it.
+                    continue;
+                }
                 generation += 1;
                 tracing::info!(gateway = %gateway, "configuration reloaded; pushing generation {generation}");
-                conn.write_message(&push_message(&new, generation)).await?;
-            }
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > heartbeat * 3 {
-                    return Err(SessionError::HeartbeatsMissed(last_heard.elapsed()));
+                if let Err(e) = outbox.send(push_message(&new, generation)) {
+                    break e.into();
                 }
-                seq += 1;
-                conn.write_message(&Message::Heartbeat(Heartbeat { seq })).await?;
             }
+            beat = liveness.next() => match beat {
+                Beat::Send(heartbeat) => {
+                    if let Err(e) = outbox.send(heartbeat) {
+                        break e.into();
+                    }
+                    // The previous heartbeats' acknowledgements keep the kernel's figure fresh.
+                    let rtt = read_rtt();
+                    ctx.status.send_if_modified(|s| {
+                        let g = s.gateways.entry(gateway.to_string()).or_default();
+                        let changed = g.rtt != rtt;
+                        g.rtt = rtt;
+                        changed
+                    });
+                }
+                Beat::Dead(silence) => break SessionError::HeartbeatsMissed(silence),
+            },
         }
+    };
+    outbox.close(end.farewell(), FAREWELL_LIMIT).await;
+    Err(end)
+}
+
+/// How long a failing session waits for its last words (an Error frame) to be written.
+const FAREWELL_LIMIT: Duration = Duration::from_secs(1);
+
+impl SessionError {
+    /// The Error frame the gateway is owed before the close: for what it sent wrong, not for
+    /// silence, a failed write or its own Error.
+    fn farewell(&self) -> Option<Message> {
+        let (code, text) = match self {
+            SessionError::Unexpected(_) => (ErrorCode::PROTOCOL, self.to_string()),
+            SessionError::Protocol(
+                ProtocolError::Peer(_)
+                | ProtocolError::Closed
+                | ProtocolError::Cut
+                | ProtocolError::Io(_),
+            ) => return None,
+            SessionError::Protocol(e) => (e.code(), e.to_string()),
+            SessionError::Dial(_) | SessionError::Write(_) | SessionError::HeartbeatsMissed(_) => {
+                return None
+            }
+        };
+        Some(Message::error(code, text))
     }
 }
 

@@ -1,12 +1,12 @@
 //! What the agent knows about its gateways right now: connected or not, the last error, and
 //! what each gateway answered for each listener. Sessions write it; `check`, the embedded
-//! listener and logs read it.
+//! listener, logs and the admin API ([`super::report`]) read it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
-use crate::protocol::ListenerStatus;
+use crate::protocol::{ListenerStatus, Token};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentStatus {
@@ -29,6 +29,23 @@ pub struct GatewayStatus {
     pub failures: u32,
     /// The gateway's answer for each listener, from the latest config result.
     pub listeners: BTreeMap<String, ListenerStatus>,
+    /// The current control session's secret (protocol v2), which outbound connections present.
+    pub(crate) session: Option<Token>,
+    /// The TLS version of the control channel (`TLS 1.3`), while connected over TLS.
+    pub tls_version: Option<&'static str>,
+    /// The name the gateway's certificate was verified for.
+    pub server_name: Option<String>,
+    /// The negotiated protocol version, while connected.
+    pub protocol: Option<u16>,
+    /// The heartbeat interval in force, while connected.
+    pub heartbeat_ms: Option<u32>,
+    /// The kernel's smoothed round-trip time of the control connection, refreshed at every
+    /// heartbeat.
+    pub rtt: Option<std::time::Duration>,
+    /// Sessions established since the agent started.
+    pub sessions: u64,
+    /// Idle warm-pool connections open now.
+    pub pool_idle: usize,
 }
 
 impl AgentStatus {

@@ -1,5 +1,6 @@
 //! `agent.toml`: the site's listeners, its backends and the gateways to dial.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,12 +9,19 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+use super::admin::AdminConfig;
 use super::gateway::{parse_rules, relative_to, RawRules, DEFAULT_CONTROL_PORT};
+use super::reference::{Change, Setting, AGENT_KEYS};
 use super::{check_name, read_file, ConfigError, Source};
 use crate::access::AccessRules;
-use crate::addr::{BackendAddr, PublicAddr};
+use crate::addr::{BackendAddr, Occupancy, PublicAddr};
 use crate::protocol::{ClientRules, ListenerSpec, DEFAULT_MAX_FRAME};
 use crate::transport::ClientTls;
+
+/// Where the agent's admin server listens unless `[admin] listen` says otherwise (the gateway's
+/// is 9090, so both fit on one host).
+pub const DEFAULT_AGENT_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9091);
 
 /// The agent's validated configuration.
 #[derive(Debug, Clone)]
@@ -35,11 +43,16 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// Idle data connections kept open to each gateway (the warm pool); 0 disables it.
     pub pool: usize,
+    /// How long a stopping agent lets established connections finish before it exits (they
+    /// end with it).
+    pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
     /// SOCKS5 / HTTP CONNECT endpoint (not yet implemented; parsed and kept).
     /// The outbound proxy (SOCKS5 and HTTP CONNECT) for internal hosts, when configured.
     pub outbound: Option<OutboundConfig>,
     pub max_frame: usize,
+    /// The agent's admin server (`[admin]`; 127.0.0.1:9091 unless `enabled = false`).
+    pub admin: AdminConfig,
     pub notices: Vec<String>,
 }
 
@@ -49,7 +62,11 @@ pub struct AgentTls {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `tls.server_name`: the name the gateway's certificate must carry, if not its address.
+    pub server_name: Option<String>,
     pub client: ClientTls,
+    /// Of the three files' contents: a reload sees certificates rotated in place.
+    pub fingerprint: String,
 }
 
 impl std::fmt::Debug for AgentTls {
@@ -153,12 +170,14 @@ struct RawAgent {
     source_ip: Option<Spanned<String>>,
     heartbeat: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
     max_frame: Option<Spanned<u64>>,
     pool: Option<Spanned<u64>>,
     reconnect: Option<RawReconnect>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
     outbound: Option<RawOutbound>,
+    admin: Option<super::admin::RawAdmin>,
 }
 
 #[derive(Deserialize)]
@@ -193,6 +212,9 @@ struct RawListener {
 struct RawOutbound {
     listen: Spanned<String>,
     clients: Option<RawRules>,
+    handshake_timeout: Option<Spanned<String>>,
+    max_clients: Option<Spanned<u64>>,
+    max_clients_per_ip: Option<Spanned<u64>>,
     #[serde(default)]
     users: Vec<RawUser>,
 }
@@ -212,7 +234,22 @@ pub struct OutboundConfig {
     pub clients: AccessRules,
     /// Empty: no authentication.
     pub users: Vec<(String, String)>,
+    /// Time a proxy client has from its connect to a complete request, first byte included.
+    pub handshake_timeout: Duration,
+    /// Proxy clients (in their handshake or piping), in total and per client address (IPv6 per
+    /// /64): a flood of connections cannot take the agent's descriptors from the inbound
+    /// service.
+    pub max_clients: usize,
+    pub max_clients_per_ip: usize,
 }
+
+/// `[outbound]` defaults: the handshake bound and the proxy client caps.
+pub const OUTBOUND_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const OUTBOUND_MAX_CLIENTS: usize = 1024;
+pub const OUTBOUND_MAX_CLIENTS_PER_IP: usize = 128;
+
+/// How long a stopping agent lets established connections finish, by default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Warm-pool connections per gateway by default: enough for a burst of a few clients without a
 /// notification round trip, cheap when idle (two sockets each).
@@ -265,9 +302,11 @@ impl AgentConfig {
             reconnect: ReconnectConfig::default(),
             connect_timeout: Duration::from_secs(10),
             pool: DEFAULT_POOL,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             listeners: Vec::new(),
             outbound: None,
             max_frame: DEFAULT_MAX_FRAME,
+            admin: AdminConfig::on(DEFAULT_AGENT_ADMIN),
             notices: Vec::new(),
         })
     }
@@ -321,11 +360,14 @@ impl AgentConfig {
                 let name = t.server_name.as_ref().map(|n| n.get_ref().as_str());
                 let client = ClientTls::load(&ca, &cert, &key, name)
                     .map_err(|e| src.error(span, "tls", format!("{e:#}")))?;
+                let fingerprint = super::reference::fingerprint(&[&ca, &cert, &key]);
                 Some(AgentTls {
                     ca,
                     cert,
                     key,
+                    server_name: name.map(str::to_string),
                     client,
+                    fingerprint,
                 })
             }
             None => {
@@ -361,6 +403,15 @@ impl AgentConfig {
                 Duration::from_secs(300),
             )?,
             None => Duration::from_secs(10),
+        };
+        let drain_timeout = match &raw.drain_timeout {
+            Some(t) => src.duration_within(
+                t,
+                "drain_timeout",
+                Duration::ZERO,
+                Duration::from_secs(3600),
+            )?,
+            None => DEFAULT_DRAIN_TIMEOUT,
         };
         let max_frame = match &raw.max_frame {
             Some(v) => {
@@ -417,12 +468,16 @@ impl AgentConfig {
         }
 
         let mut listeners: Vec<ListenerConfig> = Vec::new();
+        // Names and addresses taken so far: each listener is checked in O(log n), not against
+        // every other one (16,000 listeners took 462 ms when compared pairwise).
+        let mut names: HashSet<String> = HashSet::new();
+        let mut held = Occupancy::default();
         for raw_l in &raw.listener {
             let l = raw_l.get_ref();
             let lname = l.name.get_ref().clone();
             src.parse_with(&l.name, "listener: name", check_name)?;
             let ctx = |field: &str| format!("listener \"{lname}\": {field}");
-            if listeners.iter().any(|o| o.name == lname) {
+            if !names.insert(lname.clone()) {
                 return Err(src.error(
                     l.name.span(),
                     &ctx("name"),
@@ -443,7 +498,11 @@ impl AgentConfig {
                     ),
                 ));
             }
-            if let Some(other) = listeners.iter().find(|o| o.public.conflicts(&public)) {
+            if !held.claim(&public) {
+                let other = listeners
+                    .iter()
+                    .find(|o| o.public.conflicts(&public))
+                    .expect("the index found a conflict with a listener of the file");
                 return Err(src.error(
                     l.public.span(),
                     &ctx("public"),
@@ -531,14 +590,46 @@ impl AgentConfig {
                          every host that reaches it may use the gateway's egress"
                     ));
                 }
+                let handshake_timeout = match &o.handshake_timeout {
+                    Some(v) => src.duration_within(
+                        v,
+                        "outbound.handshake_timeout",
+                        Duration::from_millis(100),
+                        Duration::from_secs(60),
+                    )?,
+                    None => OUTBOUND_HANDSHAKE_TIMEOUT,
+                };
+                let count = |v: &Option<Spanned<u64>>, name: &str, default: usize| match v {
+                    Some(v) if (1..=1_000_000).contains(v.get_ref()) => Ok(*v.get_ref() as usize),
+                    Some(v) => Err(src.error(
+                        v.span(),
+                        &format!("outbound.{name}"),
+                        format!("{} is outside the allowed 1 to 1000000", v.get_ref()),
+                    )),
+                    None => Ok(default),
+                };
                 Some(OutboundConfig {
                     listen,
                     clients,
                     users,
+                    handshake_timeout,
+                    max_clients: count(&o.max_clients, "max_clients", OUTBOUND_MAX_CLIENTS)?,
+                    max_clients_per_ip: count(
+                        &o.max_clients_per_ip,
+                        "max_clients_per_ip",
+                        OUTBOUND_MAX_CLIENTS_PER_IP,
+                    )?,
                 })
             }
             None => None,
         };
+        let admin = super::admin::parse_admin(
+            &src,
+            raw.admin.as_ref(),
+            DEFAULT_AGENT_ADMIN,
+            "reload the agent and read its internal addresses",
+            &mut notices,
+        )?;
 
         Ok(AgentConfig {
             site,
@@ -550,9 +641,11 @@ impl AgentConfig {
             reconnect,
             connect_timeout,
             pool,
+            drain_timeout,
             listeners,
             outbound,
             max_frame,
+            admin,
             notices,
         })
     }
@@ -575,6 +668,165 @@ impl AgentConfig {
             .map(|b| format!("{b:02x}"))
             .collect()
     }
+}
+
+impl AgentConfig {
+    /// Every key's effective value but the listeners' (compared as a whole: see
+    /// [`AgentConfig::listener_changes`]), in the order of [`AGENT_KEYS`].
+    pub fn settings(&self) -> Vec<Setting> {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let tls = |f: fn(&AgentTls) -> &PathBuf| match &self.tls {
+            Some(t) => format!("{} (sha256 {})", f(t).display(), t.fingerprint),
+            None => String::new(),
+        };
+        let out = self.outbound.as_ref();
+        let users = |f: fn(&(String, String)) -> &str| -> String {
+            out.map(|o| o.users.iter().map(f).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        };
+        vec![
+            Setting::new("site", &self.site),
+            Setting::new("name", &self.name),
+            Setting::new("gateways", self.gateways.join(", ")),
+            Setting::new("tls.ca", tls(|t| &t.ca)),
+            Setting::new("tls.cert", tls(|t| &t.cert)),
+            Setting::new("tls.key", tls(|t| &t.key)),
+            Setting::new(
+                "tls.server_name",
+                self.tls
+                    .as_ref()
+                    .and_then(|t| t.server_name.clone())
+                    .unwrap_or_default(),
+            ),
+            Setting::new(
+                "source_ip",
+                self.source_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            ),
+            Setting::new("heartbeat", d(self.heartbeat)),
+            Setting::new("connect_timeout", d(self.connect_timeout)),
+            Setting::new("drain_timeout", d(self.drain_timeout)),
+            Setting::new("max_frame", self.max_frame),
+            Setting::new("pool", self.pool),
+            Setting::new("reconnect.initial", d(self.reconnect.initial)),
+            Setting::new("reconnect.max", d(self.reconnect.max)),
+            Setting::new(
+                "outbound.listen",
+                out.map(|o| o.listen.to_string()).unwrap_or_default(),
+            ),
+            Setting::new(
+                "outbound.clients.default",
+                out.map(|o| o.clients.default.to_string())
+                    .unwrap_or_default(),
+            ),
+            Setting::new(
+                "outbound.clients.except",
+                out.map(|o| o.clients.except_text()).unwrap_or_default(),
+            ),
+            Setting::new(
+                "outbound.handshake_timeout",
+                out.map(|o| d(o.handshake_timeout)).unwrap_or_default(),
+            ),
+            Setting::new(
+                "outbound.max_clients",
+                out.map(|o| o.max_clients.to_string()).unwrap_or_default(),
+            ),
+            Setting::new(
+                "outbound.max_clients_per_ip",
+                out.map(|o| o.max_clients_per_ip.to_string())
+                    .unwrap_or_default(),
+            ),
+            Setting::new("admin.enabled", self.admin.listen.is_some()),
+            Setting::new(
+                "admin.listen",
+                self.admin.listen.map(|a| a.to_string()).unwrap_or_default(),
+            ),
+            Setting::secret("admin.token", self.admin.token.as_deref()),
+            Setting::new("outbound.users.name", users(|u| &u.0)),
+            Setting::secret("outbound.users.password", Some(&users(|u| &u.1))),
+        ]
+    }
+
+    /// What a reload of `new` changes, key by key (the listeners: see `listener_changes`).
+    pub fn changes(&self, new: &AgentConfig) -> Vec<Change> {
+        super::reference::diff(AGENT_KEYS, &self.settings(), &new.settings())
+    }
+
+    /// The listeners a reload adds, removes and changes, by name.
+    pub fn listener_changes(&self, new: &AgentConfig) -> ListenerChanges {
+        let old: HashMap<&str, &ListenerConfig> = self
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l))
+            .collect();
+        let mut changes = ListenerChanges::default();
+        for l in &new.listeners {
+            match old.get(l.name.as_str()) {
+                None => changes.added.push(l.name.clone()),
+                Some(o) if *o != l => changes.changed.push(l.name.clone()),
+                Some(_) => {}
+            }
+        }
+        let new_names: HashSet<&str> = new.listeners.iter().map(|l| l.name.as_str()).collect();
+        changes.removed = self
+            .listeners
+            .iter()
+            .filter(|l| !new_names.contains(l.name.as_str()))
+            .map(|l| l.name.clone())
+            .collect();
+        changes
+    }
+
+    /// Whether a change from `self` to `new` needs new control channels (the hello or the
+    /// channel's TLS, source address or frame size differ).
+    pub fn needs_reconnect(&self, new: &AgentConfig) -> bool {
+        self.changes(new)
+            .iter()
+            .any(|c| c.reload == super::reference::Reload::Reconnect)
+    }
+}
+
+/// Listener names a reload adds, removes and changes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ListenerChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl ListenerChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl std::fmt::Display for ListenerChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // At most a few names each: a reload of thousands of listeners is one line.
+        let names = |v: &[String]| {
+            let shown: Vec<&str> = v.iter().take(5).map(String::as_str).collect();
+            match v.len() {
+                n if n > 5 => format!("{} and {} more", shown.join(", "), n - 5),
+                _ => shown.join(", "),
+            }
+        };
+        let mut parts = Vec::new();
+        for (what, v) in [
+            ("added", &self.added),
+            ("removed", &self.removed),
+            ("changed", &self.changed),
+        ] {
+            if !v.is_empty() {
+                parts.push(format!("{} {what} ({})", v.len(), names(v)));
+            }
+        }
+        write!(f, "listeners: {}", parts.join(", "))
+    }
+}
+
+/// The keys agent.toml's parser accepts (for the reference's tests).
+#[cfg(test)]
+pub(super) fn traced_keys() -> Vec<String> {
+    super::reference::trace::keys::<RawAgent>()
 }
 
 #[cfg(test)]

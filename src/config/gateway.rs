@@ -8,8 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::reference::{Change, Setting, GATEWAY_KEYS};
 use super::{read_file, ConfigError, Source};
 use crate::access::{AccessRules, Policy};
+use crate::addr::{PortRange, PublicAddr};
 use crate::egress::EgressRules;
 use crate::protocol::frame::{DEFAULT_MAX_FRAME, MIN_MAX_FRAME};
 use crate::transport::ServerTls;
@@ -24,12 +26,24 @@ pub struct GatewayConfig {
     /// Mutual TLS, loaded and ready; `None` runs the control port in plaintext.
     pub tls: Option<GatewayTls>,
     /// Whether data connections must use TLS too (`[control] data_tls`, default true). The
-    /// control channel is encrypted regardless when `tls` is set.
+    /// control channel is encrypted regardless when `tls` is set. When false, only connections
+    /// that carry their own proof may skip TLS: a data connection (its claim token) and a v2
+    /// pool or outbound connection (its control session's secret); never a v1 pool or outbound
+    /// hello, which proves nothing (`gateway::control::open`, `gateway::binding`).
     pub data_tls: bool,
     /// Which agent addresses may connect to the control port.
     pub peers: AccessRules,
+    /// When a reload's `[peers]` rules deny a connected agent: also close the client and
+    /// outbound connections it is piping (`[peers] drop_established`, default true). Its control
+    /// channel, pooled and not yet piping connections are closed either way.
+    pub drop_established: bool,
     /// Address public listeners bind to when the agent gives only a port.
     pub client_bind: IpAddr,
+    /// Other addresses an agent's push may name for a listener (`[clients] allow_ips`); by
+    /// default only `client_bind`: the gateway's owner decides where the public ports live.
+    pub client_ips: Vec<IpAddr>,
+    /// Public ports agents may open (`[clients] ports`); empty: any port.
+    pub client_ports: Vec<PortRange>,
     /// Destinations the outbound proxy may reach; empty: none.
     pub egress: EgressRules,
     /// Admin HTTP API, `/metrics` and dashboard (default 127.0.0.1:9090); `None` when disabled.
@@ -48,6 +62,8 @@ pub struct GatewayTls {
     pub key: PathBuf,
     pub client_ca: PathBuf,
     pub server: ServerTls,
+    /// Of the three files' contents: a reload sees certificates rotated in place.
+    pub fingerprint: String,
 }
 
 impl std::fmt::Debug for GatewayTls {
@@ -65,6 +81,9 @@ impl std::fmt::Debug for GatewayTls {
 pub struct Limits {
     /// Time a new control-port connection has to complete its hello.
     pub hello_timeout: Duration,
+    /// Time a new control-port connection has to send its first byte (a real agent's TLS
+    /// ClientHello or preamble follows its connect at once); at most `hello_timeout`.
+    pub first_byte_timeout: Duration,
     /// Time a client waits for a data connection before it is closed.
     pub pending_timeout: Duration,
     /// Hard maximum frame size on the control port, in bytes.
@@ -80,12 +99,37 @@ pub struct Limits {
     pub max_handshakes_per_ip: usize,
     /// How long a graceful stop lets established connections finish.
     pub drain_timeout: Duration,
+    /// Public ports open at once, in total and per site; `None`: derived from the open-files
+    /// limit at start ([`Limits::listen_ports`]).
+    pub max_listen_ports: Option<usize>,
+    pub max_listen_ports_per_site: Option<usize>,
+    /// Sites with a connected agent, at most.
+    pub max_sites: usize,
+    /// Outbound connections (agents' proxy clients) open at once.
+    pub max_outbound: usize,
+}
+
+impl Limits {
+    /// The public-port caps (total, per site) for a process allowed `fd_limit` descriptors: by
+    /// default a quarter of them in total (at most 16384) and half of that per site, so ports
+    /// never crowd out connections and one site never takes every port.
+    pub fn listen_ports(&self, fd_limit: usize) -> (usize, usize) {
+        let total = self
+            .max_listen_ports
+            .unwrap_or_else(|| (fd_limit / 4).clamp(1, 16384));
+        let per_site = self
+            .max_listen_ports_per_site
+            .unwrap_or_else(|| (total / 2).max(1))
+            .min(total);
+        (total, per_site)
+    }
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             hello_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(2),
             pending_timeout: Duration::from_secs(10),
             max_frame: DEFAULT_MAX_FRAME,
             max_pending: 4096,
@@ -95,6 +139,10 @@ impl Default for Limits {
             max_handshakes: 4096,
             max_handshakes_per_ip: 1024,
             drain_timeout: Duration::from_secs(30),
+            max_listen_ports: None,
+            max_listen_ports_per_site: None,
+            max_sites: 256,
+            max_outbound: 1024,
         }
     }
 }
@@ -106,7 +154,10 @@ impl Default for GatewayConfig {
             tls: None,
             data_tls: true,
             peers: AccessRules::allow_all(),
+            drop_established: true,
             client_bind: Ipv4Addr::UNSPECIFIED.into(),
+            client_ips: Vec::new(),
+            client_ports: Vec::new(),
             egress: EgressRules::default(),
             admin_listen: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9090)),
             admin_token: None,
@@ -120,10 +171,10 @@ impl Default for GatewayConfig {
 #[serde(deny_unknown_fields)]
 struct RawGateway {
     control: Option<RawControl>,
-    peers: Option<RawRules>,
+    peers: Option<RawPeers>,
     clients: Option<RawClients>,
     egress: Option<RawEgress>,
-    admin: Option<RawAdmin>,
+    admin: Option<super::admin::RawAdmin>,
     limits: Option<RawLimits>,
 }
 
@@ -151,10 +202,24 @@ pub(super) struct RawRules {
     pub except: Vec<Spanned<String>>,
 }
 
+/// `[peers]`: the rules, and what revoking a connected agent closes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeers {
+    default: Option<Spanned<String>>,
+    #[serde(default)]
+    except: Vec<Spanned<String>>,
+    drop_established: Option<bool>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawClients {
     bind: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_ips: Vec<Spanned<String>>,
+    #[serde(default)]
+    ports: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -166,16 +231,9 @@ struct RawEgress {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawAdmin {
-    enabled: Option<bool>,
-    listen: Option<Spanned<String>>,
-    token: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawLimits {
     hello_timeout: Option<Spanned<String>>,
+    first_byte_timeout: Option<Spanned<String>>,
     pending_timeout: Option<Spanned<String>>,
     max_frame: Option<Spanned<u64>>,
     max_pending: Option<Spanned<u64>>,
@@ -185,6 +243,10 @@ struct RawLimits {
     max_handshakes: Option<Spanned<u64>>,
     max_handshakes_per_ip: Option<Spanned<u64>>,
     drain_timeout: Option<Spanned<String>>,
+    max_listen_ports: Option<Spanned<u64>>,
+    max_listen_ports_per_site: Option<Spanned<u64>>,
+    max_sites: Option<Spanned<u64>>,
+    max_outbound: Option<Spanned<u64>>,
 }
 
 /// Parses `[peers]`-style rules (also used for listener `clients`).
@@ -209,6 +271,14 @@ pub(super) fn parse_rules(
     Ok((rules, except))
 }
 
+fn display_list<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Resolves a path from the config relative to the config file's directory.
 pub(super) fn relative_to(config: &Path, value: &str) -> PathBuf {
     let p = Path::new(value);
@@ -220,6 +290,38 @@ pub(super) fn relative_to(config: &Path, value: &str) -> PathBuf {
 }
 
 impl GatewayConfig {
+    /// Whether an agent may open a listener on `public` here: its IP must be `[clients] bind`
+    /// (when it names none, or names that one) or one of `[clients] allow_ips`, and every port
+    /// must lie in one of `[clients] ports` (when given). The error is one line for the agent.
+    pub fn check_public(&self, public: &PublicAddr) -> Result<(), String> {
+        if let Some(ip) = public.ip.map(crate::access::canonical) {
+            if ip != self.client_bind && !self.client_ips.contains(&ip) {
+                return Err(format!(
+                    "{ip} is not an address this gateway lets agents bind: its [clients] bind is {}{}",
+                    self.client_bind,
+                    if self.client_ips.is_empty() {
+                        " (omit the IP in `public`, or ask the gateway's owner to add it to [clients] allow_ips)".to_string()
+                    } else {
+                        format!(", allow_ips {}", display_list(&self.client_ips))
+                    }
+                ));
+            }
+        }
+        let ports = public.ports;
+        if !self.client_ports.is_empty()
+            && !self
+                .client_ports
+                .iter()
+                .any(|r| r.first() <= ports.first() && ports.last() <= r.last())
+        {
+            return Err(format!(
+                "port {ports} is outside the ports this gateway lets agents open ([clients] ports = {})",
+                display_list(&self.client_ports)
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads and validates a gateway config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = read_file(path)?;
@@ -247,11 +349,13 @@ impl GatewayConfig {
                     (file(&tls.cert), file(&tls.key), file(&tls.client_ca));
                 let server = ServerTls::load(&cert, &key, &client_ca)
                     .map_err(|e| src.error(span, "control.tls", format!("{e:#}")))?;
+                let fingerprint = super::reference::fingerprint(&[&cert, &key, &client_ca]);
                 cfg.tls = Some(GatewayTls {
                     cert,
                     key,
                     client_ca,
                     server,
+                    fingerprint,
                 });
             }
             if let Some(data_tls) = control.data_tls {
@@ -259,7 +363,14 @@ impl GatewayConfig {
             }
         }
         if let Some(peers) = &raw.peers {
-            cfg.peers = parse_rules(&src, peers, "peers.")?.0;
+            let rules = RawRules {
+                default: peers.default.clone(),
+                except: peers.except.clone(),
+            };
+            cfg.peers = parse_rules(&src, &rules, "peers.")?.0;
+            if let Some(drop) = peers.drop_established {
+                cfg.drop_established = drop;
+            }
         }
         if let Some(clients) = &raw.clients {
             if let Some(bind) = &clients.bind {
@@ -267,6 +378,24 @@ impl GatewayConfig {
                     s.parse::<IpAddr>()
                         .map_err(|_| format!("invalid IP address \"{s}\""))
                 })?;
+            }
+            for ip in &clients.allow_ips {
+                cfg.client_ips
+                    .push(src.parse_with(ip, "clients.allow_ips", |s| {
+                        s.parse::<IpAddr>()
+                            .map(crate::access::canonical)
+                            .map_err(|_| format!("invalid IP address \"{s}\""))
+                    })?);
+            }
+            for ports in &clients.ports {
+                cfg.client_ports
+                    .push(src.parse_with(ports, "clients.ports", |s| {
+                        s.parse::<PortRange>().map_err(|e| {
+                            format!(
+                            "invalid port or range \"{s}\": {e} (e.g. \"443\", \"30000-30100\")"
+                        )
+                        })
+                    })?);
             }
         }
         if let Some(egress) = &raw.egress {
@@ -282,33 +411,15 @@ impl GatewayConfig {
             )
             .map_err(|e| src.error_nowhere(format!("egress.allow: {e}")))?;
         }
-        if let Some(admin) = &raw.admin {
-            if let Some(listen) = &admin.listen {
-                let addr = src.parse_with(listen, "admin.listen", |s| {
-                    s.parse::<SocketAddr>()
-                        .map_err(|_| format!("invalid socket address \"{s}\""))
-                })?;
-                if !addr.ip().is_loopback() && admin.token.is_none() {
-                    cfg.notices.push(format!(
-                        "[admin] listens on {addr}, beyond loopback, without a token: anyone who reaches it can stop the gateway"
-                    ));
-                }
-                cfg.admin_listen = Some(addr);
-            }
-            if admin.enabled == Some(false) {
-                cfg.admin_listen = None;
-            }
-            if let Some(token) = &admin.token {
-                if token.get_ref().len() < 16 {
-                    return Err(src.error(
-                        token.span(),
-                        "admin.token",
-                        "must be at least 16 characters",
-                    ));
-                }
-                cfg.admin_token = Some(token.get_ref().clone());
-            }
-        }
+        let admin = super::admin::parse_admin(
+            &src,
+            raw.admin.as_ref(),
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9090),
+            "pause, restart or stop the gateway",
+            &mut cfg.notices,
+        )?;
+        cfg.admin_listen = admin.listen;
+        cfg.admin_token = admin.token;
         if let Some(limits) = &raw.limits {
             if let Some(v) = &limits.hello_timeout {
                 cfg.limits.hello_timeout = src.duration_within(
@@ -316,6 +427,14 @@ impl GatewayConfig {
                     "limits.hello_timeout",
                     Duration::from_millis(100),
                     Duration::from_secs(300),
+                )?;
+            }
+            if let Some(v) = &limits.first_byte_timeout {
+                cfg.limits.first_byte_timeout = src.duration_within(
+                    v,
+                    "limits.first_byte_timeout",
+                    Duration::from_millis(100),
+                    Duration::from_secs(60),
                 )?;
             }
             if let Some(v) = &limits.pending_timeout {
@@ -389,7 +508,53 @@ impl GatewayConfig {
                 "max_handshakes_per_ip",
                 &mut l.max_handshakes_per_ip,
             )?;
+            count(&limits.max_sites, "max_sites", &mut l.max_sites)?;
+            count(&limits.max_outbound, "max_outbound", &mut l.max_outbound)?;
+            let mut ports = 0;
+            if limits.max_listen_ports.is_some() {
+                count(&limits.max_listen_ports, "max_listen_ports", &mut ports)?;
+                l.max_listen_ports = Some(ports);
+            }
+            if limits.max_listen_ports_per_site.is_some() {
+                count(
+                    &limits.max_listen_ports_per_site,
+                    "max_listen_ports_per_site",
+                    &mut ports,
+                )?;
+                l.max_listen_ports_per_site = Some(ports);
+            }
         }
+        // Who may reach the control port is the gateway's first line of defence: it must be
+        // written down. `default = "allow"` still works, but only when written, and it warns.
+        match &raw.peers {
+            None => {
+                return Err(src.error_nowhere(
+                    "no [peers] section: say which addresses may open control connections, \
+                     e.g. [peers] default = \"deny\" with except = [\"10.0.0.20\"] (your agents), \
+                     or write default = \"allow\" to let every address try",
+                ))
+            }
+            Some(peers) if peers.default.is_none() => {
+                return Err(src.error_nowhere(
+                    "peers.default is required: \"deny\" (with your agents' addresses in except) \
+                     or \"allow\"",
+                ))
+            }
+            Some(_) => {
+                if cfg.peers.default == Policy::Allow {
+                    cfg.notices.push(format!(
+                        "[peers] default = \"allow\": every address{} may open control connections; \
+                         prefer default = \"deny\" with your agents' addresses",
+                        if cfg.peers.except.is_empty() {
+                            ""
+                        } else {
+                            " outside the exceptions"
+                        }
+                    ));
+                }
+            }
+        }
+        cfg.limits.first_byte_timeout = cfg.limits.first_byte_timeout.min(cfg.limits.hello_timeout);
         if cfg.tls.is_none() {
             cfg.notices.push(
                 "no [control] tls configured: control and data connections run in PLAINTEXT and agents are not authenticated".into(),
@@ -401,6 +566,77 @@ impl GatewayConfig {
         }
         Ok(cfg)
     }
+}
+
+impl GatewayConfig {
+    /// Every key's effective value, in the order of [`GATEWAY_KEYS`] (for reload reports and
+    /// `--check`).
+    pub fn settings(&self) -> Vec<Setting> {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let tls = |f: fn(&GatewayTls) -> &PathBuf| match &self.tls {
+            Some(t) => format!("{} (sha256 {})", f(t).display(), t.fingerprint),
+            None => String::new(),
+        };
+        let l = &self.limits;
+        fn list<T: std::fmt::Display>(v: &[T]) -> String {
+            let items: Vec<String> = v.iter().map(|x| format!("\"{x}\"")).collect();
+            format!("[{}]", items.join(", "))
+        }
+        // Unset: derived from the open-files limit at start.
+        let opt = |v: Option<usize>| v.map(|n| n.to_string()).unwrap_or_default();
+        vec![
+            Setting::new("control.listen", self.control_listen),
+            Setting::new("control.tls.cert", tls(|t| &t.cert)),
+            Setting::new("control.tls.key", tls(|t| &t.key)),
+            Setting::new("control.tls.client_ca", tls(|t| &t.client_ca)),
+            Setting::new("control.data_tls", self.data_tls),
+            Setting::new("peers.default", self.peers.default),
+            Setting::new("peers.except", self.peers.except_text()),
+            Setting::new("peers.drop_established", self.drop_established),
+            Setting::new("clients.bind", self.client_bind),
+            Setting::new("clients.allow_ips", list(&self.client_ips)),
+            Setting::new("clients.ports", list(&self.client_ports)),
+            Setting::new("egress.allow", format!("{:?}", self.egress.entries())),
+            Setting::new("admin.enabled", self.admin_listen.is_some()),
+            Setting::new(
+                "admin.listen",
+                self.admin_listen.map(|a| a.to_string()).unwrap_or_default(),
+            ),
+            Setting::secret("admin.token", self.admin_token.as_deref()),
+            Setting::new("limits.hello_timeout", d(l.hello_timeout)),
+            Setting::new("limits.pending_timeout", d(l.pending_timeout)),
+            Setting::new("limits.max_frame", l.max_frame),
+            Setting::new("limits.max_pending", l.max_pending),
+            Setting::new(
+                "limits.max_pending_per_listener",
+                l.max_pending_per_listener,
+            ),
+            Setting::new("limits.max_connections", l.max_connections),
+            Setting::new("limits.max_connections_per_ip", l.max_connections_per_ip),
+            Setting::new("limits.max_handshakes", l.max_handshakes),
+            Setting::new("limits.max_handshakes_per_ip", l.max_handshakes_per_ip),
+            Setting::new("limits.drain_timeout", d(l.drain_timeout)),
+            Setting::new("limits.first_byte_timeout", d(l.first_byte_timeout)),
+            Setting::new("limits.max_listen_ports", opt(l.max_listen_ports)),
+            Setting::new(
+                "limits.max_listen_ports_per_site",
+                opt(l.max_listen_ports_per_site),
+            ),
+            Setting::new("limits.max_sites", l.max_sites),
+            Setting::new("limits.max_outbound", l.max_outbound),
+        ]
+    }
+
+    /// What a reload of `new` changes, key by key.
+    pub fn changes(&self, new: &GatewayConfig) -> Vec<Change> {
+        super::reference::diff(GATEWAY_KEYS, &self.settings(), &new.settings())
+    }
+}
+
+/// The keys gateway.toml's parser accepts (for the reference's tests).
+#[cfg(test)]
+pub(super) fn traced_keys() -> Vec<String> {
+    super::reference::trace::keys::<RawGateway>()
 }
 
 #[cfg(test)]
@@ -442,8 +678,48 @@ listen = "127.0.0.1:9090"
     }
 
     #[test]
+    fn agents_bind_only_where_the_owner_allows() {
+        let cfg = parse(
+            "[peers]\ndefault = \"allow\"\n[clients]\nbind = \"127.0.0.10\"\nallow_ips = [\"127.0.0.11\"]\nports = [\"2222\", \"30000-30100\"]\n",
+        )
+        .unwrap();
+        let ok = |s: &str| cfg.check_public(&s.parse().unwrap());
+        assert!(ok("2222").is_ok());
+        assert!(ok("127.0.0.10:30000-30100").is_ok());
+        assert!(ok("127.0.0.11:30050").is_ok());
+        let e = ok("127.0.0.1:2222").unwrap_err();
+        assert!(e.contains("127.0.0.1 is not an address"), "{e}");
+        assert!(ok("0.0.0.0:2222").is_err());
+        let e = ok("81").unwrap_err();
+        assert!(e.contains("port 81 is outside"), "{e}");
+        assert!(ok("30090-30101").is_err());
+    }
+
+    #[test]
+    fn peers_must_be_written() {
+        let err = parse("").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("gateway.toml: no [peers] section"),
+            "{err}"
+        );
+        let err = parse("[peers]\nexcept = [\"10.0.0.1\"]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("peers.default is required"),
+            "{err}"
+        );
+        let cfg = parse("[peers]\ndefault = \"allow\"\n").unwrap();
+        assert!(cfg
+            .notices
+            .iter()
+            .any(|n| n.contains("[peers] default = \"allow\"")));
+        let cfg = parse("[peers]\ndefault = \"deny\"\nexcept = [\"10.0.0.1\"]\n").unwrap();
+        assert!(!cfg.notices.iter().any(|n| n.contains("[peers]")));
+    }
+
+    #[test]
     fn empty_file_means_defaults() {
-        let cfg = parse("").unwrap();
+        let cfg = parse("[peers]\ndefault = \"allow\"\n").unwrap();
         assert_eq!(cfg.control_listen.port(), DEFAULT_CONTROL_PORT);
         assert_eq!(cfg.limits, Limits::default());
     }

@@ -7,8 +7,10 @@
 //!
 //! Loading never opens a socket or writes a file; the caller decides what to do with the result.
 
+mod admin;
 mod agent;
 mod gateway;
+pub mod reference;
 
 use std::fmt;
 use std::ops::Range;
@@ -17,9 +19,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+pub use admin::AdminConfig;
 pub use agent::{
-    AgentConfig, AgentTls, Backend, Impersonation, ListenerConfig, OutboundConfig, ProxyProtocol,
-    ReconnectConfig,
+    AgentConfig, AgentTls, Backend, Impersonation, ListenerChanges, ListenerConfig, OutboundConfig,
+    ProxyProtocol, ReconnectConfig, OUTBOUND_HANDSHAKE_TIMEOUT, OUTBOUND_MAX_CLIENTS,
+    OUTBOUND_MAX_CLIENTS_PER_IP,
 };
 pub use gateway::{GatewayConfig, Limits};
 
@@ -157,17 +161,20 @@ pub(crate) fn read_file(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-/// Names of sites and listeners: 1-64 characters of `A-Z a-z 0-9 . _ -`.
+/// Names of sites, agents and listeners: 1-64 characters of `A-Z a-z 0-9 . _ -`. The gateway
+/// checks every name a peer sends with it before storing, logging or showing it.
 pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    // The name may come from a peer: it is shown escaped in the error.
+    let shown = crate::escape::escaped(name);
     if name.is_empty() || name.len() > 64 {
-        return Err(format!("\"{name}\" must be 1 to 64 characters long"));
+        return Err(format!("\"{shown}\" must be 1 to 64 characters long"));
     }
     if !name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
     {
         return Err(format!(
-            "\"{name}\" may only contain letters, digits, '.', '_' and '-'"
+            "\"{shown}\" may only contain letters, digits, '.', '_' and '-'"
         ));
     }
     Ok(())

@@ -13,7 +13,7 @@
 //!   is handed to that client's task, which pipes it. It never depends on a control session.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -21,18 +21,19 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
 
-use super::pending::{Claim, ClaimError, DataConn};
+use super::pending::{Claim, ClaimError, DataConn, Failed};
 use super::site::{AgentHandle, Site};
 use super::Shared;
 use crate::access::canonical;
 use crate::config::check_name;
 use crate::limits::{ConnPermit, Event};
 use crate::net;
+use crate::protocol::liveness::{Beat, Liveness, MISSED};
+use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
-    self, Connection, ControlHello, DataHello, ErrorCode, Heartbeat, Hello, HelloAck,
-    ListenerStatus, Message, ProtocolError, PushConfig, Role,
+    self, ClientFailed, Connection, ControlHello, DataHello, ErrorCode, Feature, Hello, HelloAck,
+    ListenerStatus, Message, MessageReader, ProtocolError, PushConfig, Role, SessionSecret, Token,
 };
 use crate::transport::Stream;
 use tokio_util::sync::CancellationToken;
@@ -88,7 +89,21 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             refuse_bounded(&shared, stream, ErrorCode::PEER_DENIED, why);
             continue;
         }
-        let permit = match shared.handshakes.try_acquire(peer.ip()) {
+        // An address holding an authenticated control session may use the places strangers
+        // cannot fill: its data and pool connections are never starved by a flood.
+        let trusted = shared.is_agent_addr(peer.ip());
+        // An agent's data connection was counted with its client (fds::PER_CLIENT): only a
+        // stranger's connection adds to the count.
+        if !shared.fds.admit(usize::from(!trusted), trusted) {
+            warn_event(
+                &shared.stats.handshakes_over_limit,
+                peer,
+                format_args!("connection refused: open files near their limit"),
+            );
+            net::reset(stream);
+            continue;
+        }
+        let permit = match shared.handshakes.try_acquire_for(peer.ip(), trusted) {
             Ok(p) => p,
             Err(limit) => {
                 warn_event(
@@ -167,6 +182,21 @@ async fn handle_connection(
     };
     // The handshake is over: this connection no longer counts against the handshake limits.
     drop(permit);
+    // A reload may have revoked this peer while it was in its handshake.
+    if !shared.config().peers.allows(peer.ip()) {
+        let mut conn = opened.conn;
+        warn_event(
+            &shared.stats.peers_denied,
+            peer,
+            format_args!("peer {} denied by the [peers] rules", peer.ip()),
+        );
+        let why = format!(
+            "{} is not allowed by the gateway's [peers] rules",
+            peer.ip()
+        );
+        conn.refuse(ErrorCode::PEER_DENIED, why).await;
+        return close_gently(conn.get_mut()).await;
+    }
     let Opened {
         conn,
         hello,
@@ -177,8 +207,14 @@ async fn handle_connection(
             run_session(shared, conn, peer, &hello.software, control, version).await
         }
         Role::Data(data) => claim_data(shared, conn, peer, data, version).await,
-        Role::Outbound(out) => super::outbound::serve(shared, conn, peer, out, version).await,
-        Role::Pool(pool) => super::pool::accept(shared, conn, peer, pool, version).await,
+        Role::Outbound(out) => super::outbound::serve(shared, conn, peer, out, None, version).await,
+        Role::SessionOutbound(out, secret) => {
+            super::outbound::serve(shared, conn, peer, out, Some(secret), version).await
+        }
+        Role::Pool(pool) => super::pool::accept(shared, conn, peer, pool, None, version).await,
+        Role::SessionPool(pool, secret) => {
+            super::pool::accept(shared, conn, peer, pool, Some(secret), version).await
+        }
     }
 }
 
@@ -187,9 +223,20 @@ async fn handle_connection(
 async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opened> {
     let config = shared.config();
     let mut first = [0u8; 1];
-    match tcp.peek(&mut first).await {
-        Ok(1) => {}
-        _ => return None,
+    // A real agent sends at once (TLS ClientHello or preamble): a silent connection holds a
+    // handshake place for `first_byte_timeout` only, not the whole hello timeout.
+    let wait = config.limits.first_byte_timeout;
+    match tokio::time::timeout(wait, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        Ok(_) => return None,
+        Err(_) => {
+            warn_event(
+                &shared.stats.bad_hellos,
+                peer,
+                format_args!("no first byte within {}", humantime::format_duration(wait)),
+            );
+            return None;
+        }
     }
     let stream = match (&config.tls, protocol::looks_like_tls(&[first[0], 0x03])) {
         (Some(tls), true) => match tls.server.accept(tcp).await {
@@ -256,12 +303,23 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
         }
     };
     if shared.config().tls.is_some() && !conn.get_ref().is_tls() {
-        let plaintext_data_ok = matches!(
-            hello.role,
-            Role::Data(_) | Role::Outbound(_) | Role::Pool(_)
-        ) && !shared.config().data_tls;
-        if !plaintext_data_ok {
-            let why = "this gateway requires TLS: configure `tls` in agent.toml";
+        // With `data_tls = false` only connections that carry their own proof may skip TLS: a
+        // data connection its claim token, a v2 pool or outbound connection its session secret.
+        // A v1 pool or outbound hello proves nothing, so it must come over TLS.
+        let why = match &hello.role {
+            Role::Data(_) | Role::SessionPool(..) | Role::SessionOutbound(..)
+                if !shared.config().data_tls =>
+            {
+                None
+            }
+            Role::Pool(_) | Role::Outbound(_) if !shared.config().data_tls => Some(
+                "pool and outbound connections of protocol v1 carry no proof of their control \
+                 session and must use TLS: upgrade the agent (protocol v2 proves them with the \
+                 session secret) or set [control] data_tls = true",
+            ),
+            _ => Some("this gateway requires TLS: configure `tls` in agent.toml"),
+        };
+        if let Some(why) = why {
             refuse(
                 shared,
                 &mut conn,
@@ -298,6 +356,17 @@ async fn refuse(
     close_gently(conn.get_mut()).await;
 }
 
+/// Refuses a pool or outbound connection before its HelloAck, as every refusal: `SPRT` and an
+/// Error frame, then a gentle close (counting and logging are the caller's).
+pub(crate) async fn refuse_role(
+    conn: &mut Connection<Stream>,
+    code: ErrorCode,
+    message: impl Into<String>,
+) {
+    conn.refuse(code, message).await;
+    close_gently(conn.get_mut()).await;
+}
+
 async fn claim_data(
     shared: Arc<Shared>,
     mut conn: Connection<Stream>,
@@ -305,11 +374,23 @@ async fn claim_data(
     data: DataHello,
     version: u16,
 ) {
+    if data.id == protocol::PROBE_ID {
+        // `sallyport check` proving that TLS, the peer rules and the version check pass: the
+        // same answer as for any unknown client, but an operator at work, not a knock.
+        let occ = shared.stats.check_probes.hit();
+        if occ.log {
+            tracing::info!(peer = %peer, "control port: `sallyport check` probe from {}{}", peer.ip(), occ.tally());
+        }
+        conn.send_error(ErrorCode::UNKNOWN_CLIENT, UNKNOWN_CLIENT_TEXT)
+            .await;
+        return;
+    }
     let tx = match shared.pending.claim(data.id, &data.token) {
         Ok(tx) => tx,
         Err(e) => {
-            // A late data connection for a client that just left is not an attack: not counted.
-            if matches!(e, ClaimError::Gone(_)) {
+            // A late data connection for a client that just left, or the loser of a client
+            // offered to two agents, is not an attack: not counted.
+            if matches!(e, ClaimError::Gone(_) | ClaimError::Lost(_)) {
                 tracing::debug!(peer = %peer, "data connection refused: {e}");
             } else {
                 warn_event(
@@ -335,6 +416,7 @@ async fn claim_data(
         stream,
         leftover,
         agent_addr: peer,
+        agent: None,
     });
     if tx.send(claim).is_err() {
         tracing::debug!(peer = %peer, id = data.id, "client gave up just before its data connection arrived");
@@ -364,6 +446,11 @@ async fn run_session(
         let why = format!("invalid site name {e}");
         return refuse(&shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
     }
+    // The agent's name is shown in status, logs and the dashboard: checked like a site name.
+    if let Err(e) = check_name(&control.agent) {
+        let why = format!("invalid agent name {e}");
+        return refuse(&shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
+    }
     let heartbeat =
         Duration::from_millis(control.heartbeat_ms as u64).clamp(HEARTBEAT_MIN, HEARTBEAT_MAX);
     let ack = Message::HelloAck(HelloAck {
@@ -372,20 +459,48 @@ async fn run_session(
         heartbeat_ms: heartbeat.as_millis() as u32,
         data_tls: shared.config().data_tls,
     });
-    if conn.write_message(&ack).await.is_err() {
-        return;
+    // v2: the secret that binds this session's pool and outbound connections to it, sent with
+    // the ack, before anything else.
+    let secret = Feature::SessionBinding.on(version).then(Token::random);
+    let cert = conn.get_ref().peer_cert_digest();
+    // A fresh connection's send queue is empty: this small write cannot block for long, and
+    // the hello timeout no longer applies, so bound it like every later write.
+    let mut liveness = Liveness::new(heartbeat);
+    let opening = async {
+        conn.feed_message(&ack).await?;
+        if let Some(secret) = secret {
+            conn.feed_message(&Message::SessionSecret(SessionSecret { secret }))
+                .await?;
+        }
+        conn.flush().await
+    };
+    match tokio::time::timeout(liveness.write_limit(), opening).await {
+        Ok(Ok(())) => {}
+        _ => return,
     }
-    net::keepalive(conn.get_ref().tcp(), heartbeat * 3);
+    net::keepalive(conn.get_ref().tcp(), liveness.write_limit());
+    net::user_timeout(conn.get_ref().tcp(), liveness.write_limit());
+    let tls = conn.get_ref().is_tls();
+    // From here on, writes go through the outbox's own task: nothing this session does waits
+    // for the agent to read.
+    let (mut reader, sink) = conn.split();
+    let (tx, offers) = mpsc::channel(1024);
+    let mut outbox = Outbox::spawn(sink, offers, liveness.write_limit());
 
     // An agent joins its site (and is offered clients) only once its config is known and
     // matches the site's other agents'.
     let limit = shared.config().limits.hello_timeout;
-    let push = match tokio::time::timeout(limit, first_push(&mut conn)).await {
-        Ok(Ok(push)) => push,
+    let push = match tokio::time::timeout(limit, first_push(&mut reader)).await {
+        // The push was just heard: the agent's silence counts from here, not from the ack (a
+        // push later than three intervals ended the session at once).
+        Ok(Ok(push)) => {
+            liveness.heard();
+            push
+        }
         Ok(Err(e)) => {
             tracing::warn!(site = %control.site, agent = %control.agent, peer = %peer, "agent session ended before its config: {e}");
-            conn.send_error(e.code(), e.to_string()).await;
-            return;
+            let farewell = SessionEnd::from(e).farewell();
+            return outbox.close(farewell, FAREWELL_LIMIT).await;
         }
         Err(_) => {
             let why = format!(
@@ -393,11 +508,10 @@ async fn run_session(
                 humantime::format_duration(limit)
             );
             tracing::warn!(site = %control.site, agent = %control.agent, peer = %peer, "{why}");
-            conn.send_error(ErrorCode::TIMEOUT, why).await;
-            return;
+            let farewell = Message::error(ErrorCode::TIMEOUT, why);
+            return outbox.close(Some(farewell), FAREWELL_LIMIT).await;
         }
     };
-    let (tx, rx) = mpsc::channel(1024);
     let agent = AgentHandle {
         id: shared.next_agent_id(),
         name: control.agent.clone(),
@@ -407,30 +521,45 @@ async fn run_session(
         inflight: Arc::new(AtomicUsize::new(0)),
         digest: Arc::new(std::sync::Mutex::new(push.digest.clone())),
         gone: CancellationToken::new(),
+        secret,
+        cert,
+        suspect: Arc::default(),
     };
+    // A new site is a new set of listeners and pools: their number is capped.
+    let max_sites = shared.config().limits.max_sites;
+    let joins_new_site = shared
+        .sites
+        .get(&control.site)
+        .map_or(true, |s| s.agent_count() == 0);
+    if joins_new_site && shared.sites.active() >= max_sites {
+        let why = format!(
+            "the gateway serves at most {max_sites} sites ([limits] max_sites); site \"{}\" is not one of them",
+            control.site
+        );
+        tracing::warn!(agent = %agent.name, peer = %peer, "agent refused: {why}");
+        let farewell = Message::error(ErrorCode::LIMIT, why);
+        return outbox.close(Some(farewell), FAREWELL_LIMIT).await;
+    }
     let site = match shared.sites.join(&control.site, agent.clone()) {
         Ok(site) => site,
         Err(why) => {
             tracing::warn!(agent = %agent.name, peer = %peer, "agent refused: {why}");
-            conn.send_error(ErrorCode::CONFIG_REJECTED, why).await;
-            return;
+            let farewell = Message::error(ErrorCode::CONFIG_REJECTED, why);
+            return outbox.close(Some(farewell), FAREWELL_LIMIT).await;
         }
     };
+    let _agent_addr = shared.agent_addr(peer.ip());
     tracing::info!(
         site = %site.name, agent = %agent.name, peer = %peer,
         "agent connected ({software}, protocol v{version}, {}, heartbeat {} ms, config {})",
-        if conn.get_ref().is_tls() { "TLS 1.3, certificate verified" } else { "PLAINTEXT" },
+        if tls { "TLS 1.3, certificate verified" } else { "PLAINTEXT" },
         heartbeat.as_millis(),
         push.digest.chars().take(16).collect::<String>()
     );
-    if let Err(e) = apply_push(&shared, &site, &agent, &mut conn, &push).await {
-        tracing::warn!(site = %site.name, agent = %agent.name, "agent session ended: {e}");
-        shared.sites.leave(&shared, &site, agent.id).await;
-        agent.gone.cancel();
-        return;
-    }
-
-    let end = session_loop(&shared, &site, &agent, &mut conn, rx, heartbeat).await;
+    let end = match apply_push(&shared, &site, &agent, &outbox, &push).await {
+        Ok(()) => session_loop(&shared, &site, &agent, &mut reader, &mut outbox, liveness).await,
+        Err(e) => Err(e),
+    };
     match &end {
         Ok(()) => tracing::info!(
             site = %site.name, agent = %agent.name, peer = %agent.addr,
@@ -441,16 +570,29 @@ async fn run_session(
             "agent session ended after {}: {e}", connected_for(&agent)
         ),
     }
-    shared.sites.leave(&shared, &site, agent.id).await;
-    site.pool.remove_agent(agent.id);
-    // Clients offered to this agent and not yet claimed are offered to another one now.
+    // First, before anything that awaits: no new client may be handed to this session's pooled
+    // connections, and clients offered to it and not yet claimed are offered to another agent
+    // (a `gone` agent is never picked, even while it is still listed). The pool is emptied
+    // after `gone` is set, so a pool connection being parked right now either sees `gone` or is
+    // removed here (see `Pool::add`).
     agent.gone.cancel();
+    site.pool.remove_agent(agent.id);
+    shared.sites.leave(&shared, &site, agent.id).await;
+    let farewell = end.err().and_then(|e| e.farewell());
+    outbox.close(farewell, FAREWELL_LIMIT).await;
 }
 
+/// How long a closing session waits for its last words (an Error frame) to be written: a hung
+/// agent must not hold a stopping gateway.
+const FAREWELL_LIMIT: Duration = Duration::from_secs(1);
+
 /// Reads up to the agent's first config push (heartbeats may come first).
-async fn first_push(conn: &mut Connection<Stream>) -> Result<PushConfig, ProtocolError> {
+async fn first_push<R>(reader: &mut MessageReader<R>) -> Result<PushConfig, ProtocolError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
     loop {
-        match conn.read_message().await? {
+        match reader.read_message().await? {
             Some(Message::Heartbeat(_)) => continue,
             Some(Message::PushConfig(push)) => return Ok(push),
             Some(Message::Error(e)) => return Err(ProtocolError::Peer(e)),
@@ -465,17 +607,15 @@ async fn first_push(conn: &mut Connection<Stream>) -> Result<PushConfig, Protoco
     }
 }
 
-/// Applies a config push and answers with the per-listener results.
+/// Applies a config push and queues the per-listener results.
 async fn apply_push(
     shared: &Arc<Shared>,
     site: &Arc<Site>,
     agent: &AgentHandle,
-    conn: &mut Connection<Stream>,
+    outbox: &Outbox,
     push: &PushConfig,
 ) -> Result<(), SessionEnd> {
     if let Err(why) = site.check_digest(agent.id, &push.digest) {
-        conn.send_error(ErrorCode::CONFIG_REJECTED, why.clone())
-            .await;
         return Err(SessionEnd::Rejected(why));
     }
     let result = site.apply_config(shared, push).await;
@@ -489,7 +629,7 @@ async fn apply_push(
         "config generation {} applied: {} listener(s), {failed} failed",
         push.generation, push.listeners.len()
     );
-    conn.write_message(&Message::ConfigResult(result)).await?;
+    outbox.send(Message::ConfigResult(result))?;
     Ok(())
 }
 
@@ -506,7 +646,9 @@ fn connected_for(agent: &AgentHandle) -> String {
 enum SessionEnd {
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
-    #[error("no message for {0:?} (3 heartbeats missed)")]
+    #[error("{0}")]
+    Write(#[from] OutboxError),
+    #[error("no message for {0:?} ({MISSED} heartbeats missed)")]
     HeartbeatsMissed(Duration),
     #[error("unexpected {0} on a control channel")]
     Unexpected(&'static str),
@@ -514,72 +656,93 @@ enum SessionEnd {
     Shutdown,
     #[error("config rejected: {0}")]
     Rejected(String),
+    #[error("revoked: {0} is no longer allowed by the gateway's [peers] rules")]
+    Revoked(IpAddr),
 }
 
-async fn session_loop(
+impl SessionEnd {
+    /// The Error frame to send the agent before closing, when it is owed one. Neither side
+    /// sends one for silence or a failed write, nor answers the peer's own Error.
+    fn farewell(&self) -> Option<Message> {
+        let (code, text) = match self {
+            SessionEnd::Shutdown => (ErrorCode::SHUTTING_DOWN, self.to_string()),
+            SessionEnd::Rejected(why) => (ErrorCode::CONFIG_REJECTED, why.clone()),
+            SessionEnd::Revoked(_) => (ErrorCode::PEER_DENIED, self.to_string()),
+            SessionEnd::Unexpected(_) => (ErrorCode::PROTOCOL, self.to_string()),
+            SessionEnd::Protocol(
+                ProtocolError::Peer(_)
+                | ProtocolError::Closed
+                | ProtocolError::Cut
+                | ProtocolError::Io(_),
+            ) => return None,
+            SessionEnd::Protocol(e) => (e.code(), e.to_string()),
+            SessionEnd::Write(_) | SessionEnd::HeartbeatsMissed(_) => return None,
+        };
+        Some(Message::error(code, text))
+    }
+}
+
+async fn session_loop<R>(
     shared: &Arc<Shared>,
     site: &Arc<Site>,
     agent: &AgentHandle,
-    conn: &mut Connection<Stream>,
-    mut outbox: mpsc::Receiver<Message>,
-    heartbeat: Duration,
-) -> Result<(), SessionEnd> {
-    let mut ticker = tokio::time::interval(heartbeat);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    let mut seq = 0u64;
+    reader: &mut MessageReader<R>,
+    outbox: &mut Outbox,
+    mut liveness: Liveness,
+) -> Result<(), SessionEnd>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
     loop {
         tokio::select! {
-            _ = shared.shutdown.cancelled() => {
-                conn.send_error(ErrorCode::SHUTTING_DOWN, "gateway shutting down").await;
-                return Err(SessionEnd::Shutdown);
-            }
-            incoming = conn.read_message() => {
-                let msg = match incoming {
-                    Ok(Some(msg)) => msg,
-                    Ok(None) => return Ok(()),
-                    Err(e) => {
-                        conn.send_error(e.code(), e.to_string()).await;
-                        return Err(e.into());
-                    }
+            _ = shared.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+            () = shared.denied(agent.addr.ip(), false) => return Err(SessionEnd::Revoked(agent.addr.ip())),
+            incoming = reader.read_message() => {
+                let Some(msg) = incoming? else {
+                    return Ok(());
                 };
-                last_heard = Instant::now();
+                liveness.heard();
+                agent.suspect.store(false, std::sync::atomic::Ordering::Relaxed);
                 match msg {
                     Message::Heartbeat(_) => {}
-                    Message::PushConfig(push) => apply_push(shared, site, agent, conn, &push).await?,
-                    Message::ClientFailed(f) => {
-                        // A pending client is woken and closed (and counted) by its own task.
-                        // Usually the agent's data connection claimed it already, and closes it
-                        // itself; the report still explains why, so count and log it here.
-                        let pending = shared.pending.fail(f.id, &site.name, f.reason.clone());
-                        if !pending && !shared.pending.is_gone(f.id) {
-                            let occ = shared.stats.clients_failed.hit();
-                            if occ.log {
-                                tracing::warn!(
-                                    site = %site.name, agent = %agent.name, id = f.id,
-                                    "agent could not serve client: {}{}", f.reason, occ.tally()
-                                );
-                            }
-                        }
-                    }
+                    Message::PushConfig(push) => apply_push(shared, site, agent, outbox, &push).await?,
+                    Message::ClientFailed(f) => client_failed(shared, site, agent, f),
                     Message::Error(e) => return Err(ProtocolError::Peer(e).into()),
-                    other => {
-                        let end = SessionEnd::Unexpected(other.name());
-                        conn.send_error(ErrorCode::PROTOCOL, end.to_string()).await;
-                        return Err(end);
-                    }
+                    other => return Err(SessionEnd::Unexpected(other.name())),
                 }
             }
-            Some(out) = outbox.recv() => {
-                conn.write_message(&out).await?;
-            }
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > heartbeat * 3 {
-                    return Err(SessionEnd::HeartbeatsMissed(last_heard.elapsed()));
-                }
-                seq += 1;
-                conn.write_message(&Message::Heartbeat(Heartbeat { seq })).await?;
-            }
+            why = outbox.failed() => return Err(why.into()),
+            beat = liveness.next() => match beat {
+                Beat::Send(heartbeat) => outbox.send(heartbeat)?,
+                Beat::Dead(silence) => return Err(SessionEnd::HeartbeatsMissed(silence)),
+            },
+        }
+    }
+}
+
+/// The agent cannot serve client `f.id`. A pending client is woken and closed (and counted) by
+/// its own task. Usually the agent's data connection claimed it already, and closes it itself;
+/// the report still explains why, so count and log it here.
+fn client_failed(shared: &Shared, site: &Site, agent: &AgentHandle, f: ClientFailed) {
+    let failed = shared
+        .pending
+        .fail(f.id, &site.name, agent.id, f.reason.clone());
+    if failed == Failed::OfferedElsewhere {
+        tracing::debug!(
+            site = %site.name, agent = %agent.name, id = f.id,
+            "late failure report for a client now offered to another agent: {}", f.reason
+        );
+        return;
+    }
+    if failed == Failed::NotPending && !shared.pending.is_gone(f.id) {
+        // A warm-pool client pipes already: its audit record says the agent failed it.
+        shared.traffic.fail(f.id, &f.reason);
+        let occ = shared.stats.clients_failed.hit();
+        if occ.log {
+            tracing::warn!(
+                site = %site.name, agent = %agent.name, id = f.id,
+                "agent could not serve client: {}{}", f.reason, occ.tally()
+            );
         }
     }
 }

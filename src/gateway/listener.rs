@@ -13,13 +13,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::pending::Claim;
+use super::pending::{Claim, DataConn};
+use super::pool::{Answer, Held, ACCEPT_LIMIT};
 use super::site::Site;
 use super::stats::{ConnEntry, ListenerStats};
 use super::{RunState, Shared};
 use crate::access::{canonical, AccessRules};
+use crate::audit::{ConnectionEnd, Daemon};
 use crate::config::check_name;
-use crate::limits::ConnPermit;
+use crate::limits::{ConnPermit, GaugePermits};
 use crate::net;
 use crate::pipe::{pipe_tcp, PipeCounters};
 use crate::protocol::{ClientArrived, ListenerSpec, Message, PoolAssign, Token};
@@ -40,6 +42,8 @@ pub(crate) struct RunningListener {
     pub bind_ip: std::net::IpAddr,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Its ports' places in the site's and the gateway's port budgets, given back on close.
+    _ports: (GaugePermits, GaugePermits),
 }
 
 impl RunningListener {
@@ -51,6 +55,15 @@ impl RunningListener {
         spec: ListenerSpec,
     ) -> Result<Self, String> {
         check_name(&spec.name).map_err(|e| format!("invalid listener name {e}"))?;
+        // Binding port 0 would open a random port no client knows of.
+        if spec.public.ports.first() == 0 {
+            return Err(format!(
+                "port 0 is not a public port (pushed {}): push the port clients connect to",
+                spec.public.ports
+            ));
+        }
+        shared.config().check_public(&spec.public)?;
+        let ports = port_budget(shared, site, spec.public.ports.len())?;
         let rules = AccessRules::parse(spec.clients.default, &spec.clients.except)
             .map_err(|e| format!("invalid client rules: {e}"))?;
         let mut bound = Vec::with_capacity(spec.public.ports.len());
@@ -89,6 +102,7 @@ impl RunningListener {
             bind_ip,
             cancel,
             tasks,
+            _ports: ports,
         })
     }
 
@@ -99,6 +113,37 @@ impl RunningListener {
             let _ = task.await;
         }
     }
+}
+
+/// Takes `n` ports from the site's and the gateway's budgets, and checks the descriptors: a push
+/// beyond them fails for that listener only, with the limit named.
+fn port_budget(
+    shared: &Shared,
+    site: &Site,
+    n: usize,
+) -> Result<(GaugePermits, GaugePermits), String> {
+    let (total, per_site) = shared.config().limits.listen_ports(shared.fds.limit());
+    let Some(here) = site.ports.try_acquire_many(n, per_site) else {
+        return Err(format!(
+            "{n} more public port(s) would exceed this site's limit of {per_site} ({} open; [limits] max_listen_ports_per_site on the gateway)",
+            site.ports.get()
+        ));
+    };
+    let Some(all) = shared.listen_ports.try_acquire_many(n, total) else {
+        return Err(format!(
+            "{n} more public port(s) would exceed the gateway's limit of {total} ({} open; [limits] max_listen_ports)",
+            shared.listen_ports.get()
+        ));
+    };
+    if !shared.fds.admit(n * crate::fds::PER_LISTEN_PORT, true) {
+        return Err(format!(
+            "the gateway is short of file descriptors ({} of {} in use, {} kept in reserve)",
+            shared.fds.in_use(),
+            shared.fds.limit(),
+            shared.fds.reserve()
+        ));
+    }
+    Ok((here, all))
 }
 
 fn describe_bind_error(e: &std::io::Error) -> String {
@@ -156,9 +201,26 @@ async fn accept_loop(
             net::reset(stream);
             continue;
         }
+        // Descriptors first: at the limit new clients are refused, so the admin API, agents and
+        // established connections keep theirs.
+        if !shared.fds.admit(crate::fds::PER_CLIENT, false) {
+            over_limit(
+                &shared,
+                &info,
+                client_addr,
+                format_args!(
+                    "the gateway's open files are near their limit of {} ({} kept in reserve)",
+                    shared.fds.limit(),
+                    shared.fds.reserve()
+                ),
+            );
+            net::reset(stream);
+            continue;
+        }
         let permit = match shared.clients.try_acquire(client_addr.ip()) {
             Ok(p) => p,
             Err(limit) => {
+                info.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 over_limit(
                     &shared,
                     &info,
@@ -235,7 +297,7 @@ async fn serve_client(
     shared: Arc<Shared>,
     site: Arc<Site>,
     info: Arc<ListenerInfo>,
-    client: TcpStream,
+    mut client: TcpStream,
     client_addr: SocketAddr,
     _permit: ConnPermit,
 ) {
@@ -266,6 +328,7 @@ async fn serve_client(
             "clients waiting for the agent reached the limit ({} in total, {} per listener)",
             limits.max_pending, limits.max_pending_per_listener
         );
+        info.stats.rejected.fetch_add(1, Ordering::Relaxed);
         over_limit(&shared, &info, client_addr, what);
         net::reset(client);
         return;
@@ -275,117 +338,62 @@ async fn serve_client(
     // the connection table counts.
     let mut closed = ClosedOnDrop(Some(info.stats.clone()));
     let id = shared.next_client_id();
-    // A warm pool connection, when the agent keeps some: no notification round trip.
-    let assign = PoolAssign {
+    // Every accepted client ends with one audit record, however it ends.
+    let record = |outcome,
+                  error: Option<&str>,
+                  agent: Option<&str>,
+                  agent_addr: Option<SocketAddr>,
+                  bytes: (u64, u64)| {
+        ConnectionEnd {
+            conn: id,
+            site: &site.name,
+            listener,
+            client: client_addr,
+            gateway: gateway_addr,
+            agent,
+            agent_addr,
+            backend: None,
+            bytes_from_client: bytes.0,
+            bytes_to_client: bytes.1,
+            duration: started.elapsed(),
+            outcome,
+            error,
+        }
+        .log(Daemon::Gateway)
+    };
+    let offer = Offer {
         id,
         listener: listener.to_string(),
         port_offset,
         client_addr,
         gateway_addr,
     };
-    let pooled = site.pool.assign(&assign).await;
-    let via = if pooled.is_some() { " (warm pool)" } else { "" };
-    let data = if let Some(data) = pooled {
-        drop((pending_total, pending_here));
-        data
-    } else {
-        let token = Token::random();
-        let deadline = tokio::time::Instant::now() + limits.pending_timeout;
-        let mut claim = shared.pending.insert(id, token, &site.name);
-        let arrived = ClientArrived {
-            id,
-            token,
-            listener: listener.to_string(),
-            port_offset,
-            client_addr,
-            gateway_addr,
-        };
-        // Offer the client to the least busy agent; if that agent goes away before a data
-        // connection claims the client, offer it (same id and token) to another, until the
-        // deadline. With no agent left, wait for one to (re)connect.
-        let mut offered_to: Option<String> = None;
-        let wait = async {
-            loop {
-                let joined = site.joined.notified();
-                let Some(agent) = site.pick_agent() else {
-                    tokio::select! {
-                        c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
-                        () = joined => continue,
+    // A warm pool connection, when an agent keeps some: no notification round trip. Otherwise,
+    // or when the pooled connections handed this client did not answer, announce it.
+    let mut held = Held::default();
+    let mut shunned = Vec::new();
+    let (data, forwarded, via) =
+        match from_pool(&shared, &site, &offer, &mut client, &mut held, &mut shunned).await {
+            FromPool::Taken(data, forwarded) => (data, forwarded, " (warm pool)"),
+            FromPool::ClientGone => {
+                record("left", None, None, None, (held.bytes.len() as u64, 0));
+                return;
+            }
+            FromPool::Empty => {
+                let announced =
+                    announce(&shared, &site, &offer, &mut client, &held, &shunned).await;
+                match announced {
+                    Ok(data) => (data, 0, ""),
+                    Err(end) => {
+                        let bytes = (held.bytes.len() as u64, 0);
+                        let (error, agent) = (end.error.as_deref(), end.agent.as_deref());
+                        record(end.outcome, error, agent, None, bytes);
+                        return;
                     }
-                };
-                if let Some(previous) = offered_to.replace(agent.name.clone()) {
-                    tracing::info!(
-                        listener, client = %client_addr, id,
-                        "agent {previous} is gone; client offered again, to agent {}", agent.name
-                    );
-                }
-                agent.inflight.fetch_add(1, Ordering::Relaxed);
-                let _inflight = Inflight(agent.inflight.clone());
-                if agent
-                    .tx
-                    .send(Message::ClientArrived(arrived.clone()))
-                    .await
-                    .is_err()
-                {
-                    // Its control channel just closed: it leaves the site; pick again.
-                    agent.gone.cancelled().await;
-                    continue;
-                }
-                tokio::select! {
-                    c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
-                    () = agent.gone.cancelled() => continue,
                 }
             }
         };
-        // A client that leaves while waiting gives its pending place back at once instead of at
-        // its deadline (otherwise connect-and-close loops could hold every pending place).
-        let outcome = tokio::select! {
-            outcome = tokio::time::timeout_at(deadline, wait) => outcome,
-            () = client_left(&client) => {
-                shared.pending.remove(id);
-                tracing::debug!(listener, client = %client_addr, "client left before its data connection arrived");
-                return;
-            }
-        };
-        drop((pending_total, pending_here));
-        let agent_name = offered_to.unwrap_or_else(|| "-".to_string());
-
-        match outcome {
-            Ok(Ok(Claim::Data(data))) => data,
-            Ok(Ok(Claim::Failed(reason))) => {
-                shared.pending.remove(id);
-                // An orderly close (the client's first bytes may be unread): not a reset.
-                let mut client = client;
-                net::close_gently(&mut client, std::time::Duration::from_secs(1)).await;
-                let occ = shared.stats.clients_failed.hit();
-                if occ.log {
-                    tracing::warn!(
-                        listener, client = %client_addr, agent = %agent_name,
-                        "agent could not serve client: {reason}{}", occ.tally()
-                    );
-                }
-                return;
-            }
-            Ok(Err(reason)) => {
-                shared.pending.remove(id);
-                tracing::warn!(listener, client = %client_addr, "closing client: {reason}");
-                return;
-            }
-            Err(_) => {
-                shared.pending.remove(id);
-                let occ = shared.stats.clients_unclaimed.hit();
-                if occ.log {
-                    tracing::warn!(
-                        listener, client = %client_addr, agent = %agent_name,
-                        "no data connection within {}; closing client{}",
-                        humantime::format_duration(limits.pending_timeout),
-                        occ.tally()
-                    );
-                }
-                return;
-            }
-        }
-    };
+    drop((pending_total, pending_here));
 
     // One info line per connection, when it ends (with bytes and duration): logging costs
     // CPU on the connection path, and a second line per connection halves the new-connection
@@ -403,22 +411,251 @@ async fn serve_client(
         started: SystemTime::now(),
         started_at: Instant::now(),
         counters: PipeCounters::default(),
+        failure: Default::default(),
     });
+    // Client bytes that already reached the agent while it had not answered yet.
+    entry
+        .counters
+        .a_read
+        .fetch_add(forwarded as u64, Ordering::Relaxed);
+    entry
+        .counters
+        .b_written
+        .fetch_add(forwarded as u64, Ordering::Relaxed);
     closed.0 = None;
+    let data_agent = data.agent.clone();
     shared.traffic.start(entry.clone());
+    let unsent = &held.bytes[forwarded..];
     let result = tokio::select! {
-        r = pipe_tcp(client, b"", data.stream, &data.leftover, &entry.counters) => r,
+        r = pipe_tcp(client, unsent, data.stream, &data.leftover, &entry.counters) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
+        () = shared.denied(data.agent_addr.ip(), true) => Err(std::io::Error::other("cut: the agent's address was revoked by [peers]")),
     };
     shared.traffic.finish(id);
     let bytes = entry.bytes();
-    let how = match result {
-        Ok(()) => "closed".to_string(),
-        Err(e) => format!("ended by error ({e})"),
+    let moved = (bytes.client_read, bytes.client_written);
+    let (agent, agent_addr) = (data_agent.as_deref(), Some(entry.agent_addr));
+    match result {
+        _ if entry.failure.get().is_some() => record(
+            "agent_failed",
+            entry.failure.get().map(String::as_str),
+            agent,
+            agent_addr,
+            moved,
+        ),
+        Ok(()) => record("closed", None, agent, agent_addr, moved),
+        Err(e) if shared.kill.is_cancelled() => {
+            record("killed", Some(&e.to_string()), agent, agent_addr, moved)
+        }
+        Err(e) => record("error", Some(&e.to_string()), agent, agent_addr, moved),
+    }
+}
+
+/// What a client's offer says, on whichever path it goes (pool or announcement).
+struct Offer {
+    id: u64,
+    listener: String,
+    port_offset: u16,
+    client_addr: SocketAddr,
+    gateway_addr: SocketAddr,
+}
+
+enum FromPool {
+    /// A pooled connection took the client; that many held bytes already went to it.
+    Taken(DataConn, usize),
+    /// No agent's pooled connection could take it (none idle, or none answered).
+    Empty,
+    ClientGone,
+}
+
+/// Hands the client to pooled connections until one takes it. An agent whose pooled connection
+/// does not answer (a hung agent, on protocol v2) is shunned for this client: its idle
+/// connections are closed, and the client's bytes are held for the next try.
+async fn from_pool(
+    shared: &Shared,
+    site: &Site,
+    offer: &Offer,
+    client: &mut TcpStream,
+    held: &mut Held,
+    shunned: &mut Vec<u64>,
+) -> FromPool {
+    let assign = PoolAssign {
+        id: offer.id,
+        listener: offer.listener.clone(),
+        port_offset: offer.port_offset,
+        client_addr: offer.client_addr,
+        gateway_addr: offer.gateway_addr,
     };
-    tracing::info!(
-        listener, client = %client_addr, id,
-        from_client = bytes.client_read, to_client = bytes.client_written,
-        "client {how} after {:.1} s", started.elapsed().as_secs_f64()
-    );
+    while let Some(handed) = site.pool.assign(&assign, shunned).await {
+        let (agent_id, agent_addr) = (handed.agent_id, handed.agent_addr);
+        match handed.answer(offer.id, client, held).await {
+            Answer::Accepted { data, forwarded } => return FromPool::Taken(data, forwarded),
+            Answer::ClientGone => return FromPool::ClientGone,
+            Answer::Unanswered => {
+                shunned.push(agent_id);
+                site.pool.remove_agent(agent_id);
+                // Other clients avoid it too until it is heard from again.
+                site.mark_suspect(agent_id);
+                let occ = shared.stats.pool_unanswered.hit();
+                if occ.log {
+                    tracing::warn!(
+                        listener = %offer.listener, client = %offer.client_addr, id = offer.id,
+                        "the agent at {agent_addr} did not answer on its pooled connection within {}; \
+                         its idle pooled connections are closed and the client is offered again{}",
+                        humantime::format_duration(ACCEPT_LIMIT), occ.tally()
+                    );
+                }
+            }
+        }
+    }
+    FromPool::Empty
+}
+
+/// How a client that never reached a data connection ended, for its audit record.
+struct NotServed {
+    outcome: &'static str,
+    error: Option<String>,
+    /// The agent that said it could not serve the client.
+    agent: Option<String>,
+}
+
+impl NotServed {
+    fn new(outcome: &'static str, error: Option<String>) -> Self {
+        NotServed {
+            outcome,
+            error,
+            agent: None,
+        }
+    }
+}
+
+/// The slow path: records the client as pending, offers it (`ClientArrived`) to the least busy
+/// agent (not a `shunned` one while another is there) and waits for the data connection that
+/// claims it. If that agent leaves first, the client is offered again, until its deadline. Logs
+/// and counts every way this can fail.
+async fn announce(
+    shared: &Shared,
+    site: &Site,
+    offer: &Offer,
+    client: &mut TcpStream,
+    held: &Held,
+    shunned: &[u64],
+) -> Result<DataConn, NotServed> {
+    let (id, listener, client_addr) = (offer.id, offer.listener.as_str(), offer.client_addr);
+    let limits = &shared.config().limits;
+    let token = Token::random();
+    let deadline = tokio::time::Instant::now() + limits.pending_timeout;
+    let mut claim = shared.pending.insert(id, token, &site.name);
+    let arrived = ClientArrived {
+        id,
+        token,
+        listener: offer.listener.clone(),
+        port_offset: offer.port_offset,
+        client_addr,
+        gateway_addr: offer.gateway_addr,
+    };
+    // With no agent left, wait for one to (re)connect.
+    let mut offered_to: Option<String> = None;
+    let wait = async {
+        loop {
+            let joined = site.joined.notified();
+            let Some(agent) = site.pick_agent_avoiding(shunned) else {
+                tokio::select! {
+                    c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
+                    () = joined => continue,
+                }
+            };
+            if let Some(previous) = offered_to.replace(agent.name.clone()) {
+                tracing::info!(
+                    listener, client = %client_addr, id,
+                    "agent {previous} is gone; client offered again, to agent {}", agent.name
+                );
+            }
+            shared.pending.offered_to(id, agent.id);
+            agent.inflight.fetch_add(1, Ordering::Relaxed);
+            let _inflight = Inflight(agent.inflight.clone());
+            // The queue may be full while the agent's writer waits for a hung agent: the
+            // session ends within three heartbeats, and `gone` says so.
+            let queued = tokio::select! {
+                sent = agent.tx.send(Message::ClientArrived(arrived.clone())) => sent.is_ok(),
+                () = agent.gone.cancelled() => false,
+            };
+            if !queued {
+                // Its control channel just closed: it leaves the site; pick again.
+                agent.gone.cancelled().await;
+                continue;
+            }
+            tokio::select! {
+                c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
+                () = agent.gone.cancelled() => continue,
+            }
+        }
+    };
+    // A client that leaves while waiting gives its pending place back at once instead of at
+    // its deadline (otherwise connect-and-close loops could hold every pending place). One
+    // that half-closed after its first bytes (already held) has not left.
+    let left = async {
+        if held.eof {
+            std::future::pending::<()>().await
+        }
+        client_left(&*client).await
+    };
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout_at(deadline, wait) => outcome,
+        () = left => {
+            shared.pending.remove(id);
+            tracing::debug!(listener, client = %client_addr, "client left before its data connection arrived");
+            return Err(NotServed::new("left", None));
+        }
+        // The control port is closed: no data connection can claim it any more. (The stop
+        // is logged once, not once per waiting client.)
+        () = shared.shutdown.cancelled() => {
+            shared.pending.remove(id);
+            tracing::debug!(listener, client = %client_addr, "gateway stopping: closing a client still waiting for its data connection");
+            return Err(NotServed::new("stopping", None));
+        }
+    };
+    let agent_name = offered_to.unwrap_or_else(|| "-".to_string());
+    let reason = match outcome {
+        Ok(Ok(Claim::Data(mut data))) => {
+            data.agent.get_or_insert(agent_name);
+            return Ok(data);
+        }
+        Ok(Ok(Claim::Failed(reason))) => reason,
+        Ok(Err(reason)) => {
+            shared.pending.remove(id);
+            tracing::warn!(listener, client = %client_addr, "closing client: {reason}");
+            return Err(NotServed::new("withdrawn", Some(reason)));
+        }
+        Err(_) => {
+            shared.pending.remove(id);
+            let occ = shared.stats.clients_unclaimed.hit();
+            let why = format!(
+                "no data connection within {}",
+                humantime::format_duration(limits.pending_timeout)
+            );
+            if occ.log {
+                tracing::warn!(
+                    listener, client = %client_addr, agent = %agent_name,
+                    "{why}; closing client{}", occ.tally()
+                );
+            }
+            return Err(NotServed::new("unclaimed", Some(why)));
+        }
+    };
+    shared.pending.remove(id);
+    // An orderly close (the client's first bytes may be unread): not a reset.
+    net::close_gently(client, std::time::Duration::from_secs(1)).await;
+    let occ = shared.stats.clients_failed.hit();
+    if occ.log {
+        tracing::warn!(
+            listener, client = %client_addr, agent = %agent_name,
+            "agent could not serve client: {reason}{}", occ.tally()
+        );
+    }
+    Err(NotServed {
+        outcome: "agent_failed",
+        error: Some(reason),
+        agent: Some(agent_name),
+    })
 }

@@ -11,6 +11,7 @@
 //! Operators drive it through a [`GatewayHandle`]: state (running, paused, stopping),
 //! statistics, connections, reload, stop and restart.
 
+mod binding;
 mod control;
 mod listener;
 pub mod outbound;
@@ -19,8 +20,8 @@ mod pool;
 mod site;
 pub mod stats;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::reference::Change;
 use crate::config::GatewayConfig;
 use crate::limits::{ConnLimiter, Gauge};
 use crate::net;
@@ -67,14 +69,24 @@ pub(crate) struct Shared {
     pub pending: PendingTable,
     pub stats: GatewayStats,
     pub traffic: Arc<Traffic>,
-    /// Control-port connections still in their handshake.
+    /// Control-port connections still in their handshake. A quarter of the places is kept for
+    /// addresses that hold an authenticated control session, so strangers cannot starve an
+    /// agent's data connections.
     pub handshakes: ConnLimiter,
+    /// Addresses holding a control session that joined its site (how many sessions each).
+    agent_addrs: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     /// Client connections, waiting or piping.
     pub clients: ConnLimiter,
     /// Clients waiting for a data connection, across all listeners.
     pub pending_total: Gauge,
     /// Refusals being written to refused control-port connections.
     pub refusals: Gauge,
+    /// The process's descriptors: new clients and strangers stop short of the reserve.
+    pub fds: crate::fds::FdBudget,
+    /// Public ports open, all sites (each site counts its own too).
+    pub listen_ports: Gauge,
+    /// Outbound connections open.
+    pub outbound: Gauge,
     /// Every connection task (control sessions, data hellos, clients), for draining on stop.
     pub tasks: TaskTracker,
     /// Stops accepting: the control port and control sessions end.
@@ -82,6 +94,13 @@ pub(crate) struct Shared {
     /// Drops established connections (restart, or a drain that ran out of time).
     pub kill: CancellationToken,
     state: Mutex<RunState>,
+    /// Bumped by every reload: connections of agents the new `[peers]` rules deny end
+    /// ([`Shared::denied`]).
+    peer_rules: tokio::sync::watch::Sender<u64>,
+    /// The last agents a reload cut, newest last (for the status).
+    revoked: Mutex<VecDeque<RevokedView>>,
+    /// A configuration validated by `ctl restart`, for the restart to use.
+    staged: Mutex<Option<GatewayConfig>>,
     exit: Mutex<Option<Exit>>,
     exit_requested: CancellationToken,
     pub started: SystemTime,
@@ -92,12 +111,30 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A new client id (the audit records' `conn`): never 0 ([`crate::protocol::PROBE_ID`]),
+    /// never reused by this gateway, and not by another one or a restart either, since each
+    /// gateway instance starts at its own random block (see [`first_client_id`]).
     pub fn next_client_id(&self) -> u64 {
         self.next_client_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn next_agent_id(&self) -> u64 {
         self.next_agent_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `ip` holds a control session that joined its site (its connections may use the
+    /// handshake places kept for agents).
+    pub fn is_agent_addr(&self, ip: std::net::IpAddr) -> bool {
+        self.agent_addrs.lock().unwrap().contains_key(&ip)
+    }
+
+    /// Records a joined control session's address until the returned guard drops.
+    pub fn agent_addr(self: &Arc<Self>, ip: std::net::IpAddr) -> AgentAddr {
+        *self.agent_addrs.lock().unwrap().entry(ip).or_insert(0) += 1;
+        AgentAddr {
+            shared: self.clone(),
+            ip,
+        }
     }
 
     /// The configuration in force (a reload replaces it; holders keep the one they took).
@@ -109,6 +146,23 @@ impl Shared {
         *self.state.lock().unwrap()
     }
 
+    /// Resolves once the `[peers]` rules in force deny `ip` (at once if they already do), for
+    /// a connection of that agent to end. A connection already `piping` client bytes ends only
+    /// when `[peers] drop_established` is set.
+    pub async fn denied(&self, ip: IpAddr, piping: bool) {
+        // Subscribe before looking: a reload between the look and the wait still wakes us.
+        let mut changes = self.peer_rules.subscribe();
+        loop {
+            let config = self.config();
+            if !config.peers.allows(ip) && (!piping || config.drop_established) {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     fn request_exit(&self, exit: Exit) {
         let mut slot = self.exit.lock().unwrap();
         if slot.is_none() {
@@ -116,6 +170,40 @@ impl Shared {
         }
         self.exit_requested.cancel();
     }
+}
+
+/// An address counted as an agent's while this lives.
+pub(crate) struct AgentAddr {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for AgentAddr {
+    fn drop(&mut self) {
+        let mut addrs = self.shared.agent_addrs.lock().unwrap();
+        if let Some(n) = addrs.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                addrs.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The handshake limiter for `limits`: a quarter of `max_handshakes` kept for agents' addresses.
+fn handshake_limiter(limits: &crate::config::Limits) -> ConnLimiter {
+    let limiter = ConnLimiter::new(limits.max_handshakes, limits.max_handshakes_per_ip);
+    limiter.set_reserved(limits.max_handshakes / 4);
+    limiter
+}
+
+/// Where a gateway instance's client ids start: a random block of 2^32 ids (21 random bits
+/// above 32 counting ones), so the ids of two gateways, or of one gateway before and after a
+/// restart, do not collide in the agents' and SIEMs' records, while every id stays below 2^53
+/// and survives a JSON number (a double) unchanged.
+fn first_client_id() -> u64 {
+    let block: u64 = rand::random_range(1..1 << 21);
+    (block << 32) | 1
 }
 
 /// A gateway with its control port bound, ready to [`Gateway::run`].
@@ -136,20 +224,27 @@ impl Gateway {
             pending: PendingTable::default(),
             stats: GatewayStats::default(),
             traffic: Arc::default(),
-            handshakes: ConnLimiter::new(limits.max_handshakes, limits.max_handshakes_per_ip),
+            handshakes: handshake_limiter(limits),
+            agent_addrs: Mutex::default(),
             clients: ConnLimiter::new(limits.max_connections, limits.max_connections_per_ip),
             pending_total: Gauge::default(),
             refusals: Gauge::default(),
+            fds: crate::fds::FdBudget::of_process(),
+            listen_ports: Gauge::default(),
+            outbound: Gauge::default(),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             kill: CancellationToken::new(),
             state: Mutex::new(RunState::Running),
+            peer_rules: tokio::sync::watch::channel(0).0,
+            revoked: Mutex::new(VecDeque::new()),
+            staged: Mutex::new(None),
             exit: Mutex::new(None),
             exit_requested: CancellationToken::new(),
             started: SystemTime::now(),
             started_at: Instant::now(),
             control_addr: control.local_addr()?,
-            next_client_id: AtomicU64::new(1),
+            next_client_id: AtomicU64::new(first_client_id()),
             next_agent_id: AtomicU64::new(1),
             config: RwLock::new(Arc::new(config)),
         });
@@ -174,11 +269,21 @@ impl Gateway {
     pub async fn run(self, signals: CancellationToken) -> anyhow::Result<Exit> {
         tracing::info!("control port listening on {}", self.control_addr());
         let shared = self.shared.clone();
+        let (ports, per_site) = shared.config().limits.listen_ports(shared.fds.limit());
+        tracing::info!(
+            "open files: {} allowed, {} kept in reserve; public ports: at most {ports}, {per_site} per site",
+            shared.fds.limit(),
+            shared.fds.reserve()
+        );
+        let counter = shared.clone();
+        let fd_sampler =
+            tokio::spawn(async move { counter.fds.sample_until(counter.shutdown.clone()).await });
         let accept = tokio::spawn(control::accept_loop(shared.clone(), self.control));
         let sampler = tokio::spawn(stats::run_sampler(
             shared.traffic.clone(),
             shared.shutdown.clone(),
         ));
+        let recycler = tokio::spawn(pool::recycle_loop(shared.clone()));
         // Give memory back after load peaks (aborted with this function's end).
         let counter = shared.clone();
         let trimmer = tokio::spawn(crate::mem::trim_after_peaks(
@@ -204,6 +309,8 @@ impl Gateway {
         shared.shutdown.cancel();
         let _ = accept.await;
         let _ = sampler.await;
+        let _ = fd_sampler.await;
+        let _ = recycler.await;
         for site in shared.sites.all() {
             site.reconcile_now(&shared).await;
         }
@@ -245,6 +352,9 @@ pub struct AgentView {
 /// `GET /api/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusView {
+    /// Always `"gateway"` (the agent's admin API says `"agent"`): how `sallyport status` knows
+    /// which daemon it talks to.
+    pub daemon: &'static str,
     pub state: RunState,
     /// green: running with an agent; amber: paused; red: no agent (or stopping).
     pub light: &'static str,
@@ -254,6 +364,23 @@ pub struct StatusView {
     pub control: ControlView,
     pub agents: Vec<AgentView>,
     pub listeners: Vec<ListenerView>,
+    /// Agents the last reloads cut because `[peers]` no longer allows them (at most 32).
+    pub revoked: Vec<RevokedView>,
+}
+
+/// An agent a reload cut: who, when, why and what was closed.
+#[derive(Debug, Clone, Serialize)]
+pub struct RevokedView {
+    pub site: String,
+    pub agent: String,
+    pub addr: SocketAddr,
+    pub at: u64,
+    pub reason: String,
+    /// Warm-pool connections closed with it.
+    pub pooled: usize,
+    /// Client and outbound connections it was piping, and whether they were closed too.
+    pub established: usize,
+    pub established_closed: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -283,7 +410,19 @@ pub struct StatsView {
     pub listeners: Vec<ListenerStatsView>,
     /// Refused connections by reason.
     pub refusals: BTreeMap<&'static str, u64>,
+    /// `sallyport check` probes received (not refusals: an operator testing the setup).
+    pub check_probes: u64,
     pub history: History,
+}
+
+/// `GET /api/health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthView {
+    pub healthy: bool,
+    pub state: RunState,
+    pub agents: usize,
+    /// Empty when healthy.
+    pub reasons: Vec<String>,
 }
 
 /// `GET /api/connections`: one piping client.
@@ -336,8 +475,15 @@ impl GatewayHandle {
     }
 
     pub fn status(&self) -> StatusView {
+        self.status_of(None)
+    }
+
+    /// The status, of one site only when `site` is given (its agents and listeners; the light
+    /// is that site's).
+    pub fn status_of(&self, site: Option<&str>) -> StatusView {
         let s = &self.shared;
-        let agents = self.agents();
+        let mut agents = self.agents();
+        agents.retain(|a| site.map_or(true, |name| a.site == name));
         let state = s.state();
         let light = match state {
             RunState::Paused => "amber",
@@ -346,6 +492,7 @@ impl GatewayHandle {
         };
         let config = s.config();
         StatusView {
+            daemon: "gateway",
             state,
             light,
             version: env!("CARGO_PKG_VERSION"),
@@ -361,18 +508,36 @@ impl GatewayHandle {
                 .sites
                 .all()
                 .iter()
+                .filter(|one| site.map_or(true, |name| one.name == name))
                 .flat_map(|site| site.listener_views())
                 .collect(),
+            revoked: s.revoked.lock().unwrap().iter().cloned().collect(),
         }
     }
 
     pub fn stats(&self) -> StatsView {
+        self.stats_of(None)
+    }
+
+    /// The statistics, of one site only when `site` is given (its listeners, their sum as the
+    /// totals, its agents and pool; refusals and history stay gateway-wide).
+    pub fn stats_of(&self, site: Option<&str>) -> StatsView {
         let s = &self.shared;
-        let (per, totals) = s.traffic.snapshot();
+        let (mut per, mut totals) = s.traffic.snapshot();
+        let sites: Vec<_> = s
+            .sites
+            .all()
+            .into_iter()
+            .filter(|one| site.map_or(true, |name| one.name == name))
+            .collect();
+        if let Some(name) = site {
+            per.retain(|(l, _)| l.site == name);
+            totals = stats::sum(per.iter().map(|(_, t)| t));
+        }
         StatsView {
             uptime_seconds: s.started_at.elapsed().as_secs(),
-            agents: s.sites.all().iter().map(|site| site.agent_count()).sum(),
-            pooled: s.sites.all().iter().map(|site| site.pool.len()).sum(),
+            agents: sites.iter().map(|site| site.agent_count()).sum(),
+            pooled: sites.iter().map(|site| site.pool.len()).sum(),
             totals,
             listeners: per
                 .into_iter()
@@ -383,7 +548,48 @@ impl GatewayHandle {
                 })
                 .collect(),
             refusals: s.stats.refusals(),
+            check_probes: s.stats.check_probes.count(),
             history: s.traffic.history(),
+        }
+    }
+
+    /// Whether a load balancer should send clients here, and if not, why.
+    pub fn health(&self) -> HealthView {
+        let s = &self.shared;
+        let state = s.state();
+        let mut reasons = Vec::new();
+        match state {
+            RunState::Running => {}
+            RunState::Paused => reasons.push("the gateway is paused".to_string()),
+            RunState::Stopping => reasons.push("the gateway is stopping".to_string()),
+        }
+        let sites = s.sites.all();
+        let agents: usize = sites.iter().map(|site| site.agent_count()).sum();
+        if agents == 0 {
+            reasons.push("no agent connected".to_string());
+        }
+        for site in &sites {
+            if site.agent_count() == 0 && site.last_pushed() > 0 {
+                reasons.push(format!(
+                    "site \"{}\": no agent connected (its {} listener(s) are closed)",
+                    site.name,
+                    site.last_pushed()
+                ));
+            }
+            for l in site.listener_views() {
+                if let Some(error) = l.error.filter(|_| l.state == ListenerState::Failed) {
+                    reasons.push(format!(
+                        "site \"{}\": listener \"{}\" failed: {error}",
+                        site.name, l.name
+                    ));
+                }
+            }
+        }
+        HealthView {
+            healthy: reasons.is_empty(),
+            state,
+            agents,
+            reasons,
         }
     }
 
@@ -450,28 +656,115 @@ impl GatewayHandle {
         self.shared.request_exit(Exit::Restart);
     }
 
-    /// Applies a re-read gateway.toml: peer rules, limits, TLS files, `data_tls`, the client bind
-    /// address (only listeners that used it restart). The control port address needs a restart.
-    pub async fn reload(&self, new: GatewayConfig) {
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<GatewayConfig> {
+        self.shared.config()
+    }
+
+    /// Applies a re-read gateway.toml and says, key by key, what changed and whether it took
+    /// effect (logged too). Keys that need a restart (`control.listen`, `control.data_tls`)
+    /// keep their running value. Agents the new `[peers]` rules deny are cut at once.
+    /// `[admin]` is the admin server's: its caller applies it.
+    pub async fn reload(&self, new: GatewayConfig) -> Vec<Change> {
         let old = self.shared.config();
-        if new.control_listen != old.control_listen {
-            tracing::warn!(
-                "reload: [control] listen changed ({} -> {}): takes effect at the next restart",
-                old.control_listen,
-                new.control_listen
-            );
-        }
-        let limits = &new.limits;
+        let changes = old.changes(&new);
+        let mut applied = new;
+        applied.control_listen = old.control_listen;
+        applied.data_tls = old.data_tls;
+        let limits = &applied.limits;
         self.shared
             .handshakes
             .set_limits(limits.max_handshakes, limits.max_handshakes_per_ip);
         self.shared
+            .handshakes
+            .set_reserved(limits.max_handshakes / 4);
+        self.shared
             .clients
             .set_limits(limits.max_connections, limits.max_connections_per_ip);
-        *self.shared.config.write().unwrap() = Arc::new(new);
+        *self.shared.config.write().unwrap() = Arc::new(applied);
+        // Who is cut is noted before they are told (they leave their sites at once).
+        self.revoke_denied_agents();
+        // After the swap: every connection waiting in `denied` now sees the new rules.
+        self.shared.peer_rules.send_modify(|g| *g += 1);
         for site in self.shared.sites.all() {
             site.reconcile_now(&self.shared).await;
         }
-        tracing::info!("reload: gateway configuration applied (peers, limits, TLS, client bind)");
+        for change in &changes {
+            if change.needs_restart() {
+                tracing::warn!("reload: {change}");
+            } else {
+                tracing::info!("reload: {change}");
+            }
+        }
+        let later = changes.iter().filter(|c| c.needs_restart()).count();
+        tracing::info!(
+            "reload: gateway configuration applied ({} key(s) changed, {later} need(s) a restart)",
+            changes.len()
+        );
+        changes
+    }
+
+    /// Closes the pooled connections of agents `[peers]` now denies, and says who is cut (their
+    /// sessions and connections end by themselves in [`Shared::denied`] once the rules'
+    /// generation moves).
+    fn revoke_denied_agents(&self) {
+        let config = self.shared.config();
+        let denied = |ip: IpAddr| !config.peers.allows(ip);
+        let connections = self.shared.traffic.connections();
+        for site in self.shared.sites.all() {
+            let pooled = site.pool.remove_peers(denied);
+            for agent in site.agents().into_iter().filter(|a| denied(a.addr.ip())) {
+                let established = connections
+                    .iter()
+                    .filter(|c| c.agent_addr.ip() == agent.addr.ip())
+                    .count();
+                let pooled = pooled.get(&agent.addr.ip()).copied().unwrap_or(0);
+                let reason = format!(
+                    "{} is no longer allowed by the gateway's [peers] rules",
+                    agent.addr.ip()
+                );
+                tracing::warn!(
+                    site = %site.name, agent = %agent.name, peer = %agent.addr,
+                    "reload: agent REVOKED: {reason}: control channel closed, {pooled} pooled \
+                     connection(s) closed, {established} established connection(s) {}",
+                    if config.drop_established {
+                        "closed"
+                    } else {
+                        "left to finish ([peers] drop_established = false)"
+                    }
+                );
+                let mut revoked = self.shared.revoked.lock().unwrap();
+                if revoked.len() == 32 {
+                    revoked.pop_front();
+                }
+                revoked.push_back(RevokedView {
+                    site: site.name.clone(),
+                    agent: agent.name.clone(),
+                    addr: agent.addr,
+                    at: unix(SystemTime::now()),
+                    reason,
+                    pooled,
+                    established,
+                    established_closed: config.drop_established,
+                });
+            }
+        }
+    }
+
+    /// Restarts with `new` (validated by the caller; `None`: the caller re-reads the file) and
+    /// returns what it changes. Every key applies at a restart.
+    pub fn restart_with(&self, new: Option<GatewayConfig>) -> Vec<Change> {
+        let changes = match &new {
+            Some(new) => self.shared.config().changes(new),
+            None => Vec::new(),
+        };
+        *self.shared.staged.lock().unwrap() = new;
+        self.restart();
+        changes
+    }
+
+    /// The configuration `restart_with` staged, for the next gateway.
+    pub fn take_staged(&self) -> Option<GatewayConfig> {
+        self.shared.staged.lock().unwrap().take()
     }
 }

@@ -2,10 +2,12 @@
 //! destination; the agent opened a data connection with [`OutboundHello`]. The gateway dials
 //! the destination only if its own `[egress] allow` list permits it, then pipes.
 //!
-//! Checks, in order: the site has a connected agent on this gateway (an outbound connection is
-//! an agent's, not anyone's who passes `[peers]`); the destination is allowed (a name rule, or
+//! Checks, in order: the destination host is a host name or an IP literal; the connection
+//! belongs to a live control session of its site (`binding`: the session secret, and over TLS
+//! the session's certificate; an outbound connection is an agent's, not anyone's who passes
+//! `[peers]`); the destination is allowed (a name rule, or
 //! an address rule for an IP literal or for the addresses a name resolves to: only allowed
-//! addresses are dialed); the dial succeeds within 10 s. Each refusal is told to the agent
+//! addresses are dialed); the gateway is not paused; the dial succeeds within 10 s. Each refusal is told to the agent
 //! (which answers its client with the SOCKS / HTTP code), logged (rate limited) and counted.
 
 use std::net::{IpAddr, SocketAddr};
@@ -15,11 +17,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpStream;
 
+use super::binding::{session_of, Claim};
 use super::stats::{ConnEntry, ListenerStats};
-use super::Shared;
+use super::{RunState, Shared};
+use crate::egress::check_destination;
 use crate::net;
 use crate::pipe::{pipe_tcp, PipeCounters};
-use crate::protocol::{Connection, ErrorCode, OutboundHello};
+use crate::protocol::{Connection, ErrorCode, OutboundHello, Token};
 use crate::transport::Stream;
 
 /// The name outbound connections are counted under, per site (not a valid listener name, so it
@@ -112,27 +116,80 @@ pub(crate) async fn serve(
     mut conn: Connection<Stream>,
     peer: SocketAddr,
     hello: OutboundHello,
+    secret: Option<Token>,
     version: u16,
 ) {
     let started = Instant::now();
-    let dest = display(&hello.host, hello.port);
-    let Some(site) = shared
-        .sites
-        .get(&hello.site)
-        .filter(|s| s.agent_count() > 0)
-    else {
-        let why = format!(
-            "no agent of site \"{}\" is connected to this gateway",
-            hello.site
-        );
-        tracing::warn!(peer = %peer, "outbound connection to {dest} refused: {why}");
-        conn.send_error(ErrorCode::EGRESS_DENIED, why).await;
+    if let Err(why) = check_destination(&hello.host) {
+        tracing::warn!(peer = %peer, "outbound connection refused: {why}");
+        super::control::refuse_role(&mut conn, ErrorCode::EGRESS_DENIED, why).await;
         return;
+    }
+    let dest = display(&hello.host, hello.port);
+    let claim = Claim {
+        site: &hello.site,
+        agent: None,
+        secret: secret.as_ref(),
     };
+    let site = match session_of(&shared, &claim, conn.get_ref(), peer) {
+        Ok((site, _agent)) => site,
+        Err(why) => {
+            let occ = shared.stats.session_unproven.hit();
+            if occ.log {
+                tracing::warn!(peer = %peer, "outbound connection to {dest} refused: {why}{}", occ.tally());
+            }
+            super::control::refuse_role(&mut conn, ErrorCode::EGRESS_DENIED, why).await;
+            return;
+        }
+    };
+    // A paused gateway takes no new clients, outbound ones included (pausing takes a gateway
+    // out of service both ways); the agent asks its next gateway. Established ones go on.
+    if shared.state() != RunState::Running {
+        shared
+            .traffic
+            .listener(&site.name, OUTBOUND_LISTENER)
+            .rejected
+            .fetch_add(1, Ordering::Relaxed);
+        shared.stats.clients_paused.hit();
+        tracing::debug!(site = %site.name, peer = %peer, "outbound connection to {dest} refused: the gateway is paused");
+        super::control::refuse_role(
+            &mut conn,
+            ErrorCode::SHUTTING_DOWN,
+            "the gateway is paused: it takes no new connections",
+        )
+        .await;
+        return;
+    }
+    let max = shared.config().limits.max_outbound;
+    let slot = shared.outbound.try_acquire(max);
+    if slot.is_none() || !shared.fds.admit(2, true) {
+        let why = format!(
+            "the gateway's outbound connections or open files are at their limit ({max} outbound connections: [limits] max_outbound)"
+        );
+        let occ = shared.stats.egress_denied.hit();
+        if occ.log {
+            tracing::warn!(site = %site.name, peer = %peer, "outbound connection to {dest} refused: {why}{}", occ.tally());
+        }
+        super::control::refuse_role(&mut conn, ErrorCode::LIMIT, why).await;
+        return;
+    }
+    let _slot = slot;
     let stats: Arc<ListenerStats> = shared.traffic.listener(&site.name, OUTBOUND_LISTENER);
-    let outcome = match allowed_addrs(&shared, &hello.host, hello.port).await {
-        Ok(addrs) => dial(&addrs).await,
-        Err(r) => Err(r),
+    let decide = async {
+        match allowed_addrs(&shared, &hello.host, hello.port).await {
+            Ok(addrs) => dial(&addrs).await,
+            Err(r) => Err(r),
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = decide => outcome,
+        // Not piping yet: a reload that revokes the agent ends this at once.
+        () = shared.denied(peer.ip(), false) => {
+            let why = format!("{} is no longer allowed by the gateway's [peers] rules", peer.ip());
+            tracing::warn!(site = %site.name, agent = %peer, "outbound connection to {dest} closed: {why}");
+            conn.send_error(ErrorCode::PEER_DENIED, why).await;
+            return;
+        }
     };
     let dest_stream = match outcome {
         Ok(s) => s,
@@ -145,7 +202,7 @@ pub(crate) async fn serve(
                     "outbound connection refused: {why}{}", occ.tally()
                 );
             }
-            conn.send_error(ErrorCode::EGRESS_DENIED, why).await;
+            super::control::refuse_role(&mut conn, ErrorCode::EGRESS_DENIED, why).await;
             return;
         }
         Err(Refusal::Unreachable(why)) => {
@@ -158,7 +215,7 @@ pub(crate) async fn serve(
                     "outbound connection to {dest} failed: {why}{}", occ.tally()
                 );
             }
-            conn.send_error(ErrorCode::DEST_UNREACHABLE, why).await;
+            super::control::refuse_role(&mut conn, ErrorCode::DEST_UNREACHABLE, why).await;
             return;
         }
     };
@@ -186,11 +243,13 @@ pub(crate) async fn serve(
         started: SystemTime::now(),
         started_at: Instant::now(),
         counters: PipeCounters::default(),
+        failure: Default::default(),
     });
     shared.traffic.start(entry.clone());
     let result = tokio::select! {
         r = pipe_tcp(dest_stream, b"", stream, &leftover, &entry.counters) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
+        () = shared.denied(peer.ip(), true) => Err(std::io::Error::other("cut: the agent's address was revoked by [peers]")),
     };
     shared.traffic.finish(id);
     let bytes = entry.bytes();

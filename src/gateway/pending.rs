@@ -4,6 +4,11 @@
 //! compared in constant time. A correct claim removes the entry (so a token works once); a wrong
 //! token leaves it in place, so a guesser cannot knock a real client out. Each waiting client
 //! task owns its own deadline and removes its entry when it gives up.
+//!
+//! A client offered to a second agent (the first left) may be claimed by both: the loser is told
+//! apart from a guess or a replay ([`ClaimError::Lost`]) because the table remembers the tokens of
+//! recently claimed re-offered clients, and only the agent a client is offered to now can fail
+//! it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -21,6 +26,8 @@ pub(crate) struct DataConn {
     /// Bytes the agent sent after its hello, already read; they go to the client first.
     pub leftover: BytesMut,
     pub agent_addr: SocketAddr,
+    /// The agent's name, when the connection says it (a warm-pool connection does).
+    pub agent: Option<String>,
 }
 
 /// What a waiting client receives.
@@ -34,6 +41,9 @@ struct Entry {
     token: Token,
     site: String,
     tx: oneshot::Sender<Claim>,
+    /// The agent (session id) it is offered to now, and how many offers it has had.
+    offered_to: Option<u64>,
+    offers: u32,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +55,21 @@ pub(crate) enum ClaimError {
     /// The client left or timed out moments ago: a late data connection, not an attack.
     #[error("client id {0} is gone (it left or timed out before its data connection arrived)")]
     Gone(u64),
+    /// The client was offered to two agents and the other one claimed it first: the right
+    /// token, a lost race, not an attack.
+    #[error("client id {0} was claimed by another agent it was offered to")]
+    Lost(u64),
+}
+
+/// What became of an agent's report that it cannot serve a client.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Failed {
+    /// The waiting client was woken with the reason.
+    Woken,
+    /// The client is offered to another agent now (the reporter left it): it keeps waiting.
+    OfferedElsewhere,
+    /// No such client waits (claimed, gone, or never there).
+    NotPending,
 }
 
 /// How many recently gone client ids are remembered, to tell a late data connection from a
@@ -55,6 +80,8 @@ const GONE_MEMORY: usize = 4096;
 pub(crate) struct PendingTable {
     entries: Mutex<HashMap<u64, Entry>>,
     gone: Mutex<(VecDeque<u64>, HashSet<u64>)>,
+    /// Tokens of recently claimed clients that had been offered more than once.
+    claimed: Mutex<(VecDeque<u64>, HashMap<u64, Token>)>,
 }
 
 impl PendingTable {
@@ -64,6 +91,8 @@ impl PendingTable {
             token,
             site: site.to_string(),
             tx,
+            offered_to: None,
+            offers: 0,
         };
         self.entries.lock().unwrap().insert(id, entry);
         rx
@@ -89,23 +118,58 @@ impl PendingTable {
         self.gone.lock().unwrap().1.contains(&id)
     }
 
+    /// Records that client `id` is being offered to agent session `agent_id`.
+    pub fn offered_to(&self, id: u64, agent_id: u64) {
+        if let Some(e) = self.entries.lock().unwrap().get_mut(&id) {
+            e.offered_to = Some(agent_id);
+            e.offers += 1;
+        }
+    }
+
     /// Claims a pending client with its token; on success the entry is gone for good.
     pub fn claim(&self, id: u64, token: &Token) -> Result<oneshot::Sender<Claim>, ClaimError> {
         let mut entries = self.entries.lock().unwrap();
         match entries.get(&id) {
+            None if self.lost_race(id, token) => Err(ClaimError::Lost(id)),
             None if self.is_gone(id) => Err(ClaimError::Gone(id)),
             None => Err(ClaimError::Unknown(id)),
             Some(e) if e.token != *token => Err(ClaimError::BadToken(id)),
-            Some(_) => Ok(entries.remove(&id).expect("entry checked above").tx),
+            Some(_) => {
+                let entry = entries.remove(&id).expect("entry checked above");
+                if entry.offers > 1 {
+                    self.remember_claimed(id, entry.token);
+                }
+                Ok(entry.tx)
+            }
         }
     }
 
-    /// The agent of `site` gave up on client `id`: wake the waiting client with the reason.
-    /// Agents can only fail their own site's clients.
-    pub fn fail(&self, id: u64, site: &str, reason: String) -> bool {
+    /// Whether `token` is the right one for a re-offered client that was claimed already.
+    fn lost_race(&self, id: u64, token: &Token) -> bool {
+        self.claimed.lock().unwrap().1.get(&id) == Some(token)
+    }
+
+    fn remember_claimed(&self, id: u64, token: Token) {
+        let mut claimed = self.claimed.lock().unwrap();
+        if claimed.1.insert(id, token).is_none() {
+            claimed.0.push_back(id);
+            if claimed.0.len() > GONE_MEMORY {
+                let oldest = claimed.0.pop_front().expect("not empty");
+                claimed.1.remove(&oldest);
+            }
+        }
+    }
+
+    /// Agent session `agent_id` of `site` gave up on client `id`: wake the waiting client with
+    /// the reason. Agents can only fail their own site's clients, and only while the client is
+    /// offered to them (a report from an agent it was offered to before is late news).
+    pub fn fail(&self, id: u64, site: &str, agent_id: u64, reason: String) -> Failed {
         let entry = {
             let mut entries = self.entries.lock().unwrap();
             match entries.get(&id) {
+                Some(e) if e.site == site && e.offered_to.is_some_and(|a| a != agent_id) => {
+                    return Failed::OfferedElsewhere
+                }
                 Some(e) if e.site == site => entries.remove(&id),
                 _ => None,
             }
@@ -113,9 +177,9 @@ impl PendingTable {
         match entry {
             Some(e) => {
                 let _ = e.tx.send(Claim::Failed(reason));
-                true
+                Failed::Woken
             }
-            None => false,
+            None => Failed::NotPending,
         }
     }
 
@@ -152,9 +216,39 @@ mod tests {
     fn only_the_own_site_can_fail_a_client() {
         let table = PendingTable::default();
         let mut rx = table.insert(2, Token::random(), "a");
-        assert!(!table.fail(2, "b", "nope".into()));
-        assert!(table.fail(2, "a", "backend down".into()));
+        assert_eq!(table.fail(2, "b", 1, "nope".into()), Failed::NotPending);
+        assert_eq!(table.fail(2, "a", 1, "backend down".into()), Failed::Woken);
         assert!(matches!(rx.try_recv(), Ok(Claim::Failed(r)) if r == "backend down"));
+    }
+
+    #[test]
+    fn a_re_offered_client_lost_by_its_first_agent_is_a_lost_race_not_a_refusal() {
+        let table = PendingTable::default();
+        let token = Token::random();
+        let mut rx = table.insert(3, token, "s");
+        table.offered_to(3, 10);
+        // Agent 10 left; the client is offered to agent 11. A late failure report from 10 no
+        // longer closes it.
+        table.offered_to(3, 11);
+        assert_eq!(
+            table.fail(3, "s", 10, "late".into()),
+            Failed::OfferedElsewhere
+        );
+        assert!(rx.try_recv().is_err(), "the client still waits");
+        // 11 claims it; 10's data connection arrives with the same token: a lost race.
+        assert!(table.claim(3, &token).is_ok());
+        assert_eq!(table.claim(3, &token).unwrap_err(), ClaimError::Lost(3));
+        // A guessed token for the same id is still a refusal.
+        assert_eq!(
+            table.claim(3, &Token::random()).unwrap_err(),
+            ClaimError::Unknown(3)
+        );
+        // A client offered once and claimed: a second claim is a replay, as before.
+        let once = Token::random();
+        let _rx = table.insert(4, once, "s");
+        table.offered_to(4, 11);
+        assert!(table.claim(4, &once).is_ok());
+        assert_eq!(table.claim(4, &once).unwrap_err(), ClaimError::Unknown(4));
     }
 
     impl std::fmt::Debug for Claim {

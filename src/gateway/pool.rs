@@ -3,35 +3,68 @@
 //! listener and the client, instead of a `ClientArrived` round trip and a fresh TCP (and TLS)
 //! handshake.
 //!
-//! The gateway owns recycling: a pooled connection idle for [`MAX_IDLE`] is closed when the
-//! pool is next used, and the agent, seeing it close, opens a fresh one. A pooled connection
-//! that has died (EOF, reset, or unexpected bytes) is noticed and discarded when taken.
+//! What it guarantees:
+//! - a pooled connection is filed under the control session that is live for its agent now, and
+//!   never outlives it: a member parked while its session ends is closed with the others;
+//! - a member whose agent closed, reset or wrote on it is never handed a client (checked with a
+//!   syscall at the moment it is taken, not with the runtime's readiness cache);
+//! - on protocol v2 a client handed to a member is not lost if the agent never answers: the
+//!   client's bytes are forwarded at once but also held (up to [`HOLD_LIMIT`]) until the agent's
+//!   `PoolAccepted`; without one within [`ACCEPT_LIMIT`] the member is reset, the agent's other
+//!   members are closed and the caller offers the client elsewhere with the held bytes;
+//! - recycling is gradual: members idle longer than [`MAX_IDLE`] are closed one per agent per
+//!   second ([`Pool::recycle`]), so a pool never expires all at once.
+//!
+//! It never reads a client's bytes beyond [`HOLD_LIMIT`] before an agent has answered.
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::collections::{HashMap, VecDeque};
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::FutureExt;
+use bytes::BytesMut;
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::codec::FramedWrite;
 
+use super::binding::{session_of, Claim};
 use super::pending::DataConn;
+use super::site::AgentHandle;
 use super::Shared;
 use crate::net;
-use crate::protocol::{Connection, ErrorCode, Message, PoolAssign, PoolHello};
+use crate::protocol::{
+    Connection, ErrorCode, Feature, FrameCodec, Message, MessageReader, PoolAccepted, PoolAssign,
+    PoolHello, Token,
+};
 use crate::transport::Stream;
 
 /// How long a pooled connection may wait for a client before the gateway recycles it.
 pub const MAX_IDLE: Duration = Duration::from_secs(60);
 /// Pooled connections per site, at most (several agents, several per agent).
 pub const MAX_PER_SITE: usize = 256;
+/// How long a v2 agent has to answer a [`PoolAssign`] before its client is offered elsewhere.
+/// An agent answers before it does anything else with the client (a LAN round trip: well under
+/// a millisecond), so only a hung or badly overloaded agent misses it.
+pub const ACCEPT_LIMIT: Duration = Duration::from_secs(1);
+/// Client bytes the gateway holds for a replay until the agent answers; it stops reading the
+/// client beyond that (most protocols send far less before they need an answer).
+pub const HOLD_LIMIT: usize = 64 * 1024;
 
 struct Pooled {
     conn: Connection<Stream>,
     agent_addr: SocketAddr,
+    /// The agent that opened it.
+    agent: String,
     since: Instant,
+    /// The version its hello negotiated: whether the agent will answer an assignment.
+    version: u16,
 }
 
-/// One agent's idle pooled connections, oldest first.
+/// One agent session's idle pooled connections, oldest first.
 struct AgentPool {
     agent_id: u64,
     idle: VecDeque<Pooled>,
@@ -39,22 +72,44 @@ struct AgentPool {
 
 impl Pooled {
     /// Whether the agent's side is still there: nothing to read yet (an agent never writes on
-    /// an idle pooled connection, so data or EOF both mean it is unusable).
+    /// an idle pooled connection, so data, end of stream or a reset all mean it is unusable).
+    /// Asks the socket itself (a non-blocking `MSG_PEEK`): the runtime's readiness cache may
+    /// not have seen a FIN or RST that arrived a moment ago.
     fn alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        self.conn
-            .get_ref()
-            .tcp()
-            .peek(&mut probe)
-            .now_or_never()
-            .is_none()
+        if self.conn.has_buffered_input() {
+            return false;
+        }
+        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+        match SockRef::from(self.conn.get_ref().tcp()).peek(&mut probe) {
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        }
     }
+}
+
+/// A pooled connection that was just handed a client.
+pub(crate) struct Handed {
+    conn: Connection<Stream>,
+    pub agent_id: u64,
+    pub agent_addr: SocketAddr,
+    /// The agent's name (for the client's audit record).
+    agent: String,
+    version: u16,
+}
+
+/// Why a pooled connection could not be parked.
+#[derive(Debug, PartialEq, Eq)]
+enum NotParked {
+    /// The site holds [`MAX_PER_SITE`] already.
+    Full,
+    /// Its agent's control session has just ended.
+    AgentGone,
 }
 
 #[derive(Default)]
 pub(crate) struct Pool {
     agents: Mutex<Vec<AgentPool>>,
-    next: std::sync::atomic::AtomicUsize,
+    next: AtomicUsize,
 }
 
 impl Pool {
@@ -67,75 +122,257 @@ impl Pool {
             .sum()
     }
 
-    /// Takes a pooled connection from the agent with the most idle ones (the least busy; ties
-    /// rotate), recycling expired ones on the way.
-    fn take(&self) -> Option<Pooled> {
+    /// Takes the newest pooled connection of the agent with the most idle ones (the least
+    /// busy; ties rotate), leaving out the `shunned` agents.
+    fn take(&self, shunned: &[u64]) -> Option<(u64, Pooled)> {
         let mut agents = self.agents.lock().unwrap();
-        for a in agents.iter_mut() {
-            while a.idle.front().is_some_and(|p| p.since.elapsed() > MAX_IDLE) {
-                a.idle.pop_front();
-            }
-        }
         agents.retain(|a| !a.idle.is_empty());
-        if agents.is_empty() {
+        let n = agents.len();
+        if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % agents.len();
-        let n = agents.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let pick = (0..n)
             .map(|i| (start + i) % n)
+            .filter(|&i| !shunned.contains(&agents[i].agent_id))
             .max_by_key(|&i| (agents[i].idle.len(), std::cmp::Reverse((i + n - start) % n)))?;
-        agents[pick].idle.pop_back()
+        let agent_id = agents[pick].agent_id;
+        agents[pick].idle.pop_back().map(|p| (agent_id, p))
     }
 
-    /// Hands a live pooled connection the client; `None` when the pool is empty.
-    pub async fn assign(&self, assign: &PoolAssign) -> Option<DataConn> {
+    /// Hands a live pooled connection the client (`PoolAssign`); `None` when no agent but the
+    /// `shunned` ones has one.
+    pub async fn assign(&self, assign: &PoolAssign, shunned: &[u64]) -> Option<Handed> {
         loop {
-            let mut pooled = self.take()?;
+            let (agent_id, mut pooled) = self.take(shunned)?;
             if !pooled.alive() {
                 continue;
             }
-            if pooled
-                .conn
-                .write_message(&Message::PoolAssign(assign.clone()))
-                .await
-                .is_err()
-            {
-                continue;
+            let frame = Message::PoolAssign(assign.clone());
+            // An idle connection's send queue is empty: this cannot block unless the path did.
+            match tokio::time::timeout(ACCEPT_LIMIT, pooled.conn.write_message(&frame)).await {
+                Ok(Ok(())) => {}
+                _ => continue,
             }
-            let (stream, leftover) = pooled.conn.into_parts();
-            return Some(DataConn {
-                stream,
-                leftover,
+            return Some(Handed {
+                conn: pooled.conn,
+                agent_id,
                 agent_addr: pooled.agent_addr,
+                agent: pooled.agent,
+                version: pooled.version,
             });
         }
     }
 
-    /// Parks a connection; gives it back when the site's pool is full.
-    fn add(&self, agent_id: u64, pooled: Pooled) -> Option<Pooled> {
+    /// Parks a connection under `agent`'s session; gives it back when the site's pool is full
+    /// or the session has ended. Checked under the pool's lock, and a departing session sets
+    /// `gone` before it empties its pool, so no connection is parked under a session that left.
+    fn add(&self, agent: &AgentHandle, pooled: Pooled) -> Result<(), (NotParked, Box<Pooled>)> {
         let mut agents = self.agents.lock().unwrap();
-        if agents.iter().map(|a| a.idle.len()).sum::<usize>() >= MAX_PER_SITE {
-            return Some(pooled);
+        if agent.gone.is_cancelled() {
+            return Err((NotParked::AgentGone, Box::new(pooled)));
         }
-        match agents.iter_mut().find(|a| a.agent_id == agent_id) {
+        if agents.iter().map(|a| a.idle.len()).sum::<usize>() >= MAX_PER_SITE {
+            return Err((NotParked::Full, Box::new(pooled)));
+        }
+        match agents.iter_mut().find(|a| a.agent_id == agent.id) {
             Some(a) => a.idle.push_back(pooled),
             None => agents.push(AgentPool {
-                agent_id,
+                agent_id: agent.id,
                 idle: VecDeque::from([pooled]),
             }),
         }
-        None
+        Ok(())
     }
 
-    /// Closes an agent's pooled connections (its control channel ended: it may be hung, and a
-    /// client handed to it would wait for nothing).
+    /// Closes the pooled connections from addresses `denied` says no to (a reload revoked
+    /// them: their sessions end too, and this counts what they held); returns how many per
+    /// address.
+    pub fn remove_peers(&self, denied: impl Fn(IpAddr) -> bool) -> HashMap<IpAddr, usize> {
+        let mut removed = HashMap::new();
+        let mut agents = self.agents.lock().unwrap();
+        for a in agents.iter_mut() {
+            a.idle.retain(|p| {
+                let ip = p.agent_addr.ip();
+                let keep = !denied(ip);
+                if !keep {
+                    *removed.entry(ip).or_default() += 1;
+                }
+                keep
+            });
+        }
+        agents.retain(|a| !a.idle.is_empty());
+        removed
+    }
+
+    /// Closes an agent session's pooled connections (its control channel ended, or one of them
+    /// did not answer: it may be hung, and a client handed to it would wait for nothing).
     pub fn remove_agent(&self, agent_id: u64) {
         self.agents
             .lock()
             .unwrap()
             .retain(|a| a.agent_id != agent_id);
     }
+
+    /// Closes, for each agent, its oldest idle connection if it has waited longer than
+    /// [`MAX_IDLE`]; the agent opens a fresh one. Called every second, so a pool that filled at
+    /// once is renewed one connection at a time instead of vanishing at once. Returns how many
+    /// were closed.
+    pub fn recycle(&self) -> usize {
+        let mut agents = self.agents.lock().unwrap();
+        let mut closed = 0;
+        for a in agents.iter_mut() {
+            if a.idle.front().is_some_and(|p| p.since.elapsed() > MAX_IDLE) {
+                a.idle.pop_front();
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// Recycles expired pooled connections of every site, once a second, until shutdown.
+pub(crate) async fn recycle_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for site in shared.sites.all() {
+            site.pool.recycle();
+        }
+    }
+}
+
+/// What became of a client handed to a pooled connection.
+pub(crate) enum Answer {
+    /// The agent took it. `forwarded` bytes of the held ones already went to it.
+    Accepted { data: DataConn, forwarded: usize },
+    /// No answer within [`ACCEPT_LIMIT`] (or the connection failed first): the connection was
+    /// reset; offer the client elsewhere with the held bytes.
+    Unanswered,
+    /// The client reset its connection meanwhile.
+    ClientGone,
+}
+
+/// Client bytes read before any agent has taken the client, to be replayed on another data
+/// connection if the first does not answer.
+#[derive(Default)]
+pub(crate) struct Held {
+    pub bytes: BytesMut,
+    /// The client half-closed after them.
+    pub eof: bool,
+}
+
+impl Handed {
+    /// Waits for the agent's `PoolAccepted` (v2), forwarding the client's bytes meanwhile and
+    /// holding a copy; a v1 agent never answers, so its connection is taken as it is.
+    pub async fn answer(self, id: u64, client: &mut TcpStream, held: &mut Held) -> Answer {
+        if !Feature::PoolAccepted.on(self.version) {
+            let (stream, leftover) = self.conn.into_parts();
+            let data = DataConn {
+                stream,
+                leftover,
+                agent_addr: self.agent_addr,
+                agent: Some(self.agent),
+            };
+            return Answer::Accepted { data, forwarded: 0 };
+        }
+        let (mut reader, mut sink) = self.conn.split();
+        let deadline = Instant::now() + ACCEPT_LIMIT;
+        let mut forwarded = 0;
+        // Bytes written since the last completed flush (a TLS writer holds them until then).
+        let mut unflushed = false;
+        let mut chunk = [0u8; 8192];
+        loop {
+            let room = HOLD_LIMIT.saturating_sub(held.bytes.len()).min(chunk.len());
+            let to_send = &held.bytes[forwarded..];
+            let event = tokio::select! {
+                biased;
+                msg = reader.read_message() => match msg {
+                    Ok(Some(Message::PoolAccepted(PoolAccepted { id: answered }))) if answered == id => Waiting::Accepted,
+                    _ => Waiting::Failed,
+                },
+                read = client.read(&mut chunk[..room]), if room > 0 && !held.eof => Waiting::Read(read),
+                pushed = push(sink.get_mut(), to_send), if !to_send.is_empty() || unflushed => Waiting::Pushed(pushed),
+                () = tokio::time::sleep_until(deadline) => Waiting::Failed,
+            };
+            match event {
+                Waiting::Accepted => break,
+                Waiting::Failed | Waiting::Pushed(Err(_)) => {
+                    abort(reader, sink);
+                    return Answer::Unanswered;
+                }
+                Waiting::Read(Err(_)) => {
+                    abort(reader, sink);
+                    return Answer::ClientGone;
+                }
+                Waiting::Read(Ok(0)) => held.eof = true,
+                Waiting::Read(Ok(n)) => held.bytes.extend_from_slice(&chunk[..n]),
+                Waiting::Pushed(Ok(Pushed::Wrote(n))) => {
+                    forwarded += n;
+                    unflushed = true;
+                }
+                Waiting::Pushed(Ok(Pushed::Flushed)) => unflushed = false,
+            }
+        }
+        if unflushed {
+            // What was written goes out now; if the agent reads slowly, the pipe's next write
+            // or flush pushes the rest (it is in the writer, never written twice).
+            let _ = tokio::time::timeout(ACCEPT_LIMIT, sink.get_mut().flush()).await;
+        }
+        let (read, leftover) = reader.into_parts();
+        let stream = read.unsplit(sink.into_inner());
+        let data = DataConn {
+            stream,
+            leftover,
+            agent_addr: self.agent_addr,
+            agent: Some(self.agent),
+        };
+        Answer::Accepted { data, forwarded }
+    }
+}
+
+/// What happened while a pooled connection had not answered yet.
+enum Waiting {
+    Accepted,
+    /// No answer in time, something else than the answer, or the connection ended.
+    Failed,
+    Read(std::io::Result<usize>),
+    Pushed(std::io::Result<Pushed>),
+}
+
+/// One step of forwarding held bytes.
+enum Pushed {
+    /// This many bytes were taken by the writer.
+    Wrote(usize),
+    Flushed,
+}
+
+type PoolReader = MessageReader<ReadHalf<Stream>>;
+type PoolSink = FramedWrite<WriteHalf<Stream>, FrameCodec>;
+
+/// One cancel-safe step of forwarding: a single write while there is something to write (its
+/// count is returned as soon as the writer took the bytes, so a `select!` that drops this future
+/// loses no count), else a flush (which may be interrupted and simply run again). Writing and
+/// flushing in one future would not be safe: bytes a TLS writer took before a pending flush
+/// would go uncounted and be sent a second time.
+async fn push<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io::Result<Pushed> {
+    if buf.is_empty() {
+        w.flush().await?;
+        Ok(Pushed::Flushed)
+    } else {
+        Ok(Pushed::Wrote(w.write(buf).await?))
+    }
+}
+
+/// Resets a pooled connection that is being given up, so an agent that wakes up later sees a
+/// reset, not a client: its `PoolAccepted` write fails and it drops the assignment.
+fn abort(reader: PoolReader, sink: PoolSink) {
+    let (read, _) = reader.into_parts();
+    let stream = read.unsplit(sink.into_inner());
+    let _ = SockRef::from(stream.tcp()).set_linger(Some(Duration::ZERO));
 }
 
 /// A pool hello was accepted: acknowledge and park the connection in its site's pool.
@@ -144,25 +381,40 @@ pub(crate) async fn accept(
     mut conn: Connection<Stream>,
     peer: SocketAddr,
     hello: PoolHello,
+    secret: Option<Token>,
     version: u16,
 ) {
-    let site = shared.sites.get(&hello.site);
-    let agent = site.as_ref().and_then(|s| {
-        s.agents()
-            .into_iter()
-            .find(|a| a.name == hello.agent && a.addr.ip() == peer.ip())
-    });
-    let (Some(site), Some(agent)) = (site, agent) else {
-        let why = format!(
-            "agent \"{}\" of site \"{}\" has no control channel from {} on this gateway",
-            hello.agent,
-            hello.site,
-            peer.ip()
-        );
-        tracing::debug!(peer = %peer, "pool connection refused: {why}");
-        conn.send_error(ErrorCode::BAD_HELLO, why).await;
-        return;
+    let claim = Claim {
+        site: &hello.site,
+        agent: Some(&hello.agent),
+        secret: secret.as_ref(),
     };
+    let (site, agent) = match session_of(&shared, &claim, conn.get_ref(), peer) {
+        Ok(bound) => bound,
+        Err(why) => {
+            let occ = shared.stats.session_unproven.hit();
+            if occ.log {
+                tracing::warn!(peer = %peer, "pool connection refused: {why}{}", occ.tally());
+            }
+            super::control::refuse_role(&mut conn, ErrorCode::BAD_HELLO, why).await;
+            return;
+        }
+    };
+    // A full pool refuses before the ack, so the agent never counts a connection it cannot
+    // use (a race with another member after this check is closed after the ack, below).
+    if site.pool.len() >= MAX_PER_SITE {
+        let occ = shared.stats.pool_full.hit();
+        if occ.log {
+            tracing::warn!(
+                site = %site.name, agent = %agent.name, peer = %peer,
+                "pool connection refused: the site already has {MAX_PER_SITE} idle{}",
+                occ.tally()
+            );
+        }
+        let why = format!("the site's pool is full ({MAX_PER_SITE})");
+        super::control::refuse_role(&mut conn, ErrorCode::LIMIT, why).await;
+        return;
+    }
     let ack = super::control::data_ack(&shared, version);
     if conn.write_message(&ack).await.is_err() {
         return;
@@ -171,16 +423,152 @@ pub(crate) async fn accept(
     let pooled = Pooled {
         conn,
         agent_addr: peer,
+        agent: agent.name.clone(),
         since: Instant::now(),
+        version,
     };
-    if let Some(mut pooled) = site.pool.add(agent.id, pooled) {
-        tracing::warn!(site = %site.name, peer = %peer, "pool connection refused: the site already has {MAX_PER_SITE} idle");
-        pooled
-            .conn
-            .send_error(
-                ErrorCode::LIMIT,
-                format!("the site's pool is full ({MAX_PER_SITE})"),
-            )
-            .await;
+    match site.pool.add(&agent, pooled) {
+        Ok(()) => {}
+        Err((NotParked::AgentGone, _)) => {
+            tracing::debug!(site = %site.name, peer = %peer, "pool connection closed: its agent's session just ended");
+        }
+        Err((NotParked::Full, mut pooled)) => {
+            let occ = shared.stats.pool_full.hit();
+            if occ.log {
+                tracing::warn!(
+                    site = %site.name, agent = %agent.name, peer = %peer,
+                    "pool connection refused: the site already has {MAX_PER_SITE} idle{}",
+                    occ.tally()
+                );
+            }
+            pooled
+                .conn
+                .send_error(
+                    ErrorCode::LIMIT,
+                    format!("the site's pool is full ({MAX_PER_SITE})"),
+                )
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::SystemTime;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+
+    fn agent(id: u64) -> AgentHandle {
+        AgentHandle {
+            id,
+            name: format!("agent-{id}"),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            connected_since: SystemTime::now(),
+            tx: mpsc::channel(1).0,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            digest: Arc::new(Mutex::new(String::new())),
+            gone: CancellationToken::new(),
+            secret: None,
+            cert: None,
+            suspect: Arc::default(),
+        }
+    }
+
+    /// A pooled connection over real loopback sockets, and the agent's end of it.
+    async fn member() -> (Pooled, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_end = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (gateway_end, peer) = listener.accept().await.unwrap();
+        let pooled = Pooled {
+            conn: Connection::new(Stream::Plain(gateway_end), 4096),
+            agent_addr: peer,
+            agent: "agent".to_string(),
+            since: Instant::now(),
+            version: crate::protocol::MAX_VERSION,
+        };
+        (pooled, agent_end)
+    }
+
+    #[tokio::test]
+    async fn a_member_closed_a_moment_ago_is_not_taken_for_alive() {
+        let (pooled, agent_end) = member().await;
+        assert!(pooled.alive());
+        // The agent closes; its FIN is in the gateway socket's queue at once (loopback), but
+        // this runtime has not polled its reactor since: a readiness-cache check calls it alive.
+        drop(agent_end);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!pooled.alive(), "a closed member was taken for alive");
+
+        // Bytes from the agent on an idle member (it never writes there) make it unusable too.
+        let (pooled, mut agent_end) = member().await;
+        agent_end.write_all(b"x").await.unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!pooled.alive());
+    }
+
+    #[tokio::test]
+    async fn no_member_is_parked_under_a_session_that_has_left() {
+        let pool = Pool::default();
+        let a = agent(1);
+        let (first, _keep1) = member().await;
+        assert!(pool.add(&a, first).is_ok());
+        // The session ends: `gone` first, then its pool is emptied (as run_session does). A
+        // member whose hello was accepted just before arrives in between.
+        a.gone.cancel();
+        pool.remove_agent(a.id);
+        let (late, _keep2) = member().await;
+        let refused = pool.add(&a, late);
+        assert!(matches!(refused, Err((NotParked::AgentGone, _))));
+        assert_eq!(
+            pool.len(),
+            0,
+            "a member was parked under a departed session"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_pool_is_renewed_one_member_at_a_time_not_all_at_once() {
+        let pool = Pool::default();
+        let a = agent(1);
+        let mut agent_ends = Vec::new();
+        for _ in 0..4 {
+            let (m, end) = member().await;
+            assert!(pool.add(&a, m).is_ok());
+            agent_ends.push(end);
+        }
+        // An idle minute and more: every member is past MAX_IDLE.
+        tokio::time::advance(MAX_IDLE + Duration::from_secs(1)).await;
+        // A client arriving now still finds a pooled connection.
+        let (id, taken) = pool.take(&[]).expect("the whole pool expired at once");
+        assert_eq!(id, 1);
+        drop(taken);
+        assert_eq!(pool.len(), 3);
+        // The recycler closes one expired member per agent and tick.
+        assert_eq!(pool.recycle(), 1);
+        assert_eq!(pool.len(), 2);
+        assert_eq!(pool.recycle(), 1);
+        assert_eq!(pool.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_shunned_agent_s_members_are_left_alone() {
+        let pool = Pool::default();
+        let (a, b) = (agent(1), agent(2));
+        let mut ends = Vec::new();
+        for owner in [&a, &a, &b] {
+            let (m, end) = member().await;
+            assert!(pool.add(owner, m).is_ok());
+            ends.push(end);
+        }
+        // a has the most idle members, but it is shunned for this client.
+        let (id, _) = pool.take(&[a.id]).unwrap();
+        assert_eq!(id, b.id);
+        assert!(pool.take(&[a.id]).is_none());
+        assert_eq!(pool.take(&[]).unwrap().0, a.id);
     }
 }

@@ -18,6 +18,7 @@ use super::listener::RunningListener;
 use super::pool::Pool;
 use super::{RunState, Shared};
 use crate::addr::display_addrs;
+use crate::config::check_name;
 use crate::protocol::{
     ConfigResult, ListenerResult, ListenerSpec, ListenerStatus, Message, PushConfig,
 };
@@ -37,6 +38,15 @@ pub(crate) struct AgentHandle {
     pub digest: Arc<Mutex<String>>,
     /// Cancelled once the agent has left its site: clients offered to it are offered again.
     pub gone: CancellationToken,
+    /// The secret this session was given (protocol v2), which its pool and outbound
+    /// connections must present; `None` on a v1 session.
+    pub secret: Option<crate::protocol::Token>,
+    /// SHA-256 of the certificate the agent presented on its control channel (TLS only): its
+    /// pool and outbound connections over TLS must present the same one.
+    pub cert: Option<[u8; 32]>,
+    /// Set when one of its pooled connections left a client unanswered (it may be hung);
+    /// cleared by the next message on its control channel. Suspects are picked last.
+    pub suspect: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub(crate) struct Site {
@@ -50,6 +60,11 @@ pub(crate) struct Site {
     pub joined: Notify,
     /// Idle data connections agents opened ahead of time.
     pub pool: Pool,
+    /// Public ports this site has open (`[limits] max_listen_ports_per_site`).
+    pub ports: crate::limits::Gauge,
+    /// Listeners of the last push, kept when the last agent leaves: a site whose agents are
+    /// all gone still "has listeners" for `/api/health`.
+    last_pushed: AtomicUsize,
 }
 
 /// Desired (what agents pushed) and actual (what is open) listeners of a site.
@@ -94,11 +109,15 @@ impl Site {
             next_pick: AtomicU64::new(0),
             joined: Notify::new(),
             pool: Pool::default(),
+            ports: crate::limits::Gauge::default(),
+            last_pushed: AtomicUsize::new(0),
         }
     }
 
-    /// The least busy connected agent; ties rotate so equal agents share the load.
-    pub fn pick_agent(&self) -> Option<AgentHandle> {
+    /// The least busy connected agent; ties rotate so equal agents share the load. Agents
+    /// that are `shunned` (they just failed this client) or suspect (one of their pooled
+    /// connections did not answer) are picked only when no other agent is there.
+    pub fn pick_agent_avoiding(&self, shunned: &[u64]) -> Option<AgentHandle> {
         let agents = self.agents.lock().unwrap();
         if agents.is_empty() {
             return None;
@@ -106,8 +125,21 @@ impl Site {
         let start = self.next_pick.fetch_add(1, Ordering::Relaxed) as usize % agents.len();
         (0..agents.len())
             .map(|i| &agents[(start + i) % agents.len()])
-            .min_by_key(|a| a.inflight.load(Ordering::Relaxed))
+            // A session that is ending is still listed until it has left.
+            .filter(|a| !a.gone.is_cancelled())
+            .min_by_key(|a| {
+                let avoided = shunned.contains(&a.id) || a.suspect.load(Ordering::Relaxed);
+                (avoided, a.inflight.load(Ordering::Relaxed))
+            })
             .cloned()
+    }
+
+    /// Marks an agent session suspect (see [`AgentHandle::suspect`]).
+    pub fn mark_suspect(&self, agent_id: u64) {
+        let agents = self.agents.lock().unwrap();
+        if let Some(a) = agents.iter().find(|a| a.id == agent_id) {
+            a.suspect.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Checks that `digest` matches what every other agent of the site pushed, and records it
@@ -119,6 +151,11 @@ impl Site {
             *a.digest.lock().unwrap() = digest.to_string();
         }
         Ok(())
+    }
+
+    /// How many listeners the site's agents pushed last (also after they all left).
+    pub fn last_pushed(&self) -> usize {
+        self.last_pushed.load(Ordering::Relaxed)
     }
 
     pub fn agent_count(&self) -> usize {
@@ -142,10 +179,16 @@ impl Site {
         push: &PushConfig,
     ) -> ConfigResult {
         let mut listeners = self.listeners.lock().await;
+        self.last_pushed
+            .store(push.listeners.len(), Ordering::Relaxed);
         let mut seen = HashSet::new();
         let mut duplicates = HashSet::new();
         listeners.specs.clear();
         for spec in &push.listeners {
+            // A listener with an invalid name is refused here, never stored or shown.
+            if check_name(&spec.name).is_err() {
+                continue;
+            }
             if seen.insert(spec.name.as_str()) {
                 listeners.specs.push(spec.clone());
             } else {
@@ -165,7 +208,11 @@ impl Site {
             .enumerate()
             .map(|(i, spec)| {
                 let first = push.listeners.iter().position(|s| s.name == spec.name) == Some(i);
-                let status = if !first && duplicates.contains(spec.name.as_str()) {
+                let status = if let Err(e) = check_name(&spec.name) {
+                    ListenerStatus::Failed {
+                        error: format!("invalid listener name {e}"),
+                    }
+                } else if !first && duplicates.contains(spec.name.as_str()) {
                     ListenerStatus::Failed {
                         error: "duplicate listener name in the pushed config".to_string(),
                     }
@@ -201,7 +248,8 @@ impl Site {
 
     async fn reconcile(self: &Arc<Self>, shared: &Arc<Shared>, listeners: &mut SiteListeners) {
         let should_listen = self.agent_count() > 0 && shared.state() == RunState::Running;
-        let bind_ip = shared.config().client_bind;
+        let config = shared.config();
+        let bind_ip = config.client_bind;
         let wanted: HashMap<&str, &ListenerSpec> = listeners
             .specs
             .iter()
@@ -215,6 +263,8 @@ impl Site {
                 !should_listen
                     || wanted.get(name.as_str()) != Some(&&running.spec)
                     || (running.spec.public.ip.is_none() && running.bind_ip != bind_ip)
+                    // A reload may have narrowed where agents may bind.
+                    || config.check_public(&running.spec.public).is_err()
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -229,6 +279,8 @@ impl Site {
                 } else {
                     "the gateway is paused"
                 }
+            } else if config.check_public(&running.spec.public).is_err() {
+                "the gateway's [clients] rules no longer allow it"
             } else if wanted.contains_key(name.as_str()) {
                 "its configuration changed"
             } else {
@@ -368,6 +420,16 @@ impl SiteRegistry {
         if now_empty {
             site.close_listeners_if_orphaned(shared).await;
         }
+    }
+
+    /// Sites with at least one connected agent.
+    pub fn active(&self) -> usize {
+        self.sites
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.agent_count() > 0)
+            .count()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Site>> {

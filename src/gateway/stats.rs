@@ -48,6 +48,19 @@ pub struct GatewayStats {
     pub egress_denied: Event,
     /// Outbound connections whose destination could not be resolved or reached.
     pub egress_unreachable: Event,
+    /// `sallyport check` runs that reached this gateway (data hellos for [`PROBE_ID`]): not
+    /// refusals, so not in [`GatewayStats::refusals`].
+    ///
+    /// [`PROBE_ID`]: crate::protocol::PROBE_ID
+    pub check_probes: Event,
+    /// Pool and outbound connections not bound to a live control session (wrong session
+    /// secret, or a certificate that is not the session's).
+    pub session_unproven: Event,
+    /// Pool connections refused because their site's pool was full.
+    pub pool_full: Event,
+    /// Clients handed to a pooled connection whose agent did not answer in time (offered
+    /// again elsewhere).
+    pub pool_unanswered: Event,
 }
 
 impl Default for GatewayStats {
@@ -65,6 +78,10 @@ impl Default for GatewayStats {
             handshakes_over_limit: Event::once_per_10s(),
             egress_denied: Event::some_per_10s(),
             egress_unreachable: Event::some_per_10s(),
+            check_probes: Event::some_per_10s(),
+            session_unproven: Event::some_per_10s(),
+            pool_full: Event::once_per_10s(),
+            pool_unanswered: Event::some_per_10s(),
         }
     }
 }
@@ -85,6 +102,9 @@ impl GatewayStats {
             ("handshake_limits", self.handshakes_over_limit.count()),
             ("egress_denied", self.egress_denied.count()),
             ("egress_unreachable", self.egress_unreachable.count()),
+            ("session_proof", self.session_unproven.count()),
+            ("pool_full", self.pool_full.count()),
+            ("pool_unanswered", self.pool_unanswered.count()),
         ])
     }
 }
@@ -188,6 +208,9 @@ pub struct ConnEntry {
     pub started_at: Instant,
     /// a = the client, b = the agent's data connection.
     pub counters: PipeCounters,
+    /// Why the agent could not serve the client, when it said so while the client was already
+    /// piping (a warm-pool connection is piped before the agent dials the backend).
+    pub failure: std::sync::OnceLock<String>,
 }
 
 impl ConnEntry {
@@ -220,11 +243,17 @@ struct Sample {
     active: u64,
 }
 
+/// Failure reports remembered for clients that are not piping yet.
+const EARLY_FAILURES: usize = 64;
+
 /// Listener stats, active connections and the rate history.
 #[derive(Debug, Default)]
 pub struct Traffic {
     listeners: Mutex<BTreeMap<(String, String), Arc<ListenerStats>>>,
     connections: Mutex<HashMap<u64, Arc<ConnEntry>>>,
+    /// Agents' failure reports for clients not piping yet (a warm-pool agent may report one
+    /// before the gateway has read its `PoolAccepted`), oldest first, at most [`EARLY_FAILURES`].
+    early_failures: Mutex<VecDeque<(u64, String)>>,
     samples: Mutex<VecDeque<Sample>>,
     listener_samples: Mutex<HashMap<ListenerKey, RateWindow>>,
 }
@@ -240,6 +269,32 @@ pub struct TrafficSnapshot {
     pub bytes: Bytes4,
     /// Bytes per second over the last few seconds.
     pub rates: Rates4,
+}
+
+/// The sum of several listeners' snapshots (rates add up too).
+pub fn sum<'a>(snaps: impl Iterator<Item = &'a TrafficSnapshot>) -> TrafficSnapshot {
+    let mut total = TrafficSnapshot {
+        accepted: 0,
+        rejected: 0,
+        closed: 0,
+        active: 0,
+        pending: 0,
+        bytes: Bytes4::default(),
+        rates: Rates4::default(),
+    };
+    for t in snaps {
+        total.accepted += t.accepted;
+        total.rejected += t.rejected;
+        total.closed += t.closed;
+        total.active += t.active;
+        total.pending += t.pending;
+        total.bytes = total.bytes + t.bytes;
+        total.rates.client_read += t.rates.client_read;
+        total.rates.client_written += t.rates.client_written;
+        total.rates.agent_read += t.rates.agent_read;
+        total.rates.agent_written += t.rates.agent_written;
+    }
+    total
 }
 
 /// The charts' data: one point per second, oldest first.
@@ -270,7 +325,13 @@ impl Traffic {
 
     /// Registers a connection that starts piping.
     pub fn start(&self, entry: Arc<ConnEntry>) {
-        self.connections.lock().unwrap().insert(entry.id, entry);
+        let mut connections = self.connections.lock().unwrap();
+        let mut early = self.early_failures.lock().unwrap();
+        if let Some(at) = early.iter().position(|(id, _)| *id == entry.id) {
+            let (_, reason) = early.remove(at).expect("found");
+            let _ = entry.failure.set(reason);
+        }
+        connections.insert(entry.id, entry);
     }
 
     /// Unregisters a connection and folds its bytes into its listener's totals.
@@ -282,6 +343,24 @@ impl Traffic {
         let mut finished = entry.listener.finished.lock().unwrap();
         *finished = *finished + bytes;
         entry.listener.closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the agent's report that it cannot serve a client that is piping already, or
+    /// about to (kept for [`Traffic::start`]; the oldest of [`EARLY_FAILURES`] are forgotten).
+    pub fn fail(&self, id: u64, reason: &str) {
+        let connections = self.connections.lock().unwrap();
+        match connections.get(&id) {
+            Some(entry) => {
+                let _ = entry.failure.set(reason.to_string());
+            }
+            None => {
+                let mut early = self.early_failures.lock().unwrap();
+                if early.len() >= EARLY_FAILURES {
+                    early.pop_front();
+                }
+                early.push_back((id, reason.to_string()));
+            }
+        }
     }
 
     pub fn connections(&self) -> Vec<Arc<ConnEntry>> {
@@ -448,6 +527,7 @@ mod tests {
             started: SystemTime::now(),
             started_at: Instant::now(),
             counters: PipeCounters::default(),
+            failure: Default::default(),
         })
     }
 

@@ -1,4 +1,4 @@
-//! The messages of control protocol v1 and their mapping to frame types.
+//! The messages of the control protocol (v1 and v2) and their mapping to frame types.
 //!
 //! Payloads are serialized with postcard (a stable, documented, compact serde format). Type
 //! numbers below `0x8000` are *critical*: a peer that does not know one must fail the connection
@@ -22,11 +22,15 @@ pub mod kind {
     pub const HELLO: u16 = 0x0001;
     pub const HELLO_ACK: u16 = 0x0002;
     pub const ERROR: u16 = 0x0003;
+    /// v2 ([`crate::protocol::Feature::SessionBinding`]).
+    pub const SESSION_SECRET: u16 = 0x0004;
     pub const PUSH_CONFIG: u16 = 0x0010;
     pub const CONFIG_RESULT: u16 = 0x0011;
     pub const CLIENT_ARRIVED: u16 = 0x0020;
     pub const CLIENT_FAILED: u16 = 0x0021;
     pub const POOL_ASSIGN: u16 = 0x0022;
+    /// v2 ([`crate::protocol::Feature::PoolAccepted`]).
+    pub const POOL_ACCEPTED: u16 = 0x0023;
     pub const HEARTBEAT: u16 = 0x0030;
     /// Types at or above this are advisory (ignored when unknown).
     pub const FIRST_ADVISORY: u16 = 0x8000;
@@ -58,19 +62,37 @@ pub enum Role {
     Control(ControlHello),
     /// A data connection claiming one pending client.
     Data(DataHello),
-    /// An outbound connection: an internal host asks the gateway to dial `dest` for it.
+    /// An outbound connection: an internal host asks the gateway to dial `host`:`port` for it. v1: no
+    /// proof of its control session, so a gateway with TLS takes it only over TLS, from the
+    /// certificate of a control session of its site (docs/protocol.md 7.12).
     Outbound(OutboundHello),
     /// A warm-pool data connection: it waits, idle, until the gateway hands it a client with
-    /// [`PoolAssign`] (no notification round trip).
+    /// [`PoolAssign`] (no notification round trip). v1: bound like [`Role::Outbound`], to the
+    /// certificate of its agent's control session; refused in plaintext on a gateway with TLS.
     Pool(PoolHello),
+    /// v2: a warm-pool connection proven by the [`SessionSecret`] of its agent's control
+    /// session on this gateway. Over TLS its certificate must be that session's too.
+    SessionPool(PoolHello, Token),
+    /// v2: an outbound connection proven by the [`SessionSecret`] of a control session of its
+    /// site on this gateway. Over TLS its certificate must be that session's too.
+    SessionOutbound(OutboundHello, Token),
+}
+
+/// v2: sent by the gateway on a control channel right after its HelloAck: the secret that binds
+/// this session's pool and outbound connections to it. 128 random bits, valid while the session
+/// lives; never logged (`Token`'s `Debug` hides it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSecret {
+    pub secret: Token,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolHello {
     /// The site whose clients this connection may carry.
     pub site: String,
-    /// The agent opening it: it must have a control channel from the same IP address; its
-    /// pooled connections are dropped when that control channel ends.
+    /// The agent opening it: it must have a live control channel on this gateway, proven by
+    /// the session secret (v2, [`Role::SessionPool`]) or, over TLS, by the same certificate
+    /// (docs/protocol.md 7.12); its pooled connections are dropped when that channel ends.
     pub agent: String,
 }
 
@@ -85,6 +107,15 @@ pub struct PoolAssign {
     pub gateway_addr: SocketAddr,
 }
 
+/// v2: the agent took the client a [`PoolAssign`] handed it; raw bytes follow, both ways. Sent
+/// before the agent dials the backend, so its absence means the agent never saw the client and
+/// the gateway may offer the client elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolAccepted {
+    /// The id from the [`PoolAssign`] it answers.
+    pub id: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlHello {
     /// The site this agent serves; agents of one site share its listeners.
@@ -95,6 +126,12 @@ pub struct ControlHello {
     /// often and declare the peer dead after three intervals of silence.
     pub heartbeat_ms: u32,
 }
+
+/// The client id no client ever has (the gateway numbers clients from 1). A data hello for it
+/// is a reachability probe (`sallyport check`): it passes TLS, the peer rules and the version
+/// check like any data hello, then gets `UNKNOWN_CLIENT`, and the gateway counts it as a check
+/// probe rather than as a wrong token.
+pub const PROBE_ID: u64 = 0;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataHello {
@@ -110,7 +147,8 @@ pub struct DataHello {
 /// DEST_UNREACHABLE) and closes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboundHello {
-    /// The site of the agent asking; it must have a connected agent on this gateway.
+    /// The site of the agent asking; the connection must belong to a live control session of
+    /// that site on this gateway (its secret, or over TLS its certificate; see [`Role`]).
     pub site: String,
     /// A host name or an IP address literal (without brackets).
     pub host: String,
@@ -275,18 +313,20 @@ pub struct Heartbeat {
     pub seq: u64,
 }
 
-/// A decoded message of protocol v1.
+/// A decoded message (any version: a message a version does not have is never sent on it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Hello(Hello),
     HelloAck(HelloAck),
     Error(ErrorMsg),
+    SessionSecret(SessionSecret),
     PushConfig(PushConfig),
     ConfigResult(ConfigResult),
     ClientArrived(ClientArrived),
     ClientFailed(ClientFailed),
     Heartbeat(Heartbeat),
     PoolAssign(PoolAssign),
+    PoolAccepted(PoolAccepted),
 }
 
 impl Message {
@@ -295,12 +335,14 @@ impl Message {
             Message::Hello(_) => kind::HELLO,
             Message::HelloAck(_) => kind::HELLO_ACK,
             Message::Error(_) => kind::ERROR,
+            Message::SessionSecret(_) => kind::SESSION_SECRET,
             Message::PushConfig(_) => kind::PUSH_CONFIG,
             Message::ConfigResult(_) => kind::CONFIG_RESULT,
             Message::ClientArrived(_) => kind::CLIENT_ARRIVED,
             Message::ClientFailed(_) => kind::CLIENT_FAILED,
             Message::Heartbeat(_) => kind::HEARTBEAT,
             Message::PoolAssign(_) => kind::POOL_ASSIGN,
+            Message::PoolAccepted(_) => kind::POOL_ACCEPTED,
         }
     }
 
@@ -310,12 +352,14 @@ impl Message {
             Message::Hello(_) => "hello",
             Message::HelloAck(_) => "hello-ack",
             Message::Error(_) => "error",
+            Message::SessionSecret(_) => "session-secret",
             Message::PushConfig(_) => "push-config",
             Message::ConfigResult(_) => "config-result",
             Message::ClientArrived(_) => "client-arrived",
             Message::ClientFailed(_) => "client-failed",
             Message::Heartbeat(_) => "heartbeat",
             Message::PoolAssign(_) => "pool-assign",
+            Message::PoolAccepted(_) => "pool-accepted",
         }
     }
 
@@ -331,12 +375,14 @@ impl Message {
             Message::Hello(m) => postcard::to_stdvec(m),
             Message::HelloAck(m) => postcard::to_stdvec(m),
             Message::Error(m) => postcard::to_stdvec(m),
+            Message::SessionSecret(m) => postcard::to_stdvec(m),
             Message::PushConfig(m) => postcard::to_stdvec(m),
             Message::ConfigResult(m) => postcard::to_stdvec(m),
             Message::ClientArrived(m) => postcard::to_stdvec(m),
             Message::ClientFailed(m) => postcard::to_stdvec(m),
             Message::Heartbeat(m) => postcard::to_stdvec(m),
             Message::PoolAssign(m) => postcard::to_stdvec(m),
+            Message::PoolAccepted(m) => postcard::to_stdvec(m),
         }
         .expect("serializing plain data into a Vec cannot fail");
         RawFrame {
@@ -354,12 +400,14 @@ impl Message {
             kind::HELLO => Message::Hello(payload(k, p).map_err(|e| explain_hello(e, p))?),
             kind::HELLO_ACK => Message::HelloAck(payload(k, p)?),
             kind::ERROR => Message::Error(payload(k, p)?),
+            kind::SESSION_SECRET => Message::SessionSecret(payload(k, p)?),
             kind::PUSH_CONFIG => Message::PushConfig(payload(k, p)?),
             kind::CONFIG_RESULT => Message::ConfigResult(payload(k, p)?),
             kind::CLIENT_ARRIVED => Message::ClientArrived(payload(k, p)?),
             kind::CLIENT_FAILED => Message::ClientFailed(payload(k, p)?),
             kind::HEARTBEAT => Message::Heartbeat(payload(k, p)?),
             kind::POOL_ASSIGN => Message::PoolAssign(payload(k, p)?),
+            kind::POOL_ACCEPTED => Message::PoolAccepted(payload(k, p)?),
             k if k >= kind::FIRST_ADVISORY => return Ok(None),
             k => return Err(ProtocolError::UnknownMessage { kind: k }),
         };
@@ -387,12 +435,23 @@ fn explain_hello(err: ProtocolError, payload: &[u8]) -> ProtocolError {
     }
 }
 
-/// Decodes a whole payload: trailing bytes are a protocol error, not silently ignored.
-fn payload<T: DeserializeOwned>(kind: u16, bytes: &[u8]) -> Result<T, ProtocolError> {
+/// Decodes a whole payload: trailing bytes are a protocol error, not silently ignored, and so
+/// is any encoding but the shortest (postcard itself accepts padded varints such as `88 a7 00`
+/// for 5000): one message has one encoding, as docs/protocol.md section 3 says. Checked by
+/// encoding the value again; control frames are small and few, the data path has none.
+fn payload<T: DeserializeOwned + Serialize>(kind: u16, bytes: &[u8]) -> Result<T, ProtocolError> {
     let bad = |reason: String| ProtocolError::BadPayload { kind, reason };
     let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| bad(e.to_string()))?;
     if !rest.is_empty() {
         return Err(bad(format!("{} trailing bytes", rest.len())));
+    }
+    let canonical = postcard::to_stdvec(&value).map_err(|e| bad(e.to_string()))?;
+    if canonical != bytes {
+        return Err(bad(format!(
+            "not in its shortest encoding ({} bytes where {} suffice: a padded varint)",
+            bytes.len(),
+            canonical.len()
+        )));
     }
     Ok(value)
 }
@@ -476,6 +535,43 @@ mod tests {
                 reason: "backend refused".into(),
             }),
             Message::Heartbeat(Heartbeat { seq: u64::MAX }),
+            Message::PoolAssign(PoolAssign {
+                id: 9,
+                listener: "web".into(),
+                port_offset: 2,
+                client_addr: "[2001:db8::7]:50000".parse().unwrap(),
+                gateway_addr: "192.0.2.1:443".parse().unwrap(),
+            }),
+            Message::PoolAccepted(PoolAccepted { id: 9 }),
+            Message::SessionSecret(SessionSecret {
+                secret: Token::random(),
+            }),
+            Message::Hello(Hello {
+                min_version: 1,
+                max_version: 2,
+                software: "t".into(),
+                role: Role::SessionPool(
+                    PoolHello {
+                        site: "acme".into(),
+                        agent: "a1".into(),
+                    },
+                    Token::random(),
+                ),
+            }),
+            Message::Hello(Hello {
+                min_version: 1,
+                max_version: 2,
+                software: "t".into(),
+                role: Role::SessionOutbound(
+                    OutboundHello {
+                        site: "acme".into(),
+                        host: "partner.example".into(),
+                        port: 22,
+                        client_addr: "10.0.0.9:40000".parse().unwrap(),
+                    },
+                    Token::random(),
+                ),
+            }),
         ]
     }
 

@@ -1,5 +1,5 @@
-//! Control protocol v1: the preamble, frames, messages, version negotiation, and
-//! [`Connection`], the only type that turns bytes into messages and back.
+//! The control protocol (versions 1 and 2): the preamble, frames, messages, version negotiation,
+//! and [`Connection`], the only type that turns bytes into messages and back.
 //!
 //! The protocol is specified for humans in `docs/protocol.md`; keep the two in step. This module
 //! holds no I/O policy (timeouts, retries, who may connect): the gateway and the agent decide
@@ -10,15 +10,17 @@
 //! [`Message::HelloAck`] carrying the chosen version, or [`Message::Error`] and a close.
 
 pub mod frame;
+pub mod liveness;
 pub mod message;
+pub mod outbox;
 pub mod token;
 
 use std::io;
 
 use bytes::BytesMut;
-use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio_util::codec::{Encoder, Framed, FramedParts};
+use futures::{SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
+use tokio_util::codec::{Encoder, Framed, FramedParts, FramedWrite};
 
 pub use frame::{FrameCodec, RawFrame, DEFAULT_MAX_FRAME};
 pub use message::*;
@@ -29,8 +31,45 @@ pub const MAGIC: [u8; 4] = *b"SPRT";
 
 /// The oldest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
-/// The newest protocol version this build speaks.
-pub const MAX_VERSION: u16 = 1;
+/// The newest protocol version this build speaks. Every version in between is spoken in full, so
+/// a peer of any older version keeps exactly the behaviour it had.
+pub const MAX_VERSION: u16 = 2;
+
+/// A behaviour that exists from some protocol version on. Each connection negotiates its own
+/// version (its hello names a range; the gateway picks the highest common one), and a feature is
+/// used on a connection only when that connection's version has it: code asks
+/// `Feature::X.on(version)`, never compares version numbers itself.
+///
+/// A new feature needs a new version and a row here and in docs/protocol.md (section 5).
+/// Versions only add: new message types or new role variants, never a changed layout of an
+/// existing message (postcard payloads must decode exactly, so an appended field would break
+/// every older peer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    /// v2: the agent answers a `PoolAssign` with `PoolAccepted` on the pool connection before
+    /// any raw byte, so the gateway can tell a frozen agent's pooled connection from a live one
+    /// and offer the client elsewhere.
+    PoolAccepted,
+    /// v2: the gateway hands each control session a random secret ([`SessionSecret`], right
+    /// after the HelloAck), and the agent proves its pool and outbound connections with it
+    /// ([`Role::SessionPool`], [`Role::SessionOutbound`]), so they are bound to a live control
+    /// session of their site and agent even in plaintext (`data_tls = false`).
+    SessionBinding,
+}
+
+impl Feature {
+    /// The first protocol version with this feature.
+    pub const fn since(self) -> u16 {
+        match self {
+            Feature::PoolAccepted | Feature::SessionBinding => 2,
+        }
+    }
+
+    /// Whether a connection that negotiated `version` uses this feature.
+    pub const fn on(self, version: u16) -> bool {
+        version >= self.since()
+    }
+}
 
 /// `sallyport/<version>`, for hellos and logs.
 pub const SOFTWARE: &str = concat!("sallyport/", env!("CARGO_PKG_VERSION"));
@@ -70,6 +109,10 @@ pub enum ProtocolError {
     Peer(ErrorMsg),
     #[error("connection closed by peer")]
     Closed,
+    /// A TLS peer's connection ended without a close_notify: the peer process died, or
+    /// something on the path cut the connection (an orderly close sends one).
+    #[error("connection cut: closed without a TLS close_notify (the peer stopped abruptly, or the network dropped the connection)")]
+    Cut,
 }
 
 impl ProtocolError {
@@ -161,16 +204,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// The next message; `Ok(None)` on a clean end of stream between frames. Unknown advisory
     /// messages are skipped here so callers never see them.
     pub async fn read_message(&mut self) -> Result<Option<Message>, ProtocolError> {
-        loop {
-            // At end of stream the codec reports a partial frame as `Truncated`.
-            let Some(frame) = self.framed.next().await.transpose()? else {
-                return Ok(None);
-            };
-            if let Some(msg) = Message::from_frame(&frame)? {
-                return Ok(Some(msg));
-            }
-            tracing::debug!(kind = frame.kind, "skipping unknown advisory message");
-        }
+        next_message(&mut self.framed).await
+    }
+
+    /// Separates reading from writing, for a long-lived channel whose writes must never hold up
+    /// its reads (see [`outbox`]). Bytes already read stay with the reader; nothing is left
+    /// unwritten, since every write here flushes.
+    pub fn split(
+        self,
+    ) -> (
+        MessageReader<ReadHalf<S>>,
+        FramedWrite<WriteHalf<S>, FrameCodec>,
+    ) {
+        let FramedParts {
+            io,
+            codec,
+            read_buf,
+            ..
+        } = self.framed.into_parts();
+        let (read, write) = tokio::io::split(io);
+        // `from_parts` (unlike swapping in a read buffer) decodes frames already buffered
+        // before it waits for the socket again.
+        let mut parts = FramedParts::new::<RawFrame>(read, codec.clone());
+        parts.read_buf = read_buf;
+        let reader = Framed::from_parts(parts);
+        (
+            MessageReader { framed: reader },
+            FramedWrite::new(write, codec),
+        )
     }
 
     /// Like [`Connection::read_message`], but the end of stream is an error and an `Error` frame
@@ -214,6 +275,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.framed.get_ref()
     }
 
+    /// Whether bytes the peer sent are waiting, read but not yet decoded.
+    pub fn has_buffered_input(&self) -> bool {
+        !self.framed.read_buffer().is_empty()
+    }
+
     pub fn get_mut(&mut self) -> &mut S {
         self.framed.get_mut()
     }
@@ -226,6 +292,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let bytes = with_preamble(&Message::error(code, message));
         let _ = self.framed.get_mut().write_all(&bytes).await;
         let _ = self.framed.get_mut().flush().await;
+    }
+}
+
+/// The read half of a [`Connection`] after [`Connection::split`].
+pub struct MessageReader<R> {
+    /// Used as a stream only (a `FramedRead` cannot be built with bytes already buffered).
+    framed: Framed<R, FrameCodec>,
+}
+
+impl<R> MessageReader<R> {
+    /// The read half and the bytes read past the last decoded frame (raw payload that follows
+    /// the framed part of a conversation).
+    pub fn into_parts(self) -> (R, BytesMut) {
+        let FramedParts { io, read_buf, .. } = self.framed.into_parts();
+        (io, read_buf)
+    }
+}
+
+impl<R: AsyncRead + Unpin> MessageReader<R> {
+    /// As [`Connection::read_message`]; cancel safe (a partial frame stays buffered).
+    pub async fn read_message(&mut self) -> Result<Option<Message>, ProtocolError> {
+        next_message(&mut self.framed).await
+    }
+
+    pub fn get_ref(&self) -> &R {
+        self.framed.get_ref()
+    }
+}
+
+/// The next decoded message of a frame stream, skipping unknown advisory ones.
+async fn next_message<F>(frames: &mut F) -> Result<Option<Message>, ProtocolError>
+where
+    F: Stream<Item = Result<RawFrame, ProtocolError>> + Unpin,
+{
+    loop {
+        // At end of stream the codec reports a partial frame as `Truncated`. rustls reports an
+        // end without close_notify as an UnexpectedEof error whose text is a manual's URL.
+        let next = match frames.next().await.transpose() {
+            Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(ProtocolError::Cut)
+            }
+            next => next?,
+        };
+        let Some(frame) = next else {
+            return Ok(None);
+        };
+        if let Some(msg) = Message::from_frame(&frame)? {
+            return Ok(Some(msg));
+        }
+        tracing::debug!(kind = frame.kind, "skipping unknown advisory message");
     }
 }
 
@@ -243,18 +359,96 @@ pub fn with_preamble(msg: &Message) -> BytesMut {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
     #[test]
     fn negotiation() {
+        // A v1 peer keeps v1; a v2 peer gets v2; a newer one is brought down to ours.
         assert_eq!(negotiate(1, 1).unwrap(), 1);
+        assert_eq!(negotiate(1, 2).unwrap(), 2);
+        assert_eq!(negotiate(2, 2).unwrap(), 2);
+        assert_eq!(negotiate(0, 1).unwrap(), 1);
         assert_eq!(negotiate(1, 9).unwrap(), MAX_VERSION);
         assert!(matches!(
-            negotiate(2, 3),
+            negotiate(3, 4),
             Err(ProtocolError::NoCommonVersion { .. })
         ));
         assert!(negotiate(0, 0).is_err());
         assert!(negotiate(3, 1).is_err());
+        assert!(negotiate(2, 1).is_err());
+    }
+
+    #[test]
+    fn features_follow_the_negotiated_version() {
+        assert!(!Feature::SessionBinding.on(1));
+        assert!(Feature::SessionBinding.on(2));
+        assert!(!Feature::PoolAccepted.on(1));
+        assert!(Feature::PoolAccepted.on(2));
+        assert!(Feature::PoolAccepted.on(MAX_VERSION));
+    }
+
+    /// The worked examples of docs/protocol.md (sections 3 and 7.11), byte for byte: if this
+    /// fails, fix the page too.
+    #[test]
+    fn the_specs_worked_examples_are_true() {
+        let hex = |b: &[u8]| {
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let hello = Message::Hello(Hello {
+            min_version: 1,
+            max_version: 2,
+            software: "sallyport/0.1.0".into(),
+            role: Role::Control(ControlHello {
+                site: "acme-mft".into(),
+                agent: "int1".into(),
+                heartbeat_ms: 5000,
+            }),
+        });
+        assert_eq!(
+            hex(&with_preamble(&hello)),
+            "53 50 52 54 00 00 00 25 00 01 01 02 0f 73 61 6c 6c 79 70 6f 72 74 2f 30 2e 31 2e \
+             30 00 08 61 63 6d 65 2d 6d 66 74 04 69 6e 74 31 88 27"
+        );
+        let encode = |m: &Message| {
+            let mut buf = BytesMut::new();
+            FrameCodec::default()
+                .encode(m.to_frame(), &mut buf)
+                .unwrap();
+            hex(&buf)
+        };
+        let ack = Message::HelloAck(HelloAck {
+            version: 2,
+            software: "sallyport/0.1.0".into(),
+            heartbeat_ms: 5000,
+            data_tls: true,
+        });
+        assert_eq!(
+            encode(&ack),
+            "00 00 00 16 00 02 02 0f 73 61 6c 6c 79 70 6f 72 74 2f 30 2e 31 2e 30 88 27 01"
+        );
+        assert_eq!(
+            hex(&with_preamble(&Message::error(
+                ErrorCode::PEER_DENIED,
+                "no"
+            ))),
+            "53 50 52 54 00 00 00 06 00 03 07 02 6e 6f"
+        );
+        assert_eq!(
+            encode(&Message::Heartbeat(Heartbeat { seq: 1 })),
+            "00 00 00 03 00 30 01"
+        );
+        assert_eq!(
+            encode(&Message::Heartbeat(Heartbeat { seq: 300 })),
+            "00 00 00 04 00 30 ac 02"
+        );
+        assert_eq!(
+            encode(&Message::PoolAccepted(PoolAccepted { id: 300 })),
+            "00 00 00 04 00 23 ac 02"
+        );
     }
 
     #[tokio::test]
@@ -285,6 +479,31 @@ mod tests {
         assert_eq!(msg, Some(Message::Heartbeat(Heartbeat { seq: 5 })));
         let (_, rest) = conn.into_parts();
         assert_eq!(&rest[..], b"payload");
+    }
+
+    #[tokio::test]
+    async fn a_split_connection_reads_frames_buffered_before_the_split_at_once() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(a, DEFAULT_MAX_FRAME);
+        let mut bytes = BytesMut::new();
+        for seq in [1, 2] {
+            FrameCodec::default()
+                .encode(Message::Heartbeat(Heartbeat { seq }).to_frame(), &mut bytes)
+                .unwrap();
+        }
+        // Both frames arrive together: the first read buffers the second one.
+        b.write_all(&bytes).await.unwrap();
+        let first = conn.read_message().await.unwrap();
+        assert_eq!(first, Some(Message::Heartbeat(Heartbeat { seq: 1 })));
+        let (mut reader, _writer) = conn.split();
+        // No more bytes come from the peer, yet the buffered frame is there.
+        let second = tokio::time::timeout(Duration::from_secs(1), reader.read_message())
+            .await
+            .expect("the buffered frame was not decoded");
+        assert_eq!(
+            second.unwrap(),
+            Some(Message::Heartbeat(Heartbeat { seq: 2 }))
+        );
     }
 
     #[tokio::test]

@@ -77,9 +77,17 @@ impl Proc {
 
     /// Starts any program (e.g. `strace ... sallyport gateway`) with log collection.
     pub fn spawn_program(name: &str, program: &str, args: &[&str]) -> Proc {
+        Proc::spawn_with_env(name, program, args, &[])
+    }
+
+    /// Starts `program` with extra environment variables (e.g. `SALLYPORT_LOG_FORMAT=json`).
+    pub fn spawn_with_env(name: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(program)
             .args(args)
             .env("SALLYPORT_LOG", "info,sallyport=debug")
+            // Text logs unless a test asks otherwise, whatever the caller's environment says.
+            .env_remove("SALLYPORT_LOG_FORMAT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -234,15 +242,26 @@ pub fn start_gateway_named(dir: &Workdir, name: &str, extra: &str) -> Gateway {
 }
 
 /// Starts a gateway whose `[control]` section is `control` (it must set `listen`). Unless
-/// `extra` has an `[admin]` section, the admin API listens on an ephemeral loopback port.
+/// `extra` has an `[admin]` section, the admin API listens on an ephemeral loopback port; unless
+/// it has `[peers]`, every address is allowed (written out, as a gateway requires), and unless
+/// it has `[clients]`, public listeners bind 127.0.0.1.
 pub fn start_gateway_with(dir: &Workdir, name: &str, control: &str, extra: &str) -> Gateway {
     let admin = if extra.contains("[admin]") {
         ""
     } else {
         "[admin]\nlisten = \"127.0.0.1:0\"\n"
     };
-    let config =
-        format!("[control]\n{control}\n\n[clients]\nbind = \"127.0.0.1\"\n\n{admin}\n{extra}\n");
+    let peers = if extra.contains("[peers]") {
+        ""
+    } else {
+        "[peers]\ndefault = \"allow\"\n"
+    };
+    let clients = if extra.contains("[clients]") {
+        ""
+    } else {
+        "[clients]\nbind = \"127.0.0.1\"\n"
+    };
+    let config = format!("[control]\n{control}\n\n{clients}\n{peers}\n{admin}\n{extra}\n");
     let path = dir.write(&format!("{name}.toml"), &config);
     spawn_gateway(name, &path)
 }
@@ -305,7 +324,25 @@ pub fn listener(name: &str, public_port: u16, backend: SocketAddr) -> ListenerDe
     }
 }
 
+/// agent.toml text: `extra` holds top-level keys (it may end with tables). Unless it sets the
+/// admin server, that listens on an ephemeral port: agents of tests running in parallel must not
+/// all take the default 127.0.0.1:9091.
 pub fn agent_config(gateways: &[SocketAddr], listeners: &[ListenerDef], extra: &str) -> String {
+    if extra.contains("[admin]") || extra.contains("admin.") {
+        agent_config_without_admin(gateways, listeners, extra)
+    } else {
+        // Before `extra`, which may end inside a table of its own.
+        let extra = format!("admin.listen = \"127.0.0.1:0\"\n{extra}");
+        agent_config_without_admin(gateways, listeners, &extra)
+    }
+}
+
+/// [`agent_config`] for a caller that appends its own `[admin]` table.
+pub fn agent_config_without_admin(
+    gateways: &[SocketAddr],
+    listeners: &[ListenerDef],
+    extra: &str,
+) -> String {
     let gws: Vec<String> = gateways.iter().map(|g| format!("\"{g}\"")).collect();
     // `extra` may name the agent itself (several agents of one site).
     let name = if extra.lines().any(|l| l.trim_start().starts_with("name ")) {
@@ -336,13 +373,26 @@ pub fn start_agent(
     top: &str,
     tables: &str,
 ) -> Proc {
-    let mut config = agent_config(gateways, listeners, top);
+    let mut config = if tables.contains("[admin]") {
+        agent_config_without_admin(gateways, listeners, top)
+    } else {
+        agent_config(gateways, listeners, top)
+    };
     if !tables.contains("[reconnect]") {
         config.push_str("\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n");
     }
     config.push_str(tables);
     let path = dir.write(&format!("{name}.toml"), &config);
     Proc::spawn(name, &["agent", "--config", path.to_str().unwrap()])
+}
+
+/// The log line an agent writes once its admin server listens.
+pub const AGENT_ADMIN_LINE: &str = "agent admin API and page listening on http://";
+
+/// `http://addr` of an agent's admin server, from its log (waits for the line).
+pub fn agent_admin_url(agent: &Proc) -> String {
+    let line = agent.wait_for_log(AGENT_ADMIN_LINE, Duration::from_secs(10));
+    format!("http://{}", addr_after(&line, "listening on http://"))
 }
 
 /// Waits until a public port accepts connections.

@@ -2,12 +2,21 @@
 //! not make. Each client command prints one JSON object on stdout.
 //!
 //! ```text
-//! loadgen echo  --listen 127.0.0.1:PORT          echo server; prints "listening ADDR"
+//! loadgen echo  --listen 127.0.0.1:PORT [--mode echo|reply-close]
+//!                                                echo server; prints "listening ADDR"
+//!                                                (reply-close: echoes once, then closes first)
 //! loadgen ports --n N                            N free loopback ports, one a line
-//! loadgen ttfb  --addr A --n N                   N sequential connect + 1 byte + 1 byte echo
+//! loadgen ttfb  --addr A --n N [--gap-ms G]      N sequential connect + 1 byte + 1 byte echo
 //! loadgen storm --addr A --n N --concurrency C   N connections, C in flight: connect, echo, close
 //! loadgen idle  --addr A --n N [--pid NAME=PID]  memory per idle connection (RSS, kernel)
+//! loadgen rate  --addr A --per-s R --secs S [--from IP,IP..] [--wait-close 1]
+//!                                                open-loop arrivals: R new clients a second
+//! loadgen delay --listen A --to B [--ms D | --delay-file F] [--handshake 1]
+//!                                                relay adding D ms (or F's number) each way;
+//!                                                --handshake 1: new connections pay the RTT
 //! ```
+
+mod delay;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -18,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod rate;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,10 +64,23 @@ impl Args {
             None => default,
         }
     }
-    fn addr(&self) -> SocketAddr {
-        self.get("addr")
+    fn float(&self, key: &str, default: f64) -> f64 {
+        match self.0.get(key).and_then(|v| v.last()) {
+            Some(v) => v
+                .parse()
+                .ok()
+                .filter(|x: &f64| x.is_finite() && *x >= 0.0)
+                .unwrap_or_else(|| die(&format!("--{key}: not a number >= 0"))),
+            None => default,
+        }
+    }
+    fn sock(&self, key: &str) -> SocketAddr {
+        self.get(key)
             .parse()
-            .unwrap_or_else(|_| die("--addr: not IP:port"))
+            .unwrap_or_else(|_| die(&format!("--{key}: not IP:port")))
+    }
+    fn addr(&self) -> SocketAddr {
+        self.sock("addr")
     }
     fn all(&self, key: &str) -> Vec<String> {
         self.0.get(key).cloned().unwrap_or_default()
@@ -71,7 +95,7 @@ fn die(msg: &str) -> ! {
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(command) = argv.first() else {
-        die("usage: loadgen echo|ports|ttfb|storm|idle [--key value ...]")
+        die("usage: loadgen echo|ports|ttfb|storm|idle|delay [--key value ...]")
     };
     let args = Args::parse(&argv[1..]);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -79,21 +103,75 @@ fn main() {
         .build()
         .expect("tokio runtime");
     match command.as_str() {
-        "echo" => rt.block_on(echo(args.get("listen").to_string())),
+        "echo" => {
+            let reply_close = match args
+                .0
+                .get("mode")
+                .and_then(|v| v.last())
+                .map(String::as_str)
+            {
+                None | Some("echo") => false,
+                Some("reply-close") => true,
+                Some(other) => die(&format!("--mode {other}: echo or reply-close")),
+            };
+            rt.block_on(echo(args.get("listen").to_string(), reply_close))
+        }
         "ports" => ports(args.num("n", 1)),
-        "ttfb" => ttfb(args.addr(), args.num("n", 500)),
+        "ttfb" => ttfb(
+            args.addr(),
+            args.num("n", 500),
+            Duration::from_secs_f64(args.float("gap-ms", 0.0) / 1e3),
+        ),
         "storm" => rt.block_on(storm(
             args.addr(),
             args.num("n", 10_000),
             args.num("concurrency", 50),
         )),
         "idle" => rt.block_on(idle(args.addr(), args.num("n", 1000), args.all("pid"))),
+        "rate" => {
+            let addr = args.addr();
+            let from = match args.0.get("from").and_then(|v| v.last()) {
+                Some(list) => list
+                    .split(',')
+                    .map(|ip| {
+                        ip.trim()
+                            .parse()
+                            .unwrap_or_else(|_| die(&format!("--from: {ip} is not an IP")))
+                    })
+                    .collect(),
+                None => vec![if addr.is_ipv4() {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                }],
+            };
+            rt.block_on(rate::run(rate::Plan {
+                addr,
+                per_s: args.float("per-s", 2000.0).max(1.0),
+                secs: args.float("secs", 60.0),
+                from,
+                wait_close: args.num("wait-close", 0) != 0,
+                timeout: Duration::from_secs_f64(args.float("timeout-ms", 5000.0) / 1e3),
+                max_in_flight: args.num("max-in-flight", 8000),
+            }))
+        }
+        "delay" => {
+            let fixed = args.0.get("ms").map(|_| args.float("ms", 0.0));
+            rt.block_on(delay::run(delay::Link {
+                listen: args.get("listen").to_string(),
+                to: args.sock("to"),
+                fixed_ms: fixed,
+                delay_file: args.all("delay-file").pop().map(Into::into),
+                handshake: args.num("handshake", 0) != 0,
+            }))
+        }
         other => die(&format!("unknown command {other}")),
     }
 }
 
-/// Echoes every connection until it ends; never closes first.
-async fn echo(listen: String) {
+/// Echoes every connection until it ends and never closes first; with `reply_close`, echoes
+/// the first chunk and then closes first (a server answering `Connection: close`).
+async fn echo(listen: String, reply_close: bool) {
     let listener = TcpListener::bind(&listen)
         .await
         .unwrap_or_else(|e| die(&format!("bind {listen}: {e}")));
@@ -112,7 +190,7 @@ async fn echo(listen: String) {
                 match s.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if s.write_all(&buf[..n]).await.is_err() {
+                        if s.write_all(&buf[..n]).await.is_err() || reply_close {
                             break;
                         }
                     }
@@ -152,11 +230,15 @@ fn one_echo(addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
 }
 
 /// Time to first byte of a new connection, sequentially, with blocking sockets (no runtime in
-/// the measured path).
-fn ttfb(addr: SocketAddr, n: usize) {
+/// the measured path). `gap` spaces the connections out (a site whose clients come one at a
+/// time, so a tunnel's pool has refilled before the next one).
+fn ttfb(addr: SocketAddr, n: usize, gap: Duration) {
     let mut samples = Vec::with_capacity(n);
     let mut errors = 0;
-    for _ in 0..n {
+    for i in 0..n {
+        if i > 0 && !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
         let t = Instant::now();
         match one_echo(addr) {
             Ok(s) => {
@@ -168,9 +250,10 @@ fn ttfb(addr: SocketAddr, n: usize) {
     }
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
-        "{{\"n\":{n},\"errors\":{errors},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
+        "{{\"n\":{n},\"errors\":{errors},\"p50_us\":{:.1},\"p99_us\":{:.1},\"min_us\":{:.1}}}",
         percentile(&samples, 50.0),
-        percentile(&samples, 99.0)
+        percentile(&samples, 99.0),
+        samples.first().copied().unwrap_or(f64::NAN)
     );
 }
 

@@ -1,0 +1,198 @@
+//! The agent's `GET /metrics`: its status and counters in the Prometheus text format, built at
+//! each scrape from the same reports `/api/status` and `/api/stats` answer, written with the
+//! gateway's encoder ([`super::metrics`]). Every name starts with `sallyport_agent_` and none
+//! is one the gateway exports, so one Prometheus can scrape both daemons.
+
+use prometheus::proto::MetricType::{COUNTER, GAUGE};
+
+use super::metrics::{encode, family, Labels};
+use crate::agent::report::{GatewayReport, Light, ListenerSnapshot, StatsReport, StatusReport};
+
+/// Renders an agent's metrics.
+pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
+    let gw = |g: &str| -> Labels { vec![("gateway", g.to_string())] };
+    let per_gateway = |f: &dyn Fn(&GatewayReport) -> Option<f64>| {
+        status
+            .gateways
+            .iter()
+            .filter_map(|g| f(g).map(|v| (gw(&g.gateway), v)))
+            .collect::<Vec<_>>()
+    };
+    let mut families = vec![
+        family(
+            "sallyport_agent_info",
+            "Always 1; the labels say which agent of which site runs which version.",
+            GAUGE,
+            vec![(
+                vec![
+                    ("site", status.site.clone()),
+                    ("agent", status.agent.clone()),
+                    ("version", status.version.clone()),
+                ],
+                1.0,
+            )],
+        ),
+        family(
+            "sallyport_agent_gateway_up",
+            "1 while the control channel to the gateway is up.",
+            GAUGE,
+            per_gateway(&|g| Some(g.connected as u8 as f64)),
+        ),
+        family(
+            "sallyport_agent_gateway_rtt_seconds",
+            "Smoothed round-trip time of the control connection (TCP_INFO).",
+            GAUGE,
+            per_gateway(&|g| g.rtt_ms.map(|ms| ms / 1000.0)),
+        ),
+        family(
+            "sallyport_agent_gateway_reconnect_attempts",
+            "Failed connection attempts since the last established session.",
+            GAUGE,
+            per_gateway(&|g| Some(g.reconnect_attempts as f64)),
+        ),
+        family(
+            "sallyport_agent_gateway_sessions_total",
+            "Control sessions established since the agent started.",
+            COUNTER,
+            per_gateway(&|g| Some(g.sessions as f64)),
+        ),
+        family(
+            "sallyport_agent_pool_idle_connections",
+            "Idle warm-pool data connections open to the gateway.",
+            GAUGE,
+            per_gateway(&|g| Some(g.pool.idle as f64)),
+        ),
+    ];
+    let listener_up = status
+        .gateways
+        .iter()
+        .flat_map(|g| {
+            g.listeners.iter().map(|l| {
+                (
+                    vec![("gateway", g.gateway.clone()), ("listener", l.name.clone())],
+                    (l.state == "open") as u8 as f64,
+                )
+            })
+        })
+        .collect();
+    families.push(family(
+        "sallyport_agent_listener_up",
+        "1 while the gateway accepts clients for the listener.",
+        GAUGE,
+        listener_up,
+    ));
+    let each = |f: fn(&ListenerSnapshot) -> u64| {
+        stats
+            .listeners
+            .iter()
+            .map(|l| (vec![("listener", l.name.clone())], f(&l.counters) as f64))
+            .collect::<Vec<_>>()
+    };
+    for (name, help, kind, value) in [
+        (
+            "sallyport_agent_clients_offered_total",
+            "Clients gateways offered this agent.",
+            COUNTER,
+            (|c| c.offered) as fn(&ListenerSnapshot) -> u64,
+        ),
+        (
+            "sallyport_agent_clients_served_total",
+            "Clients piped to their backend.",
+            COUNTER,
+            |c| c.served,
+        ),
+        (
+            "sallyport_agent_backend_failures_total",
+            "Clients whose backend could not be reached.",
+            COUNTER,
+            |c| c.backend_failures,
+        ),
+        (
+            "sallyport_agent_data_failures_total",
+            "Clients whose data connection to the gateway could not be opened.",
+            COUNTER,
+            |c| c.data_failures,
+        ),
+        (
+            "sallyport_agent_clients_active",
+            "Clients piping now.",
+            GAUGE,
+            |c| c.active,
+        ),
+        (
+            "sallyport_agent_bytes_from_clients_total",
+            "Client bytes written to backends (without PROXY headers).",
+            COUNTER,
+            |c| c.bytes.from_client,
+        ),
+        (
+            "sallyport_agent_bytes_to_clients_total",
+            "Backend bytes written towards clients.",
+            COUNTER,
+            |c| c.bytes.to_client,
+        ),
+    ] {
+        families.push(family(name, help, kind, each(value)));
+    }
+    let outcomes = stats
+        .outbound
+        .requests
+        .iter()
+        .map(|(k, n)| (vec![("outcome", k.clone())], *n as f64))
+        .collect();
+    families.push(family(
+        "sallyport_agent_outbound_requests_total",
+        "Outbound proxy requests by outcome.",
+        COUNTER,
+        outcomes,
+    ));
+    families.push(family(
+        "sallyport_agent_outbound_active",
+        "Outbound proxy clients piping now.",
+        GAUGE,
+        vec![(vec![], stats.outbound.active as f64)],
+    ));
+    families.push(family(
+        "sallyport_agent_config_generation",
+        "Configurations loaded since the agent started (1 + applied reloads).",
+        GAUGE,
+        vec![(vec![], status.config.generation as f64)],
+    ));
+    families.push(family(
+        "sallyport_agent_config_reloads_total",
+        "Reloads (SIGHUP or POST /api/reload) by result: applied or refused.",
+        COUNTER,
+        vec![
+            (
+                vec![("result", "applied".to_string())],
+                status.config.reloads_applied as f64,
+            ),
+            (
+                vec![("result", "refused".to_string())],
+                status.config.reloads_refused as f64,
+            ),
+        ],
+    ));
+    families.push(family(
+        "sallyport_agent_light",
+        "1 for the agent's current light (green, amber, red).",
+        GAUGE,
+        [Light::Green, Light::Amber, Light::Red]
+            .into_iter()
+            .map(|l| {
+                let name = serde_json::to_value(l).expect("a light serializes");
+                (
+                    vec![("light", name.as_str().unwrap_or("").to_string())],
+                    (l == status.light) as u8 as f64,
+                )
+            })
+            .collect(),
+    ));
+    families.push(family(
+        "sallyport_agent_uptime_seconds",
+        "Seconds since the agent started.",
+        GAUGE,
+        vec![(vec![], status.uptime_seconds as f64)],
+    ));
+    encode(families)
+}
