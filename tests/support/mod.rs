@@ -22,13 +22,30 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sallyport");
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, from the 12,000 ports below the kernel's
+/// ephemeral range: a port from inside it (what binding port 0 gives) can be handed to another
+/// socket before the daemon binds it (an outgoing connection's source port, or a daemon's admin
+/// server bound to port 0), and then the test's clients reach the wrong server.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let first = low.saturating_sub(12000).max(1024);
+    let span = low - first;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .subsec_nanos();
+    let seed = nanos
+        ^ std::process::id().wrapping_mul(2654435761)
+        ^ CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(40503);
+    (0..span)
+        .map(|i| (first + (seed % span + i) % span) as u16)
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("no free port below the ephemeral range")
 }
 
 pub fn local(port: u16) -> SocketAddr {

@@ -200,11 +200,30 @@ async fn echo(listen: String, reply_close: bool) {
     }
 }
 
-/// Free loopback ports (bound then released; the caller uses them at once).
+/// Free loopback ports (bound then released; the caller uses them at once), from the 12,000
+/// ports below the kernel's ephemeral range. A port taken from inside that range (what binding
+/// port 0 gives) can be handed by the kernel to any other socket between this check and the
+/// tunnel's own bind: an outgoing connection's source port, or another process's port-0 bind.
+/// Once an agent's admin server (bound to port 0) got the public port its gateway was about to
+/// open, and every client of that run reached the admin server instead (bench/run's CI failure
+/// "no echo through sp-tls").
 fn ports(n: usize) {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let first = low.saturating_sub(12000).max(1024);
+    let span = low - first;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let start = (nanos ^ std::process::id().wrapping_mul(2654435761)) % span;
+    let held: Vec<std::net::TcpListener> = (0..span)
+        .map(|i| first + (start + i) % span)
+        .filter_map(|port| std::net::TcpListener::bind(("127.0.0.1", port as u16)).ok())
+        .take(n)
         .collect();
+    assert_eq!(held.len(), n, "fewer than {n} free ports below {low}");
     for l in &held {
         println!("{}", l.local_addr().unwrap().port());
     }
