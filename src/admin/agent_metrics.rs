@@ -147,6 +147,16 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
         outcomes,
     ));
     families.push(family(
+        "sallyport_agent_offers_refused_total",
+        "Offers of gateways refused before any connection, by reason (agent [limits], unknown listener, bad port).",
+        COUNTER,
+        stats
+            .refused
+            .iter()
+            .map(|(k, n)| (vec![("reason", k.clone())], *n as f64))
+            .collect(),
+    ));
+    families.push(family(
         "sallyport_agent_outbound_active",
         "Outbound proxy clients piping now.",
         GAUGE,

@@ -29,19 +29,23 @@ pub(crate) struct Gateway {
     /// The secret the gateway gave this control session (protocol v2): pool connections prove
     /// they belong to the session with it.
     pub session: Option<Token>,
+    /// This gateway's share of the agent: offers are admitted against it.
+    pub limits: Arc<super::limits::GatewayLimits>,
 }
 
 /// Serves one client announced by `gateway`. Reports failures on the control channel through
 /// `control` when it is still there; never depends on it otherwise.
 /// `pooled` is a warm-pool data connection the gateway already handed this client (no dial).
 /// Counts the client in its listener's statistics and ends with its audit record
-/// ([`crate::audit`]), whatever happens.
+/// ([`crate::audit`]), whatever happens. `_admission` holds the client's places in its
+/// gateway's limits (`super::limits`) until it ends.
 pub(crate) async fn serve_client(
     ctx: AgentCtx,
     gateway: Gateway,
     arrived: ClientArrived,
     control: mpsc::Sender<Message>,
     pooled: Option<(Stream, BytesMut)>,
+    _admission: super::limits::Admission,
 ) {
     let started = Instant::now();
     let config = ctx.config();
@@ -138,10 +142,15 @@ pub(crate) async fn serve_client(
             return;
         }
         Err(e) => {
-            tracing::warn!(
-                listener = listener_name, client = %client, gateway = %gateway.name,
-                "data connection failed: {e}"
-            );
+            // Rate-limited: a gateway that answers every data hello with garbage gets a few
+            // lines and a tally, not one line per offer.
+            let hit = gateway.limits.data_failures.hit();
+            if hit.log {
+                tracing::warn!(
+                    listener = listener_name, client = %client, gateway = %gateway.name,
+                    "data connection failed: {e}{}", hit.tally()
+                );
+            }
             let why = format!("agent's data connection failed: {e}");
             stats.data_failed(&why);
             record("data_failed", Some(&why), Some(&target), (0, 0));

@@ -12,6 +12,7 @@ pub mod backoff;
 mod data;
 pub(crate) mod dial;
 pub mod embedded;
+pub(crate) mod limits;
 mod outbound;
 mod pool;
 pub mod proxy_header;
@@ -47,6 +48,8 @@ pub(crate) struct AgentCtx {
     pub local: Option<mpsc::Sender<Accepted>>,
     /// Counters for the admin API and `/metrics`.
     pub stats: Arc<stats::AgentStats>,
+    /// Each gateway's share of the agent (`[limits]`).
+    pub limits: Arc<limits::Limits>,
 }
 
 impl AgentCtx {
@@ -145,6 +148,7 @@ impl Agent {
             status: self.status.clone(),
             local: self.local.clone(),
             stats: self.stats.clone(),
+            limits: Arc::default(),
         };
         let config = ctx.config();
         tracing::info!(

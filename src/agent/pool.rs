@@ -213,6 +213,17 @@ async fn member(
             return Left::Closed;
         }
     };
+    // Admitted like an announced client; a refused one is left unanswered (the gateway offers
+    // it elsewhere) and this member pauses before it is replaced.
+    let admission = match gateway.limits.admit(
+        &ctx.config(),
+        &ctx.stats,
+        &assign.listener,
+        assign.port_offset,
+    ) {
+        Ok(a) => a,
+        Err(_) => return Left::Failed,
+    };
     if Feature::PoolAccepted.on(version) {
         // Before anything else: the gateway offers the client elsewhere without this answer.
         // If it already gave up, the connection is reset and the write fails: drop the client.
@@ -242,6 +253,7 @@ async fn member(
         arrived,
         control,
         Some(pooled),
+        admission,
     ));
     Left::Assigned
 }

@@ -168,6 +168,10 @@ pub struct StatsReport {
     /// listener's removal so the rows add up to the totals).
     pub listeners: Vec<ListenerStatsReport>,
     pub outbound: OutboundSnapshot,
+    /// Offers refused before any connection was made, by reason (`rate`, `data_connections`,
+    /// `backend_connections`, `listener_backend_connections`, `unknown_listener`, `bad_port`).
+    #[serde(default)]
+    pub refused: std::collections::BTreeMap<String, u64>,
 }
 
 /// One listener's counters.
@@ -348,6 +352,7 @@ impl super::Agent {
             totals: StatsReport::totals_of(&listeners),
             listeners,
             outbound: self.stats.outbound.snapshot(),
+            refused: self.stats.refused.snapshot(),
         }
     }
 }

@@ -14,8 +14,8 @@ use crate::net;
 use crate::protocol::liveness::{Beat, Liveness, MISSED};
 use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
-    ConfigResult, ControlHello, ErrorCode, Feature, ListenerStatus, Message, ProtocolError,
-    PushConfig, Role,
+    ClientFailed, ConfigResult, ControlHello, ErrorCode, Feature, ListenerStatus, Message,
+    ProtocolError, PushConfig, Role,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,9 @@ pub(crate) enum SessionError {
     HeartbeatsMissed(Duration),
     #[error("unexpected {0} from the gateway")]
     Unexpected(&'static str),
+    /// A message that cannot be true: a ConfigResult for a push never made, or answered twice.
+    #[error("the gateway answered a config push it was never sent: {0}")]
+    NeverPushed(String),
 }
 
 /// Keeps a control channel to `gateway` until shutdown (of the agent, or of this channel: a
@@ -173,6 +176,8 @@ async fn run_session(
     );
 
     let mut generation = 1;
+    // The latest generation the gateway answered.
+    let mut answered = 0;
     let mut liveness = Liveness::new(heartbeat);
     net::keepalive(conn.get_ref().tcp(), liveness.write_limit());
     net::user_timeout(conn.get_ref().tcp(), liveness.write_limit());
@@ -188,11 +193,13 @@ async fn run_session(
     let pool_stop = CancellationToken::new();
     let _pool_guard = pool_stop.clone().drop_guard();
     let mut pool: Option<tokio::task::JoinHandle<()>> = None;
+    let limits = ctx.limits.gateway(gateway);
     let gateway_for_data = || data::Gateway {
         name: gateway.to_string(),
         addr: gateway_addr,
         tls: data_tls,
         session,
+        limits: limits.clone(),
     };
     let end = loop {
         tokio::select! {
@@ -217,10 +224,19 @@ async fn run_session(
                 liveness.heard();
                 match msg {
                     Message::Heartbeat(_) => {}
-                    Message::ClientArrived(arrived) => {
-                        ctx.tasks.spawn(data::serve_client(ctx.clone(), gateway_for_data(), arrived, outbox_tx.clone(), None));
-                    }
-                    Message::ConfigResult(result) => {
+                    Message::ClientArrived(arrived) => offered(ctx, gateway_for_data(), arrived, &outbox_tx),
+                    Message::ConfigResult(mut result) => {
+                        // One answer per push, in order: anything else is made up.
+                        if result.generation <= answered || result.generation > generation {
+                            break SessionError::NeverPushed(format!(
+                                "config-result for generation {} (pushed: {generation}, answered: {answered})",
+                                result.generation
+                            ));
+                        }
+                        answered = result.generation;
+                        // Only listeners of this agent are shown and logged, whatever the gateway names.
+                        let config = ctx.config();
+                        result.listeners.retain(|l| config.listener(&l.name).is_some());
                         log_config_result(gateway, &result);
                         if result.generation == generation {
                             *established = true;
@@ -277,6 +293,39 @@ async fn run_session(
     Err(end)
 }
 
+/// An announced client: admitted against its gateway's limits before anything is dialed, then
+/// served as an agent task; refused with `ClientFailed` (dropped when the outbox is full: the
+/// gateway's deadline closes the client then).
+fn offered(
+    ctx: &AgentCtx,
+    gateway: data::Gateway,
+    arrived: crate::protocol::ClientArrived,
+    outbox: &mpsc::Sender<Message>,
+) {
+    let config = ctx.config();
+    let limits = gateway.limits.clone();
+    match limits.admit(&config, &ctx.stats, &arrived.listener, arrived.port_offset) {
+        Ok(admission) => {
+            let serve = data::serve_client(
+                ctx.clone(),
+                gateway,
+                arrived,
+                outbox.clone(),
+                None,
+                admission,
+            );
+            ctx.tasks.spawn(serve);
+        }
+        Err(reason) => {
+            let failed = ClientFailed {
+                id: arrived.id,
+                reason,
+            };
+            let _ = outbox.try_send(Message::ClientFailed(failed));
+        }
+    }
+}
+
 /// How long a failing session waits for its last words (an Error frame) to be written.
 const FAREWELL_LIMIT: Duration = Duration::from_secs(1);
 
@@ -285,7 +334,9 @@ impl SessionError {
     /// silence, a failed write or its own Error.
     fn farewell(&self) -> Option<Message> {
         let (code, text) = match self {
-            SessionError::Unexpected(_) => (ErrorCode::PROTOCOL, self.to_string()),
+            SessionError::Unexpected(_) | SessionError::NeverPushed(_) => {
+                (ErrorCode::PROTOCOL, self.to_string())
+            }
             SessionError::Protocol(
                 ProtocolError::Peer(_)
                 | ProtocolError::Closed

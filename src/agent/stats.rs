@@ -24,6 +24,79 @@ pub struct AgentStats {
     /// in the totals).
     listeners: Mutex<BTreeMap<String, Arc<ListenerStats>>>,
     pub outbound: OutboundStats,
+    /// Offers refused before any connection was made, by reason (`agent::limits`).
+    pub refused: RefusalStats,
+}
+
+/// Why the agent refused a gateway's offer before dialing anything: one counter each, all
+/// reported (zeros too) so the metric's label set is stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over `limits.offers_per_second` (the token bucket was empty).
+    Rate,
+    /// `limits.max_data_connections` of this gateway in use.
+    DataConnections,
+    /// `limits.max_backend_connections` of this gateway in use.
+    BackendConnections,
+    /// `limits.max_backend_connections_per_listener` in use.
+    ListenerBackendConnections,
+    /// The offer names a listener this agent does not have.
+    UnknownListener,
+    /// The offer's port offset is outside the listener's range.
+    BadPort,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Rate,
+        Refusal::DataConnections,
+        Refusal::BackendConnections,
+        Refusal::ListenerBackendConnections,
+        Refusal::UnknownListener,
+        Refusal::BadPort,
+    ];
+
+    /// The key in `/api/stats` and the `reason` label in `/metrics`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Refusal::Rate => "rate",
+            Refusal::DataConnections => "data_connections",
+            Refusal::BackendConnections => "backend_connections",
+            Refusal::ListenerBackendConnections => "listener_backend_connections",
+            Refusal::UnknownListener => "unknown_listener",
+            Refusal::BadPort => "bad_port",
+        }
+    }
+
+    fn index(self) -> usize {
+        Refusal::ALL
+            .iter()
+            .position(|r| *r == self)
+            .expect("ALL lists every reason")
+    }
+}
+
+/// Refused offers by reason.
+#[derive(Debug, Default)]
+pub struct RefusalStats([AtomicU64; Refusal::ALL.len()]);
+
+impl RefusalStats {
+    pub fn count(&self, why: Refusal) {
+        self.0[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every reason's count, by key.
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        Refusal::ALL
+            .iter()
+            .map(|r| {
+                (
+                    r.key().to_string(),
+                    self.0[r.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
 }
 
 impl AgentStats {

@@ -53,7 +53,40 @@ pub struct AgentConfig {
     pub max_frame: usize,
     /// The agent's admin server (`[admin]`; 127.0.0.1:9091 unless `enabled = false`).
     pub admin: AdminConfig,
+    /// `[limits]`: what one gateway may make this agent hold (see `agent::limits`).
+    pub limits: AgentLimits,
     pub notices: Vec<String>,
+}
+
+/// `[limits]` of agent.toml: bounds each gateway's offers must stay within, so that a
+/// compromised gateway reaches the configured backends at the configured rate and no more.
+/// Every bound is per gateway; the defaults are above what one gateway's own defaults let
+/// through (16,384 clients) and above the connection rate measured on the project's machine
+/// (8,624 conn/s), so they never bite a healthy deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentLimits {
+    /// Data connections (dialed or piping, warm-pool ones handed a client included) at once.
+    pub max_data_connections: usize,
+    /// Backend connections (connecting or piping) at once.
+    pub max_backend_connections: usize,
+    /// The same, per listener.
+    pub max_backend_connections_per_listener: usize,
+    /// Offers (ClientArrived, PoolAssign) admitted per second, on average (a token bucket).
+    pub offers_per_second: u32,
+    /// The bucket's size: offers admitted at once after a quiet spell.
+    pub offer_burst: u32,
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        AgentLimits {
+            max_data_connections: 16384,
+            max_backend_connections: 16384,
+            max_backend_connections_per_listener: 16384,
+            offers_per_second: 20000,
+            offer_burst: 20000,
+        }
+    }
 }
 
 /// The agent's TLS files and the connector built from them.
@@ -178,6 +211,17 @@ struct RawAgent {
     listener: Vec<Spanned<RawListener>>,
     outbound: Option<RawOutbound>,
     admin: Option<super::admin::RawAdmin>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_data_connections: Option<Spanned<u64>>,
+    max_backend_connections: Option<Spanned<u64>>,
+    max_backend_connections_per_listener: Option<Spanned<u64>>,
+    offers_per_second: Option<Spanned<u64>>,
+    offer_burst: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -307,6 +351,7 @@ impl AgentConfig {
             outbound: None,
             max_frame: DEFAULT_MAX_FRAME,
             admin: AdminConfig::on(DEFAULT_AGENT_ADMIN),
+            limits: AgentLimits::default(),
             notices: Vec::new(),
         })
     }
@@ -631,6 +676,8 @@ impl AgentConfig {
             &mut notices,
         )?;
 
+        let limits = parse_limits(&src, raw.limits.as_ref())?;
+
         Ok(AgentConfig {
             site,
             name,
@@ -646,6 +693,7 @@ impl AgentConfig {
             outbound,
             max_frame,
             admin,
+            limits,
             notices,
         })
     }
@@ -668,6 +716,43 @@ impl AgentConfig {
             .map(|b| format!("{b:02x}"))
             .collect()
     }
+}
+
+/// `[limits]`: every count from 1 to 1,000,000; unset keys keep their defaults.
+fn parse_limits(src: &Source, raw: Option<&RawLimits>) -> Result<AgentLimits, ConfigError> {
+    let mut limits = AgentLimits::default();
+    let Some(raw) = raw else {
+        return Ok(limits);
+    };
+    let count = |v: &Option<Spanned<u64>>, name: &str| -> Result<Option<u64>, ConfigError> {
+        match v {
+            Some(v) if (1..=1_000_000).contains(v.get_ref()) => Ok(Some(*v.get_ref())),
+            Some(v) => Err(src.error(
+                v.span(),
+                &format!("limits.{name}"),
+                format!("{} is outside the allowed 1 to 1000000", v.get_ref()),
+            )),
+            None => Ok(None),
+        }
+    };
+    let l = &mut limits;
+    if let Some(n) = count(&raw.max_data_connections, "max_data_connections")? {
+        l.max_data_connections = n as usize;
+    }
+    if let Some(n) = count(&raw.max_backend_connections, "max_backend_connections")? {
+        l.max_backend_connections = n as usize;
+    }
+    let per_listener = "max_backend_connections_per_listener";
+    if let Some(n) = count(&raw.max_backend_connections_per_listener, per_listener)? {
+        l.max_backend_connections_per_listener = n as usize;
+    }
+    if let Some(n) = count(&raw.offers_per_second, "offers_per_second")? {
+        l.offers_per_second = n as u32;
+    }
+    if let Some(n) = count(&raw.offer_burst, "offer_burst")? {
+        l.offer_burst = n as u32;
+    }
+    Ok(limits)
 }
 
 impl AgentConfig {
@@ -743,6 +828,20 @@ impl AgentConfig {
             Setting::secret("admin.token", self.admin.token.as_deref()),
             Setting::new("outbound.users.name", users(|u| &u.0)),
             Setting::secret("outbound.users.password", Some(&users(|u| &u.1))),
+            Setting::new(
+                "limits.max_data_connections",
+                self.limits.max_data_connections,
+            ),
+            Setting::new(
+                "limits.max_backend_connections",
+                self.limits.max_backend_connections,
+            ),
+            Setting::new(
+                "limits.max_backend_connections_per_listener",
+                self.limits.max_backend_connections_per_listener,
+            ),
+            Setting::new("limits.offers_per_second", self.limits.offers_per_second),
+            Setting::new("limits.offer_burst", self.limits.offer_burst),
         ]
     }
 

@@ -244,6 +244,15 @@ pub const AGENT_KEYS: &[Key] = &[
     ),
     noted("outbound.users.name", Applied, "for new requests"),
     noted("outbound.users.password", Applied, "for new requests"),
+    noted("limits.max_data_connections", Applied, "for new offers"),
+    noted("limits.max_backend_connections", Applied, "for new offers"),
+    noted(
+        "limits.max_backend_connections_per_listener",
+        Applied,
+        "for new offers",
+    ),
+    noted("limits.offers_per_second", Applied, "for new offers"),
+    noted("limits.offer_burst", Applied, "for new offers"),
 ];
 
 /// The effective value of one key (a default when the file does not set it).
