@@ -1197,3 +1197,76 @@ fn proxy_header_lies_give_well_formed_headers() {
     assert!(w.hostile_lines("control channel lost").is_empty());
     w.only_configured_targets();
 }
+
+/// The backend limits, each reached in turn: offers for "hold" until its listener limit (20)
+/// bites, then for the "range" ports until the gateway's backend total (30) bites; the data
+/// connection limit (100) and the rate stay out of the way. Counted at the backends.
+#[test]
+fn backend_connections_stay_within_the_per_listener_and_total_limits() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let sent2 = sent.clone();
+    let play = script(move |ctl: Ctl| {
+        let sent = sent2.clone();
+        async move {
+            let Ctl {
+                mut reader,
+                mut writer,
+                ..
+            } = ctl;
+            tokio::spawn(async move { while let Some(Ok(_)) = reader.next().await {} });
+            let mut id = 0;
+            for (listener, count) in [("hold", 100u16), ("range", 100)] {
+                for i in 0..count {
+                    id += 1;
+                    if writer
+                        .write_all(&wire(&offer(
+                            id,
+                            listener,
+                            if listener == "hold" { 0 } else { i % 4 },
+                        )))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            }
+            sent.store(1, Ordering::SeqCst);
+            heartbeats(writer).await;
+        }
+    });
+    let limits = "[limits]
+max_data_connections = 100
+max_backend_connections = 30
+max_backend_connections_per_listener = 20
+offers_per_second = 100000
+offer_burst = 100000
+";
+    let w = World::start(DataMode::Hold, play, "pool = 0", limits);
+    assert!(wait_until(Duration::from_secs(60), || sent
+        .load(Ordering::SeqCst)
+        == 1));
+    let refused = |key: &str| w.stats()["refused"][key].as_u64().unwrap_or(0);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            refused("listener_backend_connections") + refused("backend_connections") >= 150
+        }),
+        "{}",
+        w.stats()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let range: usize = w.range.iter().map(|r| r.open.load(Ordering::SeqCst)).sum();
+    let range_max: usize = w.range.iter().map(HoldServer::accepted).sum();
+    let hold_max = w.hold.open_max.load(Ordering::SeqCst);
+    assert_eq!(hold_max, 20, "one listener's backend at once");
+    assert_eq!(w.hold.accepted(), 20, "nothing closed, so nothing replaced");
+    assert_eq!((range, range_max), (10, 10), "the rest of the total of 30");
+    assert_eq!(refused("listener_backend_connections"), 80);
+    assert_eq!(refused("backend_connections"), 90);
+    assert_eq!(refused("rate") + refused("data_connections"), 0);
+    assert_eq!(w.hostile_lines("offer refused").len(), 2);
+    w.honest_serves("with the hostile gateway's backend share used up");
+    w.agent_alive();
+    w.only_configured_targets();
+}
