@@ -320,9 +320,59 @@ pub fn display_addrs(addrs: &[SocketAddr]) -> String {
     }
 }
 
+/// Ranges a port summary names before it says how many more there are.
+const SUMMARY_RANGES: usize = 8;
+
+/// Ports as one short phrase for a summary log line: `port 2222`, `ports 20000-24999`,
+/// `ports 22, 80, 30000-30100`; adjacent and overlapping ranges merge, and past
+/// [`SUMMARY_RANGES`] ranges the rest is counted, not listed. Sorting makes it O(n log n).
+pub fn summarize_ports(ranges: impl IntoIterator<Item = (u16, u16)>) -> String {
+    let mut ranges: Vec<(u16, u16)> = ranges.into_iter().collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u16, u16)> = Vec::new();
+    for (first, last) in ranges {
+        match merged.last_mut() {
+            Some(prev) if first as u32 <= prev.1 as u32 + 1 => prev.1 = prev.1.max(last),
+            _ => merged.push((first, last)),
+        }
+    }
+    let single = matches!(merged.as_slice(), [(a, b)] if a == b);
+    let mut out = String::from(if single { "port " } else { "ports " });
+    if merged.is_empty() {
+        out.push_str("none");
+    }
+    for (i, (first, last)) in merged.iter().take(SUMMARY_RANGES).enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&first.to_string());
+        if last != first {
+            out.push('-');
+            out.push_str(&last.to_string());
+        }
+    }
+    if merged.len() > SUMMARY_RANGES {
+        out.push_str(&format!(" and {} more ranges", merged.len() - SUMMARY_RANGES));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_summaries_merge_and_stay_short() {
+        assert_eq!(summarize_ports([(2222, 2222)]), "port 2222");
+        assert_eq!(summarize_ports((20000..25000).rev().map(|p| (p, p))), "ports 20000-24999");
+        assert_eq!(
+            summarize_ports([(80, 80), (22, 22), (30000, 30100), (30050, 30200)]),
+            "ports 22, 80, 30000-30200"
+        );
+        let many = summarize_ports((0..20u16).map(|i| (i * 10, i * 10)));
+        assert!(many.ends_with("and 12 more ranges"), "{many}");
+        assert_eq!(summarize_ports([(65535, 65535), (65534, 65535)]), "ports 65534-65535");
+    }
 
     #[test]
     fn public_forms() {

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::backoff::Backoff;
 use super::dial::{dial, DialError, Target};
 use super::{data, pool, AgentCtx};
-use crate::addr::display_addrs;
+use crate::addr::{display_addrs, summarize_ports};
 use crate::config::AgentConfig;
 use crate::net;
 use crate::protocol::liveness::{Beat, Liveness, MISSED};
@@ -35,19 +35,77 @@ pub(crate) enum SessionError {
     /// A message that cannot be true: a ConfigResult for a push never made, or answered twice.
     #[error("the gateway answered a config push it was never sent: {0}")]
     NeverPushed(String),
+    #[error("{0}")]
+    PushTooLarge(PushTooLarge),
+}
+
+/// A config push that does not fit in one frame: the agent's own `max_frame` stops it before it
+/// is sent, or the gateway's `limits.max_frame` refuses it. Sending it again cannot help: the
+/// agent says so once per attempt and does not reconnect in a loop (see [`keep_connected`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PushTooLarge {
+    /// The frame's length as the codecs count it (type and payload).
+    pub bytes: usize,
+    pub listeners: usize,
+    pub limit: PushLimit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PushLimit {
+    /// This agent's `max_frame`: the push was never sent.
+    Agent { max: usize },
+    /// The gateway refused it; its words.
+    Gateway { said: String },
+}
+
+impl PushTooLarge {
+    /// The Error frame's text, for the gateway's log.
+    fn for_gateway(&self, max: usize) -> String {
+        format!(
+            "push of {} bytes exceeds max_frame {max} (the agent's own max_frame, agent.toml; {} listeners)",
+            self.bytes, self.listeners
+        )
+    }
+}
+
+impl std::fmt::Display for PushTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (bytes, n) = (self.bytes, self.listeners);
+        match &self.limit {
+            PushLimit::Agent { max } => write!(
+                f,
+                "config push of {bytes} bytes ({n} listeners) exceeds max_frame {max} \
+                 (this agent's max_frame): not sent; raise max_frame in agent.toml and \
+                 limits.max_frame on every gateway (at most 67108864), or split the listeners \
+                 over more sites"
+            ),
+            PushLimit::Gateway { said } => write!(
+                f,
+                "the gateway refused the config push of {bytes} bytes ({n} listeners): {said}; \
+                 raise limits.max_frame in its gateway.toml (at most 67108864), or split the \
+                 listeners over more sites"
+            ),
+        }
+    }
 }
 
 /// Keeps a control channel to `gateway` until shutdown (of the agent, or of this channel: a
 /// reload removed or replaced it), reconnecting after every failure. `up` hears when the
 /// gateway first accepts the config.
+///
+/// A push too large for a frame is not retried in a loop: when the agent's own `max_frame` is
+/// the limit, the channel waits for the configuration to change (a reload); when the gateway's
+/// is, it waits `reconnect.max` (the gateway may be reconfigured meanwhile) or for a reload.
 pub(crate) async fn keep_connected(
     ctx: AgentCtx,
     gateway: String,
     mut up: Option<oneshot::Sender<()>>,
 ) {
     let mut backoff = Backoff::new(ctx.config().reconnect);
+    let mut reloads = ctx.config.clone();
     loop {
         let mut established = false;
+        reloads.mark_unchanged();
         // The session watches for shutdown itself, so that it can close its channel properly.
         let result = run_session(&ctx, &gateway, &mut established, &mut up).await;
         if established {
@@ -56,37 +114,101 @@ pub(crate) async fn keep_connected(
         // `[reconnect]` applies from the next delay after a reload.
         backoff.set_config(ctx.config().reconnect);
         let delay = backoff.next_delay();
-        match result {
+        let e = match result {
             Ok(()) => return,
-            Err(e) => {
+            Err(e) => e,
+        };
+        let wait = match &e {
+            SessionError::PushTooLarge(too_large) => {
+                let wait = match too_large.limit {
+                    PushLimit::Agent { .. } => None,
+                    PushLimit::Gateway { .. } => Some(ctx.config().reconnect.max),
+                };
+                tracing::error!(
+                    gateway = %gateway,
+                    "{too_large}; {}",
+                    match wait {
+                        None => "not retrying until the configuration changes".to_string(),
+                        Some(d) => format!(
+                            "trying again in {} s or when the configuration changes",
+                            d.as_secs_f64()
+                        ),
+                    }
+                );
+                wait
+            }
+            e => {
                 tracing::warn!(
                     gateway = %gateway,
                     "control channel lost: {e}; reconnecting in {} ms", delay.as_millis()
                 );
-                ctx.status.send_modify(|s| {
-                    let g = s.gateways.entry(gateway.clone()).or_default();
-                    g.connected_to = None;
-                    g.connected_since = None;
-                    g.session = None;
-                    g.listeners.clear();
-                    g.last_error = Some(e.to_string());
-                    g.failures = if established { 1 } else { g.failures + 1 };
-                });
+                Some(delay)
             }
-        }
+        };
+        ctx.status.send_modify(|s| {
+            let g = s.gateways.entry(gateway.clone()).or_default();
+            g.connected_to = None;
+            g.connected_since = None;
+            g.session = None;
+            g.listeners.clear();
+            g.last_error = Some(e.to_string());
+            g.failures = if established { 1 } else { g.failures + 1 };
+        });
+        let too_large = matches!(e, SessionError::PushTooLarge(_));
+        let sleep = async {
+            match wait {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            _ = sleep => {}
+            Ok(()) = reloads.changed(), if too_large => {}
         }
     }
 }
 
-fn push_message(config: &AgentConfig, generation: u64) -> Message {
-    Message::PushConfig(PushConfig {
+/// The config push of `config` and its frame length, or why it cannot be sent: the frame would
+/// exceed this agent's `max_frame`.
+fn push_message(config: &AgentConfig, generation: u64) -> Result<(Message, usize), PushTooLarge> {
+    let msg = Message::PushConfig(PushConfig {
         generation,
         digest: config.digest(),
         listeners: config.listener_specs(),
-    })
+    });
+    // Counted as the frame codec counts: the 2-byte type and the payload.
+    let bytes = msg.to_frame().payload.len() + 2;
+    if bytes > config.max_frame {
+        return Err(PushTooLarge {
+            bytes,
+            listeners: config.listeners.len(),
+            limit: PushLimit::Agent {
+                max: config.max_frame,
+            },
+        });
+    }
+    Ok((msg, bytes))
+}
+
+/// What the gateway was last sent, to explain its refusal of it.
+#[derive(Debug, Clone, Copy)]
+struct LastPush {
+    bytes: usize,
+    listeners: usize,
+}
+
+impl LastPush {
+    /// The gateway's Error frame as a [`PushTooLarge`], when it says the push was too large.
+    fn refused(self, e: &crate::protocol::ErrorMsg) -> Option<PushTooLarge> {
+        (e.code == ErrorCode::FRAME_TOO_LARGE).then(|| PushTooLarge {
+            bytes: self.bytes,
+            listeners: self.listeners,
+            limit: PushLimit::Gateway {
+                said: e.message.clone(),
+            },
+        })
+    }
 }
 
 /// One session; returns `Ok(())` only on shutdown. Sets `established` once the gateway has
@@ -186,7 +308,22 @@ async fn run_session(
     let (mut reader, sink) = conn.split();
     let (outbox_tx, failures) = mpsc::channel::<Message>(256);
     let mut outbox = Outbox::spawn(sink, failures, liveness.write_limit());
-    outbox.send(push_message(&current, generation))?;
+    let mut last_push = match push_message(&current, generation) {
+        Ok((push, bytes)) => {
+            outbox.send(push)?;
+            LastPush {
+                bytes,
+                listeners: current.listeners.len(),
+            }
+        }
+        Err(too_large) => {
+            // The gateway is told why, so its log says it too, rather than "closed by peer".
+            let why = too_large.for_gateway(current.max_frame);
+            let farewell = Message::error(ErrorCode::FRAME_TOO_LARGE, why);
+            outbox.close(Some(farewell), FAREWELL_LIMIT).await;
+            return Err(SessionError::PushTooLarge(too_large));
+        }
+    };
 
     // The warm pool starts once the gateway has accepted the config (the site is joined) and
     // stops with this session.
@@ -254,7 +391,10 @@ async fn run_session(
                             g.failures = 0;
                         });
                     }
-                    Message::Error(e) => break ProtocolError::Peer(e).into(),
+                    Message::Error(e) => match last_push.refused(&e) {
+                        Some(too_large) => break SessionError::PushTooLarge(too_large),
+                        None => break ProtocolError::Peer(e).into(),
+                    },
                     other => break SessionError::Unexpected(other.name()),
                 }
             }
@@ -265,10 +405,20 @@ async fn run_session(
                     // This channel speaks for the old site: a new channel replaces it.
                     continue;
                 }
-                generation += 1;
-                tracing::info!(gateway = %gateway, "configuration reloaded; pushing generation {generation}");
-                if let Err(e) = outbox.send(push_message(&new, generation)) {
-                    break e.into();
+                match push_message(&new, generation + 1) {
+                    Ok((push, bytes)) => {
+                        generation += 1;
+                        last_push = LastPush { bytes, listeners: new.listeners.len() };
+                        tracing::info!(gateway = %gateway, "configuration reloaded; pushing generation {generation}");
+                        if let Err(e) = outbox.send(push) {
+                            break e.into();
+                        }
+                    }
+                    // The channel stays up with the listeners the gateway has.
+                    Err(too_large) => tracing::error!(
+                        gateway = %gateway,
+                        "configuration reloaded, but {too_large}; the gateway keeps the listeners of generation {generation}"
+                    ),
                 }
             }
             beat = liveness.next() => match beat {
@@ -344,31 +494,57 @@ impl SessionError {
                 | ProtocolError::Io(_),
             ) => return None,
             SessionError::Protocol(e) => (e.code(), e.to_string()),
-            SessionError::Dial(_) | SessionError::Write(_) | SessionError::HeartbeatsMissed(_) => {
-                return None
-            }
+            // A push too large was answered (by the gateway, or by the agent before the close).
+            SessionError::Dial(_)
+            | SessionError::Write(_)
+            | SessionError::HeartbeatsMissed(_)
+            | SessionError::PushTooLarge(_) => return None,
         };
         Some(Message::error(code, text))
     }
 }
 
+/// Logs the gateway's answer to a push: one INFO line for the listeners it opened or kept and
+/// one WARN for those waiting on a paused gateway, with ports summarized (5,000 listeners were
+/// 5,000 lines at every reconnection); each listener's line is at DEBUG, and every failed
+/// listener keeps its own ERROR.
 fn log_config_result(gateway: &str, result: &ConfigResult) {
+    let (mut opened, mut kept, mut paused) = (0usize, 0usize, 0usize);
+    let mut ports = Vec::new();
     for l in &result.listeners {
         match &l.status {
-            ListenerStatus::Bound { addrs, kept } => tracing::info!(
-                gateway = %gateway, listener = %l.name,
-                "listener {} on the gateway at {}",
-                if *kept { "kept" } else { "open" },
-                display_addrs(addrs)
-            ),
+            ListenerStatus::Bound { addrs, kept: was_kept } => {
+                *(if *was_kept { &mut kept } else { &mut opened }) += 1;
+                ports.extend(addrs.iter().map(|a| (a.port(), a.port())));
+                tracing::debug!(
+                    gateway = %gateway, listener = %l.name,
+                    "listener {} on the gateway at {}",
+                    if *was_kept { "kept" } else { "open" },
+                    display_addrs(addrs)
+                );
+            }
             ListenerStatus::Failed { error } => tracing::error!(
                 gateway = %gateway, listener = %l.name,
                 "listener FAILED on the gateway: {error}"
             ),
-            ListenerStatus::Paused => tracing::warn!(
-                gateway = %gateway, listener = %l.name,
-                "listener accepted, but the gateway is PAUSED: the port opens when it resumes"
-            ),
+            ListenerStatus::Paused => {
+                paused += 1;
+                tracing::debug!(gateway = %gateway, listener = %l.name, "listener accepted, gateway paused");
+            }
         }
+    }
+    if opened + kept > 0 {
+        tracing::info!(
+            gateway = %gateway,
+            "{} listener(s) open on the gateway ({}): {opened} opened, {kept} kept",
+            opened + kept,
+            summarize_ports(ports)
+        );
+    }
+    if paused > 0 {
+        tracing::warn!(
+            gateway = %gateway,
+            "{paused} listener(s) accepted, but the gateway is PAUSED: their ports open when it resumes"
+        );
     }
 }

@@ -498,8 +498,9 @@ async fn run_session(
             push
         }
         Ok(Err(e)) => {
-            tracing::warn!(site = %control.site, agent = %control.agent, peer = %peer, "agent session ended before its config: {e}");
-            let farewell = SessionEnd::from(e).farewell();
+            let end = SessionEnd::from(e);
+            end.log_before_config(&control, peer);
+            let farewell = end.farewell();
             return outbox.close(farewell, FAREWELL_LIMIT).await;
         }
         Err(_) => {
@@ -561,6 +562,10 @@ async fn run_session(
         Err(e) => Err(e),
     };
     match &end {
+        Err(SessionEnd::Protocol(ProtocolError::FrameTooLarge { len, max })) => tracing::error!(
+            site = %site.name, agent = %agent.name, peer = %agent.addr,
+            "{} after {}", push_too_large(*len, *max, &agent.name), connected_for(&agent)
+        ),
         Ok(()) => tracing::info!(
             site = %site.name, agent = %agent.name, peer = %agent.addr,
             "agent disconnected after {}", connected_for(&agent)
@@ -660,7 +665,38 @@ enum SessionEnd {
     Revoked(IpAddr),
 }
 
+/// The gateway's log line for a config push larger than its `limits.max_frame` (the only
+/// message an agent sends that can be that large).
+fn push_too_large(len: usize, max: usize, agent: &str) -> String {
+    format!(
+        "push of {len} bytes exceeds max_frame {max} (limits.max_frame) from agent \"{agent}\": \
+         the agent was told; raise limits.max_frame (at most 67108864) or split its listeners"
+    )
+}
+
 impl SessionEnd {
+    /// Logs a session that ended before the agent's first push was read: a push too large for
+    /// either side's max_frame is an ERROR that says so, anything else a warning.
+    fn log_before_config(&self, control: &ControlHello, peer: SocketAddr) {
+        let (site, agent) = (&control.site, &control.agent);
+        match self {
+            SessionEnd::Protocol(ProtocolError::FrameTooLarge { len, max }) => tracing::error!(
+                site = %site, agent = %agent, peer = %peer,
+                "{}", push_too_large(*len, *max, agent)
+            ),
+            SessionEnd::Protocol(ProtocolError::Peer(e)) if e.code == ErrorCode::FRAME_TOO_LARGE => {
+                tracing::error!(
+                    site = %site, agent = %agent, peer = %peer,
+                    "agent \"{agent}\" cannot push its config: {}", e.message
+                )
+            }
+            e => tracing::warn!(
+                site = %site, agent = %agent, peer = %peer,
+                "agent session ended before its config: {e}"
+            ),
+        }
+    }
+
     /// The Error frame to send the agent before closing, when it is owed one. Neither side
     /// sends one for silence or a failed write, nor answers the peer's own Error.
     fn farewell(&self) -> Option<Message> {
@@ -675,6 +711,10 @@ impl SessionEnd {
                 | ProtocolError::Cut
                 | ProtocolError::Io(_),
             ) => return None,
+            SessionEnd::Protocol(ProtocolError::FrameTooLarge { len, max }) => (
+                ErrorCode::FRAME_TOO_LARGE,
+                format!("push of {len} bytes exceeds the gateway's max_frame {max} (limits.max_frame)"),
+            ),
             SessionEnd::Protocol(e) => (e.code(), e.to_string()),
             SessionEnd::Write(_) | SessionEnd::HeartbeatsMissed(_) => return None,
         };

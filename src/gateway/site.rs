@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::listener::RunningListener;
 use super::pool::Pool;
 use super::{RunState, Shared};
-use crate::addr::display_addrs;
+use crate::addr::{display_addrs, summarize_ports};
 use crate::config::check_name;
 use crate::protocol::{
     ConfigResult, ListenerResult, ListenerSpec, ListenerStatus, Message, PushConfig,
@@ -202,12 +202,14 @@ impl Site {
             .collect();
         self.reconcile(shared, &mut listeners).await;
 
+        // The first listener of each name gets its status; later ones are duplicates (a set,
+        // not a search of the push for each: 16,000 listeners stay linear).
+        let mut answered = HashSet::new();
         let results = push
             .listeners
             .iter()
-            .enumerate()
-            .map(|(i, spec)| {
-                let first = push.listeners.iter().position(|s| s.name == spec.name) == Some(i);
+            .map(|spec| {
+                let first = answered.insert(spec.name.as_str());
                 let status = if let Err(e) = check_name(&spec.name) {
                     ListenerStatus::Failed {
                         error: format!("invalid listener name {e}"),
@@ -268,6 +270,7 @@ impl Site {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        let mut closed = Tally::default();
         for name in stale {
             let running = listeners
                 .open
@@ -286,9 +289,12 @@ impl Site {
             } else {
                 "the agent no longer pushes it"
             };
-            tracing::info!(site = %self.name, listener = %name, "closing listener: {reason}");
+            tracing::debug!(site = %self.name, listener = %name, "closing listener: {reason}");
+            closed.add(reason, &running.spec);
             running.stop().await;
         }
+        closed.log(&self.name, "closed");
+        let mut opened = Tally::default();
         listeners.failed.clear();
         if should_listen {
             for spec in &listeners.specs {
@@ -297,10 +303,11 @@ impl Site {
                 }
                 match RunningListener::open(shared, self, spec.clone()) {
                     Ok(running) => {
-                        tracing::info!(
+                        tracing::debug!(
                             site = %self.name, listener = %spec.name,
                             "listening on {}", display_addrs(&running.addrs)
                         );
+                        opened.add("", spec);
                         listeners.open.insert(spec.name.clone(), running);
                     }
                     Err(error) => {
@@ -310,6 +317,7 @@ impl Site {
                 }
             }
         }
+        opened.log(&self.name, "opened");
         let view = listeners
             .specs
             .iter()
@@ -352,6 +360,30 @@ impl Site {
                 site = %self.name,
                 "last agent gone: closed {count} listener(s); established connections continue"
             );
+        }
+    }
+}
+
+/// The listeners one change of a site opened or closed, by reason: one INFO line each (a control
+/// channel drop at 5,000 listeners was 10,000 INFO lines). Each listener's own line is at DEBUG;
+/// one that fails to open keeps its own warning.
+#[derive(Default)]
+struct Tally(BTreeMap<&'static str, (usize, Vec<(u16, u16)>)>);
+
+impl Tally {
+    fn add(&mut self, reason: &'static str, spec: &ListenerSpec) {
+        let (count, ports) = self.0.entry(reason).or_default();
+        *count += 1;
+        ports.push((spec.public.ports.first(), spec.public.ports.last()));
+    }
+
+    /// `verb`: "opened" or "closed".
+    fn log(self, site: &str, verb: &str) {
+        for (reason, (count, ports)) in self.0 {
+            let s = if count == 1 { "" } else { "s" };
+            let ports = summarize_ports(ports);
+            let why = if reason.is_empty() { String::new() } else { format!(": {reason}") };
+            tracing::info!(site = %site, "{verb} {count} listener{s} ({ports}) for site {site}{why}");
         }
     }
 }
