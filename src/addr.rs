@@ -352,7 +352,10 @@ pub fn summarize_ports(ranges: impl IntoIterator<Item = (u16, u16)>) -> String {
         }
     }
     if merged.len() > SUMMARY_RANGES {
-        out.push_str(&format!(" and {} more ranges", merged.len() - SUMMARY_RANGES));
+        out.push_str(&format!(
+            " and {} more ranges",
+            merged.len() - SUMMARY_RANGES
+        ));
     }
     out
 }
@@ -364,14 +367,20 @@ mod tests {
     #[test]
     fn port_summaries_merge_and_stay_short() {
         assert_eq!(summarize_ports([(2222, 2222)]), "port 2222");
-        assert_eq!(summarize_ports((20000..25000).rev().map(|p| (p, p))), "ports 20000-24999");
+        assert_eq!(
+            summarize_ports((20000..25000).rev().map(|p| (p, p))),
+            "ports 20000-24999"
+        );
         assert_eq!(
             summarize_ports([(80, 80), (22, 22), (30000, 30100), (30050, 30200)]),
             "ports 22, 80, 30000-30200"
         );
         let many = summarize_ports((0..20u16).map(|i| (i * 10, i * 10)));
         assert!(many.ends_with("and 12 more ranges"), "{many}");
-        assert_eq!(summarize_ports([(65535, 65535), (65534, 65535)]), "ports 65534-65535");
+        assert_eq!(
+            summarize_ports([(65535, 65535), (65534, 65535)]),
+            "ports 65534-65535"
+        );
     }
 
     #[test]

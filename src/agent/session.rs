@@ -513,7 +513,10 @@ fn log_config_result(gateway: &str, result: &ConfigResult) {
     let mut ports = Vec::new();
     for l in &result.listeners {
         match &l.status {
-            ListenerStatus::Bound { addrs, kept: was_kept } => {
+            ListenerStatus::Bound {
+                addrs,
+                kept: was_kept,
+            } => {
                 *(if *was_kept { &mut kept } else { &mut opened }) += 1;
                 ports.extend(addrs.iter().map(|a| (a.port(), a.port())));
                 tracing::debug!(

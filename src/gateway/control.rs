@@ -684,7 +684,9 @@ impl SessionEnd {
                 site = %site, agent = %agent, peer = %peer,
                 "{}", push_too_large(*len, *max, agent)
             ),
-            SessionEnd::Protocol(ProtocolError::Peer(e)) if e.code == ErrorCode::FRAME_TOO_LARGE => {
+            SessionEnd::Protocol(ProtocolError::Peer(e))
+                if e.code == ErrorCode::FRAME_TOO_LARGE =>
+            {
                 tracing::error!(
                     site = %site, agent = %agent, peer = %peer,
                     "agent \"{agent}\" cannot push its config: {}", e.message
@@ -713,7 +715,9 @@ impl SessionEnd {
             ) => return None,
             SessionEnd::Protocol(ProtocolError::FrameTooLarge { len, max }) => (
                 ErrorCode::FRAME_TOO_LARGE,
-                format!("push of {len} bytes exceeds the gateway's max_frame {max} (limits.max_frame)"),
+                format!(
+                    "push of {len} bytes exceeds the gateway's max_frame {max} (limits.max_frame)"
+                ),
             ),
             SessionEnd::Protocol(e) => (e.code(), e.to_string()),
             SessionEnd::Write(_) | SessionEnd::HeartbeatsMissed(_) => return None,

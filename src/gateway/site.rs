@@ -382,7 +382,11 @@ impl Tally {
         for (reason, (count, ports)) in self.0 {
             let s = if count == 1 { "" } else { "s" };
             let ports = summarize_ports(ports);
-            let why = if reason.is_empty() { String::new() } else { format!(": {reason}") };
+            let why = if reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {reason}")
+            };
             tracing::info!(site = %site, "{verb} {count} listener{s} ({ports}) for site {site}{why}");
         }
     }
