@@ -368,7 +368,10 @@ impl Site {
 /// channel drop at 5,000 listeners was 10,000 INFO lines). Each listener's own line is at DEBUG;
 /// one that fails to open keeps its own warning.
 #[derive(Default)]
-struct Tally(BTreeMap<&'static str, (usize, Vec<(u16, u16)>)>);
+struct Tally(BTreeMap<&'static str, Counted>);
+
+/// How many listeners, and their port ranges (first, last).
+type Counted = (usize, Vec<(u16, u16)>);
 
 impl Tally {
     fn add(&mut self, reason: &'static str, spec: &ListenerSpec) {
