@@ -674,7 +674,10 @@ MaxStartups 100:30:200
 
     async def f_cut_control(self, hold):
         """Cuts agent 1's control connection to gateway 1 (and its new connections there) with a
-        stateless nftables rule: its data connections in flight are untouched."""
+        stateless nftables rule: its data connections in flight are untouched. Every rule names
+        a1's address for g1: both agents connect from 127.0.0.1, and the kernel may give a2's
+        connection to g1's other address the same source port as a1's control connection (a
+        30-minute run once dropped a2's data connection that way, and its client failed)."""
         line = [l for l in self.procs["g1"].log_text().splitlines()
                 if "agent connected (" in l and "agent=soak-a1" in l][-1]
         port = int(re.search(r"peer=[\d.]+:(\d+)", line).group(1))
@@ -684,8 +687,8 @@ MaxStartups 100:30:200
         rules = f"""table inet soak_cut {{
   chain output {{ type filter hook output priority -10; policy accept;
     ip daddr {A1_TO_G1} tcp dport {cp} tcp flags & (syn | ack) == syn drop
-    tcp sport {port} tcp dport {cp} drop
-    tcp sport {cp} tcp dport {port} drop
+    ip daddr {A1_TO_G1} tcp sport {port} tcp dport {cp} drop
+    ip saddr {A1_TO_G1} tcp sport {cp} tcp dport {port} drop
   }}
 }}
 """
