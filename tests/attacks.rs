@@ -436,6 +436,61 @@ fn an_admin_api_without_a_token_is_warned_about() {
     assert!(line.contains("WARN"), "{line}");
 }
 
+/// Silent connections to the admin port (slowloris): each is closed once idle for 15 s
+/// (src/admin/conn.rs), so they cannot pile up and take the process's descriptors; under the
+/// cap of 256 the API keeps answering meanwhile. Before, hyper waited for a request forever.
+#[test]
+fn silent_admin_connections_are_closed_when_idle_and_the_api_keeps_answering() {
+    use std::time::Instant;
+    let dir = Workdir::new();
+    let gw = start_gateway(&dir, "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let admin = gw.admin.unwrap();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.proc.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let opened = Instant::now();
+    let mut silent: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(admin).unwrap())
+        .collect();
+    // A half-sent request is as silent as no request at all.
+    silent[0]
+        .write_all(b"GET /api/status HTTP/1.1\r\nHost: 127.")
+        .unwrap();
+    let (code, text) = curl_i(&[&format!("{}/api/health", gw.admin_url())]);
+    assert!(
+        code == 200 || code == 503,
+        "the API answers beside 100 silent connections: {text}"
+    );
+    assert!(
+        fds() >= before + 100,
+        "the gateway holds the silent connections"
+    );
+    for (i, s) in silent.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Ok(n) => panic!("silent connection {i} got {n} bytes of answer instead of a close"),
+            Err(e) => panic!("silent connection {i} still open after 30 s: {e}"),
+        }
+    }
+    let after = opened.elapsed();
+    assert!(
+        after >= Duration::from_secs(14) && after < Duration::from_secs(40),
+        "closed after {after:?}, not about 15 s"
+    );
+    drop(silent);
+    assert!(
+        wait_until(Duration::from_secs(5), || fds() <= before + 2),
+        "descriptors back: {} vs {before}",
+        fds()
+    );
+}
+
 // ---- Items 1 and 2: pool and outbound connections bound to a live control session ----------
 
 /// A TLS gateway with `data_tls = false`, an echo listener served by an agent with a warm pool,

@@ -32,6 +32,7 @@
 pub mod agent;
 pub mod agent_metrics;
 pub mod client;
+pub mod conn;
 pub mod metrics;
 pub mod server;
 
@@ -317,7 +318,7 @@ pub fn page_routes<S: Clone + Send + Sync + 'static>(page: Page) -> Router<S> {
 }
 
 /// Serves `app` on `listener` until `shutdown`, behind the Host/Origin guard and with the
-/// security headers on every answer.
+/// security headers on every answer; connections are capped and closed when idle ([`conn`]).
 pub async fn serve_app(
     listener: TcpListener,
     app: Router,
@@ -325,7 +326,7 @@ pub async fn serve_app(
 ) -> anyhow::Result<()> {
     let listen = listener.local_addr()?;
     let app = app.layer(middleware::from_fn_with_state(listen, guard));
-    axum::serve(listener, app)
+    axum::serve(conn::Bounded::new(listener), app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())
