@@ -353,8 +353,9 @@ fn pooled_clients_over_tls_in_small_buffers_arrive_byte_exact() {
     });
     assert!(wait_until(Duration::from_secs(10), || pooled(&net, &gw) == 4));
     for i in 0..20u64 {
-        // Let the pool refill, so each client takes a pooled connection.
-        assert!(wait_until(Duration::from_secs(5), || pooled(&net, &gw) == 4));
+        // Let the pool refill, so each client takes a pooled connection (with reuse, a
+        // connection that served the previous client may come back beside its replacement).
+        assert!(wait_until(Duration::from_secs(5), || pooled(&net, &gw) >= 4));
         let data = Arc::new(pseudo_random(192 * 1024, 100 + i));
         let stream = net.run(|| std::net::TcpStream::connect(local(port)).unwrap());
         stream

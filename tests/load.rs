@@ -408,7 +408,7 @@ fn eight_thousand_idle_and_fifty_active_clients_then_no_leak() {
         &agent_config,
         preload.as_deref(),
     );
-    agent.wait_for_log("listener open on the gateway", Duration::from_secs(10));
+    agent.wait_for_log("open on the gateway", Duration::from_secs(10));
     let stats = || in_ns(&z.dmz, || gw.api("/api/stats"));
     let public = SocketAddr::new(z.public_ip, PUBLIC_PORT);
     let pids = [gw.proc.pid(), agent.pid()];
