@@ -285,13 +285,7 @@ pub fn start_gateway_with(dir: &Workdir, name: &str, control: &str, extra: &str)
 
 /// Starts `sallyport gateway --config path` and waits for its ports.
 pub fn spawn_gateway(name: &str, path: &Path) -> Gateway {
-    spawn_gateway_env(name, path, &[])
-}
-
-/// [`spawn_gateway`] with extra environment variables (e.g. `SALLYPORT_MAX_PROTOCOL=2`).
-pub fn spawn_gateway_env(name: &str, path: &Path, env: &[(&str, &str)]) -> Gateway {
-    let args = ["gateway", "--config", path.to_str().unwrap()];
-    let proc = Proc::spawn_with_env(name, BIN, &args, env);
+    let proc = Proc::spawn(name, &["gateway", "--config", path.to_str().unwrap()]);
     let line = proc.wait_for_log("control port listening on ", Duration::from_secs(10));
     let control = addr_after(&line, "control port listening on ");
     let admin = proc
@@ -407,14 +401,6 @@ pub fn start_agent(
     config.push_str(tables);
     let path = dir.write(&format!("{name}.toml"), &config);
     Proc::spawn(name, &["agent", "--config", path.to_str().unwrap()])
-}
-
-/// Starts `sallyport agent --config <dir>/<name>.toml` (written before) with extra environment
-/// variables.
-pub fn spawn_agent_env(dir: &Workdir, name: &str, env: &[(&str, &str)]) -> Proc {
-    let path = dir.path().join(format!("{name}.toml"));
-    let args = ["agent", "--config", path.to_str().unwrap()];
-    Proc::spawn_with_env(name, BIN, &args, env)
 }
 
 /// The log line an agent writes once its admin server listens.
