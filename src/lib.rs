@@ -61,6 +61,5 @@ pub mod mem;
 pub mod net;
 pub mod pipe;
 pub mod protocol;
-pub mod reuse;
 pub mod status;
 pub mod transport;

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::pending::{Claim, DataConn};
-use super::pool::{self, Answer, Held, ACCEPT_LIMIT};
+use super::pool::{Answer, Held, ACCEPT_LIMIT};
 use super::site::Site;
 use super::stats::{ConnEntry, ListenerStats};
 use super::{RunState, Shared};
@@ -25,7 +25,6 @@ use crate::limits::{ConnPermit, GaugePermits};
 use crate::net;
 use crate::pipe::{pipe_tcp, PipeCounters};
 use crate::protocol::{ClientArrived, ListenerSpec, Message, PoolAssign, Token};
-use crate::reuse;
 
 /// What the accept loops and client tasks of one listener share.
 pub(crate) struct ListenerInfo {
@@ -428,9 +427,9 @@ async fn serve_client(
     shared.traffic.start(entry.clone());
     let unsent = &held.bytes[forwarded..];
     let result = tokio::select! {
-        r = pipe_data(&shared, &site, client, unsent, data, &entry.counters) => r,
+        r = pipe_tcp(client, unsent, data.stream, &data.leftover, &entry.counters) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
-        () = shared.denied(entry.agent_addr.ip(), true) => Err(std::io::Error::other("cut: the agent's address was revoked by [peers]")),
+        () = shared.denied(data.agent_addr.ip(), true) => Err(std::io::Error::other("cut: the agent's address was revoked by [peers]")),
     };
     shared.traffic.finish(id);
     let bytes = entry.bytes();
@@ -450,49 +449,6 @@ async fn serve_client(
         }
         Err(e) => record("error", Some(&e.to_string()), agent, agent_addr, moved),
     }
-}
-
-/// Pipes the client and its data connection; a reuse-framed one ([`crate::reuse`]) goes back to
-/// the site's pool when the client ended cleanly both ways.
-async fn pipe_data(
-    shared: &Shared,
-    site: &Site,
-    client: TcpStream,
-    unsent: &[u8],
-    data: DataConn,
-    counters: &PipeCounters,
-) -> std::io::Result<()> {
-    let Some(ticket) = data.reuse else {
-        return pipe_tcp(client, unsent, data.stream, &data.leftover, counters).await;
-    };
-    let (limits, agent_addr) = (shared.config().limits.clone(), data.agent_addr);
-    let last = pool::is_last(&ticket.served, &limits);
-    let piped = reuse::pipe_framed(
-        client,
-        unsent,
-        data.stream,
-        data.leftover,
-        b"",
-        last,
-        counters,
-    );
-    let Some((stream, leftover)) = piped.await? else {
-        return Ok(());
-    };
-    let moved = counters.snapshot();
-    let back = pool::Returned {
-        stream,
-        leftover,
-        agent_id: ticket.agent_id,
-        agent_addr,
-        agent: data.agent.unwrap_or_default(),
-        reuse: pool::Reuse {
-            clients: ticket.served.clients + 1,
-            bytes: ticket.served.bytes + moved.a_read + moved.b_read,
-        },
-    };
-    pool::park_again(site, limits.max_frame, back).await;
-    Ok(())
 }
 
 /// What a client's offer says, on whichever path it goes (pool or announcement).
