@@ -13,6 +13,12 @@
 //! names is an error that says what to run). Every run says which files it wrote, replaced or
 //! kept. Nothing is written until every decision is made, so a refused run changes nothing.
 //! Private keys are written with mode 0600.
+//!
+//! Lifecycle: `cert renew --dir DIR --name NAME` replaces `NAME.crt` / `NAME.key` with a new key
+//! and certificate for the same names, site and role; `cert revoke` adds a certificate to
+//! `DIR/crl.pem`, signed by the CA, which gateways load as `[control] tls.crl`. An agent
+//! certificate carries its site (`--site`, a `sallyport:site:SITE` URI: see
+//! [`crate::certinfo`]).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -38,6 +44,8 @@ pub struct InitOptions {
     pub gateway_ips: Vec<IpAddr>,
     /// Extra agent certificates, each as `NAME.crt` / `NAME.key`.
     pub agent_names: Vec<String>,
+    /// The site the agent certificates this run makes are bound to (`None`: no site).
+    pub site: Option<String>,
     /// Validity of issued (non-CA) certificates.
     pub days: u32,
     /// Replace the gateway and agent certificates this command makes (the CA is kept).
@@ -52,8 +60,9 @@ pub enum Subject {
     /// A gateway, valid for these DNS names and IP addresses (agents check the one they dial),
     /// in this order; the first one names the files.
     Gateway { names: Vec<String> },
-    /// An agent (a client certificate), named in gateway logs by its common name.
-    Agent { name: String },
+    /// An agent (a client certificate), named in gateway logs by its common name, bound to
+    /// `site` when given (the gateway then refuses it for any other site).
+    Agent { name: String, site: Option<String> },
 }
 
 /// What `cert issue` should make.
@@ -98,11 +107,19 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
 fn leaf_params(
     common_name: &str,
     sans: Vec<String>,
+    sites: &[String],
     server: bool,
     days: u32,
 ) -> anyhow::Result<CertificateParams> {
     let mut params =
         CertificateParams::new(sans).with_context(|| format!("invalid name for {common_name}"))?;
+    for site in sites {
+        let uri = format!("{}{site}", crate::certinfo::SITE_URI_PREFIX);
+        let uri = uri
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("invalid site name \"{site}\""))?;
+        params.subject_alt_names.push(SanType::URI(uri));
+    }
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
@@ -175,6 +192,8 @@ struct Leaf {
     stem: String,
     common_name: String,
     sans: Vec<String>,
+    /// Sites an agent certificate is bound to (a `sallyport:site:SITE` URI each).
+    sites: Vec<String>,
     server: bool,
 }
 
@@ -189,15 +208,17 @@ impl Leaf {
             stem: stem.to_string(),
             common_name: sans[0].clone(),
             sans,
+            sites: Vec::new(),
             server: true,
         }
     }
 
-    fn agent(name: &str) -> Leaf {
+    fn agent(name: &str, site: Option<&str>) -> Leaf {
         Leaf {
             stem: name.to_string(),
             common_name: name.to_string(),
             sans: vec![name.to_string()],
+            sites: site.map(str::to_string).into_iter().collect(),
             server: false,
         }
     }
@@ -216,7 +237,13 @@ impl Leaf {
 
     /// Signs a new key and writes both files.
     fn write(&self, ca: &Ca, dir: &Path, days: u32) -> anyhow::Result<time::OffsetDateTime> {
-        let params = leaf_params(&self.common_name, self.sans.clone(), self.server, days)?;
+        let params = leaf_params(
+            &self.common_name,
+            self.sans.clone(),
+            &self.sites,
+            self.server,
+            days,
+        )?;
         let until = params.not_after;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &ca.cert, &ca.key)?;
@@ -234,8 +261,12 @@ impl Leaf {
                 self.sans.join(", ")
             )
         } else {
+            let site = match self.sites.first() {
+                Some(site) => format!(" for site \"{site}\" only"),
+                None => " (bound to no site)".to_string(),
+            };
             format!(
-                "agent certificate \"{}\": copy both to that agent's host",
+                "agent certificate \"{}\"{site}: copy both to that agent's host",
                 self.common_name
             )
         }
@@ -288,6 +319,9 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<String> {
             name != "gateway",
             "--agent-name: \"gateway\" would overwrite the gateway's files"
         );
+    }
+    if let Some(site) = &opts.site {
+        check_name(site).map_err(|e| anyhow::anyhow!("--site: invalid site name {e}"))?;
     }
     for name in &opts.gateway_names {
         check_dns_name(name).map_err(|e| anyhow::anyhow!("--gateway-name: {e}"))?;
@@ -356,6 +390,7 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<String> {
             stem: "gateway".into(),
             common_name: sans.first().cloned().unwrap_or_else(|| "gateway".into()),
             sans: sans.clone(),
+            sites: Vec::new(),
             server: true,
         }),
         _ if asked => Some(Leaf::gateway(
@@ -373,11 +408,11 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<String> {
     // Agents: the default "agent" with a new CA or a rotation, and every name asked for.
     let mut agents: Vec<Leaf> = Vec::new();
     if fresh_ca || (opts.force && opts.agent_names.is_empty()) {
-        agents.push(Leaf::agent("agent"));
+        agents.push(Leaf::agent("agent", opts.site.as_deref()));
     }
     for name in &opts.agent_names {
         if !agents.iter().any(|a| a.stem == *name) {
-            agents.push(Leaf::agent(name));
+            agents.push(Leaf::agent(name, opts.site.as_deref()));
         }
     }
     if !replace {
@@ -486,8 +521,14 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<String> {
     writeln!(out, "\nThen configure:")?;
     writeln!(
         out,
-        "  gateway.toml:  [control] tls = {{ cert = \"gateway.crt\", key = \"gateway.key\", client_ca = \"ca.crt\" }}"
+        "  gateway.toml:  [control] tls = {{ cert = \"gateway.crt\", key = \"gateway.key\", client_ca = \"ca.crt\", site_binding = \"required\" }}"
     )?;
+    if opts.site.is_none() {
+        writeln!(
+            out,
+            "  NOTE: the agent certificates are bound to no site (no --site): with site_binding = \"required\" the gateway refuses them; issue one per site with `sallyport cert issue --agent NAME --site SITE`, or set site_binding = \"optional\""
+        )?;
+    }
     writeln!(
         out,
         "  agent.toml:    tls = {{ ca = \"ca.crt\", cert = \"{agent}.crt\", key = \"{agent}.key\" }}"
@@ -544,9 +585,12 @@ pub fn issue(opts: &IssueOptions) -> anyhow::Result<String> {
             };
             Leaf::gateway(&stem, &dns, &ips)
         }
-        Subject::Agent { name } => {
+        Subject::Agent { name, site } => {
             check_agent_name(name).map_err(|e| anyhow::anyhow!("--agent: {e}"))?;
-            Leaf::agent(name)
+            if let Some(site) = site {
+                check_name(site).map_err(|e| anyhow::anyhow!("--site: invalid site name {e}"))?;
+            }
+            Leaf::agent(name, site.as_deref())
         }
     };
     anyhow::ensure!(
@@ -597,8 +641,204 @@ pub fn issue(opts: &IssueOptions) -> anyhow::Result<String> {
             out,
             "\nThen configure that agent:  tls = {{ ca = \"ca.crt\", cert = \"{crt}\", key = \"{key}\" }}"
         )?;
+        match leaf.sites.first() {
+            Some(site) => writeln!(
+                out,
+                "It serves site \"{site}\" only (agent.toml: site = \"{site}\"); gateways refuse it for any other site."
+            )?,
+            None => writeln!(
+                out,
+                "NOTE: bound to no site (no --site): gateways with [control] tls.site_binding = \"required\" refuse it."
+            )?,
+        }
     }
     Ok(out)
+}
+
+/// `cert renew`: a new key and certificate for `DIR/NAME.crt` from the CA in `dir`, with the
+/// same names, site and role as the one it replaces, valid `days` from today. The old
+/// certificate stays valid until it expires (revoke it with `cert revoke` if its key leaked).
+pub fn renew(dir: &Path, stem: &str, days: u32) -> anyhow::Result<String> {
+    check_agent_name(stem)
+        .or_else(|_| check_dns_name(stem))
+        .map_err(|e| anyhow::anyhow!("renew: {e}"))?;
+    anyhow::ensure!(
+        !RESERVED_STEMS.contains(&stem),
+        "the CA is not renewed here: `sallyport cert init --new-ca` replaces it"
+    );
+    let crt = dir.join(format!("{stem}.crt"));
+    let old = crate::certinfo::CertInfo::from_pem_file(&crt)?;
+    if !dir.join("ca.key").exists() {
+        bail!(
+            "no CA in {}: {} is missing (renew on the host that keeps the CA)",
+            dir.display(),
+            dir.join("ca.key").display()
+        );
+    }
+    let leaf = Leaf {
+        stem: stem.to_string(),
+        common_name: old.common_name.clone().unwrap_or_else(|| stem.to_string()),
+        sans: old.names.clone(),
+        sites: old.sites.clone(),
+        server: old.server,
+    };
+    anyhow::ensure!(
+        !leaf.sans.is_empty(),
+        "{}: no DNS name or IP address to renew it for",
+        crt.display()
+    );
+    let ca = load_ca(dir)?;
+    let until = leaf.write(&ca, dir, days)?;
+    let mut report = Report::default();
+    report.line(
+        "kept",
+        (&dir.join("ca.crt"), &dir.join("ca.key")),
+        "the private CA that signed it",
+    );
+    report.line(
+        "renewed",
+        (&crt, &dir.join(format!("{stem}.key"))),
+        format!(
+            "{} (new key; until {}; it replaced serial {})",
+            leaf.role(),
+            date(until),
+            old.serial
+        ),
+    );
+    let mut out = report.0;
+    writeln!(
+        out,
+        "\nCopy both files over the old ones and reload that daemon (SIGHUP): established \
+         connections stay up, new ones use the new certificate.\nThe old certificate stays \
+         valid until {}; if its key may have leaked: sallyport cert revoke --dir {} --serial {}",
+        date(time::OffsetDateTime::from_unix_timestamp(old.not_after)?),
+        dir.display(),
+        old.serial
+    )?;
+    Ok(out)
+}
+
+/// The CRL `cert revoke` writes, next to the CA.
+pub const CRL_FILE: &str = "crl.pem";
+
+/// What `cert revoke` revokes: a certificate file, or a serial number (`aa:bb:..` hex) of one
+/// that is gone (replaced by a renewal).
+#[derive(Debug, Clone)]
+pub enum Revoke {
+    Cert(PathBuf),
+    Serial(String),
+}
+
+/// `cert revoke`: adds a certificate to `DIR/crl.pem` (made on first use), signed by the CA in
+/// `dir`. The gateways that load it (`[control] tls.crl`) refuse that certificate from their
+/// next reload on, and cut the agents presenting it.
+pub fn revoke(dir: &Path, what: &Revoke) -> anyhow::Result<String> {
+    let (serial, label) = match what {
+        Revoke::Cert(path) => {
+            let info = crate::certinfo::CertInfo::from_pem_file(path)?;
+            let name = info.common_name.unwrap_or_default();
+            (
+                info.serial_bytes,
+                format!("\"{name}\" ({})", path.display()),
+            )
+        }
+        Revoke::Serial(hex) => (parse_serial(hex)?, format!("serial {hex}")),
+    };
+    let ca = load_ca(dir)?;
+    let crl_path = dir.join(CRL_FILE);
+    let (mut revoked, number) = read_crl(&crl_path)?;
+    let already = revoked
+        .iter()
+        .any(|r| r.serial_number.as_ref() == serial.as_slice());
+    if !already {
+        revoked.push(rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(&serial),
+            revocation_time: time::OffsetDateTime::now_utc(),
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        });
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let count = revoked.len();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        // Gateways do not enforce it; other readers get a list that does not go stale before
+        // the CA does.
+        next_update: now + time::Duration::days(365 * CA_YEARS),
+        crl_number: rcgen::SerialNumber::from(number + 1),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params
+        .signed_by(&ca.cert, &ca.key)
+        .context("cannot sign the CRL with the CA")?;
+    write_file(&crl_path, &crl.pem()?, false)?;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "{}  {}: {label} {}; {count} certificate(s) revoked in all",
+        if already { "kept    " } else { "revoked " },
+        crl_path.display(),
+        if already {
+            "was already revoked"
+        } else {
+            "added"
+        },
+    )?;
+    writeln!(
+        out,
+        "\nCopy {CRL_FILE} to every gateway ([control] tls = {{ ..., crl = \"{CRL_FILE}\" }}) and \
+         reload it (SIGHUP): agents presenting the certificate are cut at once and refused at \
+         every handshake after."
+    )?;
+    Ok(out)
+}
+
+/// `aa:bb:cc` (or `aabbcc`) hex to bytes.
+fn parse_serial(hex: &str) -> anyhow::Result<Vec<u8>> {
+    let digits: String = hex.chars().filter(|c| *c != ':').collect();
+    anyhow::ensure!(
+        !digits.is_empty() && digits.len() % 2 == 0 && digits.len() <= 40,
+        "--serial: \"{hex}\" is not a serial number (hex bytes, e.g. 3a:07:9c)"
+    );
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&digits[i..i + 2], 16)
+                .map_err(|_| anyhow::anyhow!("--serial: \"{hex}\" is not hex"))
+        })
+        .collect()
+}
+
+/// The entries and number of the CRL at `path`; none and 0 when there is no file yet.
+fn read_crl(path: &Path) -> anyhow::Result<(Vec<rcgen::RevokedCertParams>, u64)> {
+    if !path.exists() {
+        return Ok((Vec::new(), 0));
+    }
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_file(path)
+        .with_context(|| format!("cannot read a CRL from {}", path.display()))?;
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+        .map_err(|e| anyhow::anyhow!("{}: not a readable CRL: {e}", path.display()))?;
+    let number = crl
+        .crl_number()
+        .and_then(|n| n.to_string().parse::<u64>().ok())
+        .unwrap_or(0);
+    let entries = crl
+        .iter_revoked_certificates()
+        .map(|r| {
+            let at = time::OffsetDateTime::from_unix_timestamp(r.revocation_date.timestamp())
+                .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+            rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(r.raw_serial()),
+                revocation_time: at,
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }
+        })
+        .collect();
+    Ok((entries, number))
 }
 
 /// An agent name: a file stem and a certificate name (the config's name rules).
@@ -643,6 +883,7 @@ mod tests {
             gateway_names: vec!["dmz-gw1.example".into()],
             gateway_ips: vec!["192.0.2.10".parse().unwrap()],
             agent_names: vec![],
+            site: None,
             days: 30,
             force: false,
             new_ca: false,
@@ -683,6 +924,7 @@ mod tests {
             &d.join("gateway.crt"),
             &d.join("gateway.key"),
             &d.join("ca.crt"),
+            None,
         )
         .unwrap();
         crate::transport::ClientTls::load(
@@ -765,11 +1007,15 @@ mod tests {
             dir: d.to_path_buf(),
             subject: Subject::Agent {
                 name: "agent-b".into(),
+                site: Some("acme".into()),
             },
             days: 5,
             force: false,
         })
         .unwrap();
+        let info = crate::certinfo::CertInfo::from_pem_file(&d.join("agent-b.crt")).unwrap();
+        assert_eq!(info.sites, ["acme"]);
+        assert_eq!(info.common_name.as_deref(), Some("agent-b"));
         let mut new = opts(d);
         new.new_ca = true;
         let summary = init(&new).unwrap();
@@ -804,6 +1050,7 @@ mod tests {
             &d.join("dmz-gw2.example.crt"),
             &d.join("dmz-gw2.example.key"),
             &d.join("ca.crt"),
+            None,
         )
         .unwrap();
         assert!(issue(&gw2)
@@ -811,9 +1058,17 @@ mod tests {
             .to_string()
             .contains("already exists"));
         for bad in [
-            Subject::Agent { name: "ca".into() },
+            Subject::Agent {
+                name: "ca".into(),
+                site: None,
+            },
             Subject::Agent {
                 name: "../x".into(),
+                site: None,
+            },
+            Subject::Agent {
+                name: "edge".into(),
+                site: Some("bad site".into()),
             },
             Subject::Gateway {
                 names: vec!["*.example".into()],

@@ -94,6 +94,26 @@ pub async fn run(path: &Path) -> bool {
         ),
     );
 
+    if let Some(tls) = &config.tls {
+        let what = format!("agent certificate {}", tls.cert.display());
+        if tls.identity.serves(&config.site) == Some(false) {
+            r.fail(
+                &what,
+                format!(
+                    "bound to site \"{}\", not to this agent's site \"{}\": gateways refuse it (WRONG_SITE)",
+                    tls.identity.sites.join("\", \""),
+                    config.site
+                ),
+                format!("issue one for this site: sallyport cert issue --dir DIR --agent NAME --site {}", config.site),
+            );
+        }
+        check_expiry(
+            &mut r,
+            &what,
+            &tls.identity,
+            "sallyport cert renew --dir DIR --agent NAME",
+        );
+    }
     let mut usable = Vec::new();
     for gateway in &config.gateways {
         if let Some(addr) = check_gateway(&mut r, &config, gateway).await {
@@ -207,6 +227,7 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
                 ErrorCode::PEER_DENIED => format!("add {source} to the gateway's [peers] except list (or set source_ip)"),
                 ErrorCode::TLS_REQUIRED => "configure `tls` in agent.toml (see `sallyport cert init`)".to_string(),
                 ErrorCode::UNSUPPORTED_VERSION => "run the same Sallyport version on agent and gateway".to_string(),
+                ErrorCode::WRONG_SITE => format!("use a certificate issued for site \"{}\" (sallyport cert issue --agent NAME --site {})", config.site, config.site),
                 ErrorCode::LIMIT => "the gateway is at its handshake limit: try again, or raise [limits] max_handshakes".to_string(),
                 _ => "see the gateway's log".to_string(),
             };
@@ -227,6 +248,14 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
             r.fail(&what, format!("TLS handshake failed: {text}"), fix);
             None
         }
+        Err(DialError::CertificateRevoked) => {
+            r.fail(
+                &what,
+                "the gateway refused this agent's certificate: it is REVOKED (listed in its [control] tls.crl)",
+                "issue this agent a new certificate (sallyport cert issue --force, or cert renew) on the CA host",
+            );
+            None
+        }
         Err(DialError::CertificateRejected(alert)) => {
             r.fail(
                 &what,
@@ -243,6 +272,17 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
             );
             None
         }
+    }
+}
+
+/// `ok` with the expiry date, or `warn` within 30 days (and after).
+fn check_expiry(r: &mut Report, what: &str, cert: &crate::certinfo::CertInfo, fix: &str) {
+    let left = cert.seconds_left(std::time::SystemTime::now());
+    let words = crate::certinfo::describe_expiry(left);
+    if crate::certinfo::expiry_warns(left) {
+        r.warn(what, format!("{words} (under 30 days)"), fix);
+    } else {
+        r.ok(what, words);
     }
 }
 
@@ -382,6 +422,12 @@ async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, re
         .get(gateway)
         .cloned()
         .unwrap_or_default();
+    // The certificate the gateway presented to the test agent (no extra connection).
+    if let Some(cert) = &results.cert {
+        let what = format!("gateway {gateway} certificate");
+        let fix = "sallyport cert renew --dir DIR --gateway NAME on the CA host, copy it to the gateway, reload it";
+        check_expiry(r, &what, cert, fix);
+    }
     if !answered {
         let why = match ended {
             Some(Ok(Err(e))) => format!("the test agent could not run: {e:#}"),

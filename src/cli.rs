@@ -177,6 +177,10 @@ pub enum CertCommand {
         /// Issue a certificate NAME.crt / NAME.key for another agent (repeatable).
         #[arg(long = "agent-name")]
         agent_names: Vec<String>,
+        /// Bind the agent certificates this run makes to SITE: gateways refuse them for any
+        /// other site.
+        #[arg(long, value_name = "SITE")]
+        site: Option<String>,
         /// Validity of the gateway and agent certificates, in days.
         #[arg(long, default_value_t = 825)]
         days: u32,
@@ -202,12 +206,51 @@ pub enum CertCommand {
         /// An agent certificate named NAME.
         #[arg(long, value_name = "NAME")]
         agent: Option<String>,
+        /// Bind the agent certificate to SITE (its agent.toml `site`): gateways refuse it for any
+        /// other site.
+        #[arg(long, value_name = "SITE", requires = "agent")]
+        site: Option<String>,
         /// Validity, in days.
         #[arg(long, default_value_t = 825)]
         days: u32,
         /// Replace NAME.crt / NAME.key if they exist (the CA is never replaced here).
         #[arg(long)]
         force: bool,
+    },
+    /// Replace DIR/NAME.crt and DIR/NAME.key with a new key and certificate from the CA: the
+    /// same names, site and role, valid DAYS from today.
+    #[command(group(clap::ArgGroup::new("subject").required(true).args(["gateway", "agent"])))]
+    Renew {
+        /// Directory holding ca.crt, ca.key and NAME.crt.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The agent certificate DIR/NAME.crt.
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// The gateway certificate DIR/NAME.crt.
+        #[arg(long, value_name = "NAME")]
+        gateway: Option<String>,
+        /// Validity, in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Add a certificate to DIR/crl.pem (signed by the CA; made on first use): gateways that
+    /// load it ([control] tls.crl) refuse that certificate and cut its agents at their reload.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["agent", "cert", "serial"])))]
+    Revoke {
+        /// Directory holding ca.crt and ca.key (and crl.pem).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The agent certificate DIR/NAME.crt.
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// A certificate file.
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
+        /// The serial number of a certificate no longer at hand (hex, as `cert renew` prints
+        /// it: 3a:07:9c:...).
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
     },
 }
 
@@ -298,6 +341,7 @@ fn cert(command: CertCommand) -> anyhow::Result<String> {
             gateway_names,
             gateway_ips,
             agent_names,
+            site,
             days,
             force,
             new_ca,
@@ -306,6 +350,7 @@ fn cert(command: CertCommand) -> anyhow::Result<String> {
             gateway_names,
             gateway_ips,
             agent_names,
+            site,
             days,
             force,
             new_ca,
@@ -314,11 +359,12 @@ fn cert(command: CertCommand) -> anyhow::Result<String> {
             dir,
             gateway,
             agent,
+            site,
             days,
             force,
         } => {
             let subject = match agent {
-                Some(name) => crate::certs::Subject::Agent { name },
+                Some(name) => crate::certs::Subject::Agent { name, site },
                 None => crate::certs::Subject::Gateway {
                     names: gateway.iter().map(|s| s.trim().to_string()).collect(),
                 },
@@ -329,6 +375,28 @@ fn cert(command: CertCommand) -> anyhow::Result<String> {
                 days,
                 force,
             })
+        }
+        CertCommand::Renew {
+            dir,
+            agent,
+            gateway,
+            days,
+        } => {
+            let stem = agent.or(gateway).unwrap_or_default();
+            crate::certs::renew(&dir, &stem, days)
+        }
+        CertCommand::Revoke {
+            dir,
+            agent,
+            cert,
+            serial,
+        } => {
+            let what = match (agent, cert, serial) {
+                (Some(name), _, _) => crate::certs::Revoke::Cert(dir.join(format!("{name}.crt"))),
+                (_, Some(file), _) => crate::certs::Revoke::Cert(file),
+                (_, _, serial) => crate::certs::Revoke::Serial(serial.unwrap_or_default()),
+            };
+            crate::certs::revoke(&dir, &what)
         }
     }
 }

@@ -100,6 +100,29 @@ fn listener_row(key: &(String, String), public: String, state: String, st: &Valu
 }
 
 /// Renders the status and stats documents as the `status` command prints them.
+/// "expires in 400 day(s)" for a certificate in the status JSON; "-" without one.
+fn cert_cell(cert: &Value) -> String {
+    match cert["expires_in_seconds"].as_i64() {
+        Some(left) => crate::certinfo::describe_expiry(left),
+        None => "-".to_string(),
+    }
+}
+
+/// One line about a certificate, a WARNING within 30 days of its expiry; empty without one.
+fn cert_line(what: &str, cert: &Value) -> String {
+    if cert.is_null() {
+        return String::new();
+    }
+    match cert["warning"].as_str() {
+        Some(w) => format!("  WARNING: {what}: {}\n", escape(w)),
+        None => format!(
+            "  {what} \"{}\": {}\n",
+            escape(&s(&cert["subject"])),
+            cert_cell(cert)
+        ),
+    }
+}
+
 pub fn render(status: &Value, stats: &Value) -> String {
     let mut out = String::new();
     let light = s(&status["light"]);
@@ -121,6 +144,10 @@ pub fn render(status: &Value, stats: &Value) -> String {
         },
     ));
 
+    out.push_str(&cert_line(
+        "gateway certificate",
+        &status["control"]["cert"],
+    ));
     let agents = status["agents"].as_array().cloned().unwrap_or_default();
     out.push_str(&format!("\nAgents ({})\n", agents.len()));
     if agents.is_empty() {
@@ -135,13 +162,30 @@ pub fn render(status: &Value, stats: &Value) -> String {
                     s(&a["addr"]),
                     human_duration(u(&a["connected_seconds"])),
                     u(&a["inflight"]).to_string(),
+                    cert_cell(&a["cert"]),
                 ]
             })
             .collect();
         out.push_str(&table(
-            &["SITE", "AGENT", "ADDRESS", "CONNECTED", "OFFERED"],
+            &[
+                "SITE",
+                "AGENT",
+                "ADDRESS",
+                "CONNECTED",
+                "OFFERED",
+                "CERTIFICATE",
+            ],
             &rows,
         ));
+        for a in &agents {
+            if let Some(w) = a["cert"]["warning"].as_str() {
+                out.push_str(&format!(
+                    "  WARNING: agent {}: {}\n",
+                    s(&a["name"]),
+                    escape(w)
+                ));
+            }
+        }
     }
 
     let revoked = status["revoked"].as_array().cloned().unwrap_or_default();
@@ -296,6 +340,19 @@ pub fn render_agent(status: &StatusReport, stats: &StatsReport) -> String {
         ));
     }
 
+    if let Some(cert) = &status.cert {
+        let value = serde_json::to_value(cert).unwrap_or_default();
+        out.push_str(&cert_line("agent certificate", &value));
+    }
+    for g in &status.gateways {
+        if let Some(w) = g.cert.as_ref().and_then(|c| c.warning.as_ref()) {
+            out.push_str(&format!(
+                "  WARNING: gateway {}: {}\n",
+                escape(&g.gateway),
+                escape(w)
+            ));
+        }
+    }
     out.push_str(&format!("\nGateways ({})\n", status.gateways.len()));
     let rows: Vec<Vec<String>> = status
         .gateways

@@ -75,6 +75,26 @@ impl Stream {
         }
     }
 
+    /// The peer's end-entity certificate: the agent's on the gateway's side, the gateway's on
+    /// the agent's side. `None` in plaintext.
+    pub fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::ServerTls(s) => s.get_ref().1.peer_certificates()?.first(),
+            Stream::ClientTls(s) => s.get_ref().1.peer_certificates()?.first(),
+        }
+    }
+
+    /// The peer's certificate chain as it sent it (leaf first); `None` in plaintext.
+    pub fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>> {
+        let certs = match self {
+            Stream::Plain(_) => return None,
+            Stream::ServerTls(s) => s.get_ref().1.peer_certificates()?,
+            Stream::ClientTls(s) => s.get_ref().1.peer_certificates()?,
+        };
+        Some(certs.to_vec())
+    }
+
     /// Makes dropping this stream a reset of the TCP connection under it (SO_LINGER 0). For
     /// TLS that is also a close without close_notify, which the peer reads as a truncation:
     /// dropping a TLS stream never sends one, only `shutdown()` does.
@@ -313,6 +333,23 @@ fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("cannot read a private key from {}", path.display()))
 }
 
+fn load_crls(
+    path: &Path,
+) -> anyhow::Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read the CRL {}", path.display()))?;
+    let crls = if bytes.starts_with(b"-----") {
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("invalid PEM CRL in {}", path.display()))?
+    } else {
+        vec![CertificateRevocationListDer::from(bytes)]
+    };
+    anyhow::ensure!(!crls.is_empty(), "{}: no CRL found", path.display());
+    Ok(crls)
+}
+
 fn load_roots(path: &Path) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
@@ -323,24 +360,44 @@ fn load_roots(path: &Path) -> anyhow::Result<RootCertStore> {
     Ok(roots)
 }
 
-/// The gateway's TLS side: its identity and the CA its agents' certificates must chain to.
+/// The gateway's TLS side: its identity, the CA its agents' certificates must chain to, and
+/// the revocation list they are checked against.
 #[derive(Clone)]
 pub struct ServerTls {
     acceptor: tokio_rustls::TlsAcceptor,
+    /// The same verifier the acceptor uses: a reload re-checks connected agents' certificates
+    /// with the new one (a CRL that now revokes them, a CA that no longer issues them).
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 impl ServerTls {
-    pub fn load(cert: &Path, key: &Path, client_ca: &Path) -> anyhow::Result<Self> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        client_ca: &Path,
+        crl: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let mut builder = WebPkiClientVerifier::builder_with_provider(
             Arc::new(load_roots(client_ca)?),
             provider(),
-        )
-        .build()
-        .context("cannot build the client certificate verifier")?;
+        );
+        if let Some(crl) = crl {
+            // Only the agents' own certificates are looked up: the CRL comes from the CA that
+            // issued them (`sallyport cert revoke`), and a certificate it does not cover is
+            // refused (unknown status), so a CRL of another CA cannot pass everything.
+            builder = builder
+                .with_crls(load_crls(crl)?)
+                .only_check_end_entity_revocation();
+        }
+        // The builder parses the CRLs: a broken file is refused here, by name.
+        let verifier = builder.build().map_err(|e| match crl {
+            Some(crl) => anyhow::anyhow!("{}: not a usable CRL: {e}", crl.display()),
+            None => anyhow::anyhow!("cannot build the client certificate verifier: {e}"),
+        })?;
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3 unavailable")?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(load_certs(cert)?, load_key(key)?)
             .with_context(|| {
                 format!(
@@ -351,7 +408,20 @@ impl ServerTls {
             })?;
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            verifier,
         })
+    }
+
+    /// Checks an agent's certificate chain (leaf first) as a new handshake would now: `Err`
+    /// says why it would be refused (revoked, expired, unknown issuer).
+    pub fn verify_client(&self, chain: &[CertificateDer<'static>]) -> Result<(), rustls::Error> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        let now = rustls::pki_types::UnixTime::now();
+        self.verifier
+            .verify_client_cert(leaf, intermediates, now)
+            .map(|_| ())
     }
 
     pub async fn accept(&self, tcp: TcpStream) -> io::Result<Stream> {

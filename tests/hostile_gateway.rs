@@ -125,6 +125,7 @@ impl Hostile {
             &certs.join("gateway.crt"),
             &certs.join("gateway.key"),
             &certs.join("ca.crt"),
+            None,
         )
         .unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -8,6 +8,31 @@ use prometheus::proto::MetricType::{COUNTER, GAUGE};
 use super::metrics::{encode, family, Labels};
 use crate::agent::report::{GatewayReport, Light, ListenerSnapshot, StatsReport, StatusReport};
 
+/// `sallyport_agent_cert_expiry_seconds`: the agent's own certificate and each connected
+/// gateway's.
+fn cert_expiry(status: &StatusReport) -> prometheus::proto::MetricFamily {
+    let mut samples: Vec<(Labels, f64)> = Vec::new();
+    if let Some(own) = &status.cert {
+        let labels = vec![
+            ("role", "agent".to_string()),
+            ("name", status.agent.clone()),
+        ];
+        samples.push((labels, own.expires_in_seconds as f64));
+    }
+    for g in &status.gateways {
+        if let Some(cert) = &g.cert {
+            let labels = vec![("role", "gateway".to_string()), ("name", g.gateway.clone())];
+            samples.push((labels, cert.expires_in_seconds as f64));
+        }
+    }
+    family(
+        "sallyport_agent_cert_expiry_seconds",
+        "Seconds until a certificate expires: the agent's own, and each connected gateway's.",
+        GAUGE,
+        samples,
+    )
+}
+
 /// Renders an agent's metrics.
 pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
     let gw = |g: &str| -> Labels { vec![("gateway", g.to_string())] };
@@ -75,6 +100,7 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
             })
         })
         .collect();
+    families.push(cert_expiry(status));
     families.push(family(
         "sallyport_agent_listener_up",
         "1 while the gateway accepts clients for the listener.",

@@ -159,6 +159,44 @@ fn write_family(
     }
 }
 
+/// `sallyport_cert_expiry_seconds`: the gateway's own certificate and each connected agent's.
+fn cert_expiry(status: &crate::gateway::StatusView) -> MetricFamily {
+    let mut samples: Vec<(Labels, f64)> = Vec::new();
+    if let Some(own) = &status.control.cert {
+        let labels = vec![
+            ("role", "gateway".to_string()),
+            ("site", String::new()),
+            ("name", own.subject.clone()),
+        ];
+        samples.push((labels, own.expires_in_seconds as f64));
+    }
+    // One sample per agent name: two sessions of one agent (a reconnect overlapping the old
+    // session) show the sooner expiry.
+    let mut agents = std::collections::BTreeMap::<(String, String), i64>::new();
+    for a in &status.agents {
+        if let Some(cert) = &a.cert {
+            let left = agents
+                .entry((a.site.clone(), a.name.clone()))
+                .or_insert(i64::MAX);
+            *left = (*left).min(cert.expires_in_seconds);
+        }
+    }
+    for ((site, name), left) in agents {
+        let labels = vec![
+            ("role", "agent".to_string()),
+            ("site", site),
+            ("name", name),
+        ];
+        samples.push((labels, left as f64));
+    }
+    family(
+        "sallyport_cert_expiry_seconds",
+        "Seconds until a certificate expires: the gateway's own, and each connected agent's.",
+        MetricType::GAUGE,
+        samples,
+    )
+}
+
 /// Renders the metrics of `handle`. The per-listener families are written straight to text
 /// with each listener's labels rendered once: at 5,000 listeners, building them as protobuf
 /// objects (two label pairs per sample, ten families) was most of a scrape.
@@ -213,6 +251,7 @@ pub fn render(handle: &GatewayHandle) -> String {
         GAUGE,
         agents,
     ));
+    families.push(cert_expiry(&status));
     families.push(family(
         "sallyport_pool_idle_connections",
         "Idle warm-pool data connections agents opened ahead of time.",

@@ -41,6 +41,11 @@ impl Backoff {
         half + rand::rng().random_range(Duration::ZERO..=half)
     }
 
+    /// Goes straight to the longest delay (a refusal only an operator can lift).
+    pub fn exhaust(&mut self) {
+        self.attempt = self.attempt.max(20);
+    }
+
     /// After a healthy session, start again from `initial`.
     pub fn reset(&mut self) {
         self.attempt = 0;

@@ -21,7 +21,9 @@ pub(crate) enum DialError {
     Tls { target: String, source: io::Error },
     #[error("the gateway refused the connection: {0}")]
     Refused(ErrorMsg),
-    #[error("the gateway rejected this agent's TLS certificate (alert {0:?}): is it issued by the gateway's client_ca?")]
+    #[error("the gateway rejected this agent's TLS certificate as REVOKED (its [control] tls.crl lists it): this agent needs a new certificate (`sallyport cert renew`)")]
+    CertificateRevoked,
+    #[error("the gateway rejected this agent's TLS certificate (alert {0:?}): is it issued by the gateway's client_ca, and still valid?")]
     CertificateRejected(rustls::AlertDescription),
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
@@ -39,6 +41,9 @@ impl DialError {
         if let Some(rustls::Error::AlertReceived(alert)) =
             e.get_ref().and_then(|i| i.downcast_ref())
         {
+            if *alert == rustls::AlertDescription::CertificateRevoked {
+                return DialError::CertificateRevoked;
+            }
             return DialError::CertificateRejected(*alert);
         }
         let target = target.to_string();
@@ -46,6 +51,21 @@ impl DialError {
             DialError::Tls { target, source: e }
         } else {
             DialError::Connect { target, source: e }
+        }
+    }
+}
+
+impl DialError {
+    /// Whether dialing again soon cannot help: the gateway refuses this agent's certificate
+    /// for what it is (revoked, or bound to another site) until an operator acts. The control
+    /// channel then retries at its longest `[reconnect]` interval, not faster.
+    pub fn needs_operator(&self) -> bool {
+        match self {
+            DialError::CertificateRevoked => true,
+            DialError::Refused(e) => {
+                e.code == protocol::ErrorCode::WRONG_SITE || e.code == protocol::ErrorCode::REVOKED
+            }
+            _ => false,
         }
     }
 }

@@ -144,6 +144,8 @@ impl GatewayListenerBuilder {
             key: key.to_path_buf(),
             server_name: None,
             client,
+            identity: crate::certinfo::CertInfo::from_pem_file(cert)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:#}")))?,
             fingerprint: crate::config::reference::fingerprint(&[ca, cert, key]),
         });
         Ok(self)

@@ -42,6 +42,9 @@ pub struct StatusReport {
     pub listeners: Vec<ListenerReport>,
     /// The outbound proxy, when configured.
     pub outbound: Option<OutboundReport>,
+    /// The agent's own certificate (with TLS).
+    #[serde(default)]
+    pub cert: Option<crate::certinfo::CertView>,
 }
 
 /// The configuration in force.
@@ -88,6 +91,9 @@ pub struct GatewayReport {
     pub connected_seconds: Option<u64>,
     /// `None` for a plaintext control channel.
     pub tls: Option<TlsReport>,
+    /// The gateway's certificate on the current control channel (TLS only).
+    #[serde(default)]
+    pub cert: Option<crate::certinfo::CertView>,
     /// Whether data connections to it use TLS.
     pub data_tls: bool,
     /// The negotiated protocol version.
@@ -280,6 +286,10 @@ impl super::Agent {
                             server_name: g.server_name.clone()?,
                         })
                     }),
+                    cert: g
+                        .filter(|_| connected)
+                        .and_then(|g| g.cert.as_ref())
+                        .map(|c| crate::certinfo::CertView::of(c, now)),
                     data_tls: connected && g.is_some_and(|g| g.data_tls),
                     protocol: g.and_then(|g| g.protocol).filter(|_| connected),
                     heartbeat_ms: g.and_then(|g| g.heartbeat_ms).filter(|_| connected),
@@ -307,6 +317,10 @@ impl super::Agent {
         };
         StatusReport {
             daemon: DAEMON.to_string(),
+            cert: config
+                .tls
+                .as_ref()
+                .map(|t| crate::certinfo::CertView::of(&t.identity, now)),
             version: env!("CARGO_PKG_VERSION").to_string(),
             site: config.site.clone(),
             agent: config.name.clone(),

@@ -113,6 +113,12 @@ pub(crate) async fn keep_connected(
         }
         // `[reconnect]` applies from the next delay after a reload.
         backoff.set_config(ctx.config().reconnect);
+        let needs_operator = matches!(&result, Err(SessionError::Dial(e)) if e.needs_operator())
+            || matches!(&result, Err(SessionError::Protocol(ProtocolError::Peer(e)))
+                if e.code == ErrorCode::REVOKED || e.code == ErrorCode::WRONG_SITE);
+        if needs_operator {
+            backoff.exhaust();
+        }
         let delay = backoff.next_delay();
         let e = match result {
             Ok(()) => return,
@@ -136,6 +142,14 @@ pub(crate) async fn keep_connected(
                     }
                 );
                 wait
+            }
+            e if needs_operator => {
+                tracing::error!(
+                    gateway = %gateway,
+                    "control channel refused: {e}; this needs an operator: trying again in {}",
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                );
+                Some(delay)
             }
             e => {
                 tracing::warn!(
@@ -268,6 +282,10 @@ async fn run_session(
         .filter(|_| tls)
         .and_then(|t| t.client.name_for(gateway).ok())
         .map(|n| n.to_str().into_owned());
+    let peer_cert = conn
+        .get_ref()
+        .peer_certificate()
+        .and_then(|der| crate::certinfo::CertInfo::parse(der.as_ref()).ok());
     // The socket's round-trip time stays readable after the channel is split.
     let rtt = net::RttProbe::of(conn.get_ref().tcp());
     let read_rtt = || rtt.as_ref().and_then(net::RttProbe::rtt);
@@ -279,6 +297,7 @@ async fn run_session(
         g.data_tls = data_tls;
         g.tls_version = tls_version;
         g.server_name = server_name;
+        g.cert = peer_cert;
         g.protocol = Some(ack.version);
         g.heartbeat_ms = Some(ack.heartbeat_ms);
         g.rtt = read_rtt();

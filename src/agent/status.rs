@@ -35,6 +35,8 @@ pub struct GatewayStatus {
     pub tls_version: Option<&'static str>,
     /// The name the gateway's certificate was verified for.
     pub server_name: Option<String>,
+    /// The gateway's certificate, as it presented it on the current control channel.
+    pub cert: Option<crate::certinfo::CertInfo>,
     /// The negotiated protocol version, while connected.
     pub protocol: Option<u16>,
     /// The heartbeat interval in force, while connected.

@@ -98,6 +98,8 @@ pub struct AgentTls {
     /// `tls.server_name`: the name the gateway's certificate must carry, if not its address.
     pub server_name: Option<String>,
     pub client: ClientTls,
+    /// What its certificate (`cert`) says: name, site, serial, expiry.
+    pub identity: crate::certinfo::CertInfo,
     /// Of the three files' contents: a reload sees certificates rotated in place.
     pub fingerprint: String,
 }
@@ -325,6 +327,31 @@ fn parse_gateway(s: &str) -> Result<String, String> {
     Ok(addr.target(0).expect("a single port has offset 0"))
 }
 
+/// Warnings about the agent's own certificate: bound to another site than `site` (every
+/// gateway will refuse it), or expiring within 30 days.
+fn identity_notices(
+    identity: &crate::certinfo::CertInfo,
+    cert: &Path,
+    site: &str,
+    notices: &mut Vec<String>,
+) {
+    if identity.serves(site) == Some(false) {
+        notices.push(format!(
+            "{} is bound to site \"{}\", not to site \"{site}\": gateways will refuse it (WRONG_SITE)",
+            cert.display(),
+            identity.sites.join("\", \"")
+        ));
+    }
+    let left = identity.seconds_left(std::time::SystemTime::now());
+    if crate::certinfo::expiry_warns(left) {
+        notices.push(format!(
+            "the agent certificate {} {}: renew it (sallyport cert renew --agent NAME) and reload",
+            cert.display(),
+            crate::certinfo::describe_expiry(left)
+        ));
+    }
+}
+
 impl AgentConfig {
     /// A configuration with defaults and no listener, for programs that build it in code (the
     /// embedded listener); `gateways` are `host:port` or `host`.
@@ -404,7 +431,10 @@ impl AgentConfig {
                 );
                 let name = t.server_name.as_ref().map(|n| n.get_ref().as_str());
                 let client = ClientTls::load(&ca, &cert, &key, name)
-                    .map_err(|e| src.error(span, "tls", format!("{e:#}")))?;
+                    .map_err(|e| src.error(span.clone(), "tls", format!("{e:#}")))?;
+                let identity = crate::certinfo::CertInfo::from_pem_file(&cert)
+                    .map_err(|e| src.error(span.clone(), "tls", format!("{e:#}")))?;
+                identity_notices(&identity, &cert, raw.site.get_ref(), &mut notices);
                 let fingerprint = super::reference::fingerprint(&[&ca, &cert, &key]);
                 Some(AgentTls {
                     ca,
@@ -412,6 +442,7 @@ impl AgentConfig {
                     key,
                     server_name: name.map(str::to_string),
                     client,
+                    identity,
                     fingerprint,
                 })
             }

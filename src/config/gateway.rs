@@ -61,9 +61,46 @@ pub struct GatewayTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// The certificate revocation list agents' certificates are checked against, if any.
+    pub crl: Option<PathBuf>,
+    /// Whether an agent certificate bound to no site may serve a site.
+    pub site_binding: SiteBinding,
     pub server: ServerTls,
-    /// Of the three files' contents: a reload sees certificates rotated in place.
+    /// What its own certificate (`cert`) says: name, serial, expiry.
+    pub identity: crate::certinfo::CertInfo,
+    /// Of the files' contents: a reload sees certificates rotated in place.
     pub fingerprint: String,
+}
+
+/// `[control] tls.site_binding`: what the gateway does with an agent certificate that names no
+/// site. A certificate that names sites serves those only, whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SiteBinding {
+    /// Refused: every agent must have a certificate issued with `--site`.
+    Required,
+    /// Accepted for any site (certificates issued before site binding existed): the upgrade
+    /// path, warned about at start.
+    #[default]
+    Optional,
+}
+
+impl SiteBinding {
+    fn parse(s: &str) -> Result<SiteBinding, String> {
+        match s {
+            "required" => Ok(SiteBinding::Required),
+            "optional" => Ok(SiteBinding::Optional),
+            _ => Err(format!("\"{s}\" is not \"required\" or \"optional\"")),
+        }
+    }
+}
+
+impl std::fmt::Display for SiteBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SiteBinding::Required => "required",
+            SiteBinding::Optional => "optional",
+        })
+    }
 }
 
 impl std::fmt::Debug for GatewayTls {
@@ -72,6 +109,8 @@ impl std::fmt::Debug for GatewayTls {
             .field("cert", &self.cert)
             .field("key", &self.key)
             .field("client_ca", &self.client_ca)
+            .field("crl", &self.crl)
+            .field("site_binding", &self.site_binding)
             .finish_non_exhaustive()
     }
 }
@@ -192,6 +231,8 @@ struct RawTls {
     cert: Spanned<String>,
     key: Spanned<String>,
     client_ca: Spanned<String>,
+    crl: Option<Spanned<String>>,
+    site_binding: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -343,20 +384,7 @@ impl GatewayConfig {
                 })?;
             }
             if let Some(tls) = &control.tls {
-                let (span, tls) = (tls.span(), tls.get_ref());
-                let file = |v: &Spanned<String>| relative_to(path, v.get_ref());
-                let (cert, key, client_ca) =
-                    (file(&tls.cert), file(&tls.key), file(&tls.client_ca));
-                let server = ServerTls::load(&cert, &key, &client_ca)
-                    .map_err(|e| src.error(span, "control.tls", format!("{e:#}")))?;
-                let fingerprint = super::reference::fingerprint(&[&cert, &key, &client_ca]);
-                cfg.tls = Some(GatewayTls {
-                    cert,
-                    key,
-                    client_ca,
-                    server,
-                    fingerprint,
-                });
+                cfg.tls = Some(parse_tls(&src, path, tls)?);
             }
             if let Some(data_tls) = control.data_tls {
                 cfg.data_tls = data_tls;
@@ -559,13 +587,68 @@ impl GatewayConfig {
             cfg.notices.push(
                 "no [control] tls configured: control and data connections run in PLAINTEXT and agents are not authenticated".into(),
             );
-        } else if !cfg.data_tls {
+        } else if cfg.tls.as_ref().map(|t| t.site_binding) == Some(SiteBinding::Optional) {
+            cfg.notices.push(
+                "[control] tls.site_binding = \"optional\": agent certificates bound to no site may serve any site; set it to \"required\" once every agent has a certificate from `sallyport cert issue --site`".into(),
+            );
+        }
+        if let Some(tls) = &cfg.tls {
+            let left = tls.identity.seconds_left(std::time::SystemTime::now());
+            if crate::certinfo::expiry_warns(left) {
+                cfg.notices.push(format!(
+                    "the gateway certificate {} {}: renew it (sallyport cert renew --gateway NAME) and reload",
+                    tls.cert.display(),
+                    crate::certinfo::describe_expiry(left)
+                ));
+            }
+        }
+        if cfg.tls.is_some() && !cfg.data_tls {
             cfg.notices.push(
                 "[control] data_tls = false: data connections run in plaintext (the control channel stays encrypted)".into(),
             );
         }
         Ok(cfg)
     }
+}
+
+/// `[control] tls`: loads the files, so a file that does not work is an error at its line.
+fn parse_tls(
+    src: &Source<'_>,
+    path: &Path,
+    tls: &Spanned<RawTls>,
+) -> Result<GatewayTls, ConfigError> {
+    let (span, tls) = (tls.span(), tls.get_ref());
+    let file = |v: &Spanned<String>| relative_to(path, v.get_ref());
+    let (cert, key, client_ca) = (file(&tls.cert), file(&tls.key), file(&tls.client_ca));
+    let crl = tls.crl.as_ref().map(file);
+    let site_binding = match &tls.site_binding {
+        Some(v) => src.parse_with(v, "control.tls.site_binding", SiteBinding::parse)?,
+        None => SiteBinding::default(),
+    };
+    let server = ServerTls::load(&cert, &key, &client_ca, crl.as_deref()).map_err(|e| {
+        match (&tls.crl, crl.as_deref()) {
+            // A CRL that does not load is named at its own line.
+            (Some(at), Some(crl)) if format!("{e:#}").contains(&crl.display().to_string()) => {
+                src.error(at.span(), "control.tls.crl", format!("{e:#}"))
+            }
+            _ => src.error(span.clone(), "control.tls", format!("{e:#}")),
+        }
+    })?;
+    let identity = crate::certinfo::CertInfo::from_pem_file(&cert)
+        .map_err(|e| src.error(span.clone(), "control.tls", format!("{e:#}")))?;
+    let mut files = vec![cert.as_path(), key.as_path(), client_ca.as_path()];
+    files.extend(crl.as_deref());
+    let fingerprint = super::reference::fingerprint(&files);
+    Ok(GatewayTls {
+        cert,
+        key,
+        client_ca,
+        crl,
+        site_binding,
+        server,
+        identity,
+        fingerprint,
+    })
 }
 
 impl GatewayConfig {
@@ -589,6 +672,20 @@ impl GatewayConfig {
             Setting::new("control.tls.cert", tls(|t| &t.cert)),
             Setting::new("control.tls.key", tls(|t| &t.key)),
             Setting::new("control.tls.client_ca", tls(|t| &t.client_ca)),
+            Setting::new(
+                "control.tls.crl",
+                match &self.tls {
+                    Some(GatewayTls { crl: Some(crl), .. }) => crl.display().to_string(),
+                    _ => String::new(),
+                },
+            ),
+            Setting::new(
+                "control.tls.site_binding",
+                self.tls
+                    .as_ref()
+                    .map(|t| t.site_binding.to_string())
+                    .unwrap_or_default(),
+            ),
             Setting::new("control.data_tls", self.data_tls),
             Setting::new("peers.default", self.peers.default),
             Setting::new("peers.except", self.peers.except_text()),

@@ -25,7 +25,7 @@ pub use agent::{
     OutboundConfig, ProxyProtocol, ReconnectConfig, OUTBOUND_HANDSHAKE_TIMEOUT,
     OUTBOUND_MAX_CLIENTS, OUTBOUND_MAX_CLIENTS_PER_IP,
 };
-pub use gateway::{GatewayConfig, Limits};
+pub use gateway::{GatewayConfig, Limits, SiteBinding};
 
 /// A configuration error with its location. `Display` gives the one-line form operators grep for.
 #[derive(Debug, Clone, PartialEq, Eq)]

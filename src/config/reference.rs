@@ -98,6 +98,16 @@ pub const GATEWAY_KEYS: &[Key] = &[
         "files are re-read at every reload",
     ),
     noted(
+        "control.tls.crl",
+        Applied,
+        "re-read at every reload: new handshakes are checked against it, and connected agents whose certificate it revokes are cut",
+    ),
+    noted(
+        "control.tls.site_binding",
+        NewConnections,
+        "control channels that joined a site keep it",
+    ),
+    noted(
         "control.data_tls",
         Restart,
         "agents learn it when their control channel connects: `sallyport ctl restart`",

@@ -14,6 +14,13 @@
 //!   `control::open`); on a gateway without TLS, where nothing is authenticated anyway, it keeps
 //!   v1's rule: a v1 session of the site from the same IP address.
 //!
+//! Every connection is also bound to a site by its certificate ([`cert_serves`], issue 20
+//! item 4): an agent certificate issued with `--site SITE` (a `sallyport:site:SITE` URI) serves
+//! that site only, on control, data, pool and outbound connections alike; one bound to no site
+//! serves any site only while `[control] tls.site_binding = "optional"`. A refusal is
+//! `WRONG_SITE`, so an owned agent of one site can neither open, claim nor fail anything of
+//! another.
+//!
 //! This module only decides; the callers count, log and answer.
 
 use std::net::SocketAddr;
@@ -21,8 +28,61 @@ use std::sync::Arc;
 
 use super::site::{AgentHandle, Site};
 use super::Shared;
-use crate::protocol::Token;
+use crate::certinfo::CertInfo;
+use crate::config::{GatewayConfig, SiteBinding};
+use crate::protocol::{Connection, ErrorCode, Token};
 use crate::transport::Stream;
+
+/// Refuses `conn` (before its HelloAck) with `WRONG_SITE` when its certificate may not serve
+/// `site`: counted, logged as a `what` connection (rate limited). Returns whether it refused.
+pub(crate) async fn refuse_wrong_site(
+    shared: &Shared,
+    conn: &mut Connection<Stream>,
+    peer: SocketAddr,
+    site: &str,
+    what: &str,
+) -> bool {
+    let Err(why) = cert_serves(&shared.config(), conn.get_ref(), site) else {
+        return false;
+    };
+    let occ = shared.stats.wrong_site.hit();
+    if occ.log {
+        tracing::warn!(peer = %peer, site = %site, "{what} refused: {why}{}", occ.tally());
+    }
+    super::control::refuse_role(conn, ErrorCode::WRONG_SITE, why).await;
+    true
+}
+
+/// Whether the agent certificate on `stream` may serve `site`; `Err` is the refusal's text.
+/// A plaintext connection has no certificate to check (the TLS policy decides whether it may
+/// exist at all).
+pub(crate) fn cert_serves(
+    config: &GatewayConfig,
+    stream: &Stream,
+    site: &str,
+) -> Result<(), String> {
+    let (Some(tls), Some(der)) = (&config.tls, stream.peer_certificate()) else {
+        return Ok(());
+    };
+    let info = CertInfo::parse(der.as_ref()).map_err(|e| format!("agent certificate: {e}"))?;
+    let whose = match &info.common_name {
+        Some(cn) => format!("agent certificate \"{cn}\""),
+        None => "agent certificate".to_string(),
+    };
+    match info.serves(site) {
+        Some(true) => Ok(()),
+        Some(false) => Err(format!(
+            "the {whose} is bound to site \"{}\", not to site \"{site}\"",
+            info.sites.join("\", \"")
+        )),
+        None if tls.site_binding == SiteBinding::Required => Err(format!(
+            "the {whose} is bound to no site and this gateway requires one ([control] \
+             tls.site_binding = \"required\"): issue it with `sallyport cert issue --agent NAME \
+             --site {site}`"
+        )),
+        None => Ok(()),
+    }
+}
 
 /// What a pool or outbound hello claims to be.
 pub(crate) struct Claim<'a> {

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use super::binding::{cert_serves, refuse_wrong_site};
 use super::pending::{Claim, ClaimError, DataConn, Failed};
 use super::site::{AgentHandle, Site};
 use super::Shared;
@@ -385,13 +386,24 @@ async fn claim_data(
             .await;
         return;
     }
-    let tx = match shared.pending.claim(data.id, &data.token) {
+    let config = shared.config();
+    let serves = |site: &str| cert_serves(&config, conn.get_ref(), site);
+    let tx = match shared.pending.claim_for(data.id, &data.token, serves) {
         Ok(tx) => tx,
         Err(e) => {
             // A late data connection for a client that just left, or the loser of a client
             // offered to two agents, is not an attack: not counted.
             if matches!(e, ClaimError::Gone(_) | ClaimError::Lost(_)) {
                 tracing::debug!(peer = %peer, "data connection refused: {e}");
+            } else if let ClaimError::WrongSite(_, why) = e {
+                // It held the right token: it may learn why.
+                warn_event(
+                    &shared.stats.wrong_site,
+                    peer,
+                    format_args!("data connection refused: {why}"),
+                );
+                conn.send_error(ErrorCode::WRONG_SITE, why).await;
+                return;
             } else {
                 warn_event(
                     &shared.stats.data_refused,
@@ -451,6 +463,11 @@ async fn run_session(
         let why = format!("invalid agent name {e}");
         return refuse(&shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
     }
+    // Before anything of the site is touched: no listener opens for a site the certificate
+    // does not serve.
+    if refuse_wrong_site(&shared, &mut conn, peer, &control.site, "control channel").await {
+        return;
+    }
     let heartbeat =
         Duration::from_millis(control.heartbeat_ms as u64).clamp(HEARTBEAT_MIN, HEARTBEAT_MAX);
     let ack = Message::HelloAck(HelloAck {
@@ -463,6 +480,7 @@ async fn run_session(
     // the ack, before anything else.
     let secret = Feature::SessionBinding.on(version).then(Token::random);
     let cert = conn.get_ref().peer_cert_digest();
+    let chain = conn.get_ref().peer_chain().map(Arc::from);
     // A fresh connection's send queue is empty: this small write cannot block for long, and
     // the hello timeout no longer applies, so bound it like every later write.
     let mut liveness = Liveness::new(heartbeat);
@@ -524,6 +542,8 @@ async fn run_session(
         gone: CancellationToken::new(),
         secret,
         cert,
+        chain,
+        cert_revoked: CancellationToken::new(),
         suspect: Arc::default(),
     };
     // A new site is a new set of listeners and pools: their number is capped.
@@ -663,6 +683,8 @@ enum SessionEnd {
     Rejected(String),
     #[error("revoked: {0} is no longer allowed by the gateway's [peers] rules")]
     Revoked(IpAddr),
+    #[error("revoked: this agent's certificate no longer passes the gateway's checks (revoked by its [control] tls.crl, or not issued by its client_ca)")]
+    CertificateRevoked,
 }
 
 /// The gateway's log line for a config push larger than its `limits.max_frame` (the only
@@ -706,6 +728,7 @@ impl SessionEnd {
             SessionEnd::Shutdown => (ErrorCode::SHUTTING_DOWN, self.to_string()),
             SessionEnd::Rejected(why) => (ErrorCode::CONFIG_REJECTED, why.clone()),
             SessionEnd::Revoked(_) => (ErrorCode::PEER_DENIED, self.to_string()),
+            SessionEnd::CertificateRevoked => (ErrorCode::REVOKED, self.to_string()),
             SessionEnd::Unexpected(_) => (ErrorCode::PROTOCOL, self.to_string()),
             SessionEnd::Protocol(
                 ProtocolError::Peer(_)
@@ -741,6 +764,7 @@ where
         tokio::select! {
             _ = shared.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
             () = shared.denied(agent.addr.ip(), false) => return Err(SessionEnd::Revoked(agent.addr.ip())),
+            () = agent.cert_revoked.cancelled() => return Err(SessionEnd::CertificateRevoked),
             incoming = reader.read_message() => {
                 let Some(msg) = incoming? else {
                     return Ok(());

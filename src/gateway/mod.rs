@@ -347,6 +347,8 @@ pub struct AgentView {
     pub connected_seconds: u64,
     /// Clients offered to it and not yet claimed.
     pub inflight: usize,
+    /// The certificate it presented (TLS only).
+    pub cert: Option<crate::certinfo::CertView>,
 }
 
 /// `GET /api/status`.
@@ -388,6 +390,8 @@ pub struct ControlView {
     pub listen: SocketAddr,
     pub tls: bool,
     pub data_tls: bool,
+    /// The gateway's own certificate (TLS only).
+    pub cert: Option<crate::certinfo::CertView>,
 }
 
 /// Per-listener statistics.
@@ -469,6 +473,11 @@ impl GatewayHandle {
                     connected_since: unix(a.connected_since),
                     connected_seconds: a.connected_since.elapsed().unwrap_or_default().as_secs(),
                     inflight: a.inflight.load(Ordering::Relaxed),
+                    cert: a
+                        .chain
+                        .as_ref()
+                        .and_then(|c| c.first())
+                        .and_then(|leaf| crate::certinfo::CertView::of_der(leaf.as_ref())),
                 })
             })
             .collect()
@@ -502,6 +511,10 @@ impl GatewayHandle {
                 listen: s.control_addr,
                 tls: config.tls.is_some(),
                 data_tls: config.tls.is_some() && config.data_tls,
+                cert: config
+                    .tls
+                    .as_ref()
+                    .map(|t| crate::certinfo::CertView::of(&t.identity, SystemTime::now())),
             },
             agents,
             listeners: s
@@ -684,6 +697,7 @@ impl GatewayHandle {
         *self.shared.config.write().unwrap() = Arc::new(applied);
         // Who is cut is noted before they are told (they leave their sites at once).
         self.revoke_denied_agents();
+        self.revoke_rejected_certificates();
         // After the swap: every connection waiting in `denied` now sees the new rules.
         self.shared.peer_rules.send_modify(|g| *g += 1);
         for site in self.shared.sites.all() {
@@ -733,11 +747,7 @@ impl GatewayHandle {
                         "left to finish ([peers] drop_established = false)"
                     }
                 );
-                let mut revoked = self.shared.revoked.lock().unwrap();
-                if revoked.len() == 32 {
-                    revoked.pop_front();
-                }
-                revoked.push_back(RevokedView {
+                self.note_revoked(RevokedView {
                     site: site.name.clone(),
                     agent: agent.name.clone(),
                     addr: agent.addr,
@@ -749,6 +759,51 @@ impl GatewayHandle {
                 });
             }
         }
+    }
+
+    /// Cuts the agents whose certificate the new TLS settings refuse (a CRL that lists it, a
+    /// client_ca that did not issue it): their control sessions end with REVOKED, and with
+    /// them their pooled connections. Established client connections finish.
+    fn revoke_rejected_certificates(&self) {
+        let config = self.shared.config();
+        let Some(tls) = &config.tls else {
+            return;
+        };
+        for site in self.shared.sites.all() {
+            for agent in site.agents() {
+                let Some(chain) = &agent.chain else {
+                    continue;
+                };
+                let Err(e) = tls.server.verify_client(chain) else {
+                    continue;
+                };
+                let reason = format!("its certificate is now refused: {e}");
+                tracing::warn!(
+                    site = %site.name, agent = %agent.name, peer = %agent.addr,
+                    "reload: agent REVOKED: {reason}: control channel and pooled connections closed"
+                );
+                self.shared.stats.revoked.hit();
+                self.note_revoked(RevokedView {
+                    site: site.name.clone(),
+                    agent: agent.name.clone(),
+                    addr: agent.addr,
+                    at: unix(SystemTime::now()),
+                    reason,
+                    pooled: site.pool.agent_count(agent.id),
+                    established: 0,
+                    established_closed: false,
+                });
+                agent.cert_revoked.cancel();
+            }
+        }
+    }
+
+    fn note_revoked(&self, view: RevokedView) {
+        let mut revoked = self.shared.revoked.lock().unwrap();
+        if revoked.len() == 32 {
+            revoked.pop_front();
+        }
+        revoked.push_back(view);
     }
 
     /// Restarts with `new` (validated by the caller; `None`: the caller re-reads the file) and

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpStream;
 
-use super::binding::{session_of, Claim};
+use super::binding::{refuse_wrong_site, session_of, Claim};
 use super::stats::{ConnEntry, ListenerStats};
 use super::{RunState, Shared};
 use crate::egress::check_destination;
@@ -131,6 +131,9 @@ pub(crate) async fn serve(
         agent: None,
         secret: secret.as_ref(),
     };
+    if refuse_wrong_site(&shared, &mut conn, peer, claim.site, "outbound connection").await {
+        return;
+    }
     let site = match session_of(&shared, &claim, conn.get_ref(), peer) {
         Ok((site, _agent)) => site,
         Err(why) => {

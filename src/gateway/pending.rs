@@ -59,6 +59,10 @@ pub(crate) enum ClaimError {
     /// token, a lost race, not an attack.
     #[error("client id {0} was claimed by another agent it was offered to")]
     Lost(u64),
+    /// The right id and token, from a certificate that may not serve the client's site: the
+    /// client stays pending for its own site's agents.
+    #[error("client id {0}: {1}")]
+    WrongSite(u64, String),
 }
 
 /// What became of an agent's report that it cannot serve a client.
@@ -127,14 +131,30 @@ impl PendingTable {
     }
 
     /// Claims a pending client with its token; on success the entry is gone for good.
+    #[cfg(test)]
     pub fn claim(&self, id: u64, token: &Token) -> Result<oneshot::Sender<Claim>, ClaimError> {
+        self.claim_for(id, token, |_| Ok(()))
+    }
+
+    /// [`PendingTable::claim`] by a connection `serves` says may (or, with its reason, may not)
+    /// serve a site. The site is checked after the token, so a connection without the token
+    /// learns nothing about the client.
+    pub fn claim_for(
+        &self,
+        id: u64,
+        token: &Token,
+        serves: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Result<oneshot::Sender<Claim>, ClaimError> {
         let mut entries = self.entries.lock().unwrap();
         match entries.get(&id) {
             None if self.lost_race(id, token) => Err(ClaimError::Lost(id)),
             None if self.is_gone(id) => Err(ClaimError::Gone(id)),
             None => Err(ClaimError::Unknown(id)),
             Some(e) if e.token != *token => Err(ClaimError::BadToken(id)),
-            Some(_) => {
+            Some(e) => {
+                if let Err(why) = serves(&e.site) {
+                    return Err(ClaimError::WrongSite(id, why));
+                }
                 let entry = entries.remove(&id).expect("entry checked above");
                 if entry.offers > 1 {
                     self.remember_claimed(id, entry.token);
@@ -247,6 +267,10 @@ mod tests {
         let once = Token::random();
         let _rx = table.insert(4, once, "s");
         table.offered_to(4, 11);
+        assert!(matches!(
+            table.claim_for(4, &once, |site| Err(format!("not {site}"))),
+            Err(ClaimError::WrongSite(4, why)) if why == "not s"
+        ));
         assert!(table.claim(4, &once).is_ok());
         assert_eq!(table.claim(4, &once).unwrap_err(), ClaimError::Unknown(4));
     }

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::FramedWrite;
 
-use super::binding::{session_of, Claim};
+use super::binding::{refuse_wrong_site, session_of, Claim};
 use super::pending::DataConn;
 use super::site::AgentHandle;
 use super::Shared;
@@ -203,6 +203,17 @@ impl Pool {
         }
         agents.retain(|a| !a.idle.is_empty());
         removed
+    }
+
+    /// How many idle pooled connections an agent session has.
+    pub fn agent_count(&self, agent_id: u64) -> usize {
+        self.agents
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.agent_id == agent_id)
+            .map(|a| a.idle.len())
+            .sum()
     }
 
     /// Closes an agent session's pooled connections (its control channel ended, or one of them
@@ -389,6 +400,9 @@ pub(crate) async fn accept(
         agent: Some(&hello.agent),
         secret: secret.as_ref(),
     };
+    if refuse_wrong_site(&shared, &mut conn, peer, claim.site, "pool connection").await {
+        return;
+    }
     let (site, agent) = match session_of(&shared, &claim, conn.get_ref(), peer) {
         Ok(bound) => bound,
         Err(why) => {
@@ -473,6 +487,8 @@ mod tests {
             gone: CancellationToken::new(),
             secret: None,
             cert: None,
+            chain: None,
+            cert_revoked: CancellationToken::new(),
             suspect: Arc::default(),
         }
     }

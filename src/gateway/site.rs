@@ -44,6 +44,12 @@ pub(crate) struct AgentHandle {
     /// SHA-256 of the certificate the agent presented on its control channel (TLS only): its
     /// pool and outbound connections over TLS must present the same one.
     pub cert: Option<[u8; 32]>,
+    /// The certificate chain it presented (TLS only, leaf first): a reload re-checks it
+    /// against the new CA and CRL, and the status shows when it expires.
+    pub chain: Option<Arc<[rustls::pki_types::CertificateDer<'static>]>>,
+    /// Cancelled by a reload whose CA or CRL no longer accepts `chain`: the session ends
+    /// with REVOKED.
+    pub cert_revoked: CancellationToken,
     /// Set when one of its pooled connections left a client unanswered (it may be hung);
     /// cleared by the next message on its control channel. Suspects are picked last.
     pub suspect: Arc<std::sync::atomic::AtomicBool>,

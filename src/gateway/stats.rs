@@ -61,6 +61,12 @@ pub struct GatewayStats {
     /// Clients handed to a pooled connection whose agent did not answer in time (offered
     /// again elsewhere).
     pub pool_unanswered: Event,
+    /// Connections whose agent certificate is bound to another site than the one they claim,
+    /// or to none when `[control] tls.site_binding = "required"`.
+    pub wrong_site: Event,
+    /// Agents cut by a reload because the new CRL revokes their certificate (or the new CA no
+    /// longer accepts it). A revoked certificate's handshake fails and counts as `tls_failed`.
+    pub revoked: Event,
 }
 
 impl Default for GatewayStats {
@@ -82,6 +88,8 @@ impl Default for GatewayStats {
             session_unproven: Event::some_per_10s(),
             pool_full: Event::once_per_10s(),
             pool_unanswered: Event::some_per_10s(),
+            wrong_site: Event::some_per_10s(),
+            revoked: Event::some_per_10s(),
         }
     }
 }
@@ -105,6 +113,8 @@ impl GatewayStats {
             ("session_proof", self.session_unproven.count()),
             ("pool_full", self.pool_full.count()),
             ("pool_unanswered", self.pool_unanswered.count()),
+            ("wrong_site", self.wrong_site.count()),
+            ("revoked", self.revoked.count()),
         ])
     }
 }

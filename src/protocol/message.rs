@@ -190,6 +190,11 @@ impl ErrorCode {
     pub const LIMIT: ErrorCode = ErrorCode(12);
     pub const EGRESS_DENIED: ErrorCode = ErrorCode(13);
     pub const DEST_UNREACHABLE: ErrorCode = ErrorCode(14);
+    /// The agent's certificate is bound to another site than the one its hello claims (or to
+    /// none, where the gateway requires a binding).
+    pub const WRONG_SITE: ErrorCode = ErrorCode(15);
+    /// The agent's certificate was revoked (a reload's CRL) or no longer validates.
+    pub const REVOKED: ErrorCode = ErrorCode(16);
 
     pub fn name(self) -> &'static str {
         match self {
@@ -207,6 +212,8 @@ impl ErrorCode {
             Self::LIMIT => "limit reached",
             Self::EGRESS_DENIED => "egress denied",
             Self::DEST_UNREACHABLE => "destination unreachable",
+            Self::WRONG_SITE => "wrong site",
+            Self::REVOKED => "certificate revoked",
             _ => "error",
         }
     }
