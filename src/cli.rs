@@ -109,6 +109,12 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Ban addresses on every gateway of an agent's site (through the agent's admin API,
+    /// 127.0.0.1:9091 unless --admin says otherwise).
+    Ban {
+        #[command(subcommand)]
+        command: BanCommand,
+    },
     /// Certificates for mutual TLS between agents and gateways.
     Cert {
         #[command(subcommand)]
@@ -158,6 +164,38 @@ pub enum CtlAction {
     Stop,
     /// Agent: re-read agent.toml and push it to every gateway (as SIGHUP does).
     Reload,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BanCommand {
+    /// Ban an address or a network (IP or CIDR): its new connections are refused at accept on
+    /// every gateway of the site, and its established ones closed.
+    Add {
+        /// `203.0.113.7`, `203.0.113.0/24`, `2001:db8::/32`.
+        target: String,
+        /// How long (`10m`, `2h`, `7days`); without it, until removed.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        /// Why, shown on the gateways' status page (printable, at most 200 bytes).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lift the ban of exactly this address or network.
+    Remove {
+        target: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The agent's bans, with the time each has left.
+    List {
+        /// Print the raw JSON of /api/bans.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -292,6 +330,7 @@ pub fn main() -> ExitCode {
         },
         Command::Status { admin, json } => run_async(status(admin, json)),
         Command::Ctl { action, admin } => run_async(ctl(action, admin)),
+        Command::Ban { command } => run_async(ban(command)),
         Command::Agent {
             config,
             check_config,
@@ -792,6 +831,116 @@ async fn status(admin: AdminArgs, json: bool) -> anyhow::Result<()> {
     crate::status::print(url, admin.token, json).await
 }
 
+/// `sallyport ban add|remove|list`, against the agent's admin API.
+async fn ban(command: BanCommand) -> anyhow::Result<()> {
+    use crate::admin::client::request_json;
+    let url = |admin: &AdminArgs| {
+        admin
+            .admin
+            .clone()
+            .unwrap_or_else(|| AGENT_ADMIN_URL.to_string())
+    };
+    let (code, body, admin) = match &command {
+        BanCommand::Add {
+            target,
+            duration,
+            reason,
+            admin,
+        } => {
+            let req = serde_json::json!({
+                "target": target,
+                "for": duration,
+                "reason": reason.clone().unwrap_or_default(),
+            });
+            let (code, body) = request_json(
+                &url(admin),
+                "POST",
+                "/api/bans",
+                admin.token.as_deref(),
+                Some(&req),
+            )
+            .await?;
+            (code, body, admin)
+        }
+        BanCommand::Remove { target, admin } => {
+            let req = serde_json::json!({ "target": target });
+            let (code, body) = request_json(
+                &url(admin),
+                "DELETE",
+                "/api/bans",
+                admin.token.as_deref(),
+                Some(&req),
+            )
+            .await?;
+            (code, body, admin)
+        }
+        BanCommand::List { admin, .. } => {
+            let (code, body) = request_json(
+                &url(admin),
+                "GET",
+                "/api/bans",
+                admin.token.as_deref(),
+                None,
+            )
+            .await?;
+            (code, body, admin)
+        }
+    };
+    match code {
+        200 => {
+            print_ban_answer(&command, &body);
+            Ok(())
+        }
+        401 => anyhow::bail!(
+            "401 unauthorized: pass the agent's admin token with --token or SALLYPORT_ADMIN_TOKEN"
+        ),
+        404 if body["error"].is_null() => anyhow::bail!(
+            "{} has no /api/bans: is it an agent's admin API (a gateway's only shows bans, on its dashboard)?",
+            url(admin)
+        ),
+        _ => anyhow::bail!(
+            "HTTP {code}: {}",
+            body["error"]
+                .as_str()
+                .map_or_else(|| body.to_string(), crate::escape::escape)
+        ),
+    }
+}
+
+fn print_ban_answer(command: &BanCommand, body: &serde_json::Value) {
+    let esc = |v: &serde_json::Value| crate::escape::escape(v.as_str().unwrap_or(""));
+    match command {
+        BanCommand::Add { .. } => {
+            let lasts = match body["ban"]["expires_ms"].as_u64() {
+                Some(_) => "for the given time",
+                None => "until removed",
+            };
+            println!(
+                "banned {} {lasts}; pushed to every connected gateway",
+                esc(&body["ban"]["net"])
+            );
+            if body["persisted"] == false {
+                println!("warning: the agent has no state_dir: this ban is lost when it restarts");
+            }
+        }
+        BanCommand::Remove { .. } => println!("removed the ban of {}", esc(&body["removed"])),
+        BanCommand::List { json: true, .. } => println!("{body:#}"),
+        BanCommand::List { .. } => {
+            let bans = body["bans"].as_array().cloned().unwrap_or_default();
+            println!("{:<44} {:<14} reason", "address", "expires in");
+            for b in &bans {
+                let left = b["expires_in_secs"]
+                    .as_u64()
+                    .map_or("never".to_string(), |s| {
+                        humantime::format_duration(std::time::Duration::from_secs(s)).to_string()
+                    });
+                println!("{:<44} {:<14} {}", esc(&b["net"]), left, esc(&b["reason"]));
+            }
+            println!("{} ban(s)", bans.len());
+        }
+    }
+}
+
 async fn ctl(action: CtlAction, admin: AdminArgs) -> anyhow::Result<()> {
     let (path, daemon) = match action {
         CtlAction::Pause => ("/api/pause", "gateway"),
@@ -875,7 +1024,11 @@ async fn run_agent(cfg: AgentConfig, path: PathBuf) -> anyhow::Result<()> {
     raise_open_files_limit();
     let shutdown = stop_on_signals()?;
     let admin_config = cfg.admin.clone();
-    let agent = std::sync::Arc::new(Agent::from_file(cfg, Some(path)));
+    let bans = match &cfg.state_dir {
+        Some(dir) => crate::agent::bans::BanStore::open(dir).map_err(StartError)?,
+        None => crate::agent::bans::BanStore::in_memory(),
+    };
+    let agent = std::sync::Arc::new(Agent::from_file(cfg, Some(path)).with_bans(bans));
     // The admin port is part of the configuration: when it is taken the agent stops before it
     // dials anything, with the config error's exit status, rather than run unobservable.
     let admin_stop = CancellationToken::new();

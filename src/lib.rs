@@ -47,6 +47,7 @@ pub mod addr;
 pub mod admin;
 pub mod agent;
 pub mod audit;
+pub mod bans;
 pub mod certinfo;
 pub mod certs;
 pub mod check;

@@ -1,7 +1,7 @@
 //! A small client for the admin API, for `sallyport status` and `sallyport ctl`.
 
 use anyhow::{bail, Context};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -24,6 +24,17 @@ pub async fn request(
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
+    request_json(base, method, path, token, None).await
+}
+
+/// [`request`] with a JSON body.
+pub async fn request_json(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
     let authority = authority(base)?;
     let stream = tokio::net::TcpStream::connect(&authority)
         .await
@@ -40,9 +51,14 @@ pub async fn request(
     if let Some(token) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    let resp = sender
-        .send_request(req.body(Empty::<Bytes>::new())?)
-        .await?;
+    let payload = match body {
+        Some(body) => {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            Bytes::from(body.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let resp = sender.send_request(req.body(Full::new(payload))?).await?;
     let code = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     let value = serde_json::from_slice(&body)

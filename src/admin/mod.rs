@@ -7,6 +7,7 @@
 //! | `GET /api/status` | state, light, agents, listeners, agents revoked by reloads (`?site=`) |
 //! | `GET /api/stats` | totals and per-listener counters, rates, refusals, chart history (`?site=`) |
 //! | `GET /api/connections` | piping clients |
+//! | `GET /api/bans` | bans in force per site, as the agents pushed them (read-only) |
 //! | `GET /api/health` | 200 while clients can get through, else 503 with the reasons |
 //! | `POST /api/{pause,resume,restart,stop}` | control (token + `X-Requested-By` header) |
 //! | `GET /metrics` | OpenMetrics text |
@@ -346,6 +347,7 @@ pub async fn serve(
     .route("/api/status", get(status))
     .route("/api/stats", get(stats))
     .route("/api/connections", get(connections))
+    .route("/api/bans", get(bans))
     .route("/api/health", get(health))
     .route("/api/pause", post(pause))
     .route("/api/resume", post(resume))
@@ -399,6 +401,13 @@ async fn stats(State(s): State<AdminState>, Query(q): Query<SiteFilter>) -> Resp
 async fn connections(State(s): State<AdminState>) -> Response {
     match s.gateway() {
         Ok(g) => Json(g.connections()).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn bans(State(s): State<AdminState>) -> Response {
+    match s.gateway() {
+        Ok(g) => Json(g.bans()).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -9,6 +9,7 @@
 //! control channel can drop and come back while every established transfer carries on.
 
 pub mod backoff;
+pub mod bans;
 mod data;
 pub(crate) mod dial;
 pub mod embedded;
@@ -50,6 +51,8 @@ pub(crate) struct AgentCtx {
     pub stats: Arc<stats::AgentStats>,
     /// Each gateway's share of the agent (`[limits]`).
     pub limits: Arc<limits::Limits>,
+    /// The bans every session pushes to its gateway.
+    pub bans: Arc<bans::BanStore>,
 }
 
 impl AgentCtx {
@@ -66,6 +69,8 @@ pub struct Agent {
     stats: Arc<stats::AgentStats>,
     /// The configuration's generation and reload history.
     config_state: reload::ConfigState,
+    /// The bans it pushes to every gateway (`sallyport ban`).
+    pub bans: Arc<bans::BanStore>,
     started: std::time::SystemTime,
 }
 
@@ -91,6 +96,15 @@ impl Agent {
             stats,
             config_state,
             started: std::time::SystemTime::now(),
+            bans: Arc::new(bans::BanStore::in_memory()),
+        }
+    }
+
+    /// An agent whose bans are `bans` (loaded from its `state_dir`).
+    pub fn with_bans(self, bans: bans::BanStore) -> Self {
+        Agent {
+            bans: Arc::new(bans),
+            ..self
         }
     }
 
@@ -149,6 +163,7 @@ impl Agent {
             local: self.local.clone(),
             stats: self.stats.clone(),
             limits: Arc::default(),
+            bans: self.bans.clone(),
         };
         let config = ctx.config();
         tracing::info!(

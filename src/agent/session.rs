@@ -14,9 +14,10 @@ use crate::net;
 use crate::protocol::liveness::{Beat, Liveness, MISSED};
 use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
-    ClientFailed, ConfigResult, ControlHello, ErrorCode, Feature, ListenerStatus, Message,
-    ProtocolError, PushConfig, Role,
+    ClientFailed, ConfigResult, Connection, ControlHello, ErrorCode, Feature, ListenerStatus,
+    Message, ProtocolError, PushConfig, Role,
 };
+use crate::transport::Stream;
 use tokio_util::sync::CancellationToken;
 
 /// Why a session ended (other than shutdown).
@@ -164,6 +165,7 @@ pub(crate) async fn keep_connected(
             g.connected_to = None;
             g.connected_since = None;
             g.session = None;
+            g.bans = None;
             g.listeners.clear();
             g.last_error = Some(e.to_string());
             g.failures = if established { 1 } else { g.failures + 1 };
@@ -316,6 +318,12 @@ async fn run_session(
         current.listeners.len()
     );
 
+    // The ban list goes first, before the config push, so that a gateway that opens this
+    // site's listeners for us already refuses the banned addresses.
+    let mut bans_seen = ctx.bans.subscribe();
+    bans_seen.borrow_and_update();
+    send_first_bans(ctx, &mut conn, current.connect_timeout).await?;
+
     let mut generation = 1;
     // The latest generation the gateway answered.
     let mut answered = 0;
@@ -348,6 +356,12 @@ async fn run_session(
     // stops with this session.
     let pool_stop = CancellationToken::new();
     let _pool_guard = pool_stop.clone().drop_guard();
+    // Later ban changes: one task per session sends each new list whole, in order.
+    let _bans_pusher = AbortOnDrop(tokio::spawn(push_bans(
+        ctx.bans.clone(),
+        bans_seen,
+        outbox_tx.clone(),
+    )));
     let mut pool: Option<tokio::task::JoinHandle<()>> = None;
     let limits = ctx.limits.gateway(gateway);
     let gateway_for_data = || data::Gateway {
@@ -410,6 +424,7 @@ async fn run_session(
                             g.failures = 0;
                         });
                     }
+                    Message::BanResult(result) => ban_result(ctx, gateway, result),
                     Message::Error(e) => match last_push.refused(&e) {
                         Some(too_large) => break SessionError::PushTooLarge(too_large),
                         None => break ProtocolError::Peer(e).into(),
@@ -492,6 +507,68 @@ fn offered(
             };
             let _ = outbox.try_send(Message::ClientFailed(failed));
         }
+    }
+}
+
+/// Writes the whole ban list (generation 1 of this session) before the channel is split.
+async fn send_first_bans(
+    ctx: &AgentCtx,
+    conn: &mut Connection<Stream>,
+    limit: Duration,
+) -> Result<(), SessionError> {
+    let write = async {
+        for chunk in ctx.bans.wire_chunks(1) {
+            conn.feed_message(&Message::BanList(chunk)).await?;
+        }
+        conn.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(DialError::Timeout(limit).into()),
+    }
+}
+
+/// Sends the whole list again after every change (generations 2, 3 ... of this session). The
+/// bulk queue keeps one list's chunks together and in order.
+async fn push_bans(
+    store: std::sync::Arc<super::bans::BanStore>,
+    mut seen: tokio::sync::watch::Receiver<u64>,
+    outbox: mpsc::Sender<Message>,
+) {
+    let mut generation = 1;
+    while seen.changed().await.is_ok() {
+        seen.borrow_and_update();
+        generation += 1;
+        for chunk in store.wire_chunks(generation) {
+            if outbox.send(Message::BanList(chunk)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Records (and logs, when refused) the gateway's answer to a ban list.
+fn ban_result(ctx: &AgentCtx, gateway: &str, result: crate::protocol::BanResult) {
+    match &result.error {
+        Some(error) => {
+            tracing::warn!(gateway = %gateway, "the gateway refused the ban list: {error}")
+        }
+        None => tracing::debug!(
+            gateway = %gateway,
+            "ban list generation {} applied: {} ban(s)", result.generation, result.applied
+        ),
+    }
+    ctx.status.send_modify(|s| {
+        s.gateways.entry(gateway.to_string()).or_default().bans = Some(result);
+    });
+}
+
+/// Aborts a task when dropped (the session's helpers end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -48,6 +48,9 @@ pub struct GatewayStatus {
     pub sessions: u64,
     /// Idle warm-pool connections open now.
     pub pool_idle: usize,
+    /// The gateway's answer to this session's latest ban list (none: not answered yet, or a
+    /// gateway that does not apply bans).
+    pub bans: Option<crate::protocol::BanResult>,
 }
 
 impl AgentStatus {

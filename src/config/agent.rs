@@ -46,6 +46,8 @@ pub struct AgentConfig {
     /// How long a stopping agent lets established connections finish before it exits (they
     /// end with it).
     pub drain_timeout: Duration,
+    /// Where the agent keeps its state (the ban list, `bans.json`); `None`: in memory only.
+    pub state_dir: Option<PathBuf>,
     pub listeners: Vec<ListenerConfig>,
     /// SOCKS5 / HTTP CONNECT endpoint (not yet implemented; parsed and kept).
     /// The outbound proxy (SOCKS5 and HTTP CONNECT) for internal hosts, when configured.
@@ -208,6 +210,7 @@ struct RawAgent {
     drain_timeout: Option<Spanned<String>>,
     max_frame: Option<Spanned<u64>>,
     pool: Option<Spanned<u64>>,
+    state_dir: Option<Spanned<String>>,
     reconnect: Option<RawReconnect>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
@@ -374,6 +377,7 @@ impl AgentConfig {
             connect_timeout: Duration::from_secs(10),
             pool: DEFAULT_POOL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            state_dir: None,
             listeners: Vec::new(),
             outbound: None,
             max_frame: DEFAULT_MAX_FRAME,
@@ -514,6 +518,14 @@ impl AgentConfig {
             }
             Some(v) => *v.get_ref() as usize,
             None => DEFAULT_POOL,
+        };
+
+        let state_dir = match &raw.state_dir {
+            Some(d) if d.get_ref().trim().is_empty() => {
+                return Err(src.error(d.span(), "state_dir", "must not be empty"))
+            }
+            Some(d) => Some(relative_to(path, d.get_ref())),
+            None => None,
         };
 
         let mut reconnect = ReconnectConfig::default();
@@ -720,6 +732,7 @@ impl AgentConfig {
             connect_timeout,
             pool,
             drain_timeout,
+            state_dir,
             listeners,
             outbound,
             max_frame,
@@ -823,6 +836,13 @@ impl AgentConfig {
             Setting::new("drain_timeout", d(self.drain_timeout)),
             Setting::new("max_frame", self.max_frame),
             Setting::new("pool", self.pool),
+            Setting::new(
+                "state_dir",
+                self.state_dir
+                    .as_ref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default(),
+            ),
             Setting::new("reconnect.initial", d(self.reconnect.initial)),
             Setting::new("reconnect.max", d(self.reconnect.max)),
             Setting::new(

@@ -202,6 +202,11 @@ pub const AGENT_KEYS: &[Key] = &[
         Applied,
         "a lower value takes effect as idle pool connections are used or recycled",
     ),
+    noted(
+        "state_dir",
+        Restart,
+        "the ban list is read from it at start",
+    ),
     noted("reconnect.initial", Applied, "from the next reconnection"),
     noted("reconnect.max", Applied, "from the next reconnection"),
     noted(

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use super::bans::BanAssembly;
 use super::binding::{cert_serves, refuse_wrong_site};
 use super::pending::{Claim, ClaimError, DataConn, Failed};
 use super::site::{AgentHandle, Site};
@@ -33,8 +34,9 @@ use crate::net;
 use crate::protocol::liveness::{Beat, Liveness, MISSED};
 use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
-    self, ClientFailed, Connection, ControlHello, DataHello, ErrorCode, Feature, Hello, HelloAck,
-    ListenerStatus, Message, MessageReader, ProtocolError, PushConfig, Role, SessionSecret, Token,
+    self, Ban, BanResult, ClientFailed, Connection, ControlHello, DataHello, ErrorCode, Feature,
+    Hello, HelloAck, ListenerStatus, Message, MessageReader, ProtocolError, PushConfig, Role,
+    SessionSecret, Token,
 };
 use crate::transport::Stream;
 use tokio_util::sync::CancellationToken;
@@ -508,7 +510,8 @@ async fn run_session(
     // An agent joins its site (and is offered clients) only once its config is known and
     // matches the site's other agents'.
     let limit = shared.config().limits.hello_timeout;
-    let push = match tokio::time::timeout(limit, first_push(&mut reader)).await {
+    let mut early = EarlyBans::default();
+    let push = match tokio::time::timeout(limit, first_push(&mut reader, &mut early)).await {
         // The push was just heard: the agent's silence counts from here, not from the ack (a
         // push later than three intervals ended the session at once).
         Ok(Ok(push)) => {
@@ -577,8 +580,20 @@ async fn run_session(
         heartbeat.as_millis(),
         push.digest.chars().take(16).collect::<String>()
     );
+    let mut bans = early.assembly;
+    if let Some(chunk) = early.last {
+        apply_bans(&site, &agent, &outbox, chunk);
+    }
     let end = match apply_push(&shared, &site, &agent, &outbox, &push).await {
-        Ok(()) => session_loop(&shared, &site, &agent, &mut reader, &mut outbox, liveness).await,
+        Ok(()) => {
+            let session = Session {
+                shared: &shared,
+                site: &site,
+                agent: &agent,
+                bans: &mut bans,
+            };
+            session_loop(session, &mut reader, &mut outbox, liveness).await
+        }
         Err(e) => Err(e),
     };
     match &end {
@@ -611,14 +626,22 @@ async fn run_session(
 /// agent must not hold a stopping gateway.
 const FAREWELL_LIMIT: Duration = Duration::from_secs(1);
 
-/// Reads up to the agent's first config push (heartbeats may come first).
-async fn first_push<R>(reader: &mut MessageReader<R>) -> Result<PushConfig, ProtocolError>
+/// Reads up to the agent's first config push (heartbeats may come first, and its ban list,
+/// which `bans` collects so that it is in force before the site's listeners open).
+async fn first_push<R>(
+    reader: &mut MessageReader<R>,
+    bans: &mut EarlyBans,
+) -> Result<PushConfig, ProtocolError>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
     loop {
         match reader.read_message().await? {
             Some(Message::Heartbeat(_)) => continue,
+            Some(Message::BanList(chunk)) => {
+                bans.last = Some(bans.assembly.add(chunk));
+                continue;
+            }
             Some(Message::PushConfig(push)) => return Ok(push),
             Some(Message::Error(e)) => return Err(ProtocolError::Peer(e)),
             Some(other) => {
@@ -749,10 +772,67 @@ impl SessionEnd {
     }
 }
 
-async fn session_loop<R>(
-    shared: &Arc<Shared>,
-    site: &Arc<Site>,
+/// What a joined control session works on.
+struct Session<'a> {
+    shared: &'a Arc<Shared>,
+    site: &'a Arc<Site>,
+    agent: &'a AgentHandle,
+    /// The ban list being received.
+    bans: &'a mut BanAssembly,
+}
+
+/// Ban-list chunks received before the first config push.
+#[derive(Default)]
+struct EarlyBans {
+    assembly: BanAssembly,
+    /// What the last chunk completed (or why it was refused).
+    last: Option<Result<Option<(u64, Vec<Ban>)>, String>>,
+}
+
+/// Applies a completed ban list (or reports a refused chunk) and answers the agent with a
+/// `BanResult`. A refused list leaves the agent's previous one in force; the session goes on.
+fn apply_bans(
+    site: &Site,
     agent: &AgentHandle,
+    outbox: &Outbox,
+    chunk: Result<Option<(u64, Vec<Ban>)>, String>,
+) {
+    let (generation, result) = match chunk {
+        Ok(None) => return,
+        Ok(Some((generation, bans))) => (generation, site.bans.replace(&agent.name, &bans)),
+        Err(e) => (0, Err(e)),
+    };
+    let answer = match result {
+        Ok(applied) => {
+            tracing::info!(
+                site = %site.name, agent = %agent.name,
+                "ban list generation {generation} applied: {applied} ban(s) from this agent, {} in force for the site",
+                site.bans.len()
+            );
+            BanResult {
+                generation,
+                applied: applied as u32,
+                error: None,
+            }
+        }
+        Err(error) => {
+            tracing::warn!(
+                site = %site.name, agent = %agent.name, peer = %agent.addr,
+                "ban list refused (the agent's previous list stays in force): {error}"
+            );
+            BanResult {
+                generation,
+                applied: 0,
+                error: Some(error),
+            }
+        }
+    };
+    // A full urgent queue means a stalled writer, which the session loop notices itself.
+    let _ = outbox.send(Message::BanResult(answer));
+}
+
+async fn session_loop<R>(
+    s: Session<'_>,
     reader: &mut MessageReader<R>,
     outbox: &mut Outbox,
     mut liveness: Liveness,
@@ -760,6 +840,12 @@ async fn session_loop<R>(
 where
     R: tokio::io::AsyncRead + Unpin,
 {
+    let Session {
+        shared,
+        site,
+        agent,
+        bans,
+    } = s;
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
@@ -775,6 +861,7 @@ where
                     Message::Heartbeat(_) => {}
                     Message::PushConfig(push) => apply_push(shared, site, agent, outbox, &push).await?,
                     Message::ClientFailed(f) => client_failed(shared, site, agent, f),
+                    Message::BanList(chunk) => apply_bans(site, agent, outbox, bans.add(chunk)),
                     Message::Error(e) => return Err(ProtocolError::Peer(e).into()),
                     other => return Err(SessionEnd::Unexpected(other.name())),
                 }

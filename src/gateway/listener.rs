@@ -189,6 +189,11 @@ async fn accept_loop(
             net::reset(stream);
             continue;
         }
+        // A banned address: refused before anything else (no agent hears of it).
+        if is_banned(&shared, &site, &info, client_addr) {
+            net::reset(stream);
+            continue;
+        }
         if !info.rules.allows(client_addr.ip()) {
             info.stats.rejected.fetch_add(1, Ordering::Relaxed);
             let occ = shared.stats.clients_rejected.hit();
@@ -240,6 +245,23 @@ async fn accept_loop(
             permit,
         ));
     }
+}
+
+/// Whether the site bans the client's address; counts it, and logs it at most once per 10 s
+/// per ban.
+fn is_banned(shared: &Shared, site: &Site, info: &ListenerInfo, client: SocketAddr) -> bool {
+    let Some(ban) = site.bans.check(client.ip()) else {
+        return false;
+    };
+    info.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    shared.stats.clients_banned.hit();
+    if ban.should_log() {
+        tracing::info!(
+            listener = %info.spec.name, client = %client,
+            "client refused: banned ({})", ban.describe()
+        );
+    }
+    true
 }
 
 /// Counts a client refused by a limit; logs at most once per interval.
@@ -430,6 +452,7 @@ async fn serve_client(
         r = pipe_tcp(client, unsent, data.stream, &data.leftover, &entry.counters) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
         () = shared.denied(data.agent_addr.ip(), true) => Err(std::io::Error::other("cut: the agent's address was revoked by [peers]")),
+        () = site.bans.until_banned(client_addr.ip()) => Err(std::io::Error::other("cut: the client's address was banned")),
     };
     shared.traffic.finish(id);
     let bytes = entry.bytes();

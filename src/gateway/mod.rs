@@ -11,6 +11,7 @@
 //! Operators drive it through a [`GatewayHandle`]: state (running, paused, stopping),
 //! statistics, connections, reload, stop and restart.
 
+pub mod bans;
 mod binding;
 mod control;
 mod listener;
@@ -604,6 +605,17 @@ impl GatewayHandle {
             agents,
             reasons,
         }
+    }
+
+    /// The bans in force, per site that has any.
+    pub fn bans(&self) -> Vec<bans::SiteBansView> {
+        self.shared
+            .sites
+            .all()
+            .iter()
+            .map(|site| site.bans.view(&site.name))
+            .filter(|v| v.total > 0)
+            .collect()
     }
 
     pub fn connections(&self) -> Vec<ConnectionView> {

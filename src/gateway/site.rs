@@ -68,6 +68,8 @@ pub(crate) struct Site {
     pub pool: Pool,
     /// Public ports this site has open (`[limits] max_listen_ports_per_site`).
     pub ports: crate::limits::Gauge,
+    /// The bans its agents pushed, merged (checked at every accept).
+    pub bans: super::bans::SiteBans,
     /// Listeners of the last push, kept when the last agent leaves: a site whose agents are
     /// all gone still "has listeners" for `/api/health`.
     last_pushed: AtomicUsize,
@@ -117,6 +119,7 @@ impl Site {
             pool: Pool::default(),
             ports: crate::limits::Gauge::default(),
             last_pushed: AtomicUsize::new(0),
+            bans: Default::default(),
         }
     }
 

@@ -26,6 +26,8 @@ use crate::pipe::PipeCounters;
 pub struct GatewayStats {
     /// Clients refused by a listener's client rules.
     pub clients_rejected: Event,
+    /// Clients refused because their address is banned (logged per ban, not here).
+    pub clients_banned: Event,
     /// Clients refused by a limit (connections in total or per IP, pending clients).
     pub clients_over_limit: Event,
     /// Clients refused because the gateway is paused (only while the race with closing lasts).
@@ -73,6 +75,7 @@ impl Default for GatewayStats {
     fn default() -> Self {
         GatewayStats {
             clients_rejected: Event::some_per_10s(),
+            clients_banned: Event::once_per_10s(),
             clients_over_limit: Event::once_per_10s(),
             clients_paused: Event::once_per_10s(),
             clients_unclaimed: Event::some_per_10s(),
@@ -99,6 +102,7 @@ impl GatewayStats {
     pub fn refusals(&self) -> BTreeMap<&'static str, u64> {
         BTreeMap::from([
             ("client_rules", self.clients_rejected.count()),
+            ("banned", self.clients_banned.count()),
             ("client_limits", self.clients_over_limit.count()),
             ("client_paused", self.clients_paused.count()),
             ("client_unclaimed", self.clients_unclaimed.count()),

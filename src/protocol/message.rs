@@ -34,6 +34,10 @@ pub mod kind {
     pub const HEARTBEAT: u16 = 0x0030;
     /// Types at or above this are advisory (ignored when unknown).
     pub const FIRST_ADVISORY: u16 = 0x8000;
+    /// Advisory: a gateway that ignores a ban list behaves as before (it refuses no one more),
+    /// so no version is needed; [`BAN_RESULT`] tells the agent the list was applied.
+    pub const BAN_LIST: u16 = 0x8010;
+    pub const BAN_RESULT: u16 = 0x8011;
 }
 
 /// Every connection's first frame. Its layout is frozen for all protocol versions: the version
@@ -320,6 +324,51 @@ pub struct Heartbeat {
     pub seq: u64,
 }
 
+/// The most bans one agent's list may hold (a gateway refuses a longer list).
+pub const MAX_BANS: u32 = 100_000;
+/// The longest reason text of one ban, in bytes.
+pub const MAX_BAN_REASON: usize = 200;
+/// The agent cuts its ban list into chunks whose payload stays under this many bytes, so every
+/// chunk fits the smallest `max_frame` a gateway may set (4096).
+pub const BAN_CHUNK_BYTES: usize = 3000;
+
+/// One part of an agent's full ban list for its site (agent to gateway). A list is sent whole,
+/// in chunks of one `generation`, on connect and after every change; it replaces the agent's
+/// previous list once its `total` bans have arrived. docs/protocol.md 4.9.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanList {
+    /// Increases with every list sent on one control channel; a chunk of a newer generation
+    /// abandons an unfinished older list.
+    pub generation: u64,
+    /// Bans in the whole list (at most [`MAX_BANS`]).
+    pub total: u32,
+    pub bans: Vec<Ban>,
+}
+
+/// One banned address or network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ban {
+    /// The network address: host bits beyond `prefix` must be zero.
+    pub addr: std::net::IpAddr,
+    /// Prefix length: 32 (IPv4) or 128 (IPv6) for one address.
+    pub prefix: u8,
+    /// Milliseconds until the ban lifts, counted from when the list was sent (relative, so the
+    /// two hosts' clocks need not agree); 0: until removed.
+    pub remaining_ms: u64,
+    /// Why (for the gateway's status page): printable text, at most [`MAX_BAN_REASON`] bytes.
+    pub reason: String,
+}
+
+/// The gateway's answer to a complete [`BanList`]: applied, or refused (and the agent's
+/// previous list kept) with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanResult {
+    pub generation: u64,
+    /// Bans in force from this agent's list.
+    pub applied: u32,
+    pub error: Option<String>,
+}
+
 /// A decoded message (any version: a message a version does not have is never sent on it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -334,6 +383,8 @@ pub enum Message {
     Heartbeat(Heartbeat),
     PoolAssign(PoolAssign),
     PoolAccepted(PoolAccepted),
+    BanList(BanList),
+    BanResult(BanResult),
 }
 
 impl Message {
@@ -350,6 +401,8 @@ impl Message {
             Message::Heartbeat(_) => kind::HEARTBEAT,
             Message::PoolAssign(_) => kind::POOL_ASSIGN,
             Message::PoolAccepted(_) => kind::POOL_ACCEPTED,
+            Message::BanList(_) => kind::BAN_LIST,
+            Message::BanResult(_) => kind::BAN_RESULT,
         }
     }
 
@@ -367,6 +420,8 @@ impl Message {
             Message::Heartbeat(_) => "heartbeat",
             Message::PoolAssign(_) => "pool-assign",
             Message::PoolAccepted(_) => "pool-accepted",
+            Message::BanList(_) => "ban-list",
+            Message::BanResult(_) => "ban-result",
         }
     }
 
@@ -390,6 +445,8 @@ impl Message {
             Message::Heartbeat(m) => postcard::to_stdvec(m),
             Message::PoolAssign(m) => postcard::to_stdvec(m),
             Message::PoolAccepted(m) => postcard::to_stdvec(m),
+            Message::BanList(m) => postcard::to_stdvec(m),
+            Message::BanResult(m) => postcard::to_stdvec(m),
         }
         .expect("serializing plain data into a Vec cannot fail");
         RawFrame {
@@ -415,6 +472,8 @@ impl Message {
             kind::HEARTBEAT => Message::Heartbeat(payload(k, p)?),
             kind::POOL_ASSIGN => Message::PoolAssign(payload(k, p)?),
             kind::POOL_ACCEPTED => Message::PoolAccepted(payload(k, p)?),
+            kind::BAN_LIST => Message::BanList(payload(k, p)?),
+            kind::BAN_RESULT => Message::BanResult(payload(k, p)?),
             k if k >= kind::FIRST_ADVISORY => return Ok(None),
             k => return Err(ProtocolError::UnknownMessage { kind: k }),
         };
@@ -550,6 +609,29 @@ mod tests {
                 gateway_addr: "192.0.2.1:443".parse().unwrap(),
             }),
             Message::PoolAccepted(PoolAccepted { id: 9 }),
+            Message::BanList(BanList {
+                generation: 2,
+                total: 2,
+                bans: vec![
+                    Ban {
+                        addr: "198.51.100.7".parse().unwrap(),
+                        prefix: 32,
+                        remaining_ms: 0,
+                        reason: "fail2ban sshd".into(),
+                    },
+                    Ban {
+                        addr: "2001:db8::".parse().unwrap(),
+                        prefix: 32,
+                        remaining_ms: 600_000,
+                        reason: String::new(),
+                    },
+                ],
+            }),
+            Message::BanResult(BanResult {
+                generation: 2,
+                applied: 2,
+                error: None,
+            }),
             Message::SessionSecret(SessionSecret {
                 secret: Token::random(),
             }),

@@ -101,6 +101,7 @@ function renderAgents(status) {
 
 const REFUSAL_LABELS = {
   client_rules: 'clients refused by client rules',
+  banned: 'clients refused: address banned',
   client_limits: 'clients over a connection limit',
   client_paused: 'clients refused while pausing',
   client_unclaimed: 'clients no agent claimed in time',
@@ -125,6 +126,17 @@ function renderRefusals(stats) {
       rows.length ? `${zero} other reason(s): 0` : `None: all ${zero} refusal counters are at 0.`)));
   }
   fillTable('table-refusals', rows, 'None.');
+}
+
+/** The bans in force, per site (at most 1000 per site come from the API). */
+function renderBans(bans) {
+  const total = bans.reduce((n, s) => n + s.total, 0);
+  const rows = bans.flatMap((s) => s.bans.map((b) => el('tr', { 'data-ban': b.net },
+    el('td', { class: 'mono' }, b.net), el('td', {}, s.site), el('td', {}, b.agent),
+    num(b.expires_in_secs == null ? 'never' : `${b.expires_in_secs} s`), el('td', {}, b.reason))));
+  document.querySelector('[data-testid="bans-count"]').textContent =
+    `${total} in force, pushed by the agents, read-only`;
+  fillTable('table-bans', rows, 'No bans.');
 }
 
 function renderConnections(connections) {
@@ -274,12 +286,12 @@ async function poll() {
   try {
     let answers;
     try {
-      answers = await Promise.all([api('/api/status'), api('/api/stats'), api('/api/connections')]);
+      answers = await Promise.all([api('/api/status'), api('/api/stats'), api('/api/connections'), api('/api/bans')]);
     } catch (e) {
       setLost(e.status === 503 ? 'The gateway is restarting.' : `${e.message}.`);
       return;
     }
-    const [status, stats, connections] = answers;
+    const [status, stats, connections, bans] = answers;
     last = { status, stats, connections, history: chartHistory(stats) };
     setLost(null);
     // A rendering bug surfaces as a page error (and in the tests), not as "connection lost".
@@ -291,6 +303,7 @@ async function poll() {
     renderAgents(status);
     renderRefusals(stats);
     renderConnections(connections);
+    renderBans(bans);
   } finally {
     polling = false;
     pollTimer = setTimeout(poll, POLL_MS);
