@@ -1,5 +1,5 @@
 //! Ban entries as both halves see them: parsing an operator's `IP|CIDR`, and the checks every
-//! entry of a pushed ban list must pass on the gateway (docs/protocol.md 4.9).
+//! entry of a pushed ban list must pass on the gateway (docs/protocol.md section 4).
 //!
 //! Rules: a ban names one address or one network whose host bits are zero, IPv4 written as
 //! IPv4 (an IPv4-mapped IPv6 form is turned into IPv4 when typed, refused when pushed); its reason

@@ -44,6 +44,7 @@ struct StateFile {
 }
 
 /// The agent's bans and where they are kept.
+#[derive(Debug)]
 pub struct BanStore {
     file: Option<PathBuf>,
     bans: Mutex<Vec<StoredBan>>,

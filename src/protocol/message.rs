@@ -334,7 +334,7 @@ pub const BAN_CHUNK_BYTES: usize = 3000;
 
 /// One part of an agent's full ban list for its site (agent to gateway). A list is sent whole,
 /// in chunks of one `generation`, on connect and after every change; it replaces the agent's
-/// previous list once its `total` bans have arrived. docs/protocol.md 4.9.
+/// previous list once its `total` bans have arrived. docs/protocol.md section 4.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BanList {
     /// Increases with every list sent on one control channel; a chunk of a newer generation
