@@ -1304,3 +1304,91 @@ fn ipv6_addresses_of_one_64_share_a_per_address_limit() {
     let (_c, other_64) = open_from("fd00:13::1");
     assert!(other_64.is_none(), "another /64 was refused: {other_64:?}");
 }
+
+/// Issue 17: a hostile agent's ban list. Every entry is checked; a list with one bad entry, an
+/// announced total over the cap, more entries than announced or a reason with escape sequences
+/// is refused whole with a clear BanResult, the previous list stays in force, the session goes
+/// on, and nothing it sent reaches the log raw. A chunk that does not decode ends the session.
+#[test]
+fn a_hostile_ban_list_is_refused_and_the_previous_one_kept() {
+    use protocol::{Ban, BanList, BanResult};
+    let dir = Workdir::new();
+    let gw = start_gateway(&dir, "");
+    let mut control = RawControl::open(gw.control, "test-site", "raw-agent").unwrap();
+    let port = free_port();
+    control.send(&Message::PushConfig(PushConfig {
+        generation: 1,
+        digest: "d".into(),
+        listeners: vec![spec("web", port)],
+    }));
+    assert!(matches!(control.read(), Message::ConfigResult(_)));
+    let ban = |addr: &str, prefix: u8, reason: &str| Ban {
+        addr: addr.parse().unwrap(),
+        prefix,
+        remaining_ms: 0,
+        reason: reason.into(),
+    };
+    let mut list = |generation: u64, total: u32, bans: Vec<Ban>| -> BanResult {
+        control.send(&Message::BanList(BanList {
+            generation,
+            total,
+            bans,
+        }));
+        match control.read() {
+            Message::BanResult(r) => r,
+            other => panic!("expected a ban result, got {other:?}"),
+        }
+    };
+    let good = list(1, 1, vec![ban("198.51.100.7", 32, "ok")]);
+    assert_eq!((good.applied, good.error), (1, None));
+    let refusals = [
+        (
+            vec![ban("10.0.0.0", 8, ""), ban("10.0.0.1", 8, "")],
+            "host bits",
+        ),
+        (vec![ban("10.0.0.1", 40, "")], "prefix"),
+        (vec![ban("::ffff:10.0.0.1", 128, "")], "IPv4"),
+        (
+            vec![ban("10.0.0.1", 32, "x\x1b[2J\nFORGED ban line")],
+            "control characters",
+        ),
+        (
+            vec![ban("10.0.0.1", 32, &"r".repeat(300))],
+            "reason is 300 bytes",
+        ),
+    ];
+    for (i, (bans, why)) in refusals.into_iter().enumerate() {
+        let total = bans.len() as u32;
+        let r = list(2 + i as u64, total, bans);
+        let error = r.error.unwrap_or_default();
+        assert!(error.contains(why), "expected {why:?}: {error:?}");
+    }
+    let huge = list(20, 1_000_000, vec![]);
+    assert!(huge.error.unwrap().contains("at most 100000"));
+    let over = list(
+        21,
+        1,
+        vec![ban("10.0.0.1", 32, ""), ban("10.0.0.2", 32, "")],
+    );
+    assert!(over
+        .error
+        .unwrap()
+        .contains("more entries than the 1 announced"));
+    // The first list is still the one in force.
+    let shown = gw.api("/api/bans");
+    assert_eq!(shown[0]["total"], 1, "{shown}");
+    assert_eq!(shown[0]["bans"][0]["net"], "198.51.100.7/32", "{shown}");
+    assert_no_injection(&gw.proc, "FORGED");
+    // Garbage in a ban-list frame is a protocol error: the session ends.
+    let mut out = bytes::BytesMut::new();
+    let garbage = RawFrame {
+        kind: protocol::kind::BAN_LIST,
+        payload: bytes::Bytes::from_static(b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"),
+    };
+    control.codec.encode(garbage, &mut out).unwrap();
+    control.stream.write_all(&out).unwrap();
+    gw.proc.wait_for_log(
+        "malformed payload for message type 0x8010",
+        Duration::from_secs(5),
+    );
+}

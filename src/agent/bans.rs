@@ -112,7 +112,7 @@ impl BanStore {
         self.bans
             .lock()
             .unwrap()
-            .retain(|b| b.expires_ms.is_none_or(|t| t > now));
+            .retain(|b| b.expires_ms.map_or(true, |t| t > now));
     }
 
     /// The live bans, oldest first.

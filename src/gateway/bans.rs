@@ -46,7 +46,7 @@ pub(crate) struct BanEntry {
 
 impl BanEntry {
     fn live(&self, now: Instant) -> bool {
-        self.until.is_none_or(|t| t > now)
+        self.until.map_or(true, |t| t > now)
     }
 
     /// Whether a refusal by this ban should be logged now (at most once per 10 s).
@@ -115,7 +115,7 @@ impl BanTable {
         }
         let len = maps.values().map(HashMap::len).sum();
         let mut by_prefix: Vec<_> = maps.into_iter().map(|((_, p), m)| (p, m)).collect();
-        by_prefix.sort_by(|a, b| b.0.cmp(&a.0));
+        by_prefix.sort_by_key(|(prefix, _)| std::cmp::Reverse(*prefix));
         BanTable { by_prefix, len }
     }
 
@@ -262,6 +262,9 @@ impl SiteBans {
     }
 }
 
+/// What one chunk did: nothing yet, a complete list `(generation, bans)`, or why it was refused.
+pub(crate) type ChunkOutcome = Result<Option<(u64, Vec<Ban>)>, String>;
+
 /// Collects the chunks of one ban list from one control session.
 #[derive(Debug, Default)]
 pub(crate) struct BanAssembly {
@@ -273,7 +276,7 @@ pub(crate) struct BanAssembly {
 impl BanAssembly {
     /// Adds a chunk: the whole list once its last chunk is in, or why the chunk is refused (an
     /// announced total over [`MAX_BANS`], more bans than announced).
-    pub fn add(&mut self, chunk: BanList) -> Result<Option<(u64, Vec<Ban>)>, String> {
+    pub fn add(&mut self, chunk: BanList) -> ChunkOutcome {
         if chunk.total > MAX_BANS {
             return Err(format!(
                 "ban list of {} entries refused: at most {MAX_BANS} per agent",

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use super::bans::BanAssembly;
+use super::bans::{BanAssembly, ChunkOutcome};
 use super::binding::{cert_serves, refuse_wrong_site};
 use super::pending::{Claim, ClaimError, DataConn, Failed};
 use super::site::{AgentHandle, Site};
@@ -34,8 +34,8 @@ use crate::net;
 use crate::protocol::liveness::{Beat, Liveness, MISSED};
 use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
-    self, Ban, BanResult, ClientFailed, Connection, ControlHello, DataHello, ErrorCode, Feature,
-    Hello, HelloAck, ListenerStatus, Message, MessageReader, ProtocolError, PushConfig, Role,
+    self, BanResult, ClientFailed, Connection, ControlHello, DataHello, ErrorCode, Feature, Hello,
+    HelloAck, ListenerStatus, Message, MessageReader, ProtocolError, PushConfig, Role,
     SessionSecret, Token,
 };
 use crate::transport::Stream;
@@ -786,17 +786,12 @@ struct Session<'a> {
 struct EarlyBans {
     assembly: BanAssembly,
     /// What the last chunk completed (or why it was refused).
-    last: Option<Result<Option<(u64, Vec<Ban>)>, String>>,
+    last: Option<ChunkOutcome>,
 }
 
 /// Applies a completed ban list (or reports a refused chunk) and answers the agent with a
 /// `BanResult`. A refused list leaves the agent's previous one in force; the session goes on.
-fn apply_bans(
-    site: &Site,
-    agent: &AgentHandle,
-    outbox: &Outbox,
-    chunk: Result<Option<(u64, Vec<Ban>)>, String>,
-) {
+fn apply_bans(site: &Site, agent: &AgentHandle, outbox: &Outbox, chunk: ChunkOutcome) {
     let (generation, result) = match chunk {
         Ok(None) => return,
         Ok(Some((generation, bans))) => (generation, site.bans.replace(&agent.name, &bans)),
