@@ -36,6 +36,8 @@ needs=(
   "/usr/share/bash-completion/bash_completion:bash-completion"
   "zsh:zsh"
   "fish:fish"
+  # tests/fail2ban.rs: the real fail2ban bans through `sallyport ban`
+  "fail2ban-client:fail2ban"
 )
 missing=()
 for pair in "${needs[@]}"; do

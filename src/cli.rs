@@ -185,6 +185,9 @@ pub enum BanCommand {
     /// Lift the ban of exactly this address or network.
     Remove {
         target: String,
+        /// Succeed when there is no such ban (it expired already): for fail2ban's unban.
+        #[arg(long)]
+        if_present: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -862,7 +865,7 @@ async fn ban(command: BanCommand) -> anyhow::Result<()> {
             .await?;
             (code, body, admin)
         }
-        BanCommand::Remove { target, admin } => {
+        BanCommand::Remove { target, admin, .. } => {
             let req = serde_json::json!({ "target": target });
             let (code, body) = request_json(
                 &url(admin),
@@ -889,6 +892,12 @@ async fn ban(command: BanCommand) -> anyhow::Result<()> {
     match code {
         200 => {
             print_ban_answer(&command, &body);
+            Ok(())
+        }
+        404 if matches!(command, BanCommand::Remove { if_present: true, .. })
+            && body["error"].is_string() =>
+        {
+            println!("{} (nothing to do)", crate::escape::escape(body["error"].as_str().unwrap_or("")));
             Ok(())
         }
         401 => anyhow::bail!(

@@ -17,6 +17,8 @@ pub struct NginxOptions<'a> {
     pub tls: Option<(&'a Path, &'a Path)>,
     /// Listen address (default 127.0.0.1).
     pub ip: &'a str,
+    /// Basic authentication with this htpasswd file (`user:{PLAIN}password` lines).
+    pub auth_basic: Option<&'a Path>,
 }
 
 impl Default for NginxOptions<'_> {
@@ -25,6 +27,7 @@ impl Default for NginxOptions<'_> {
             proxy_protocol: false,
             tls: None,
             ip: "127.0.0.1",
+            auth_basic: None,
         }
     }
 }
@@ -33,6 +36,9 @@ pub struct Nginx {
     pub port: u16,
     child: Child,
     pub access_log: PathBuf,
+    /// The same requests in the format packaging/fail2ban/filter.d/sallyport-nginx-auth.conf
+    /// reads (the PROXY protocol's client address first).
+    pub fail2ban_log: PathBuf,
     /// Document root; `index.html` holds [`Nginx::PAGE`].
     pub root: PathBuf,
 }
@@ -55,6 +61,14 @@ impl Nginx {
         std::fs::write(root.join("index.html"), Self::PAGE).unwrap();
         let port = free_port();
         let access_log = base.join("access.log");
+        let fail2ban_log = base.join("fail2ban-access.log");
+        let auth = match opts.auth_basic {
+            Some(file) => format!(
+                "auth_basic \"sallyport test\"; auth_basic_user_file {};",
+                file.display()
+            ),
+            None => String::new(),
+        };
         let mut listen = format!("{}:{port}", opts.ip);
         let mut tls = String::new();
         if let Some((cert, key)) = opts.tls {
@@ -75,9 +89,11 @@ impl Nginx {
              http {{\n  client_body_temp_path {b}/tmp/body; proxy_temp_path {b}/tmp/proxy;\n\
                fastcgi_temp_path {b}/tmp/fastcgi; uwsgi_temp_path {b}/tmp/uwsgi; scgi_temp_path {b}/tmp/scgi;\n\
                log_format pp 'pp=$proxy_protocol_addr:$proxy_protocol_port remote=$remote_addr \"$request\" $status $body_bytes_sent';\n\
-               access_log {} pp;\n  client_max_body_size 100m;\n\
-               server {{ listen {listen}; {tls} root {}; location / {{ }} }}\n}}\n",
+               log_format sallyport '$proxy_protocol_addr - $remote_user [$time_local] \"$request\" $status $body_bytes_sent';\n\
+               access_log {} pp;\n  access_log {} sallyport;\n  client_max_body_size 100m;\n\
+               server {{ listen {listen}; {tls} root {}; location / {{ {auth} }} }}\n}}\n",
             access_log.display(),
+            fail2ban_log.display(),
             root.display()
         );
         let conf = base.join("nginx.conf");
@@ -111,6 +127,7 @@ impl Nginx {
             port,
             child,
             access_log,
+            fail2ban_log,
             root,
         }
     }
