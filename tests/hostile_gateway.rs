@@ -190,11 +190,17 @@ async fn serve(mut stream: Stream, mode: DataMode, seen: &Seen, script: Script) 
             if writer.write_all(&first).await.is_err() {
                 return;
             }
-            let Some(Ok(frame)) = reader.next().await else {
-                return;
-            };
-            let Ok(Some(Message::PushConfig(push))) = Message::from_frame(&frame) else {
-                return;
+            // The agent's ban list (advisory, sent before the push) is skipped, as a gateway
+            // that does not know bans would.
+            let push = loop {
+                let Some(Ok(frame)) = reader.next().await else {
+                    return;
+                };
+                match Message::from_frame(&frame) {
+                    Ok(Some(Message::PushConfig(push))) => break push,
+                    Ok(Some(Message::BanList(_))) | Ok(None) => continue,
+                    _ => return,
+                }
             };
             let result = Message::ConfigResult(ConfigResult {
                 generation: push.generation,
