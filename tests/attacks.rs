@@ -1374,6 +1374,18 @@ fn a_hostile_ban_list_is_refused_and_the_previous_one_kept() {
         .error
         .unwrap()
         .contains("more entries than the 1 announced"));
+    // A flood of bad lists is answered list by list, but logged at most 5 times per 10 s (7
+    // refusals above, 200 here, all within a few seconds: at most 10 lines even across a
+    // window boundary).
+    for i in 0..200u64 {
+        let r = list(100 + i, 1, vec![ban("10.0.0.1", 40, "")]);
+        assert!(r.error.unwrap().contains("prefix"));
+    }
+    let logged = gw.proc.count_log("ban list refused");
+    assert!(
+        (1..=10).contains(&logged),
+        "{logged} 'ban list refused' lines for 207 refusals"
+    );
     // The first list is still the one in force.
     let shown = gw.api("/api/bans");
     assert_eq!(shown[0]["total"], 1, "{shown}");

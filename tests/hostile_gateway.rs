@@ -940,8 +940,8 @@ const BREAKAGES: &[(&str, &str)] = &[
 /// Each control connection breaks the protocol a different way (oversized, truncated and
 /// malformed frames, an unknown critical type, known messages out of sequence, a config push
 /// and a config result the agent never sent): the agent drops the gateway each time with one
-/// clear line, and after the last breakage an advisory frame of an unknown type is skipped and
-/// the session stays.
+/// clear line, and after the last breakage a flood of unasked ban-list refusals (logged a few
+/// times) and an advisory frame of an unknown type are skipped and the session stays.
 #[test]
 fn a_broken_protocol_drops_the_hostile_gateway_with_one_line_per_kind() {
     let closed = Arc::new(Mutex::new(Vec::<(usize, bool, Vec<String>)>::new()));
@@ -978,6 +978,16 @@ fn a_broken_protocol_drops_the_hostile_gateway_with_one_line_per_kind() {
                     listeners: vec![],
                 })),
                 _ => {
+                    // 200 ban-list refusals the agent never asked for: recorded, logged at most
+                    // 5 times per 10 s, and no reason to drop the gateway.
+                    let refusal = wire(&Message::BanResult(protocol::BanResult {
+                        generation: 9,
+                        applied: 0,
+                        error: Some("refused by a hostile gateway".into()),
+                    }));
+                    for _ in 0..200 {
+                        let _ = ctl.send_raw(&refusal).await;
+                    }
                     // An advisory type nobody knows: skipped.
                     let _ = ctl.send_raw(&raw_frame(0x8001, b"a hint")).await;
                     return idle(ctl).await;
@@ -1034,8 +1044,13 @@ fn a_broken_protocol_drops_the_hostile_gateway_with_one_line_per_kind() {
             assert_eq!(errors.len(), 1, "{kind}: the agent's last words {errors:?}");
         }
     }
-    // The advisory frame kept the last session.
+    // The advisory frames kept the last session, and the refusal flood is logged a few times.
     std::thread::sleep(Duration::from_secs(2));
+    let refused = w.hostile_lines("the gateway refused the ban list").len();
+    assert!(
+        (1..=10).contains(&refused),
+        "{refused} lines for 200 ban-list refusals"
+    );
     assert_eq!(
         w.hostile_lines("control channel lost").len(),
         BREAKAGES.len(),

@@ -551,7 +551,17 @@ async fn push_bans(
 fn ban_result(ctx: &AgentCtx, gateway: &str, result: crate::protocol::BanResult) {
     match &result.error {
         Some(error) => {
-            tracing::warn!(gateway = %gateway, "the gateway refused the ban list: {error}")
+            // A hostile gateway can refuse every list it gets: 5 lines per 10 s.
+            static REFUSED: crate::limits::Event =
+                crate::limits::Event::new(5, Duration::from_secs(10));
+            let occ = REFUSED.hit();
+            if occ.log {
+                tracing::warn!(
+                    gateway = %gateway,
+                    "the gateway refused the ban list: {error}{}",
+                    occ.tally()
+                )
+            }
         }
         None => tracing::debug!(
             gateway = %gateway,

@@ -811,10 +811,16 @@ fn apply_bans(site: &Site, agent: &AgentHandle, outbox: &Outbox, chunk: ChunkOut
             }
         }
         Err(error) => {
-            tracing::warn!(
-                site = %site.name, agent = %agent.name, peer = %agent.addr,
-                "ban list refused (the agent's previous list stays in force): {error}"
-            );
+            // A hostile agent can send bad lists as fast as it likes: 5 lines per 10 s.
+            static REFUSED: Event = Event::new(5, Duration::from_secs(10));
+            let occ = REFUSED.hit();
+            if occ.log {
+                tracing::warn!(
+                    site = %site.name, agent = %agent.name, peer = %agent.addr,
+                    "ban list refused (the agent's previous list stays in force): {error}{}",
+                    occ.tally()
+                );
+            }
             BanResult {
                 generation,
                 applied: 0,
