@@ -37,6 +37,9 @@ import urllib.request
 G_PUBLIC = ["127.0.1.1", "127.0.2.1"]
 G_CONTROL_PORT = [44501, 44502]
 G_ADMIN = ["127.0.0.1:9191", "127.0.0.1:9192"]
+A_ADMIN = ["127.0.0.1:9193", "127.0.0.1:9194"]
+# Where each daemon's /metrics is: the heap figures (allocated vs kept free) come from there.
+METRICS = {"g1": G_ADMIN[0], "g2": G_ADMIN[1], "a1": A_ADMIN[0], "a2": A_ADMIN[1]}
 A1_TO_G1 = "127.0.1.11"
 A2_TO_G1 = "127.0.1.12"
 RELAY = "127.0.2.100"
@@ -212,6 +215,22 @@ def proc_figures(pid):
         return None
 
 
+HEAP_SAMPLE = re.compile(r'^sallyport(?:_agent)?_heap_bytes\{state="(allocated|free)"\} (\S+)$', re.M)
+
+
+def heap_figures(daemon):
+    """(allocated KiB, free KiB) of a daemon's heap from its /metrics (glibc's mallinfo2), or
+    None. Allocated is what the program holds, the leak criterion; free is what the allocator
+    keeps for reuse after a peak, which shows in RSS without being held by anything."""
+    try:
+        with urllib.request.urlopen(f"http://{METRICS[daemon]}/metrics", timeout=0.5) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return None
+    got = {k: int(float(v)) // 1024 for k, v in HEAP_SAMPLE.findall(text)}
+    return (got["allocated"], got["free"]) if len(got) == 2 else None
+
+
 SS_PID = re.compile(r"pid=(\d+)")
 
 
@@ -360,7 +379,7 @@ http {{
 name = "soak-{a}"
 gateways = ["{to_g1}:{G_CONTROL_PORT[0]}", "{RELAY}:{RELAY_PORT}"]
 tls = {{ ca = "{c}/ca.crt", cert = "{c}/{cert}.crt", key = "{c}/{cert}.key" }}
-admin.listen = "127.0.0.1:0"
+admin.listen = "{A_ADMIN[0 if a == "a1" else 1]}"
 {AGENT_TIMERS}{listeners}""")
 
     def setup_sshd(self):
@@ -614,7 +633,7 @@ MaxStartups 100:30:200
             await asyncio.sleep(0.01)
 
     # -------------------------------------------------------------------- measurements
-    def sample(self, quiet=False):
+    def sample(self, quiet=False, heap=True):
         by_pid, tw = tcp_states()
         row = {"t": round(now(), 2), "active": len(self.inflight), "received": self.received,
                "quiet": quiet}
@@ -625,6 +644,9 @@ MaxStartups 100:30:200
             row[d] = None if not fig else {
                 "pid": pid, "rss_kib": fig[0], "fds": fig[1], "pipes": fig[2], "estab": st.get("ESTAB", 0),
                 "close_wait": st.get("CLOSE-WAIT", 0)}
+            h = heap_figures(d) if fig and heap else None
+            if h:
+                row[d]["heap_kib"], row[d]["heap_free_kib"] = h
         counts = {}
         for local, peer in tw:
             o = tw_owner(local, peer)
@@ -634,8 +656,11 @@ MaxStartups 100:30:200
 
     async def sampler(self):
         last = self.received
+        n = 0
         while True:
-            row = self.sample()
+            # The heap figures cost an HTTP request per daemon: every 5 s is enough for the plot.
+            row = self.sample(heap=n % 5 == 0)
+            n += 1
             row["mib_s"] = round((row["received"] - last) / (1 << 20), 2)
             last = row["received"]
             self.samples.append(row)
@@ -836,11 +861,14 @@ MaxStartups 100:30:200
         # The warm-up sees every kind of load once (long transfers run from the start, plus a
         # burst of zero-window readers), so the baseline holds what a warm process keeps.
         warmup = min(12.0, self.duration * 0.2) if self.short else 60.0
-        # (small socket buffers too: switching to them moves the daemons' RSS up once).
+        # Small socket buffers too, long enough for the long transfers to overlap in them: with
+        # more bytes and connections in flight at once the heap peaks higher, and glibc keeps
+        # the freed memory (its "kept free" figure) for reuse instead of returning it, so RSS
+        # steps up once, in the warm-up, while the allocated heap comes back down.
         await asyncio.sleep(1.0)
         await self.f_stall(3.0, warmup=True)
         self.set_small_buffers(True, "warm-up")
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(3.0 if self.short else 30.0)
         self.set_small_buffers(False)
         await asyncio.sleep(max(0.0, warmup - now() + self.t_started))
         await self.quiet_point("baseline (after warm-up)")
@@ -965,6 +993,10 @@ def leak_check(soak):
                 findings.append(f"{d}: descriptors (without pipes) {bf} -> {xf} at {q['label']}")
             if x["rss_kib"] > b["rss_kib"] * 1.10:
                 findings.append(f"{d}: RSS {b['rss_kib']} -> {x['rss_kib']} KiB at {q['label']}")
+            if "heap_kib" in b and "heap_kib" not in x:
+                findings.append(f"{d}: no heap figures from /metrics at {q['label']}")
+            elif "heap_kib" in b and x["heap_kib"] > max(b["heap_kib"] * 1.10, b["heap_kib"] + 256):
+                findings.append(f"{d}: heap allocated {b['heap_kib']} -> {x['heap_kib']} KiB at {q['label']}")
             if x["estab"] > max(b["estab"] * 1.10, b["estab"] + 4):
                 findings.append(f"{d}: ESTABLISHED {b['estab']} -> {x['estab']} at {q['label']}")
     return findings, rows
@@ -1020,12 +1052,14 @@ def report(soak, elapsed):
         if len(unexplained) > 60:
             L.append(f"\n({len(unexplained) - 60} more in clients.jsonl)")
     L.append("\n## Daemons at quiet points (no client running, 2 s settled)\n")
-    L.append("| point | daemon | pid | descriptors (of which splice pipes) | RSS MiB | ESTABLISHED | CLOSE-WAIT |\n|---|---|---|---|---|---|---|")
+    L.append("| point | daemon | pid | descriptors (of which splice pipes) | RSS MiB | heap allocated MiB | heap kept free MiB | ESTABLISHED | CLOSE-WAIT |\n|---|---|---|---|---|---|---|---|---|")
     for q in soak.quiet:
         for d in DAEMONS:
             x = q.get(d)
             if x:
-                L.append(f"| {q['label']} | {d} | {x['pid']} | {x['fds']} ({x['pipes']}) | {x['rss_kib'] / 1024:.1f} | {x['estab']} | {x['close_wait']} |")
+                heap = (f"{x['heap_kib'] / 1024:.2f} | {x['heap_free_kib'] / 1024:.2f}" if "heap_kib" in x
+                        else "? | ?")
+                L.append(f"| {q['label']} | {d} | {x['pid']} | {x['fds']} ({x['pipes']}) | {x['rss_kib'] / 1024:.1f} | {heap} | {x['estab']} | {x['close_wait']} |")
     tw = [s["time_wait"] for s in soak.samples]
     if tw:
         peak = {k: max(t.get(k, 0) for t in tw) for k in ("g1", "g2", "agents", "others")}
@@ -1054,6 +1088,10 @@ def plot(soak, path):
 
     for d in DAEMONS:
         ax[0].plot(t, series(d, "rss_kib", 1024), label=d, color=colors[d])
+        heap = [(r[d]["heap_kib"] / 1024, r["t"]) for r in s if r.get(d) and "heap_kib" in r[d]]
+        if heap:
+            ax[0].plot([h[1] for h in heap], [h[0] for h in heap], label=f"{d} heap allocated",
+                       color=colors[d], ls=":", lw=1)
         ax[1].plot(t, series(d, "fds"), label=d, color=colors[d])
         ax[2].plot(t, series(d, "estab"), label=f"{d} ESTABLISHED", color=colors[d], lw=0.8)
         cw = series(d, "close_wait")
@@ -1061,7 +1099,7 @@ def plot(soak, path):
             ax[2].plot(t, cw, label=f"{d} CLOSE-WAIT", color=colors[d], ls="--")
     ax[2].plot(t, [r["active"] for r in s], label="clients in flight", color="black", lw=1.5)
     ax[3].plot(t, [r.get("mib_s", 0) for r in s], color="tab:green")
-    ax[0].set_ylabel("RSS (MiB)")
+    ax[0].set_ylabel("RSS; heap allocated (MiB)")
     ax[1].set_ylabel("open descriptors")
     ax[2].set_ylabel("connections")
     ax[3].set_ylabel("MiB/s compared")

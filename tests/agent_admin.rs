@@ -246,6 +246,15 @@ fn agent_api_reports_gateways_listeners_backends_and_exact_counters() {
     assert_eq!(code, 200);
     promtool_check(&metrics);
     let g = |name: &str, labels: &str| sample(&metrics, &format!("{name}{{{labels}}}"));
+    for kind in ["anonymous", "file"] {
+        let v = g(
+            "sallyport_agent_resident_memory_bytes",
+            &format!("kind=\"{kind}\""),
+        );
+        assert!(v.is_some_and(|v| v > 0.0), "{kind}: {v:?}");
+    }
+    let allocated = g("sallyport_agent_heap_bytes", "state=\"allocated\"");
+    assert!(allocated.is_some_and(|v| v > 10e3), "{allocated:?}");
     assert_eq!(
         g(
             "sallyport_agent_gateway_up",

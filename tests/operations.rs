@@ -156,6 +156,36 @@ fn counters_are_exact_in_the_api_and_in_metrics() {
     }
     assert!(metrics.contains("sallyport_agents_connected{site=\"test-site\"} 1"));
     assert!(metrics.contains("sallyport_state{state=\"running\"} 1"));
+    // Memory, split so a leak (allocated heap grows) shows apart from code pages and from what
+    // the allocator keeps: the gateway's own figures, which must match what the kernel says.
+    let value = |key: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in\n{metrics}"))
+    };
+    let rss = value("process_resident_memory_bytes");
+    let anon = value("sallyport_resident_memory_bytes{kind=\"anonymous\"}");
+    let file = value("sallyport_resident_memory_bytes{kind=\"file\"}");
+    let allocated = value("sallyport_heap_bytes{state=\"allocated\"}");
+    assert!(
+        rss > 1e6 && anon > 0.0 && file > 0.0 && anon + file <= rss,
+        "{rss} {anon} {file}"
+    );
+    assert!(
+        allocated > 10e3 && allocated < rss,
+        "allocated {allocated}, rss {rss}"
+    );
+    let kernel_rss: f64 = std::fs::read_to_string(format!("/proc/{}/status", gw.proc.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap();
+    assert!(
+        (rss / 1024.0 - kernel_rss).abs() < kernel_rss * 0.5,
+        "metrics say {rss} B resident, /proc says {kernel_rss} kB"
+    );
     // The real promtool from Debian's prometheus package lints the exposition.
     assert!(
         std::path::Path::new("/usr/bin/promtool").exists(),

@@ -5,7 +5,7 @@
 
 use prometheus::proto::MetricType::{COUNTER, GAUGE};
 
-use super::metrics::{encode, family, Labels};
+use super::metrics::{encode, family, memory_families, Labels};
 use crate::agent::report::{GatewayReport, Light, ListenerSnapshot, StatsReport, StatusReport};
 
 /// `sallyport_agent_cert_expiry_seconds`: the agent's own certificate and each connected
@@ -230,5 +230,6 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
         GAUGE,
         vec![(vec![], status.uptime_seconds as f64)],
     ));
+    families.extend(memory_families("sallyport_agent"));
     encode(families)
 }

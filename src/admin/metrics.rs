@@ -300,8 +300,52 @@ pub fn render(handle: &GatewayHandle) -> String {
         GAUGE,
         vec![(Vec::new(), status.uptime_seconds as f64)],
     ));
+    families.extend(memory_families("sallyport"));
     out.push_str(&encode(families));
     out
+}
+
+/// The process's memory (see [`crate::mem::MemoryFigures`]): the standard
+/// `process_resident_memory_bytes`, and under `prefix` the resident split into anonymous and
+/// file-backed and the heap into allocated and kept free, which tell a leak (allocated grows)
+/// from an allocator keeping freed memory (free grows) and from code pages (file grows).
+pub(crate) fn memory_families(prefix: &str) -> Vec<MetricFamily> {
+    let m = crate::mem::MemoryFigures::read();
+    let some = |pairs: Vec<(&'static str, &str, Option<u64>)>| -> Vec<(Labels, f64)> {
+        pairs
+            .into_iter()
+            .filter_map(|(k, v, n)| n.map(|n| (vec![(k, v.to_string())], n as f64)))
+            .collect()
+    };
+    vec![
+        family(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            MetricType::GAUGE,
+            m.resident
+                .map(|n| (Vec::new(), n as f64))
+                .into_iter()
+                .collect(),
+        ),
+        family(
+            &format!("{prefix}_resident_memory_bytes"),
+            "Resident memory by kind: anonymous (heap, stacks) or file (the executable's pages).",
+            MetricType::GAUGE,
+            some(vec![
+                ("kind", "anonymous", m.resident_anonymous),
+                ("kind", "file", m.resident_file),
+            ]),
+        ),
+        family(
+            &format!("{prefix}_heap_bytes"),
+            "Heap memory by state: allocated, or free but kept by the allocator (glibc).",
+            MetricType::GAUGE,
+            some(vec![
+                ("state", "allocated", m.heap_allocated),
+                ("state", "free", m.heap_free),
+            ]),
+        ),
+    ]
 }
 
 /// The text format of `families`, leaving out those without a sample (no listener yet), as
