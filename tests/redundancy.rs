@@ -474,11 +474,93 @@ fn clients_offered_to_a_frozen_agent_are_offered_again_to_another() {
     let took = started.elapsed();
     agent_a.signal("CONT");
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    // (The log is read by a thread of the harness: give it a moment.)
     assert!(
-        gw.proc.count_log("client offered again, to agent b") >= 1,
+        wait_until(Duration::from_secs(5), || gw
+            .proc
+            .count_log("client offered again, to agent b")
+            >= 1),
         "no client was re-offered"
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
     eprintln!("8 clients, some offered to a frozen agent first, all served in {took:?}");
     drop(agent_b);
+}
+
+#[test]
+fn a_client_one_agent_cannot_serve_is_offered_to_another_before_it_fails() {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let gw = start_gateway(&dir, "");
+    let port = free_port();
+    let l = || listener("echo", port, echo.addr);
+    let refusals = |key: &str| gw.api("/api/stats")["refusals"][key].as_u64().unwrap();
+    // Agent a may hold one backend connection; a client holds it, so a refuses every other
+    // client with ClientFailed (its [limits], checked before it dials anything).
+    let mut agent_a = start_agent(
+        &dir,
+        "agent-a",
+        &[gw.control],
+        &[l()],
+        "name = \"a\"\npool = 0",
+        "[limits]\nmax_backend_connections = 1\n",
+    );
+    wait_open(local(port), Duration::from_secs(10));
+    // (wait_open's probe was a client too: until a has closed its backend connection, a
+    // refuses the next one.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = loop {
+        let mut s = TcpStream::connect(local(port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        if still_echoes(&mut s) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "agent a never served a client");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let agent_b = start_agent(
+        &dir,
+        "agent-b",
+        &[gw.control],
+        &[l()],
+        "name = \"b\"\npool = 0",
+        "",
+    );
+    assert!(wait_until(Duration::from_secs(10), || agents_connected(
+        &gw
+    ) == 2));
+    // (Tries that a failed while it was alone count.)
+    let failed_before = refusals("client_agent_failed");
+
+    // Every new client is served: those offered to a first are offered again, to b.
+    for i in 0..20 {
+        echo_once(local(port)).unwrap_or_else(|e| panic!("client {i}: {e}"));
+    }
+    assert!(
+        agent_a.count_log("max_backend_connections (1)") >= 1,
+        "no client was offered to a"
+    );
+    assert!(refusals("client_reoffered") >= 1);
+    assert_eq!(refusals("client_agent_failed"), failed_before);
+    assert!(still_echoes(&mut held), "the held client still pipes");
+
+    // With b gone no agent of the site can serve a new client: it is closed at once (a
+    // reported why), not at its pending deadline, and counted as failed.
+    drop(agent_b);
+    assert!(wait_until(Duration::from_secs(10), || agents_connected(
+        &gw
+    ) == 1));
+    let started = Instant::now();
+    assert!(echo_once(local(port)).is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(5), || refusals(
+        "client_agent_failed"
+    ) == failed_before
+        + 1));
+    assert!(still_echoes(&mut held));
+    agent_a.kill();
 }

@@ -569,7 +569,7 @@ async fn announce(
     let token = Token::random();
     let deadline = tokio::time::Instant::now() + limits.pending_timeout;
     let mut claim = shared.pending.insert(id, token, &site.name);
-    let arrived = ClientArrived {
+    let mut arrived = ClientArrived {
         id,
         token,
         listener: offer.listener.clone(),
@@ -577,22 +577,37 @@ async fn announce(
         client_addr,
         gateway_addr: offer.gateway_addr,
     };
-    // With no agent left, wait for one to (re)connect.
+    // With no agent left, wait for one to (re)connect. An agent that reports it cannot serve
+    // the client (its backend refused, its limits, its data connection could not reach this
+    // gateway) is not asked again; the client is offered to the site's next agent, and fails
+    // with the last reason when every connected agent has failed it.
     let mut offered_to: Option<String> = None;
+    let (mut failed_by, mut last_failure) = (Vec::<u64>::new(), None::<String>);
     let wait = async {
         loop {
             let joined = site.joined.notified();
-            let Some(agent) = site.pick_agent_avoiding(shunned) else {
+            let Some(agent) = site.pick_agent(shunned, &failed_by) else {
+                if let Some(reason) = last_failure.take() {
+                    return Ok(Claim::Failed(reason));
+                }
                 tokio::select! {
                     c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
                     () = joined => continue,
                 }
             };
             if let Some(previous) = offered_to.replace(agent.name.clone()) {
-                tracing::info!(
-                    listener, client = %client_addr, id,
-                    "agent {previous} is gone; client offered again, to agent {}", agent.name
-                );
+                match &last_failure {
+                    Some(reason) if shared.stats.clients_reoffered.hit().log => tracing::info!(
+                        listener, client = %client_addr, id,
+                        "agent {previous} could not serve client ({reason}); offered again, to agent {}",
+                        agent.name
+                    ),
+                    Some(_) => {}
+                    None => tracing::info!(
+                        listener, client = %client_addr, id,
+                        "agent {previous} is gone; client offered again, to agent {}", agent.name
+                    ),
+                }
             }
             shared.pending.offered_to(id, agent.id);
             agent.inflight.fetch_add(1, Ordering::Relaxed);
@@ -608,9 +623,19 @@ async fn announce(
                 agent.gone.cancelled().await;
                 continue;
             }
-            tokio::select! {
-                c = &mut claim => return c.map_err(|_| "the offer was withdrawn".to_string()),
+            let claimed = tokio::select! {
+                c = &mut claim => c,
                 () = agent.gone.cancelled() => continue,
+            };
+            match claimed {
+                Ok(Claim::Failed(reason)) => {
+                    // Offer it again under a fresh token: the failed offer's token is spent.
+                    failed_by.push(agent.id);
+                    last_failure = Some(reason);
+                    arrived.token = Token::random();
+                    claim = shared.pending.insert(id, arrived.token, &site.name);
+                }
+                other => return other.map_err(|_| "the offer was withdrawn".to_string()),
             }
         }
     };

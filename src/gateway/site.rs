@@ -124,9 +124,11 @@ impl Site {
     }
 
     /// The least busy connected agent; ties rotate so equal agents share the load. Agents
-    /// that are `shunned` (they just failed this client) or suspect (one of their pooled
-    /// connections did not answer) are picked only when no other agent is there.
-    pub fn pick_agent_avoiding(&self, shunned: &[u64]) -> Option<AgentHandle> {
+    /// that are `shunned` (they just failed this client on the pool path) or suspect (one of
+    /// their pooled connections did not answer) are picked only when no other agent is there;
+    /// agents in `excluded` (they reported they cannot serve this client) never: `None` when
+    /// no other agent is connected.
+    pub fn pick_agent(&self, shunned: &[u64], excluded: &[u64]) -> Option<AgentHandle> {
         let agents = self.agents.lock().unwrap();
         if agents.is_empty() {
             return None;
@@ -135,7 +137,7 @@ impl Site {
         (0..agents.len())
             .map(|i| &agents[(start + i) % agents.len()])
             // A session that is ending is still listed until it has left.
-            .filter(|a| !a.gone.is_cancelled())
+            .filter(|a| !a.gone.is_cancelled() && !excluded.contains(&a.id))
             .min_by_key(|a| {
                 let avoided = shunned.contains(&a.id) || a.suspect.load(Ordering::Relaxed);
                 (avoided, a.inflight.load(Ordering::Relaxed))

@@ -36,6 +36,9 @@ pub struct GatewayStats {
     pub clients_unclaimed: Event,
     /// Clients closed because the agent reported it could not serve them.
     pub clients_failed: Event,
+    /// Offers of a client to another agent of its site after one reported it could not serve
+    /// it (the client fails only when every connected agent has failed it).
+    pub clients_reoffered: Event,
     /// Data connections refused: unknown, expired or reused id, or a wrong token.
     pub data_refused: Event,
     /// Control-port connections refused by `[peers]`.
@@ -80,6 +83,7 @@ impl Default for GatewayStats {
             clients_paused: Event::once_per_10s(),
             clients_unclaimed: Event::some_per_10s(),
             clients_failed: Event::some_per_10s(),
+            clients_reoffered: Event::some_per_10s(),
             data_refused: Event::some_per_10s(),
             peers_denied: Event::some_per_10s(),
             bad_hellos: Event::some_per_10s(),
@@ -107,6 +111,7 @@ impl GatewayStats {
             ("client_paused", self.clients_paused.count()),
             ("client_unclaimed", self.clients_unclaimed.count()),
             ("client_agent_failed", self.clients_failed.count()),
+            ("client_reoffered", self.clients_reoffered.count()),
             ("data_token", self.data_refused.count()),
             ("peer_denied", self.peers_denied.count()),
             ("bad_hello", self.bad_hellos.count()),

@@ -182,6 +182,28 @@ impl Proc {
             .status()
             .unwrap();
         assert!(status.success());
+        if sig == "STOP" {
+            // Stopped means every thread: a test that sends clients right after must not race
+            // a thread that was still running on the other core.
+            let stopped = || {
+                std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+                    .map(|tasks| {
+                        tasks.flatten().all(|t| {
+                            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                                stat.rsplit(')')
+                                    .next()
+                                    .is_some_and(|r| r.trim_start().starts_with('T'))
+                            })
+                        })
+                    })
+                    .unwrap_or(false)
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !stopped() {
+                assert!(Instant::now() < deadline, "{} did not stop", self.pid());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 
     /// Waits for the process to exit and returns its exit code.
