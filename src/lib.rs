@@ -63,5 +63,6 @@ pub mod mem;
 pub mod net;
 pub mod pipe;
 pub mod protocol;
+pub mod ratelimit;
 pub mod status;
 pub mod transport;

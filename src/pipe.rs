@@ -20,6 +20,10 @@
 //! with splice(2) through a kernel pipe, so they never enter user space. [`pipe_tcp`] picks the
 //! right one for a socket and an agent/gateway [`Stream`]. `SALLYPORT_SPLICE=off` in the
 //! environment forces the copy loop (to compare the two, or to rule splice out).
+//!
+//! Rate limits ([`PipeThrottle`], the gateway's `client_rate` / `listener_rate`) work the same
+//! in both pumps: a direction reads at most its throttle's read cap at once, then passes the
+//! bytes it read through the token buckets and sleeps off any debt before it reads again.
 
 use std::io;
 use std::pin::Pin;
@@ -30,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::net;
+use crate::ratelimit::{PipeThrottle, Throttle};
 use crate::transport::Stream;
 
 /// Size of each direction's copy buffer.
@@ -137,6 +142,22 @@ where
     A: AsyncRead + AsyncWrite + Resettable + Unpin,
     B: AsyncRead + AsyncWrite + Resettable + Unpin,
 {
+    pipe_throttled(a, a_prefix, b, b_prefix, counters, &PipeThrottle::default()).await
+}
+
+/// [`pipe`] under rate limits.
+pub async fn pipe_throttled<A, B>(
+    a: A,
+    a_prefix: Prefix<'_>,
+    b: B,
+    b_prefix: Prefix<'_>,
+    counters: &PipeCounters,
+    throttle: &PipeThrottle,
+) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Resettable + Unpin,
+    B: AsyncRead + AsyncWrite + Resettable + Unpin,
+{
     let mut ends = Ends::new(a, b);
     let result = {
         let (mut ar, mut aw) = tokio::io::split(&mut ends.a);
@@ -145,15 +166,15 @@ where
             &mut ar,
             a_prefix,
             &mut bw,
-            &counters.a_read,
-            &counters.b_written,
+            (&counters.a_read, &counters.b_written),
+            &throttle.a_to_b,
         );
         let backward = copy_direction(
             &mut br,
             b_prefix,
             &mut aw,
-            &counters.b_read,
-            &counters.a_written,
+            (&counters.b_read, &counters.a_written),
+            &throttle.b_to_a,
         );
         tokio::try_join!(forward, backward).map(|_| ())
     };
@@ -169,9 +190,24 @@ pub async fn pipe_tcp(
     b_prefix: Prefix<'_>,
     counters: &PipeCounters,
 ) -> io::Result<()> {
+    let unlimited = PipeThrottle::default();
+    pipe_tcp_throttled(a, a_prefix, b, b_prefix, counters, &unlimited).await
+}
+
+/// [`pipe_tcp`] under rate limits (both pumps honour them).
+pub async fn pipe_tcp_throttled(
+    a: TcpStream,
+    a_prefix: Prefix<'_>,
+    b: Stream,
+    b_prefix: Prefix<'_>,
+    counters: &PipeCounters,
+    throttle: &PipeThrottle,
+) -> io::Result<()> {
     match b {
-        Stream::Plain(b) => pipe_plain(a, a_prefix, b, b_prefix, counters).await,
-        b => pipe(a, a_prefix, b, b_prefix, counters).await,
+        Stream::Plain(b) => {
+            pipe_plain_throttled(a, a_prefix, b, b_prefix, counters, throttle).await
+        }
+        b => pipe_throttled(a, a_prefix, b, b_prefix, counters, throttle).await,
     }
 }
 
@@ -184,16 +220,37 @@ pub async fn pipe_plain(
     b_prefix: Prefix<'_>,
     counters: &PipeCounters,
 ) -> io::Result<()> {
+    let unlimited = PipeThrottle::default();
+    pipe_plain_throttled(a, a_prefix, b, b_prefix, counters, &unlimited).await
+}
+
+/// [`pipe_plain`] under rate limits.
+pub async fn pipe_plain_throttled(
+    a: TcpStream,
+    a_prefix: Prefix<'_>,
+    b: TcpStream,
+    b_prefix: Prefix<'_>,
+    counters: &PipeCounters,
+    throttle: &PipeThrottle,
+) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     if zero_copy::enabled() {
         let mut ends = Ends::new(a, b);
         let (a, b) = (&ends.a, &ends.b);
-        let forward = zero_copy::direction(a, a_prefix, b, &counters.a_read, &counters.b_written);
-        let backward = zero_copy::direction(b, b_prefix, a, &counters.b_read, &counters.a_written);
+        let (fwd, back) = (&throttle.a_to_b, &throttle.b_to_a);
+        let forward =
+            zero_copy::direction(a, a_prefix, b, (&counters.a_read, &counters.b_written), fwd);
+        let backward = zero_copy::direction(
+            b,
+            b_prefix,
+            a,
+            (&counters.b_read, &counters.a_written),
+            back,
+        );
         let result = tokio::try_join!(forward, backward).map(|_| ());
         return ends.settle(result);
     }
-    pipe(a, a_prefix, b, b_prefix, counters).await
+    pipe_throttled(a, a_prefix, b, b_prefix, counters, throttle).await
 }
 
 /// Copies until end of stream, then half-closes the writer. Any error is the pipe's end (the
@@ -202,8 +259,8 @@ async fn copy_direction<R, W>(
     reader: &mut R,
     prefix: &[u8],
     writer: &mut W,
-    read: &AtomicU64,
-    written: &AtomicU64,
+    (read, written): (&AtomicU64, &AtomicU64),
+    throttle: &Throttle,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -221,7 +278,8 @@ where
     // TLS data connections: the two CHUNK buffers were most of the ~80 KB per idle connection).
     let mut buf = vec![0u8; IDLE_CHUNK.min(CHUNK)];
     loop {
-        let n = read_or_flush(reader, &mut buf, writer, &mut unflushed).await?;
+        let cap = throttle.read_cap(buf.len());
+        let n = read_or_flush(reader, &mut buf[..cap], writer, &mut unflushed).await?;
         if n == 0 {
             break;
         }
@@ -232,6 +290,12 @@ where
         writer.write_all(&buf[..n]).await?;
         unflushed = true;
         written.fetch_add(n as u64, Ordering::Relaxed);
+        if !throttle.is_unlimited() {
+            // The writer may hold bytes (TLS) while this direction sleeps off its debt.
+            writer.flush().await?;
+            unflushed = false;
+            throttle.pass(n).await;
+        }
     }
     // Flush, then send FIN (TLS: close_notify, then FIN). A shutdown that finds the peer gone
     // (ENOTCONN) means it reset: an error, so the side we read from is reset too.
@@ -296,6 +360,8 @@ mod zero_copy {
     use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
     use tokio::io::Interest;
     use tokio::net::TcpStream;
+
+    use crate::ratelimit::Throttle;
 
     /// Capacity asked of each pipe: 64 KiB (16 slots), set explicitly so it does not depend on
     /// the system default. Measured on loopback (docs/performance.md): 256 KiB and 1 MiB pipes
@@ -387,8 +453,8 @@ mod zero_copy {
         from: &TcpStream,
         prefix: &[u8],
         to: &TcpStream,
-        read: &AtomicU64,
-        written: &AtomicU64,
+        (read, written): (&AtomicU64, &AtomicU64),
+        throttle: &Throttle,
     ) -> io::Result<()> {
         if !prefix.is_empty() {
             read.fetch_add(prefix.len() as u64, Ordering::Relaxed);
@@ -398,9 +464,9 @@ mod zero_copy {
         loop {
             from.readable().await?;
             let burst = match Pipe::take() {
-                Ok(pipe) => splice_burst(from, to, pipe, read, written).await?,
+                Ok(pipe) => splice_burst(from, to, pipe, (read, written), throttle).await?,
                 // No descriptor for a pipe: move this burst through a buffer instead.
-                Err(_) => copy_burst(from, to, read, written).await?,
+                Err(_) => copy_burst(from, to, (read, written), throttle).await?,
             };
             if let Burst::Eof = burst {
                 break;
@@ -417,14 +483,15 @@ mod zero_copy {
         from: &TcpStream,
         to: &TcpStream,
         pipe: Pipe,
-        read: &AtomicU64,
-        written: &AtomicU64,
+        (read, written): (&AtomicU64, &AtomicU64),
+        throttle: &Throttle,
     ) -> io::Result<Burst> {
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        let cap = throttle.read_cap(pipe.capacity);
         loop {
             // The pipe is empty here: an EAGAIN is the socket's.
             let filled = from.try_io(Interest::READABLE, || {
-                Ok(splice(from, None, &pipe.write, None, pipe.capacity, flags)?)
+                Ok(splice(from, None, &pipe.write, None, cap, flags)?)
             });
             let mut in_pipe = match filled {
                 Ok(0) => {
@@ -439,6 +506,7 @@ mod zero_copy {
                 Err(e) => return Err(e),
             };
             read.fetch_add(in_pipe as u64, Ordering::Relaxed);
+            let moved = in_pipe;
             while in_pipe > 0 {
                 // The pipe holds bytes here: an EAGAIN is the socket's (send buffer full).
                 let sent = to.try_io(Interest::WRITABLE, || {
@@ -454,6 +522,12 @@ mod zero_copy {
                     Err(e) => return Err(e),
                 }
             }
+            if !throttle.is_unlimited() {
+                // The pipe is empty: back to the pool while this direction sleeps off its debt.
+                pipe.give_back();
+                throttle.pass(moved).await;
+                return Ok(Burst::Drained);
+            }
             // A socket that always has data would otherwise never let this task yield.
             tokio::task::coop::consume_budget().await;
         }
@@ -463,10 +537,10 @@ mod zero_copy {
     async fn copy_burst(
         from: &TcpStream,
         to: &TcpStream,
-        read: &AtomicU64,
-        written: &AtomicU64,
+        (read, written): (&AtomicU64, &AtomicU64),
+        throttle: &Throttle,
     ) -> io::Result<Burst> {
-        let mut buf = vec![0u8; FALLBACK_CHUNK];
+        let mut buf = vec![0u8; throttle.read_cap(FALLBACK_CHUNK)];
         loop {
             let n = match from.try_read(&mut buf) {
                 Ok(0) => return Ok(Burst::Eof),
@@ -477,6 +551,7 @@ mod zero_copy {
             read.fetch_add(n as u64, Ordering::Relaxed);
             write_all(to, &buf[..n]).await?;
             written.fetch_add(n as u64, Ordering::Relaxed);
+            throttle.pass(n).await;
             tokio::task::coop::consume_budget().await;
         }
     }

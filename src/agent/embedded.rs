@@ -291,6 +291,7 @@ impl GatewayListener {
             impersonation: Impersonation::None,
             clients: AccessRules::allow_all(),
             clients_text: ClientRules::default(),
+            edge: Default::default(),
         });
         Ok(GatewayListenerBuilder {
             config,

@@ -207,6 +207,33 @@ fn push_message(config: &AgentConfig, generation: u64) -> Result<(Message, usize
     Ok((msg, bytes))
 }
 
+/// The listeners' rate limits for the gateways, if any listener has some and they fit a
+/// frame (if not, the error is logged and the gateway enforces none).
+fn limits_message(config: &AgentConfig, gateway: &str) -> Option<Message> {
+    let msg = Message::EdgeLimits(config.edge_limits()?);
+    let bytes = msg.to_frame().payload.len() + 2;
+    if bytes > config.max_frame {
+        tracing::error!(
+            gateway = %gateway,
+            "the listeners' rate limits take {bytes} bytes, over max_frame {}: not sent, the gateway enforces none",
+            config.max_frame
+        );
+        return None;
+    }
+    Some(msg)
+}
+
+/// The rate limits to send after a reload: the new ones, or an empty set that lifts the ones
+/// sent before (`sent` says whether limits are in force on the gateway).
+fn reloaded_limits(config: &AgentConfig, gateway: &str, sent: &mut bool) -> Option<Message> {
+    let limits = match (limits_message(config, gateway), *sent) {
+        (None, true) => Some(Message::EdgeLimits(Default::default())),
+        (l, _) => l,
+    };
+    *sent = matches!(&limits, Some(Message::EdgeLimits(l)) if !l.listeners.is_empty());
+    limits
+}
+
 /// What the gateway was last sent, to explain its refusal of it.
 #[derive(Debug, Clone, Copy)]
 struct LastPush {
@@ -335,6 +362,12 @@ async fn run_session(
     let (mut reader, sink) = conn.split();
     let (outbox_tx, failures) = mpsc::channel::<Message>(256);
     let mut outbox = Outbox::spawn(sink, failures, liveness.write_limit());
+    // Rate limits go just before the push, so they are in force when the listeners open.
+    let mut limits_sent = false;
+    if let Some(limits) = limits_message(&current, gateway) {
+        outbox.send(limits)?;
+        limits_sent = true;
+    }
     let mut last_push = match push_message(&current, generation) {
         Ok((push, bytes)) => {
             outbox.send(push)?;
@@ -441,6 +474,11 @@ async fn run_session(
                 }
                 match push_message(&new, generation + 1) {
                     Ok((push, bytes)) => {
+                        if let Some(limits) = reloaded_limits(&new, gateway, &mut limits_sent) {
+                            if let Err(e) = outbox.send(limits) {
+                                break e.into();
+                            }
+                        }
                         generation += 1;
                         last_push = LastPush { bytes, listeners: new.listeners.len() };
                         tracing::info!(gateway = %gateway, "configuration reloaded; pushing generation {generation}");

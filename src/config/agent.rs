@@ -174,6 +174,28 @@ pub struct ListenerConfig {
     pub clients: AccessRules,
     /// The client rules as written, for the wire.
     pub clients_text: ClientRules,
+    /// Rate limits the gateways enforce (outside the digest's serialization: see
+    /// [`AgentConfig::digest`]).
+    #[serde(skip)]
+    pub edge: EdgeLimitsConfig,
+}
+
+/// A listener's rate limits (`new_connections_per_ip`, `client_rate`, `listener_rate`); `None`:
+/// unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EdgeLimitsConfig {
+    /// New connections per client address per hour.
+    pub new_connections_per_ip_hourly: Option<u64>,
+    /// Bytes per second per client connection, each direction.
+    pub client_rate: Option<u64>,
+    /// Bytes per second for the whole listener, each direction.
+    pub listener_rate: Option<u64>,
+}
+
+impl EdgeLimitsConfig {
+    pub fn is_unlimited(&self) -> bool {
+        *self == EdgeLimitsConfig::default()
+    }
 }
 
 impl ListenerConfig {
@@ -254,6 +276,9 @@ struct RawListener {
     proxy_protocol: Option<Spanned<String>>,
     impersonation: Option<Spanned<String>>,
     clients: Option<RawRules>,
+    new_connections_per_ip: Option<Spanned<String>>,
+    client_rate: Option<Spanned<String>>,
+    listener_rate: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -630,6 +655,7 @@ impl AgentConfig {
                 default: clients.default,
                 except,
             };
+            let edge = parse_edge_limits(&src, l, &ctx)?;
             listeners.push(ListenerConfig {
                 name: lname,
                 public,
@@ -638,6 +664,7 @@ impl AgentConfig {
                 impersonation,
                 clients,
                 clients_text,
+                edge,
             });
         }
         if listeners.is_empty() {
@@ -750,16 +777,73 @@ impl AgentConfig {
         self.listeners.iter().map(ListenerConfig::spec).collect()
     }
 
-    /// Hex SHA-256 over the site and every listener (public side, backend, options). Two agents
-    /// of one site must produce the same digest.
+    /// The rate limits of the listeners that have any, for the gateways; `None` when no
+    /// listener has one (then nothing is sent, as before limits existed).
+    pub fn edge_limits(&self) -> Option<crate::protocol::EdgeLimits> {
+        let listeners: Vec<_> = self
+            .listeners
+            .iter()
+            .filter(|l| !l.edge.is_unlimited())
+            .map(|l| crate::protocol::ListenerLimits {
+                name: l.name.clone(),
+                new_connections_per_ip_hourly: l.edge.new_connections_per_ip_hourly,
+                client_rate: l.edge.client_rate,
+                listener_rate: l.edge.listener_rate,
+            })
+            .collect();
+        (!listeners.is_empty()).then_some(crate::protocol::EdgeLimits { listeners })
+    }
+
+    /// Hex SHA-256 over the site and every listener (public side, backend, options, and the
+    /// rate limits when any listener has some). Two agents of one site must produce the same
+    /// digest. Limits are left out when there are none, so a configuration without limits
+    /// keeps the digest it had before they existed (agents of two versions can share a site).
     pub fn digest(&self) -> String {
-        let bytes = postcard::to_stdvec(&(&self.site, &self.listeners))
-            .expect("serializing plain data cannot fail");
+        let limits: Vec<(&str, EdgeLimitsConfig)> = self
+            .listeners
+            .iter()
+            .filter(|l| !l.edge.is_unlimited())
+            .map(|l| (l.name.as_str(), l.edge))
+            .collect();
+        let bytes = if limits.is_empty() {
+            postcard::to_stdvec(&(&self.site, &self.listeners))
+        } else {
+            postcard::to_stdvec(&(&self.site, &self.listeners, &limits))
+        }
+        .expect("serializing plain data cannot fail");
         Sha256::digest(&bytes)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
     }
+}
+
+/// A listener's `new_connections_per_ip`, `client_rate` and `listener_rate`.
+fn parse_edge_limits(
+    src: &Source,
+    l: &RawListener,
+    ctx: &dyn Fn(&str) -> String,
+) -> Result<EdgeLimitsConfig, ConfigError> {
+    use crate::ratelimit::{parse_byte_rate, parse_conn_rate};
+    let conn = |v: &Spanned<String>, key: &str| src.parse_with(v, &ctx(key), parse_conn_rate);
+    let bytes = |v: &Spanned<String>, key: &str| src.parse_with(v, &ctx(key), parse_byte_rate);
+    Ok(EdgeLimitsConfig {
+        new_connections_per_ip_hourly: l
+            .new_connections_per_ip
+            .as_ref()
+            .map(|v| conn(v, "new_connections_per_ip"))
+            .transpose()?,
+        client_rate: l
+            .client_rate
+            .as_ref()
+            .map(|v| bytes(v, "client_rate"))
+            .transpose()?,
+        listener_rate: l
+            .listener_rate
+            .as_ref()
+            .map(|v| bytes(v, "listener_rate"))
+            .transpose()?,
+    })
 }
 
 /// `[limits]`: every count from 1 to 1,000,000; unset keys keep their defaults.
@@ -1005,6 +1089,34 @@ backend = "10.0.0.6:30000-30049"
 [outbound]
 listen = "127.0.0.1:1080"
 "#;
+
+    #[test]
+    fn rate_limits_parse_and_bad_ones_name_their_line() {
+        let limited = EXAMPLE.replace(
+            "proxy_protocol = \"none\"\n",
+            "proxy_protocol = \"none\"\nnew_connections_per_ip = \"20/s\"\nclient_rate = \"8MiB/s\"\nlisteners_rate = 1\n",
+        );
+        let err = parse(&limited).unwrap_err().to_string();
+        assert!(err.contains("listeners_rate"), "{err}");
+        let cfg = parse(&limited.replace("listeners_rate = 1\n", "")).unwrap();
+        let edge = cfg.listener("sftp").unwrap().edge;
+        assert_eq!(edge.new_connections_per_ip_hourly, Some(72_000));
+        assert_eq!(edge.client_rate, Some(8 << 20));
+        assert_eq!(edge.listener_rate, None);
+        let sent = cfg.edge_limits().unwrap();
+        assert_eq!(sent.listeners.len(), 1);
+        // Limits change the digest; no limits keep the digest of a file without the keys.
+        assert_ne!(cfg.digest(), parse(EXAMPLE).unwrap().digest());
+        assert!(parse(EXAMPLE).unwrap().edge_limits().is_none());
+        let bad = limited.replace("listeners_rate = 1\n", "listener_rate = \"100MiB\"\n");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("agent.toml:11")
+                && err.contains("listener_rate")
+                && err.contains("8MiB/s"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn design_example_parses() {

@@ -233,6 +233,21 @@ pub const AGENT_KEYS: &[Key] = &[
         "pushed to every gateway: only changed listeners restart",
     ),
     noted(
+        "listener.new_connections_per_ip",
+        Applied,
+        "pushed to every gateway: for new clients",
+    ),
+    noted(
+        "listener.client_rate",
+        Applied,
+        "pushed to every gateway: for new clients",
+    ),
+    noted(
+        "listener.listener_rate",
+        Applied,
+        "pushed to every gateway: a new bucket, for new clients",
+    ),
+    noted(
         "outbound.listen",
         Applied,
         "the proxy moves once the new address is bound",

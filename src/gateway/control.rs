@@ -34,9 +34,9 @@ use crate::net;
 use crate::protocol::liveness::{Beat, Liveness, MISSED};
 use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
-    self, BanResult, ClientFailed, Connection, ControlHello, DataHello, ErrorCode, Feature, Hello,
-    HelloAck, ListenerStatus, Message, MessageReader, ProtocolError, PushConfig, Role,
-    SessionSecret, Token,
+    self, BanResult, ClientFailed, Connection, ControlHello, DataHello, EdgeLimits, ErrorCode,
+    Feature, Hello, HelloAck, ListenerStatus, Message, MessageReader, ProtocolError, PushConfig,
+    Role, SessionSecret, Token,
 };
 use crate::transport::Stream;
 use tokio_util::sync::CancellationToken;
@@ -584,6 +584,9 @@ async fn run_session(
     if let Some(chunk) = early.last {
         apply_bans(&site, &agent, &outbox, chunk);
     }
+    if let Some(limits) = early.limits {
+        apply_limits(&site, &agent, limits);
+    }
     let end = match apply_push(&shared, &site, &agent, &outbox, &push).await {
         Ok(()) => {
             let session = Session {
@@ -640,6 +643,10 @@ where
             Some(Message::Heartbeat(_)) => continue,
             Some(Message::BanList(chunk)) => {
                 bans.last = Some(bans.assembly.add(chunk));
+                continue;
+            }
+            Some(Message::EdgeLimits(limits)) => {
+                bans.limits = Some(limits);
                 continue;
             }
             Some(Message::PushConfig(push)) => return Ok(push),
@@ -781,12 +788,34 @@ struct Session<'a> {
     bans: &'a mut BanAssembly,
 }
 
-/// Ban-list chunks received before the first config push.
+/// Ban-list chunks (and rate limits) received before the first config push.
 #[derive(Default)]
 struct EarlyBans {
     assembly: BanAssembly,
     /// What the last chunk completed (or why it was refused).
     last: Option<ChunkOutcome>,
+    limits: Option<EdgeLimits>,
+}
+
+/// Puts an agent's rate limits in force for its site (a refused set leaves the previous one).
+fn apply_limits(site: &Site, agent: &AgentHandle, limits: EdgeLimits) {
+    match site.limits.replace(limits) {
+        Ok(n) => tracing::info!(
+            site = %site.name, agent = %agent.name,
+            "rate limits in force for {n} listener(s)"
+        ),
+        Err(error) => {
+            static REFUSED: Event = Event::new(5, Duration::from_secs(10));
+            let occ = REFUSED.hit();
+            if occ.log {
+                tracing::warn!(
+                    site = %site.name, agent = %agent.name, peer = %agent.addr,
+                    "rate limits refused (the previous ones stay in force): {error}{}",
+                    occ.tally()
+                );
+            }
+        }
+    }
 }
 
 /// Applies a completed ban list (or reports a refused chunk) and answers the agent with a
@@ -863,6 +892,7 @@ where
                     Message::PushConfig(push) => apply_push(shared, site, agent, outbox, &push).await?,
                     Message::ClientFailed(f) => client_failed(shared, site, agent, f),
                     Message::BanList(chunk) => apply_bans(site, agent, outbox, bans.add(chunk)),
+                    Message::EdgeLimits(limits) => apply_limits(site, agent, limits),
                     Message::Error(e) => return Err(ProtocolError::Peer(e).into()),
                     other => return Err(SessionEnd::Unexpected(other.name())),
                 }

@@ -23,7 +23,7 @@ use crate::audit::{ConnectionEnd, Daemon};
 use crate::config::check_name;
 use crate::limits::{ConnPermit, GaugePermits};
 use crate::net;
-use crate::pipe::{pipe_tcp, PipeCounters};
+use crate::pipe::{pipe_tcp_throttled, PipeCounters};
 use crate::protocol::{ClientArrived, ListenerSpec, Message, PoolAssign, Token};
 
 /// What the accept loops and client tasks of one listener share.
@@ -194,6 +194,10 @@ async fn accept_loop(
             net::reset(stream);
             continue;
         }
+        if !within_rate(&shared, &site, &info, client_addr) {
+            net::reset(stream);
+            continue;
+        }
         if !info.rules.allows(client_addr.ip()) {
             info.stats.rejected.fetch_add(1, Ordering::Relaxed);
             let occ = shared.stats.clients_rejected.hit();
@@ -262,6 +266,26 @@ fn is_banned(shared: &Shared, site: &Site, info: &ListenerInfo, client: SocketAd
         );
     }
     true
+}
+
+/// Whether the client is within its listener's `new_connections_per_ip`; counts and logs (at
+/// most once per 10 s) a refusal.
+fn within_rate(shared: &Shared, site: &Site, info: &ListenerInfo, client: SocketAddr) -> bool {
+    let Some(limits) = site.limits.get(&info.spec.name) else {
+        return true;
+    };
+    if limits.admit(client.ip()) {
+        return true;
+    }
+    info.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    let occ = shared.stats.clients_rate_limited.hit();
+    if occ.log {
+        tracing::info!(
+            listener = %info.spec.name, client = %client,
+            "client refused: over the listener's new_connections_per_ip{}", occ.tally()
+        );
+    }
+    false
 }
 
 /// Counts a client refused by a limit; logs at most once per interval.
@@ -448,8 +472,13 @@ async fn serve_client(
     let data_agent = data.agent.clone();
     shared.traffic.start(entry.clone());
     let unsent = &held.bytes[forwarded..];
+    let throttle = site
+        .limits
+        .get(listener)
+        .map(|l| l.throttle())
+        .unwrap_or_default();
     let result = tokio::select! {
-        r = pipe_tcp(client, unsent, data.stream, &data.leftover, &entry.counters) => r,
+        r = pipe_tcp_throttled(client, unsent, data.stream, &data.leftover, &entry.counters, &throttle) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
         () = shared.denied(data.agent_addr.ip(), true) => Err(std::io::Error::other("cut: the agent's address was revoked by [peers]")),
         () = site.bans.until_banned(client_addr.ip()) => Err(std::io::Error::other("cut: the client's address was banned")),

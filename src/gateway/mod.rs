@@ -14,6 +14,7 @@
 pub mod bans;
 mod binding;
 mod control;
+mod edge;
 mod listener;
 pub mod outbound;
 mod pending;

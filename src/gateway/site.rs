@@ -70,6 +70,8 @@ pub(crate) struct Site {
     pub ports: crate::limits::Gauge,
     /// The bans its agents pushed, merged (checked at every accept).
     pub bans: super::bans::SiteBans,
+    /// The rate limits its agents pushed (checked at every accept, applied to every pipe).
+    pub limits: super::edge::SiteLimits,
     /// Listeners of the last push, kept when the last agent leaves: a site whose agents are
     /// all gone still "has listeners" for `/api/health`.
     last_pushed: AtomicUsize,
@@ -120,6 +122,7 @@ impl Site {
             ports: crate::limits::Gauge::default(),
             last_pushed: AtomicUsize::new(0),
             bans: Default::default(),
+            limits: Default::default(),
         }
     }
 

@@ -28,6 +28,8 @@ pub struct GatewayStats {
     pub clients_rejected: Event,
     /// Clients refused because their address is banned (logged per ban, not here).
     pub clients_banned: Event,
+    /// Clients refused by their listener's `new_connections_per_ip`.
+    pub clients_rate_limited: Event,
     /// Clients refused by a limit (connections in total or per IP, pending clients).
     pub clients_over_limit: Event,
     /// Clients refused because the gateway is paused (only while the race with closing lasts).
@@ -79,6 +81,7 @@ impl Default for GatewayStats {
         GatewayStats {
             clients_rejected: Event::some_per_10s(),
             clients_banned: Event::once_per_10s(),
+            clients_rate_limited: Event::once_per_10s(),
             clients_over_limit: Event::once_per_10s(),
             clients_paused: Event::once_per_10s(),
             clients_unclaimed: Event::some_per_10s(),
@@ -107,6 +110,7 @@ impl GatewayStats {
         BTreeMap::from([
             ("client_rules", self.clients_rejected.count()),
             ("banned", self.clients_banned.count()),
+            ("rate_limited", self.clients_rate_limited.count()),
             ("client_limits", self.clients_over_limit.count()),
             ("client_paused", self.clients_paused.count()),
             ("client_unclaimed", self.clients_unclaimed.count()),

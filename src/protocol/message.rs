@@ -38,6 +38,8 @@ pub mod kind {
     /// so no version is needed; [`BAN_RESULT`] tells the agent the list was applied.
     pub const BAN_LIST: u16 = 0x8010;
     pub const BAN_RESULT: u16 = 0x8011;
+    /// Advisory: a gateway that ignores it enforces no rate limits (as before they existed).
+    pub const EDGE_LIMITS: u16 = 0x8012;
 }
 
 /// Every connection's first frame. Its layout is frozen for all protocol versions: the version
@@ -369,6 +371,26 @@ pub struct BanResult {
     pub error: Option<String>,
 }
 
+/// The rate limits of an agent's listeners (agent to gateway), sent before every config push
+/// that has any, whole: it replaces the site's previous limits. docs/protocol.md section 4.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeLimits {
+    pub listeners: Vec<ListenerLimits>,
+}
+
+/// One listener's limits; `None`: unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerLimits {
+    pub name: String,
+    /// New connections per client address (an IPv4 address or an IPv6 /64), per hour (so
+    /// `20/s`, `600/min` and `5/h` are all whole numbers).
+    pub new_connections_per_ip_hourly: Option<u64>,
+    /// Bytes per second per client connection, each direction.
+    pub client_rate: Option<u64>,
+    /// Bytes per second for the whole listener, each direction.
+    pub listener_rate: Option<u64>,
+}
+
 /// A decoded message (any version: a message a version does not have is never sent on it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -385,6 +407,7 @@ pub enum Message {
     PoolAccepted(PoolAccepted),
     BanList(BanList),
     BanResult(BanResult),
+    EdgeLimits(EdgeLimits),
 }
 
 impl Message {
@@ -403,6 +426,7 @@ impl Message {
             Message::PoolAccepted(_) => kind::POOL_ACCEPTED,
             Message::BanList(_) => kind::BAN_LIST,
             Message::BanResult(_) => kind::BAN_RESULT,
+            Message::EdgeLimits(_) => kind::EDGE_LIMITS,
         }
     }
 
@@ -422,6 +446,7 @@ impl Message {
             Message::PoolAccepted(_) => "pool-accepted",
             Message::BanList(_) => "ban-list",
             Message::BanResult(_) => "ban-result",
+            Message::EdgeLimits(_) => "edge-limits",
         }
     }
 
@@ -447,6 +472,7 @@ impl Message {
             Message::PoolAccepted(m) => postcard::to_stdvec(m),
             Message::BanList(m) => postcard::to_stdvec(m),
             Message::BanResult(m) => postcard::to_stdvec(m),
+            Message::EdgeLimits(m) => postcard::to_stdvec(m),
         }
         .expect("serializing plain data into a Vec cannot fail");
         RawFrame {
@@ -474,6 +500,7 @@ impl Message {
             kind::POOL_ACCEPTED => Message::PoolAccepted(payload(k, p)?),
             kind::BAN_LIST => Message::BanList(payload(k, p)?),
             kind::BAN_RESULT => Message::BanResult(payload(k, p)?),
+            kind::EDGE_LIMITS => Message::EdgeLimits(payload(k, p)?),
             k if k >= kind::FIRST_ADVISORY => return Ok(None),
             k => return Err(ProtocolError::UnknownMessage { kind: k }),
         };

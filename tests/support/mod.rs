@@ -285,6 +285,19 @@ pub fn start_gateway_named(dir: &Workdir, name: &str, extra: &str) -> Gateway {
 /// it has `[peers]`, every address is allowed (written out, as a gateway requires), and unless
 /// it has `[clients]`, public listeners bind 127.0.0.1.
 pub fn start_gateway_with(dir: &Workdir, name: &str, control: &str, extra: &str) -> Gateway {
+    let path = dir.write(&format!("{name}.toml"), &gateway_config(control, extra));
+    spawn_gateway(name, &path)
+}
+
+/// [`start_gateway`] with extra environment variables (e.g. `SALLYPORT_SPLICE=off`).
+pub fn start_gateway_env(dir: &Workdir, name: &str, extra: &str, env: &[(&str, &str)]) -> Gateway {
+    let config = gateway_config("listen = \"127.0.0.1:0\"", extra);
+    let path = dir.write(&format!("{name}.toml"), &config);
+    spawn_gateway_env(name, &path, env)
+}
+
+/// gateway.toml text for [`start_gateway_with`].
+fn gateway_config(control: &str, extra: &str) -> String {
     let admin = if extra.contains("[admin]") {
         ""
     } else {
@@ -300,14 +313,18 @@ pub fn start_gateway_with(dir: &Workdir, name: &str, control: &str, extra: &str)
     } else {
         "[clients]\nbind = \"127.0.0.1\"\n"
     };
-    let config = format!("[control]\n{control}\n\n{clients}\n{peers}\n{admin}\n{extra}\n");
-    let path = dir.write(&format!("{name}.toml"), &config);
-    spawn_gateway(name, &path)
+    format!("[control]\n{control}\n\n{clients}\n{peers}\n{admin}\n{extra}\n")
 }
 
 /// Starts `sallyport gateway --config path` and waits for its ports.
 pub fn spawn_gateway(name: &str, path: &Path) -> Gateway {
-    let proc = Proc::spawn(name, &["gateway", "--config", path.to_str().unwrap()]);
+    spawn_gateway_env(name, path, &[])
+}
+
+/// [`spawn_gateway`] with extra environment variables.
+pub fn spawn_gateway_env(name: &str, path: &Path, env: &[(&str, &str)]) -> Gateway {
+    let args = ["gateway", "--config", path.to_str().unwrap()];
+    let proc = Proc::spawn_with_env(name, BIN, &args, env);
     let line = proc.wait_for_log("control port listening on ", Duration::from_secs(10));
     let control = addr_after(&line, "control port listening on ");
     let admin = proc

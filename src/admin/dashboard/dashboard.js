@@ -102,6 +102,7 @@ function renderAgents(status) {
 const REFUSAL_LABELS = {
   client_rules: 'clients refused by client rules',
   banned: 'clients refused: address banned',
+  rate_limited: 'clients over new_connections_per_ip',
   client_limits: 'clients over a connection limit',
   client_paused: 'clients refused while pausing',
   client_unclaimed: 'clients no agent claimed in time',
