@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -286,6 +286,16 @@ fn a_revoked_agent_is_cut_at_the_reload_and_refused_at_its_next_handshake() {
     );
     wait_open(p1, Duration::from_secs(10));
     wait_open(p2, Duration::from_secs(10));
+    // A client of each agent, connected and piping when the revocation comes.
+    let session = |addr| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"hello\n").unwrap();
+        let mut got = [0u8; 6];
+        s.read_exact(&mut got).unwrap();
+        s
+    };
+    let (mut held1, mut held2) = (session(p1), session(p2));
 
     let out = run_ok(&["cert", "revoke", "--dir", c, "--agent", "edge-1"]);
     assert!(
@@ -307,6 +317,32 @@ fn a_revoked_agent_is_cut_at_the_reload_and_refused_at_its_next_handshake() {
         Duration::from_secs(10),
     );
     assert!(line.contains("edge-1"), "{line}");
+    // What edge-1 was piping is cut too ([peers] drop_established, the default); edge-2's
+    // client keeps going.
+    let mut buf = [0u8; 16];
+    held1
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let _ = held1.write_all(b"more\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let cut = loop {
+        match held1.read(&mut buf) {
+            Ok(0) => break true,
+            // The echo of bytes that passed before the cut.
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if std::time::Instant::now() > deadline {
+                    break false;
+                }
+            }
+            Err(_) => break true,
+        }
+    };
+    assert!(cut, "edge-1's established client survived its revocation");
+    held2.write_all(b"again\n").unwrap();
+    let mut got = [0u8; 6];
+    held2.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"again\n");
     wait_refused(p1, Duration::from_secs(10));
     edge1.wait_for_log("certificate revoked", Duration::from_secs(10));
     // Its next handshakes fail on the CRL; it says why and slows down to its longest delay.
@@ -329,6 +365,7 @@ fn a_revoked_agent_is_cut_at_the_reload_and_refused_at_its_next_handshake() {
         .collect();
     assert_eq!(agents, ["edge-2"], "{status}");
     assert_eq!(status["revoked"][0]["agent"], "edge-1", "{status}");
+    assert_eq!(status["revoked"][0]["established_closed"], true, "{status}");
     let stats = gateway.api("/api/stats");
     assert_eq!(stats["refusals"]["revoked"], 1, "{stats}");
     assert!(

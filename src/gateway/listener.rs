@@ -477,10 +477,12 @@ async fn serve_client(
         .get(listener)
         .map(|l| l.throttle())
         .unwrap_or_default();
+    // The agent's certificate, for a reload that revokes it to cut this connection.
+    let chain = data.stream.peer_chain();
     let result = tokio::select! {
         r = pipe_tcp_throttled(client, unsent, data.stream, &data.leftover, &entry.counters, &throttle) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
-        () = shared.denied(data.agent_addr.ip(), true) => Err(std::io::Error::other("cut: the agent's address was revoked by [peers]")),
+        why = shared.cut(data.agent_addr.ip(), chain.as_deref(), true) => Err(std::io::Error::other(why)),
         () = site.bans.until_banned(client_addr.ip()) => Err(std::io::Error::other("cut: the client's address was banned")),
     };
     shared.traffic.finish(id);

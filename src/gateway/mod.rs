@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
+use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -152,16 +153,40 @@ impl Shared {
     /// a connection of that agent to end. A connection already `piping` client bytes ends only
     /// when `[peers] drop_established` is set.
     pub async fn denied(&self, ip: IpAddr, piping: bool) {
+        self.cut(ip, None, piping).await;
+    }
+
+    /// As [`Shared::denied`], and also once a reload's TLS settings refuse `chain`, the
+    /// agent certificate this connection was accepted with (a CRL now lists it, or the
+    /// client_ca no longer issued it). The certificate is checked again only after a reload,
+    /// never on the connection path. Says why, for the connection's record.
+    pub async fn cut(
+        &self,
+        ip: IpAddr,
+        chain: Option<&[CertificateDer<'static>]>,
+        piping: bool,
+    ) -> &'static str {
         // Subscribe before looking: a reload between the look and the wait still wakes us.
         let mut changes = self.peer_rules.subscribe();
+        let mut reloaded = false;
         loop {
             let config = self.config();
-            if !config.peers.allows(ip) && (!piping || config.drop_established) {
-                return;
+            if !piping || config.drop_established {
+                if !config.peers.allows(ip) {
+                    return "cut: the agent's address was revoked by [peers]";
+                }
+                let refused = |chain| {
+                    let tls = config.tls.as_ref()?;
+                    tls.server.verify_client(chain).err()
+                };
+                if reloaded && chain.and_then(refused).is_some() {
+                    return "cut: the agent's certificate was revoked (a reload's tls.crl or client_ca refuses it)";
+                }
             }
             if changes.changed().await.is_err() {
                 return std::future::pending().await;
             }
+            reloaded = true;
         }
     }
 
@@ -776,12 +801,14 @@ impl GatewayHandle {
 
     /// Cuts the agents whose certificate the new TLS settings refuse (a CRL that lists it, a
     /// client_ca that did not issue it): their control sessions end with REVOKED, and with
-    /// them their pooled connections. Established client connections finish.
+    /// them their pooled connections; the client and outbound connections they pipe end in
+    /// [`Shared::cut`] (under `[peers] drop_established`, as for a `[peers]` revocation).
     fn revoke_rejected_certificates(&self) {
         let config = self.shared.config();
         let Some(tls) = &config.tls else {
             return;
         };
+        let connections = self.shared.traffic.connections();
         for site in self.shared.sites.all() {
             for agent in site.agents() {
                 let Some(chain) = &agent.chain else {
@@ -791,9 +818,20 @@ impl GatewayHandle {
                     continue;
                 };
                 let reason = format!("its certificate is now refused: {e}");
+                // Connections from its address: what the cut in [`Shared::cut`] reaches.
+                let established = connections
+                    .iter()
+                    .filter(|c| c.agent_addr.ip() == agent.addr.ip())
+                    .count();
                 tracing::warn!(
                     site = %site.name, agent = %agent.name, peer = %agent.addr,
-                    "reload: agent REVOKED: {reason}: control channel and pooled connections closed"
+                    "reload: agent REVOKED: {reason}: control channel and pooled connections \
+                     closed, established connection(s) {}",
+                    if config.drop_established {
+                        "closed"
+                    } else {
+                        "left to finish ([peers] drop_established = false)"
+                    }
                 );
                 self.shared.stats.revoked.hit();
                 self.note_revoked(RevokedView {
@@ -803,8 +841,8 @@ impl GatewayHandle {
                     at: unix(SystemTime::now()),
                     reason,
                     pooled: site.pool.agent_count(agent.id),
-                    established: 0,
-                    established_closed: false,
+                    established,
+                    established_closed: config.drop_established,
                 });
                 agent.cert_revoked.cancel();
             }

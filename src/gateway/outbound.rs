@@ -249,10 +249,11 @@ pub(crate) async fn serve(
         failure: Default::default(),
     });
     shared.traffic.start(entry.clone());
+    let chain = stream.peer_chain();
     let result = tokio::select! {
         r = pipe_tcp(dest_stream, b"", stream, &leftover, &entry.counters) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
-        () = shared.denied(peer.ip(), true) => Err(std::io::Error::other("cut: the agent's address was revoked by [peers]")),
+        why = shared.cut(peer.ip(), chain.as_deref(), true) => Err(std::io::Error::other(why)),
     };
     shared.traffic.finish(id);
     let bytes = entry.bytes();
