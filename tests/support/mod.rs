@@ -171,8 +171,21 @@ impl Proc {
 
     /// Kills with SIGKILL: the process gets no chance to say goodbye.
     pub fn kill(&mut self) {
+        // A wrapper such as strace runs the daemon as its child, which would outlive it.
+        let children: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                    .flat_map(|c| c.split_whitespace().map(String::from).collect::<Vec<_>>())
+                    .collect()
+            })
+            .unwrap_or_default();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !children.is_empty() {
+            let _ = Command::new("kill").arg("-KILL").args(&children).status();
+        }
     }
 
     /// Sends a signal by PID (SIGTERM, SIGHUP ...).
