@@ -35,6 +35,8 @@ needs=(
   "man:man-db"
   "/usr/share/bash-completion/bash_completion:bash-completion"
   "zsh:zsh"
+  "/usr/sbin/dnsmasq:dnsmasq-base"
+  "dig:bind9-dnsutils"
   "fish:fish"
   # tests/fail2ban.rs: the real fail2ban bans through `sallyport ban`
   "fail2ban-client:fail2ban"

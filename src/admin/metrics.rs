@@ -197,6 +197,63 @@ fn cert_expiry(status: &crate::gateway::StatusView) -> MetricFamily {
     )
 }
 
+/// The UDP listeners' families (samples only for UDP listeners; drops labelled by reason).
+fn write_udp_families(
+    out: &mut String,
+    listeners: &[crate::gateway::ListenerStatsView],
+    labels: &[String],
+) {
+    type Get = fn(&crate::gateway::stats::UdpSnapshot) -> u64;
+    let families: [(&str, &str, &str, Get); 3] = [
+        (
+            "sallyport_udp_flows",
+            "UDP flows open now (waiting for their data connection or relaying).",
+            "gauge",
+            |u| u.flows,
+        ),
+        (
+            "sallyport_udp_datagrams_from_clients_total",
+            "Datagrams from clients queued for their flow.",
+            "counter",
+            |u| u.datagrams_from_clients,
+        ),
+        (
+            "sallyport_udp_datagrams_to_clients_total",
+            "Datagrams sent to clients.",
+            "counter",
+            |u| u.datagrams_to_clients,
+        ),
+    ];
+    for (name, help, kind, get) in families {
+        let samples = listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.traffic.udp.as_ref().map(|u| (i, get(u) as f64)));
+        write_family(out, name, help, kind, samples, labels);
+    }
+    // One sample per listener and reason: `{site,listener,reason}`.
+    let dropped: Vec<(String, f64)> = listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.traffic.udp.as_ref().map(|u| (i, u)))
+        .flat_map(|(i, u)| {
+            let base = labels[i].trim_end_matches('}').to_string();
+            u.dropped
+                .iter()
+                .map(move |(why, n)| (format!("{base},reason=\"{why}\"}}"), *n as f64))
+        })
+        .collect();
+    let names: Vec<String> = dropped.iter().map(|(l, _)| l.clone()).collect();
+    write_family(
+        out,
+        "sallyport_udp_datagrams_dropped_total",
+        "Datagrams dropped, by reason: oversize, queue_full, refused (no flow allowed), send_failed.",
+        "counter",
+        dropped.iter().enumerate().map(|(i, (_, n))| (i, *n)),
+        &names,
+    );
+}
+
 /// Renders the metrics of `handle`. The per-listener families are written straight to text
 /// with each listener's labels rendered once: at 5,000 listeners, building them as protobuf
 /// objects (two label pairs per sample, ten families) was most of a scrape.
@@ -217,6 +274,7 @@ pub fn render(handle: &GatewayHandle) -> String {
             .map(|(i, l)| (i, get(&l.traffic) as f64));
         write_family(&mut out, name, help, kind, samples, &labels);
     }
+    write_udp_families(&mut out, &stats.listeners, &labels);
     let up_labels: Vec<String> = status
         .listeners
         .iter()

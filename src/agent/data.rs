@@ -12,7 +12,7 @@ use super::dial::{dial, DialError, Target};
 use super::embedded::{Accepted, GatewayStream};
 use super::{proxy_header, AgentCtx};
 use crate::audit::{ConnectionEnd, Daemon};
-use crate::config::{AgentConfig, Backend, Impersonation};
+use crate::config::{AgentConfig, Backend, Impersonation, Protocol, ProxyProtocol};
 use crate::net;
 use crate::pipe::{pipe_tcp, PipeCounters};
 use crate::protocol::{ClientArrived, ClientFailed, DataHello, ErrorCode, Message, Role, Token};
@@ -93,6 +93,24 @@ pub(crate) async fn serve_client(
         record("refused", Some(&why), None, (0, 0));
         return fail(why);
     };
+    if let Protocol::Udp { idle_timeout } = listener.protocol {
+        let flow = Flow {
+            config: &config,
+            gateway: &gateway,
+            arrived: &arrived,
+            target: &target,
+            proxy: listener.proxy_protocol,
+            idle_timeout,
+            stats: &stats,
+        };
+        return match serve_flow(flow, pooled).await {
+            Ok((outcome, moved)) => record(outcome, None, Some(&target), moved),
+            Err(Unserved { outcome, why }) => {
+                record(outcome, Some(&why), Some(&target), (0, 0));
+                fail(why)
+            }
+        };
+    }
 
     // Both dials at once: the client's wait is the slower of the two, not their sum.
     let (data, backend) = tokio::join!(
@@ -182,6 +200,88 @@ pub(crate) async fn serve_client(
     match result {
         Ok(()) => record("closed", None, Some(&target), moved),
         Err(e) => record("error", Some(&e.to_string()), Some(&target), moved),
+    }
+}
+
+/// What serving one UDP flow needs to know.
+struct Flow<'a> {
+    config: &'a AgentConfig,
+    gateway: &'a Gateway,
+    arrived: &'a ClientArrived,
+    target: &'a str,
+    proxy: ProxyProtocol,
+    idle_timeout: std::time::Duration,
+    stats: &'a Arc<super::stats::ListenerStats>,
+}
+
+/// Why a flow was not served: its audit outcome and the reason for the gateway.
+struct Unserved {
+    outcome: &'static str,
+    why: String,
+}
+
+/// Serves one UDP flow ([`super::udp`]): the backend socket and the data connection at once,
+/// then the relay until the flow ends. Returns the audit outcome and the payload bytes moved
+/// (from the client, to the client).
+async fn serve_flow(
+    flow: Flow<'_>,
+    pooled: Option<(Stream, BytesMut)>,
+) -> Result<(&'static str, (u64, u64)), Unserved> {
+    let (data, backend) = tokio::join!(
+        async {
+            match pooled {
+                Some(p) => Ok(p),
+                None => open_data_connection(flow.config, flow.gateway, flow.arrived).await,
+            }
+        },
+        super::udp::connect_backend(flow.target),
+    );
+    let backend = match backend {
+        Ok(b) => b,
+        Err(e) => {
+            let why = format!("backend {} unreachable: {e}", flow.target);
+            flow.stats.backend_failed(&why);
+            if let Ok((mut data, _)) = data {
+                net::close_gently(&mut data, std::time::Duration::from_secs(1)).await;
+            }
+            return Err(Unserved {
+                outcome: "backend_unreachable",
+                why,
+            });
+        }
+    };
+    let (data, leftover) = data.map_err(|e| {
+        let why = format!("agent's data connection failed: {e}");
+        flow.stats.data_failed(&why);
+        Unserved {
+            outcome: "data_failed",
+            why,
+        }
+    })?;
+    let (client, gateway_addr) = (flow.arrived.client_addr, flow.arrived.gateway_addr);
+    let header = proxy_header::header_dgram(flow.proxy, client, gateway_addr);
+    let counters = Arc::new(PipeCounters::default());
+    // `a_written` counts payload only: no header to take off.
+    let serving = flow.stats.serving(counters.clone(), 0);
+    let ended = super::udp::relay(
+        data,
+        leftover,
+        backend,
+        header,
+        flow.idle_timeout,
+        &counters,
+    )
+    .await;
+    drop(serving);
+    let bytes = counters.snapshot();
+    let moved = (bytes.a_written, bytes.a_read);
+    match ended {
+        Ok(super::udp::FlowEnd::Idle) => Ok(("idle", moved)),
+        Ok(super::udp::FlowEnd::Closed) => Ok(("closed", moved)),
+        Err(e) => {
+            tracing::debug!(client = %client, "flow ended: {e}");
+            Ok(("error", moved))
+        }
     }
 }
 

@@ -289,6 +289,7 @@ impl GatewayListener {
             backend: Backend::Local,
             proxy_protocol: ProxyProtocol::None,
             impersonation: Impersonation::None,
+            protocol: Default::default(),
             clients: AccessRules::allow_all(),
             clients_text: ClientRules::default(),
             edge: Default::default(),

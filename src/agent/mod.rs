@@ -23,6 +23,7 @@ mod session;
 pub mod stats;
 pub mod status;
 mod supervisor;
+mod udp;
 
 pub use embedded::{Accepted, ClientAddr, GatewayListener, GatewayListenerBuilder, GatewayStream};
 pub use status::{AgentStatus, GatewayStatus};

@@ -42,6 +42,22 @@ pub fn header(kind: ProxyProtocol, client: SocketAddr, gateway: SocketAddr) -> V
     }
 }
 
+/// The PROXY v2 header of a UDP flow (transport DGRAM: 0x12 over IPv4, 0x22 over IPv6),
+/// empty for [`ProxyProtocol::None`]. v1 has no UDP form; the config refuses it.
+pub fn header_dgram(kind: ProxyProtocol, client: SocketAddr, gateway: SocketAddr) -> Vec<u8> {
+    let (client, gateway) = same_family(client, gateway);
+    match kind {
+        ProxyProtocol::V2 => v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Proxy,
+            v2::Protocol::Datagram,
+            (client, gateway),
+        )
+        .build()
+        .expect("a v2 header of two socket addresses always builds"),
+        ProxyProtocol::None | ProxyProtocol::V1 => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +103,18 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(header(ProxyProtocol::None, a("1.2.3.4:5"), a("6.7.8.9:10")).is_empty());
+    }
+
+    #[test]
+    fn v2_dgram_has_the_udp_transport_byte() {
+        let h = header_dgram(
+            ProxyProtocol::V2,
+            a("198.51.100.7:50000"),
+            a("192.0.2.1:53"),
+        );
+        assert_eq!(h[13], 0x12, "AF_INET + DGRAM");
+        let h6 = header_dgram(ProxyProtocol::V2, a("[2001:db8::7]:5"), a("192.0.2.1:53"));
+        assert_eq!(h6[13], 0x22, "AF_INET6 + DGRAM");
+        assert!(header_dgram(ProxyProtocol::None, a("1.2.3.4:5"), a("6.7.8.9:10")).is_empty());
     }
 }

@@ -13,6 +13,7 @@ use super::{read_file, ConfigError, Source};
 use crate::access::{AccessRules, Policy};
 use crate::addr::{PortRange, PublicAddr};
 use crate::egress::EgressRules;
+use crate::protocol::datagram;
 use crate::protocol::frame::{DEFAULT_MAX_FRAME, MIN_MAX_FRAME};
 use crate::transport::ServerTls;
 
@@ -130,6 +131,10 @@ pub struct Limits {
     /// Clients waiting for a data connection, in total and per listener.
     pub max_pending: usize,
     pub max_pending_per_listener: usize,
+    /// UDP flows open at once per UDP listener (each holds a data connection).
+    pub max_udp_flows_per_listener: usize,
+    /// The largest UDP datagram forwarded, in bytes; larger ones are dropped and counted.
+    pub max_datagram: usize,
     /// Client connections (waiting or piping), in total and per client IP address.
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
@@ -173,6 +178,8 @@ impl Default for Limits {
             max_frame: DEFAULT_MAX_FRAME,
             max_pending: 4096,
             max_pending_per_listener: 1024,
+            max_udp_flows_per_listener: 4096,
+            max_datagram: 65_507,
             max_connections: 16384,
             max_connections_per_ip: 512,
             max_handshakes: 4096,
@@ -279,6 +286,8 @@ struct RawLimits {
     max_frame: Option<Spanned<u64>>,
     max_pending: Option<Spanned<u64>>,
     max_pending_per_listener: Option<Spanned<u64>>,
+    max_udp_flows_per_listener: Option<Spanned<u64>>,
+    max_datagram: Option<Spanned<u64>>,
     max_connections: Option<Spanned<u64>>,
     max_connections_per_ip: Option<Spanned<u64>>,
     max_handshakes: Option<Spanned<u64>>,
@@ -517,6 +526,25 @@ impl GatewayConfig {
                 &mut l.max_pending_per_listener,
             )?;
             count(
+                &limits.max_udp_flows_per_listener,
+                "max_udp_flows_per_listener",
+                &mut l.max_udp_flows_per_listener,
+            )?;
+            if let Some(v) = &limits.max_datagram {
+                let n = *v.get_ref();
+                if !(512..=datagram::MAX_PAYLOAD as u64).contains(&n) {
+                    return Err(src.error(
+                        v.span(),
+                        "limits.max_datagram",
+                        format!(
+                            "{n} is outside the allowed 512 to {}",
+                            datagram::MAX_PAYLOAD
+                        ),
+                    ));
+                }
+                l.max_datagram = n as usize;
+            }
+            count(
                 &limits.max_connections,
                 "max_connections",
                 &mut l.max_connections,
@@ -708,6 +736,11 @@ impl GatewayConfig {
                 "limits.max_pending_per_listener",
                 l.max_pending_per_listener,
             ),
+            Setting::new(
+                "limits.max_udp_flows_per_listener",
+                l.max_udp_flows_per_listener,
+            ),
+            Setting::new("limits.max_datagram", l.max_datagram),
             Setting::new("limits.max_connections", l.max_connections),
             Setting::new("limits.max_connections_per_ip", l.max_connections_per_ip),
             Setting::new("limits.max_handshakes", l.max_handshakes),

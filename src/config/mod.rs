@@ -22,7 +22,7 @@ use toml::Spanned;
 pub use admin::AdminConfig;
 pub use agent::{
     AgentConfig, AgentLimits, AgentTls, Backend, Impersonation, ListenerChanges, ListenerConfig,
-    OutboundConfig, ProxyProtocol, ReconnectConfig, OUTBOUND_HANDSHAKE_TIMEOUT,
+    OutboundConfig, Protocol, ProxyProtocol, ReconnectConfig, OUTBOUND_HANDSHAKE_TIMEOUT,
     OUTBOUND_MAX_CLIENTS, OUTBOUND_MAX_CLIENTS_PER_IP,
 };
 pub use gateway::{GatewayConfig, Limits, SiteBinding};

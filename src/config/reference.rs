@@ -151,6 +151,12 @@ pub const GATEWAY_KEYS: &[Key] = &[
     key("limits.max_frame", NewConnections),
     key("limits.max_pending", Applied),
     key("limits.max_pending_per_listener", Applied),
+    noted(
+        "limits.max_udp_flows_per_listener",
+        Applied,
+        "for new flows",
+    ),
+    key("limits.max_datagram", Applied),
     key("limits.max_connections", Applied),
     key("limits.max_connections_per_ip", Applied),
     key("limits.max_handshakes", Applied),
@@ -222,6 +228,12 @@ pub const AGENT_KEYS: &[Key] = &[
     noted("listener.backend", Applied, "for new clients"),
     noted("listener.proxy_protocol", Applied, "for new clients"),
     noted("listener.impersonation", Applied, "for new clients"),
+    noted(
+        "listener.protocol",
+        Applied,
+        "the listener is closed and opened again with the other protocol",
+    ),
+    noted("listener.idle_timeout", Applied, "for new flows"),
     noted(
         "listener.clients.default",
         Applied,

@@ -9,6 +9,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use std::future::Future;
+
+use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +26,63 @@ use crate::audit::{ConnectionEnd, Daemon};
 use crate::config::check_name;
 use crate::limits::{ConnPermit, GaugePermits};
 use crate::net;
-use crate::pipe::{pipe_tcp_throttled, PipeCounters};
-use crate::protocol::{ClientArrived, ListenerSpec, Message, PoolAssign, Token};
+use crate::pipe::{pipe_tcp_throttled, PipeCounters, PipeThrottle};
+use crate::protocol::{datagram, ClientArrived, ListenerSpec, Message, PoolAssign, Token};
+use crate::transport::Stream;
+
+/// A public client as the offer and the pipe see it: a TCP connection, or a UDP flow
+/// ([`super::udp`]). Reading it gives the bytes that go to the agent (a flow's datagrams
+/// already framed), so the warm-pool path can hold and forward them alike.
+pub(crate) trait PublicClient: AsyncRead + Unpin + Send + Sized + 'static {
+    /// Readies the client for serving and returns the gateway address it reached.
+    fn start(&self) -> std::io::Result<SocketAddr>;
+    /// Resolves when the client is gone while it waits for its data connection.
+    fn left(&self) -> impl Future<Output = ()> + Send + '_;
+    /// Refused after acceptance (a limit): a TCP client is reset.
+    fn refuse(self);
+    /// The agent could not serve it: an orderly close.
+    fn close(&mut self) -> impl Future<Output = ()> + Send + '_;
+    /// Moves bytes both ways between the client and its data connection until either ends.
+    fn pipe<'a>(
+        self,
+        unsent: &'a [u8],
+        data: Stream,
+        leftover: &'a [u8],
+        counters: &'a PipeCounters,
+        throttle: &'a PipeThrottle,
+    ) -> impl Future<Output = std::io::Result<()>> + Send + 'a;
+}
+
+impl PublicClient for TcpStream {
+    fn start(&self) -> std::io::Result<SocketAddr> {
+        net::tune(self);
+        self.local_addr()
+    }
+
+    fn left(&self) -> impl Future<Output = ()> + Send + '_ {
+        client_left(self)
+    }
+
+    fn refuse(self) {
+        net::reset(self)
+    }
+
+    fn close(&mut self) -> impl Future<Output = ()> + Send + '_ {
+        // An orderly close (the client's first bytes may be unread): not a reset.
+        net::close_gently(self, std::time::Duration::from_secs(1))
+    }
+
+    fn pipe<'a>(
+        self,
+        unsent: &'a [u8],
+        data: Stream,
+        leftover: &'a [u8],
+        counters: &'a PipeCounters,
+        throttle: &'a PipeThrottle,
+    ) -> impl Future<Output = std::io::Result<()>> + Send + 'a {
+        pipe_tcp_throttled(self, unsent, data, leftover, counters, throttle)
+    }
+}
 
 /// What the accept loops and client tasks of one listener share.
 pub(crate) struct ListenerInfo {
@@ -64,38 +122,20 @@ impl RunningListener {
         }
         shared.config().check_public(&spec.public)?;
         let ports = port_budget(shared, site, spec.public.ports.len())?;
-        let rules = AccessRules::parse(spec.clients.default, &spec.clients.except)
+        let except = datagram::rules_of(&spec.clients.except);
+        let rules = AccessRules::parse(spec.clients.default, except)
             .map_err(|e| format!("invalid client rules: {e}"))?;
-        let mut bound = Vec::with_capacity(spec.public.ports.len());
         let bind_ip = spec.public.ip.unwrap_or(shared.config().client_bind);
-        for addr in spec.public.socket_addrs(bind_ip) {
-            // Dropping `bound` on error closes the ports opened so far.
-            let listener = net::bind_listener(addr)
-                .map_err(|e| format!("{addr}: {}", describe_bind_error(&e)))?;
-            bound.push(listener);
-        }
-        let addrs = bound
-            .iter()
-            .map(|l| l.local_addr().expect("a bound socket has an address"))
-            .collect();
+        // Dropping `bound` on error closes the ports opened so far.
+        let bound = Bound::bind(&spec, bind_ip)?;
+        let addrs = bound.addrs();
         let info = Arc::new(ListenerInfo {
             stats: shared.traffic.listener(&site.name, &spec.name),
             spec: spec.clone(),
             rules,
         });
         let cancel = CancellationToken::new();
-        let tasks = bound
-            .into_iter()
-            .map(|listener| {
-                tokio::spawn(accept_loop(
-                    shared.clone(),
-                    site.clone(),
-                    info.clone(),
-                    listener,
-                    cancel.clone(),
-                ))
-            })
-            .collect();
+        let tasks = bound.serve(shared, site, &info, &cancel);
         Ok(RunningListener {
             spec,
             addrs,
@@ -111,6 +151,77 @@ impl RunningListener {
         self.cancel.cancel();
         for task in self.tasks {
             let _ = task.await;
+        }
+    }
+}
+
+/// The sockets of a listener's ports, before they serve.
+enum Bound {
+    Tcp(Vec<TcpListener>),
+    Udp(Vec<tokio::net::UdpSocket>),
+}
+
+impl Bound {
+    /// Binds every port of the spec's range with its protocol, or none.
+    fn bind(spec: &ListenerSpec, ip: std::net::IpAddr) -> Result<Bound, String> {
+        let addrs = spec.public.socket_addrs(ip);
+        let failed =
+            |addr: SocketAddr, e: std::io::Error| format!("{addr}: {}", describe_bind_error(&e));
+        if datagram::is_udp(&spec.clients.except) {
+            let bound = addrs.map(|a| super::udp::bind(a).map_err(|e| failed(a, e)));
+            return Ok(Bound::Udp(bound.collect::<Result<_, _>>()?));
+        }
+        let bound = addrs.map(|a| net::bind_listener(a).map_err(|e| failed(a, e)));
+        Ok(Bound::Tcp(bound.collect::<Result<_, _>>()?))
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        let addr = |a: std::io::Result<SocketAddr>| a.expect("a bound socket has an address");
+        match self {
+            Bound::Tcp(l) => l.iter().map(|l| addr(l.local_addr())).collect(),
+            Bound::Udp(s) => s.iter().map(|s| addr(s.local_addr())).collect(),
+        }
+    }
+
+    /// One accept (TCP) or receive (UDP) task per port.
+    fn serve(
+        self,
+        shared: &Arc<Shared>,
+        site: &Arc<Site>,
+        info: &Arc<ListenerInfo>,
+        cancel: &CancellationToken,
+    ) -> Vec<JoinHandle<()>> {
+        let (shared, site, info, cancel) = (shared.clone(), site.clone(), info.clone(), cancel);
+        match self {
+            Bound::Tcp(listeners) => listeners
+                .into_iter()
+                .map(|l| {
+                    let task = accept_loop(
+                        shared.clone(),
+                        site.clone(),
+                        info.clone(),
+                        l,
+                        cancel.clone(),
+                    );
+                    tokio::spawn(task)
+                })
+                .collect(),
+            Bound::Udp(sockets) => {
+                info.stats.udp.is_udp.store(true, Ordering::Relaxed);
+                sockets
+                    .into_iter()
+                    .map(|s| {
+                        let task = super::udp::receive_loop(
+                            shared.clone(),
+                            site.clone(),
+                            info.clone(),
+                            s,
+                            cancel.clone(),
+                        );
+                        tokio::spawn(task)
+                    })
+                    .collect()
+            }
         }
     }
 }
@@ -270,7 +381,12 @@ fn is_banned(shared: &Shared, site: &Site, info: &ListenerInfo, client: SocketAd
 
 /// Whether the client is within its listener's `new_connections_per_ip`; counts and logs (at
 /// most once per 10 s) a refusal.
-fn within_rate(shared: &Shared, site: &Site, info: &ListenerInfo, client: SocketAddr) -> bool {
+pub(crate) fn within_rate(
+    shared: &Shared,
+    site: &Site,
+    info: &ListenerInfo,
+    client: SocketAddr,
+) -> bool {
     let Some(limits) = site.limits.get(&info.spec.name) else {
         return true;
     };
@@ -339,18 +455,17 @@ impl Drop for Inflight {
     }
 }
 
-async fn serve_client(
+pub(crate) async fn serve_client<C: PublicClient>(
     shared: Arc<Shared>,
     site: Arc<Site>,
     info: Arc<ListenerInfo>,
-    mut client: TcpStream,
+    mut client: C,
     client_addr: SocketAddr,
     _permit: ConnPermit,
 ) {
     let started = Instant::now();
     let listener = info.spec.name.as_str();
-    net::tune(&client);
-    let Ok(gateway_addr) = client.local_addr() else {
+    let Ok(gateway_addr) = client.start() else {
         return;
     };
     let port_offset = gateway_addr
@@ -376,7 +491,7 @@ async fn serve_client(
         );
         info.stats.rejected.fetch_add(1, Ordering::Relaxed);
         over_limit(&shared, &info, client_addr, what);
-        net::reset(client);
+        client.refuse();
         return;
     };
     info.stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -480,7 +595,7 @@ async fn serve_client(
     // The agent's certificate, for a reload that revokes it to cut this connection.
     let chain = data.stream.peer_chain();
     let result = tokio::select! {
-        r = pipe_tcp_throttled(client, unsent, data.stream, &data.leftover, &entry.counters, &throttle) => r,
+        r = client.pipe(unsent, data.stream, &data.leftover, &entry.counters, &throttle) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
         why = shared.cut(data.agent_addr.ip(), chain.as_deref(), true) => Err(std::io::Error::other(why)),
         () = site.bans.until_banned(client_addr.ip()) => Err(std::io::Error::other("cut: the client's address was banned")),
@@ -525,11 +640,11 @@ enum FromPool {
 /// Hands the client to pooled connections until one takes it. An agent whose pooled connection
 /// does not answer (a hung agent, on protocol v2) is shunned for this client: its idle
 /// connections are closed, and the client's bytes are held for the next try.
-async fn from_pool(
+async fn from_pool<C: PublicClient>(
     shared: &Shared,
     site: &Site,
     offer: &Offer,
-    client: &mut TcpStream,
+    client: &mut C,
     held: &mut Held,
     shunned: &mut Vec<u64>,
 ) -> FromPool {
@@ -587,11 +702,11 @@ impl NotServed {
 /// agent (not a `shunned` one while another is there) and waits for the data connection that
 /// claims it. If that agent leaves first, the client is offered again, until its deadline. Logs
 /// and counts every way this can fail.
-async fn announce(
+async fn announce<C: PublicClient>(
     shared: &Shared,
     site: &Site,
     offer: &Offer,
-    client: &mut TcpStream,
+    client: &mut C,
     held: &Held,
     shunned: &[u64],
 ) -> Result<DataConn, NotServed> {
@@ -677,7 +792,7 @@ async fn announce(
         if held.eof {
             std::future::pending::<()>().await
         }
-        client_left(&*client).await
+        client.left().await
     };
     let outcome = tokio::select! {
         outcome = tokio::time::timeout_at(deadline, wait) => outcome,
@@ -723,8 +838,7 @@ async fn announce(
         }
     };
     shared.pending.remove(id);
-    // An orderly close (the client's first bytes may be unread): not a reset.
-    net::close_gently(client, std::time::Duration::from_secs(1)).await;
+    client.close().await;
     let occ = shared.stats.clients_failed.hit();
     if occ.log {
         tracing::warn!(

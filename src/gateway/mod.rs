@@ -21,6 +21,7 @@ mod pending;
 mod pool;
 mod site;
 pub mod stats;
+mod udp;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};

@@ -27,7 +27,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::FramedWrite;
 
@@ -279,7 +278,10 @@ pub(crate) struct Held {
 impl Handed {
     /// Waits for the agent's `PoolAccepted` (v2), forwarding the client's bytes meanwhile and
     /// holding a copy; a v1 agent never answers, so its connection is taken as it is.
-    pub async fn answer(self, id: u64, client: &mut TcpStream, held: &mut Held) -> Answer {
+    pub async fn answer<C>(self, id: u64, client: &mut C, held: &mut Held) -> Answer
+    where
+        C: tokio::io::AsyncRead + Unpin,
+    {
         if !Feature::PoolAccepted.on(self.version) {
             let (stream, leftover) = self.conn.into_parts();
             let data = DataConn {
@@ -471,7 +473,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use std::time::SystemTime;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::mpsc;
     use tokio_util::sync::CancellationToken;
 

@@ -347,7 +347,12 @@ impl Site {
                 ListenerView {
                     site: self.name.clone(),
                     name: spec.name.clone(),
-                    public: spec.public.to_string(),
+                    // "53/udp" for a UDP listener, as services(5) writes it.
+                    public: if crate::protocol::datagram::is_udp(&spec.clients.except) {
+                        format!("{}/udp", spec.public)
+                    } else {
+                        spec.public.to_string()
+                    },
                     state,
                     addrs,
                     error,

@@ -203,6 +203,85 @@ pub struct ListenerStats {
     /// Clients waiting for their data connection.
     pub pending: Gauge,
     finished: Mutex<Bytes4>,
+    /// Datagram counts, for a UDP listener.
+    pub udp: UdpStats,
+}
+
+/// Why a datagram from a client was not forwarded (or one to a client not sent).
+#[derive(Debug, Clone, Copy)]
+pub enum UdpDrop {
+    /// Over `[limits] max_datagram`.
+    Oversize = 0,
+    /// Its flow's queue was full (the data connection is slower than the client).
+    QueueFull = 1,
+    /// It would have opened a flow the rules, a limit or a pause refused.
+    Refused = 2,
+    /// A reply the socket did not take.
+    SendFailed = 3,
+}
+
+impl UdpDrop {
+    pub const ALL: [UdpDrop; 4] = [
+        UdpDrop::Oversize,
+        UdpDrop::QueueFull,
+        UdpDrop::Refused,
+        UdpDrop::SendFailed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            UdpDrop::Oversize => "oversize",
+            UdpDrop::QueueFull => "queue_full",
+            UdpDrop::Refused => "refused",
+            UdpDrop::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// Counters of a UDP listener. Bytes are counted per flow like a TCP client's.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Set when the listener opens as UDP: its snapshot then has a `udp` part.
+    pub is_udp: std::sync::atomic::AtomicBool,
+    /// Flows open now (waiting for their data connection or relaying).
+    pub flows: Gauge,
+    /// Datagrams from clients queued for their flow.
+    pub from_clients: AtomicU64,
+    /// Datagrams sent to clients.
+    pub to_clients: AtomicU64,
+    dropped: [AtomicU64; 4],
+}
+
+impl UdpStats {
+    pub fn dropped(&self, why: UdpDrop) {
+        self.dropped[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `None` for a TCP listener.
+    pub fn snapshot(&self) -> Option<UdpSnapshot> {
+        if !self.is_udp.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(UdpSnapshot {
+            flows: self.flows.get() as u64,
+            datagrams_from_clients: self.from_clients.load(Ordering::Relaxed),
+            datagrams_to_clients: self.to_clients.load(Ordering::Relaxed),
+            dropped: UdpDrop::ALL
+                .iter()
+                .map(|d| (d.name(), self.dropped[*d as usize].load(Ordering::Relaxed)))
+                .collect(),
+        })
+    }
+}
+
+/// A UDP listener's datagram counts in `/api/stats` and `/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UdpSnapshot {
+    pub flows: u64,
+    pub datagrams_from_clients: u64,
+    pub datagrams_to_clients: u64,
+    /// Dropped datagrams by reason: oversize, queue_full, refused, send_failed.
+    pub dropped: BTreeMap<&'static str, u64>,
 }
 
 impl ListenerStats {
@@ -215,6 +294,7 @@ impl ListenerStats {
             closed: AtomicU64::new(0),
             pending: Gauge::default(),
             finished: Mutex::new(Bytes4::default()),
+            udp: UdpStats::default(),
         }
     }
 }
@@ -292,6 +372,9 @@ pub struct TrafficSnapshot {
     pub bytes: Bytes4,
     /// Bytes per second over the last few seconds.
     pub rates: Rates4,
+    /// A UDP listener's datagram counts (absent for TCP and in totals).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpSnapshot>,
 }
 
 /// The sum of several listeners' snapshots (rates add up too).
@@ -304,6 +387,7 @@ pub fn sum<'a>(snaps: impl Iterator<Item = &'a TrafficSnapshot>) -> TrafficSnaps
         pending: 0,
         bytes: Bytes4::default(),
         rates: Rates4::default(),
+        udp: None,
     };
     for t in snaps {
         total.accepted += t.accepted;
@@ -418,6 +502,7 @@ impl Traffic {
             pending: 0,
             bytes: Bytes4::default(),
             rates: self.rates(),
+            udp: None,
         };
         for l in self.listeners() {
             let key = (l.site.clone(), l.name.clone());
@@ -430,6 +515,7 @@ impl Traffic {
                 pending: l.pending.get() as u64,
                 bytes: *l.finished.lock().unwrap() + live_bytes,
                 rates: rates.get(&key).copied().unwrap_or_default(),
+                udp: l.udp.snapshot(),
             };
             total.accepted += snap.accepted;
             total.rejected += snap.rejected;

@@ -9,6 +9,7 @@
 //! [`Message::Hello`] frame naming the version range and the role. The gateway answers with
 //! [`Message::HelloAck`] carrying the chosen version, or [`Message::Error`] and a close.
 
+pub mod datagram;
 pub mod frame;
 pub mod liveness;
 pub mod message;
