@@ -192,12 +192,9 @@ fn concurrent_flows_from_different_ports_each_get_their_own_answers() {
         "",
     );
     let to = local(public);
-    ask_until(
-        &client_on("127.0.0.1"),
-        to,
-        b"ready?",
-        Duration::from_secs(10),
-    );
+    // Kept open: a client socket that reused its port would be the same flow.
+    let probe = client_on("127.0.0.1");
+    ask_until(&probe, to, b"ready?", Duration::from_secs(10));
     let threads: Vec<_> = (0..40)
         .map(|i| {
             thread::spawn(move || {
@@ -399,4 +396,48 @@ fn a_control_channel_cut_closes_the_listener_and_ends_its_flows() {
     // The agent reconnects, the port opens again and new flows are served.
     let answer = ask_until(&s, local(public), b"after", Duration::from_secs(15));
     assert_eq!(answer, b"echo:after");
+}
+
+#[test]
+fn a_ban_cuts_the_flow_and_refuses_new_ones_from_that_address() {
+    let dir = Workdir::new();
+    let echo = UdpEcho::start();
+    let gateway = start_gateway(&dir, "");
+    let public = free_port();
+    let agent = start_agent(
+        &dir,
+        "agent",
+        &[gateway.control],
+        &[udp_listener("echo", public, echo.addr, "")],
+        "",
+        "",
+    );
+    let admin = agent_admin_url(&agent);
+    let attacker = client_on("127.0.0.7");
+    ask_until(&attacker, local(public), b"hi", Duration::from_secs(10));
+    let innocent = client_on("127.0.0.8");
+    ask_until(&innocent, local(public), b"hi", Duration::from_secs(10));
+    assert_eq!(flows(&gateway, "echo"), 2);
+    let out = Command::new(BIN)
+        .args(["ban", "add", "127.0.0.7", "--admin", &admin])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The attacker's live flow is cut, and its datagrams open no new one.
+    assert!(
+        wait_until(Duration::from_secs(5), || flows(&gateway, "echo") == 1),
+        "the banned flow was not cut: {}",
+        udp_stats(&gateway, "echo")
+    );
+    assert_eq!(ask(&attacker, local(public), b"again"), None);
+    assert_eq!(
+        ask(&innocent, local(public), b"still").unwrap(),
+        b"echo:still"
+    );
+    let udp = udp_stats(&gateway, "echo");
+    assert!(udp["dropped"]["refused"].as_u64().unwrap() >= 1, "{udp}");
 }

@@ -364,7 +364,12 @@ async fn accept_loop(
 
 /// Whether the site bans the client's address; counts it, and logs it at most once per 10 s
 /// per ban.
-fn is_banned(shared: &Shared, site: &Site, info: &ListenerInfo, client: SocketAddr) -> bool {
+pub(crate) fn is_banned(
+    shared: &Shared,
+    site: &Site,
+    info: &ListenerInfo,
+    client: SocketAddr,
+) -> bool {
     let Some(ban) = site.bans.check(client.ip()) else {
         return false;
     };

@@ -1,8 +1,8 @@
 //! UDP listeners: one socket per public port, and a flow per client address and port.
 //!
 //! The receive loop of a port owns nothing but its socket and its flow table. A datagram from
-//! a known client goes to its flow's queue; one from a new client opens a flow if the
-//! listener's client rules, the gateway's connection limits (a flow holds a data connection
+//! a known client goes to its flow's queue; one from a new client opens a flow if the site's
+//! bans, the listener's client rules, the gateway's connection limits (a flow holds a data connection
 //! like a TCP client: `max_connections`, `max_connections_per_ip`) and `[limits]
 //! max_udp_flows_per_listener` allow it. A flow is then served exactly like a TCP client
 //! ([`super::listener::serve_client`]: warm pool or offer, claim, TLS as configured), its
@@ -27,7 +27,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::listener::{serve_client, ListenerInfo, PublicClient};
+use super::listener::{is_banned, serve_client, within_rate, ListenerInfo, PublicClient};
 use super::site::Site;
 use super::stats::UdpDrop;
 use super::{RunState, Shared};
@@ -126,6 +126,11 @@ fn open_flow(
     };
     if shared.state() != RunState::Running {
         refused("the gateway is paused");
+        return None;
+    }
+    // Counted and logged (rate limited) as for TCP; a banned address opens no flow.
+    if is_banned(shared, site, info, client) {
+        info.stats.udp.dropped(UdpDrop::Refused);
         return None;
     }
     // `new_connections_per_ip`: a new flow counts as a new connection (counted and logged
