@@ -26,8 +26,9 @@ use crate::audit::{ConnectionEnd, Daemon};
 use crate::config::check_name;
 use crate::limits::{ConnPermit, GaugePermits};
 use crate::net;
-use crate::pipe::{pipe_tcp_throttled, PipeCounters, PipeThrottle};
+use crate::pipe::{pipe_tcp_throttled, PipeCounters};
 use crate::protocol::{datagram, ClientArrived, ListenerSpec, Message, PoolAssign, Token};
+use crate::ratelimit::PipeThrottle;
 use crate::transport::Stream;
 
 /// A public client as the offer and the pipe see it: a TCP connection, or a UDP flow

@@ -33,8 +33,9 @@ use super::stats::UdpDrop;
 use super::{RunState, Shared};
 use crate::access::canonical;
 use crate::limits::GaugePermit;
-use crate::pipe::{PipeCounters, PipeThrottle};
+use crate::pipe::PipeCounters;
 use crate::protocol::datagram;
+use crate::ratelimit::PipeThrottle;
 use crate::transport::Stream;
 
 /// Datagrams a flow may have queued while its data connection is slow or not there yet.
