@@ -293,6 +293,7 @@ impl GatewayListener {
             clients: AccessRules::allow_all(),
             clients_text: ClientRules::default(),
             edge: Default::default(),
+            auto_ban: None,
         });
         Ok(GatewayListenerBuilder {
             config,

@@ -207,31 +207,48 @@ fn push_message(config: &AgentConfig, generation: u64) -> Result<(Message, usize
     Ok((msg, bytes))
 }
 
-/// The listeners' rate limits for the gateways, if any listener has some and they fit a
-/// frame (if not, the error is logged and the gateway enforces none).
-fn limits_message(config: &AgentConfig, gateway: &str) -> Option<Message> {
-    let msg = Message::EdgeLimits(config.edge_limits()?);
-    let bytes = msg.to_frame().payload.len() + 2;
-    if bytes > config.max_frame {
-        tracing::error!(
-            gateway = %gateway,
-            "the listeners' rate limits take {bytes} bytes, over max_frame {}: not sent, the gateway enforces none",
-            config.max_frame
-        );
-        return None;
-    }
-    Some(msg)
+/// Which edge settings (rate limits, automatic bans) a gateway was sent on this channel.
+#[derive(Debug, Default)]
+struct EdgeSent {
+    limits: bool,
+    auto_bans: bool,
 }
 
-/// The rate limits to send after a reload: the new ones, or an empty set that lifts the ones
-/// sent before (`sent` says whether limits are in force on the gateway).
-fn reloaded_limits(config: &AgentConfig, gateway: &str, sent: &mut bool) -> Option<Message> {
-    let limits = match (limits_message(config, gateway), *sent) {
-        (None, true) => Some(Message::EdgeLimits(Default::default())),
-        (l, _) => l,
-    };
-    *sent = matches!(&limits, Some(Message::EdgeLimits(l)) if !l.listeners.is_empty());
-    limits
+/// The edge settings to send before a config push: the listeners' rate limits and automatic
+/// bans when any listener has them, and an empty set that lifts what was sent before and is
+/// no longer configured. A message over `max_frame` is not sent (logged; the gateway then
+/// enforces none of it).
+fn edge_messages(config: &AgentConfig, gateway: &str, sent: &mut EdgeSent) -> Vec<Message> {
+    let mut out = Vec::new();
+    match (config.edge_limits(), sent.limits) {
+        (Some(l), _) => out.push(Message::EdgeLimits(l)),
+        (None, true) => out.push(Message::EdgeLimits(Default::default())),
+        (None, false) => {}
+    }
+    match (config.auto_bans(), sent.auto_bans) {
+        (Some(a), _) => out.push(Message::AutoBans(a)),
+        (None, true) => out.push(Message::AutoBans(Default::default())),
+        (None, false) => {}
+    }
+    out.retain(|msg| {
+        let bytes = msg.to_frame().payload.len() + 2;
+        let fits = bytes <= config.max_frame;
+        if !fits {
+            tracing::error!(
+                gateway = %gateway,
+                "the listeners' {} take {bytes} bytes, over max_frame {}: not sent, the gateway enforces none",
+                msg.name(), config.max_frame
+            );
+        }
+        fits
+    });
+    sent.limits = out
+        .iter()
+        .any(|m| matches!(m, Message::EdgeLimits(l) if !l.listeners.is_empty()));
+    sent.auto_bans = out
+        .iter()
+        .any(|m| matches!(m, Message::AutoBans(a) if !a.listeners.is_empty()));
+    out
 }
 
 /// What the gateway was last sent, to explain its refusal of it.
@@ -362,11 +379,11 @@ async fn run_session(
     let (mut reader, sink) = conn.split();
     let (outbox_tx, failures) = mpsc::channel::<Message>(256);
     let mut outbox = Outbox::spawn(sink, failures, liveness.write_limit());
-    // Rate limits go just before the push, so they are in force when the listeners open.
-    let mut limits_sent = false;
-    if let Some(limits) = limits_message(&current, gateway) {
-        outbox.send(limits)?;
-        limits_sent = true;
+    // Rate limits and automatic bans go just before the push, so they are in force when the
+    // listeners open.
+    let mut edge_sent = EdgeSent::default();
+    for msg in edge_messages(&current, gateway, &mut edge_sent) {
+        outbox.send(msg)?;
     }
     let mut last_push = match push_message(&current, generation) {
         Ok((push, bytes)) => {
@@ -474,10 +491,9 @@ async fn run_session(
                 }
                 match push_message(&new, generation + 1) {
                     Ok((push, bytes)) => {
-                        if let Some(limits) = reloaded_limits(&new, gateway, &mut limits_sent) {
-                            if let Err(e) = outbox.send(limits) {
-                                break e.into();
-                            }
+                        let edge = edge_messages(&new, gateway, &mut edge_sent);
+                        if let Some(e) = edge.into_iter().find_map(|m| outbox.send(m).err()) {
+                            break e.into();
                         }
                         generation += 1;
                         last_push = LastPush { bytes, listeners: new.listeners.len() };

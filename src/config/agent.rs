@@ -200,6 +200,9 @@ pub struct ListenerConfig {
     /// [`AgentConfig::digest`]).
     #[serde(skip)]
     pub edge: EdgeLimitsConfig,
+    /// `auto_ban`: automatic bans the gateways decide (outside the digest's serialization too).
+    #[serde(skip)]
+    pub auto_ban: Option<crate::protocol::ListenerAutoBan>,
 }
 
 /// A listener's rate limits (`new_connections_per_ip`, `client_rate`, `listener_rate`); `None`:
@@ -363,6 +366,18 @@ struct RawListener {
     new_connections_per_ip: Option<Spanned<String>>,
     client_rate: Option<Spanned<String>>,
     listener_rate: Option<Spanned<String>>,
+    auto_ban: Option<Spanned<RawAutoBan>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoBan {
+    connections: Option<Spanned<u64>>,
+    short_connections: Option<Spanned<u64>>,
+    shorter_than: Option<Spanned<String>>,
+    within: Spanned<String>,
+    ban: Option<Spanned<String>>,
+    max_ban: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -749,6 +764,11 @@ impl AgentConfig {
                 except,
             };
             let edge = parse_edge_limits(&src, l, &ctx)?;
+            let auto_ban = l
+                .auto_ban
+                .as_ref()
+                .map(|a| parse_auto_ban(&src, &lname, a, &ctx))
+                .transpose()?;
             listeners.push(ListenerConfig {
                 name: lname,
                 public,
@@ -759,6 +779,7 @@ impl AgentConfig {
                 clients,
                 clients_text,
                 edge,
+                auto_ban,
             });
         }
         if listeners.is_empty() {
@@ -888,16 +909,31 @@ impl AgentConfig {
         (!listeners.is_empty()).then_some(crate::protocol::EdgeLimits { listeners })
     }
 
+    /// The automatic-ban settings of the listeners that have them, for the gateways.
+    pub fn auto_bans(&self) -> Option<crate::protocol::AutoBans> {
+        let listeners: Vec<_> = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.auto_ban.clone())
+            .collect();
+        (!listeners.is_empty()).then_some(crate::protocol::AutoBans { listeners })
+    }
+
     /// Hex SHA-256 over the site and every listener (public side, backend, options, and the
-    /// rate limits when any listener has some). Two agents of one site must produce the same
+    /// rate limits and automatic bans when any listener has some). Two agents of one site must produce the same
     /// digest. Limits are left out when there are none, so a configuration without limits
     /// keeps the digest it had before they existed (agents of two versions can share a site).
     pub fn digest(&self) -> String {
-        let limits: Vec<(&str, EdgeLimitsConfig)> = self
+        type Extra<'a> = (
+            &'a str,
+            EdgeLimitsConfig,
+            Option<&'a crate::protocol::ListenerAutoBan>,
+        );
+        let limits: Vec<Extra> = self
             .listeners
             .iter()
-            .filter(|l| !l.edge.is_unlimited())
-            .map(|l| (l.name.as_str(), l.edge))
+            .filter(|l| !l.edge.is_unlimited() || l.auto_ban.is_some())
+            .map(|l| (l.name.as_str(), l.edge, l.auto_ban.as_ref()))
             .collect();
         let bytes = if limits.is_empty() {
             postcard::to_stdvec(&(&self.site, &self.listeners))
@@ -938,6 +974,56 @@ fn parse_edge_limits(
             .map(|v| bytes(v, "listener_rate"))
             .transpose()?,
     })
+}
+
+/// A listener's `auto_ban = { connections, short_connections, shorter_than, within, ban,
+/// max_ban }`: `within` and one trigger at least; shorter_than 1s, ban 10m, max_ban 24h unless
+/// set.
+fn parse_auto_ban(
+    src: &Source,
+    name: &str,
+    raw: &Spanned<RawAutoBan>,
+    ctx: &dyn Fn(&str) -> String,
+) -> Result<crate::protocol::ListenerAutoBan, ConfigError> {
+    let a = raw.get_ref();
+    let (ms, day) = (Duration::from_millis(1), Duration::from_secs(86_400));
+    let dur = |v: &Option<Spanned<String>>, key: &str, default: Duration| match v {
+        Some(v) => src.duration_within(v, &ctx(&format!("auto_ban.{key}")), ms, 3650 * day),
+        None => Ok(default),
+    };
+    let count = |v: &Option<Spanned<u64>>, key: &str| {
+        v.as_ref()
+            .map(|c| match *c.get_ref() {
+                n @ 1..=1_000_000 => Ok(n as u32),
+                n => Err(src.error(
+                    c.span(),
+                    &ctx(&format!("auto_ban.{key}")),
+                    format!("{n} is out of range (1 to 1000000)"),
+                )),
+            })
+            .transpose()
+    };
+    let within = src.duration_within(&a.within, &ctx("auto_ban.within"), ms, 3650 * day)?;
+    let ban = dur(&a.ban, "ban", Duration::from_secs(600))?;
+    let max_ban = dur(&a.max_ban, "max_ban", day)?.max(ban);
+    let spec = crate::protocol::ListenerAutoBan {
+        name: name.to_string(),
+        connections: count(&a.connections, "connections")?,
+        short_connections: count(&a.short_connections, "short_connections")?,
+        shorter_than_ms: dur(&a.shorter_than, "shorter_than", Duration::from_secs(1))?.as_millis()
+            as u64,
+        within_ms: within.as_millis() as u64,
+        ban_ms: ban.as_millis() as u64,
+        max_ban_ms: max_ban.as_millis() as u64,
+    };
+    if spec.connections.is_none() && spec.short_connections.is_none() {
+        return Err(src.error(
+            raw.span(),
+            &ctx("auto_ban"),
+            "set connections or short_connections (or both)",
+        ));
+    }
+    Ok(spec)
 }
 
 /// `[limits]`: every count from 1 to 1,000,000; unset keys keep their defaults.
@@ -1292,6 +1378,37 @@ listen = "127.0.0.1:1080"
             idle_timeout: Duration::from_secs(60),
         };
         assert_ne!(cfg.digest(), udp.digest());
+    }
+
+    #[test]
+    fn auto_ban_parses_with_defaults_and_needs_a_trigger() {
+        let with = |ab: &str| {
+            EXAMPLE.replace(
+                "proxy_protocol = \"none\"\n",
+                &format!("proxy_protocol = \"none\"\nauto_ban = {{ {ab} }}\n"),
+            )
+        };
+        let cfg = parse(&with("connections = 30, within = \"1m\"")).unwrap();
+        let ab = cfg.listener("sftp").unwrap().auto_ban.clone().unwrap();
+        assert_eq!((ab.connections, ab.short_connections), (Some(30), None));
+        assert_eq!(
+            (ab.within_ms, ab.ban_ms, ab.max_ban_ms),
+            (60_000, 600_000, 86_400_000)
+        );
+        assert_eq!(cfg.auto_bans().unwrap().listeners.len(), 1);
+        assert_ne!(cfg.digest(), parse(EXAMPLE).unwrap().digest());
+        let err = parse(&with("within = \"1m\"")).unwrap_err().to_string();
+        assert!(
+            err.contains("agent.toml:9") && err.contains("short_connections"),
+            "{err}"
+        );
+        let err = parse(&with("connections = 0, within = \"1m\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auto_ban.connections") && err.contains("out of range"),
+            "{err}"
+        );
     }
 
     #[test]

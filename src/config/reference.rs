@@ -260,6 +260,36 @@ pub const AGENT_KEYS: &[Key] = &[
         "pushed to every gateway: a new bucket, for new clients",
     ),
     noted(
+        "listener.auto_ban.connections",
+        Applied,
+        "pushed to every gateway: a change starts the listener's counts afresh",
+    ),
+    noted(
+        "listener.auto_ban.short_connections",
+        Applied,
+        "pushed to every gateway: a change starts the listener's counts afresh",
+    ),
+    noted(
+        "listener.auto_ban.shorter_than",
+        Applied,
+        "pushed to every gateway: a change starts the listener's counts afresh",
+    ),
+    noted(
+        "listener.auto_ban.within",
+        Applied,
+        "pushed to every gateway: a change starts the listener's counts afresh",
+    ),
+    noted(
+        "listener.auto_ban.ban",
+        Applied,
+        "pushed to every gateway: a change starts the listener's counts afresh",
+    ),
+    noted(
+        "listener.auto_ban.max_ban",
+        Applied,
+        "pushed to every gateway: a change starts the listener's counts afresh",
+    ),
+    noted(
         "outbound.listen",
         Applied,
         "the proxy moves once the new address is bound",

@@ -221,6 +221,29 @@ impl SiteBans {
         Ok(count)
     }
 
+    /// Adds one ban decided by this gateway (automatic bans: [`super::autoban`]) to the list
+    /// named `list`, which no agent can have (agent names have no parentheses).
+    pub fn add(&self, list: &str, net: IpNet, lasts: Duration, reason: String) {
+        let now = Instant::now();
+        let mut lists = self.lists.lock().unwrap();
+        let entry = Arc::new(BanEntry {
+            net,
+            until: now.checked_add(lasts),
+            reason,
+            agent: list.to_string(),
+            last_logged: AtomicU64::new(0),
+        });
+        let own = lists.entry(list.to_string()).or_default();
+        own.retain(|e| e.net != net);
+        own.push(entry);
+        for l in lists.values_mut() {
+            l.retain(|e| e.live(now));
+        }
+        lists.retain(|_, l| !l.is_empty());
+        let table = BanTable::build(lists.values().flatten());
+        self.table.send_replace(Arc::new(table));
+    }
+
     /// Bans in force (distinct networks, all agents merged).
     pub fn len(&self) -> usize {
         let now = Instant::now();

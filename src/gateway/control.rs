@@ -34,9 +34,9 @@ use crate::net;
 use crate::protocol::liveness::{Beat, Liveness, MISSED};
 use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
-    self, BanResult, ClientFailed, Connection, ControlHello, DataHello, EdgeLimits, ErrorCode,
-    Feature, Hello, HelloAck, ListenerStatus, Message, MessageReader, ProtocolError, PushConfig,
-    Role, SessionSecret, Token,
+    self, AutoBans, BanResult, ClientFailed, Connection, ControlHello, DataHello, EdgeLimits,
+    ErrorCode, Feature, Hello, HelloAck, ListenerStatus, Message, MessageReader, ProtocolError,
+    PushConfig, Role, SessionSecret, Token,
 };
 use crate::transport::Stream;
 use tokio_util::sync::CancellationToken;
@@ -587,6 +587,9 @@ async fn run_session(
     if let Some(limits) = early.limits {
         apply_limits(&site, &agent, limits);
     }
+    if let Some(set) = early.auto_bans {
+        apply_auto_bans(&site, &agent, set);
+    }
     let end = match apply_push(&shared, &site, &agent, &outbox, &push).await {
         Ok(()) => {
             let session = Session {
@@ -647,6 +650,10 @@ where
             }
             Some(Message::EdgeLimits(limits)) => {
                 bans.limits = Some(limits);
+                continue;
+            }
+            Some(Message::AutoBans(set)) => {
+                bans.auto_bans = Some(set);
                 continue;
             }
             Some(Message::PushConfig(push)) => return Ok(push),
@@ -795,6 +802,29 @@ struct EarlyBans {
     /// What the last chunk completed (or why it was refused).
     last: Option<ChunkOutcome>,
     limits: Option<EdgeLimits>,
+    auto_bans: Option<AutoBans>,
+}
+
+/// Puts an agent's automatic-ban settings in force for its site (a refused set leaves the
+/// previous one).
+fn apply_auto_bans(site: &Site, agent: &AgentHandle, set: AutoBans) {
+    match site.autobans.replace(set) {
+        Ok(n) => tracing::info!(
+            site = %site.name, agent = %agent.name,
+            "automatic bans on for {n} listener(s)"
+        ),
+        Err(error) => {
+            static REFUSED: Event = Event::new(5, Duration::from_secs(10));
+            let occ = REFUSED.hit();
+            if occ.log {
+                tracing::warn!(
+                    site = %site.name, agent = %agent.name, peer = %agent.addr,
+                    "automatic-ban settings refused (the previous ones stay in force): {error}{}",
+                    occ.tally()
+                );
+            }
+        }
+    }
 }
 
 /// Puts an agent's rate limits in force for its site (a refused set leaves the previous one).
@@ -893,6 +923,7 @@ where
                     Message::ClientFailed(f) => client_failed(shared, site, agent, f),
                     Message::BanList(chunk) => apply_bans(site, agent, outbox, bans.add(chunk)),
                     Message::EdgeLimits(limits) => apply_limits(site, agent, limits),
+                    Message::AutoBans(set) => apply_auto_bans(site, agent, set),
                     Message::Error(e) => return Err(ProtocolError::Peer(e).into()),
                     other => return Err(SessionEnd::Unexpected(other.name())),
                 }

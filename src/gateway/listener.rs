@@ -306,7 +306,9 @@ async fn accept_loop(
             net::reset(stream);
             continue;
         }
-        if !within_rate(&shared, &site, &info, client_addr) {
+        if !within_rate(&shared, &site, &info, client_addr)
+            || auto_banned_now(&shared, &site, &info, client_addr)
+        {
             net::reset(stream);
             continue;
         }
@@ -410,6 +412,55 @@ pub(crate) fn within_rate(
     false
 }
 
+/// Whether this connection is one too many for the listener's `auto_ban`: the address is then
+/// banned on this gateway, and this connection refused as banned.
+fn auto_banned_now(shared: &Shared, site: &Site, info: &ListenerInfo, client: SocketAddr) -> bool {
+    let banner = site.autobans.get(&info.spec.name);
+    let Some(verdict) = banner.and_then(|b| b.on_connect(client.ip())) else {
+        return false;
+    };
+    auto_ban(site, info, client, verdict);
+    info.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    shared.stats.clients_banned.hit();
+    true
+}
+
+/// Puts an automatic ban in force (and logs it, at most 20 lines per 10 s).
+fn auto_ban(site: &Site, info: &ListenerInfo, client: SocketAddr, v: super::autoban::Verdict) {
+    static BANNED: crate::limits::Event = crate::limits::Event::some_per_10s();
+    let occ = BANNED.hit();
+    if occ.log {
+        tracing::warn!(
+            listener = %info.spec.name, client = %client,
+            "banned {} for {}: {}{}",
+            v.net, humantime::format_duration(v.lasts), v.reason, occ.tally()
+        );
+    }
+    site.bans.add(AUTOMATIC, v.net, v.lasts, v.reason);
+}
+
+/// The name automatic bans are listed under (no agent can have it).
+const AUTOMATIC: &str = "(automatic)";
+
+/// Reports the end of a served client to its listener's `auto_ban` (short connections).
+struct EndWatch {
+    site: Arc<Site>,
+    info: Arc<ListenerInfo>,
+    client: SocketAddr,
+    started: Instant,
+}
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        let Some(banner) = self.site.autobans.get(&self.info.spec.name) else {
+            return;
+        };
+        if let Some(v) = banner.on_end(self.client.ip(), self.started.elapsed()) {
+            auto_ban(&self.site, &self.info, self.client, v);
+        }
+    }
+}
+
 /// Counts a client refused by a limit; logs at most once per interval.
 fn over_limit(
     shared: &Shared,
@@ -470,6 +521,12 @@ pub(crate) async fn serve_client<C: PublicClient>(
     _permit: ConnPermit,
 ) {
     let started = Instant::now();
+    let _end = EndWatch {
+        site: site.clone(),
+        info: info.clone(),
+        client: client_addr,
+        started,
+    };
     let listener = info.spec.name.as_str();
     let Ok(gateway_addr) = client.start() else {
         return;

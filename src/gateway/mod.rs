@@ -11,6 +11,7 @@
 //! Operators drive it through a [`GatewayHandle`]: state (running, paused, stopping),
 //! statistics, connections, reload, stop and restart.
 
+mod autoban;
 pub mod bans;
 mod binding;
 mod control;

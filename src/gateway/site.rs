@@ -72,6 +72,8 @@ pub(crate) struct Site {
     pub bans: super::bans::SiteBans,
     /// The rate limits its agents pushed (checked at every accept, applied to every pipe).
     pub limits: super::edge::SiteLimits,
+    /// The automatic-ban settings its agents pushed, and what each listener counted.
+    pub autobans: super::autoban::SiteAutoBans,
     /// Listeners of the last push, kept when the last agent leaves: a site whose agents are
     /// all gone still "has listeners" for `/api/health`.
     last_pushed: AtomicUsize,
@@ -123,6 +125,7 @@ impl Site {
             last_pushed: AtomicUsize::new(0),
             bans: Default::default(),
             limits: Default::default(),
+            autobans: Default::default(),
         }
     }
 

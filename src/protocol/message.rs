@@ -40,6 +40,8 @@ pub mod kind {
     pub const BAN_RESULT: u16 = 0x8011;
     /// Advisory: a gateway that ignores it enforces no rate limits (as before they existed).
     pub const EDGE_LIMITS: u16 = 0x8012;
+    /// Advisory: a gateway that ignores it bans no one by itself (as before).
+    pub const AUTO_BANS: u16 = 0x8013;
 }
 
 /// Every connection's first frame. Its layout is frozen for all protocol versions: the version
@@ -391,6 +393,29 @@ pub struct ListenerLimits {
     pub listener_rate: Option<u64>,
 }
 
+/// The automatic-ban settings of an agent's listeners (agent to gateway), sent like
+/// [`EdgeLimits`]: whole, before every config push when a listener has them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoBans {
+    pub listeners: Vec<ListenerAutoBan>,
+}
+
+/// One listener's automatic bans (docs/security.md, "Automatic bans").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerAutoBan {
+    pub name: String,
+    /// Ban an address that opens more than this many connections within `within_ms`.
+    pub connections: Option<u32>,
+    /// Ban an address with more than this many connections shorter than `shorter_than_ms`
+    /// within `within_ms`.
+    pub short_connections: Option<u32>,
+    pub shorter_than_ms: u64,
+    pub within_ms: u64,
+    /// The first ban; each repeat doubles it, up to `max_ban_ms`.
+    pub ban_ms: u64,
+    pub max_ban_ms: u64,
+}
+
 /// A decoded message (any version: a message a version does not have is never sent on it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -408,6 +433,7 @@ pub enum Message {
     BanList(BanList),
     BanResult(BanResult),
     EdgeLimits(EdgeLimits),
+    AutoBans(AutoBans),
 }
 
 impl Message {
@@ -427,6 +453,7 @@ impl Message {
             Message::BanList(_) => kind::BAN_LIST,
             Message::BanResult(_) => kind::BAN_RESULT,
             Message::EdgeLimits(_) => kind::EDGE_LIMITS,
+            Message::AutoBans(_) => kind::AUTO_BANS,
         }
     }
 
@@ -447,6 +474,7 @@ impl Message {
             Message::BanList(_) => "ban-list",
             Message::BanResult(_) => "ban-result",
             Message::EdgeLimits(_) => "edge-limits",
+            Message::AutoBans(_) => "auto-bans",
         }
     }
 
@@ -473,6 +501,7 @@ impl Message {
             Message::BanList(m) => postcard::to_stdvec(m),
             Message::BanResult(m) => postcard::to_stdvec(m),
             Message::EdgeLimits(m) => postcard::to_stdvec(m),
+            Message::AutoBans(m) => postcard::to_stdvec(m),
         }
         .expect("serializing plain data into a Vec cannot fail");
         RawFrame {
@@ -501,6 +530,7 @@ impl Message {
             kind::BAN_LIST => Message::BanList(payload(k, p)?),
             kind::BAN_RESULT => Message::BanResult(payload(k, p)?),
             kind::EDGE_LIMITS => Message::EdgeLimits(payload(k, p)?),
+            kind::AUTO_BANS => Message::AutoBans(payload(k, p)?),
             k if k >= kind::FIRST_ADVISORY => return Ok(None),
             k => return Err(ProtocolError::UnknownMessage { kind: k }),
         };
