@@ -375,7 +375,8 @@ impl Stats {
 // Checks shared by the properties.
 // ------------------------------------------------------------------------------------------
 
-const KNOWN_KINDS: [u16; 11] = [
+/// Every type this build decodes, advisory ones (the ban list) included.
+const KNOWN_KINDS: [u16; 13] = [
     kind::HELLO,
     kind::HELLO_ACK,
     kind::ERROR,
@@ -387,6 +388,8 @@ const KNOWN_KINDS: [u16; 11] = [
     kind::HEARTBEAT,
     kind::POOL_ASSIGN,
     kind::POOL_ACCEPTED,
+    kind::BAN_LIST,
+    kind::BAN_RESULT,
 ];
 
 fn header_len(buf: &[u8]) -> usize {
