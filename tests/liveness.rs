@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -317,6 +318,54 @@ fn a_client_handed_to_a_frozen_agents_pooled_connection_is_served_elsewhere() {
         echo.accepted() - accepted_before,
         2,
         "the backend saw a client twice"
+    );
+}
+
+/// A client whose request is exactly the size the gateway holds for a replay (64 KiB) and
+/// then half-closes, handed to a frozen agent's pooled connection: the hold stops at its limit
+/// just before the end of stream, so when the client is announced to b the only thing left to
+/// see on its socket is that half-close. It must not be taken for a client that left (it was
+/// closed with 0 bytes, found by bench/soak's 64 KiB echo clients).
+#[test]
+fn a_held_request_of_exactly_64_kib_then_a_half_close_is_served_elsewhere() {
+    let net = SmallBuffers::new();
+    let dir = Workdir::new();
+    let echo = net.run(EchoServer::start);
+    let gw = net.run(|| start_gateway(&dir, ""));
+    let port = free_port();
+    let l = || listener("echo", port, echo.addr);
+    let a = net.run(|| {
+        let top = "name = \"a\"\nheartbeat = \"5s\"\npool = 4";
+        start_agent(&dir, "agent-a", &[gw.control], &[l()], top, "")
+    });
+    let _b = net.run(|| {
+        let top = "name = \"b\"\nheartbeat = \"5s\"\npool = 0";
+        start_agent(&dir, "agent-b", &[gw.control], &[l()], top, "")
+    });
+    assert!(wait_until(Duration::from_secs(10), || agents(&net, &gw)
+        .len()
+        == 2
+        && pooled(&net, &gw) == 4));
+    net.run(|| wait_open(local(port), Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(500));
+
+    a.signal("STOP");
+    let data = pseudo_random(64 * 1024, 12);
+    let mut stream = net.run(|| std::net::TcpStream::connect(local(port)).unwrap());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(&data).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    let got = stream.read_to_end(&mut back);
+    a.signal("CONT");
+    got.unwrap_or_else(|e| panic!("after {} of {} bytes: {e}", back.len(), data.len()));
+    assert_eq!(back.len(), data.len(), "the client was closed early");
+    assert!(back == data, "bytes changed");
+    gw.proc.wait_for_log(
+        "did not answer on its pooled connection within 1s",
+        Duration::from_secs(1),
     );
 }
 

@@ -37,8 +37,9 @@ use crate::transport::Stream;
 pub(crate) trait PublicClient: AsyncRead + Unpin + Send + Sized + 'static {
     /// Readies the client for serving and returns the gateway address it reached.
     fn start(&self) -> std::io::Result<SocketAddr>;
-    /// Resolves when the client is gone while it waits for its data connection.
-    fn left(&self) -> impl Future<Output = ()> + Send + '_;
+    /// Resolves when the client is gone while it waits for its data connection; `sent_bytes`:
+    /// bytes of it are held already (see [`client_left`]).
+    fn left(&self, sent_bytes: bool) -> impl Future<Output = ()> + Send + '_;
     /// Refused after acceptance (a limit): a TCP client is reset.
     fn refuse(self);
     /// The agent could not serve it: an orderly close.
@@ -60,8 +61,8 @@ impl PublicClient for TcpStream {
         self.local_addr()
     }
 
-    fn left(&self) -> impl Future<Output = ()> + Send + '_ {
-        client_left(self)
+    fn left(&self, sent_bytes: bool) -> impl Future<Output = ()> + Send + '_ {
+        client_left(self, sent_bytes)
     }
 
     fn refuse(self) {
@@ -477,14 +478,16 @@ fn over_limit(
 /// Resolves when the client has closed or reset its connection; never resolves while it is
 /// merely sending (its early bytes stay queued for the backend). A client that half-closes
 /// before sending a single byte looks the same as one that left; no real protocol does that
-/// and then waits for an answer.
-async fn client_left(client: &TcpStream) {
+/// and then waits for an answer. With `sent_bytes` (bytes of it are held already) an end of
+/// stream is that half-close after its request, not a departure: only a reset counts then.
+async fn client_left(client: &TcpStream, sent_bytes: bool) {
     let mut probe = [0u8; 1];
     loop {
         if client.readable().await.is_err() {
             return;
         }
         match client.peek(&mut probe).await {
+            Ok(0) if sent_bytes => std::future::pending::<()>().await,
             Ok(0) | Err(_) => return,
             // Data is waiting: nothing more to learn until the pipe reads it.
             Ok(_) => std::future::pending::<()>().await,
@@ -850,12 +853,13 @@ async fn announce<C: PublicClient>(
     };
     // A client that leaves while waiting gives its pending place back at once instead of at
     // its deadline (otherwise connect-and-close loops could hold every pending place). One
-    // that half-closed after its first bytes (already held) has not left.
+    // that half-closed after its first bytes (already held) has not left, whether the hold
+    // read its end of stream or stopped at its limit just before it (a 64 KiB request).
     let left = async {
         if held.eof {
             std::future::pending::<()>().await
         }
-        client.left().await
+        client.left(!held.bytes.is_empty()).await
     };
     let outcome = tokio::select! {
         outcome = tokio::time::timeout_at(deadline, wait) => outcome,

@@ -250,7 +250,7 @@ impl PublicClient for FlowClient {
         self.socket.local_addr()
     }
 
-    fn left(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+    fn left(&self, _sent_bytes: bool) -> impl std::future::Future<Output = ()> + Send + '_ {
         let cancel = self.cancel.clone();
         async move { cancel.cancelled().await }
     }
