@@ -1,8 +1,7 @@
 //! The agent's `GET /metrics`: its status and counters in the Prometheus text format, built at
 //! each scrape from the same reports `/api/status` and `/api/stats` answer, written with the
 //! gateway's encoder ([`super::metrics`]). Every name starts with `sallyport_agent_` and none
-//! is one the gateway exports, so one Prometheus can scrape both daemons; the one exception is
-//! the standard `process_resident_memory_bytes`, which Prometheus tells apart by its target.
+//! is one the gateway exports, so one Prometheus can scrape both daemons.
 
 use prometheus::proto::MetricType::{COUNTER, GAUGE};
 

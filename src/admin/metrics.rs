@@ -363,10 +363,11 @@ pub fn render(handle: &GatewayHandle) -> String {
     out
 }
 
-/// The process's memory (see [`crate::mem::MemoryFigures`]): the standard
-/// `process_resident_memory_bytes`, and under `prefix` the resident split into anonymous and
-/// file-backed and the heap into allocated and kept free, which tell a leak (allocated grows)
-/// from an allocator keeping freed memory (free grows) and from code pages (file grows).
+/// The process's memory (see [`crate::mem::MemoryFigures`]), under `prefix` (each daemon
+/// exports its own names, so one Prometheus scrapes both): the resident memory split into
+/// anonymous and file-backed, and the heap into allocated and kept free, which tell a leak
+/// (allocated grows) from an allocator keeping freed memory (free grows) and from code pages
+/// (file grows).
 pub(crate) fn memory_families(prefix: &str) -> Vec<MetricFamily> {
     let m = crate::mem::MemoryFigures::read();
     let some = |pairs: Vec<(&'static str, &str, Option<u64>)>| -> Vec<(Labels, f64)> {
@@ -376,15 +377,6 @@ pub(crate) fn memory_families(prefix: &str) -> Vec<MetricFamily> {
             .collect()
     };
     vec![
-        family(
-            "process_resident_memory_bytes",
-            "Resident memory size in bytes.",
-            MetricType::GAUGE,
-            m.resident
-                .map(|n| (Vec::new(), n as f64))
-                .into_iter()
-                .collect(),
-        ),
         family(
             &format!("{prefix}_resident_memory_bytes"),
             "Resident memory by kind: anonymous (heap, stacks) or file (the executable's pages).",
