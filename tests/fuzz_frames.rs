@@ -376,7 +376,7 @@ impl Stats {
 // ------------------------------------------------------------------------------------------
 
 /// Every type this build decodes, advisory ones (the ban list) included.
-const KNOWN_KINDS: [u16; 13] = [
+const KNOWN_KINDS: [u16; 15] = [
     kind::HELLO,
     kind::HELLO_ACK,
     kind::ERROR,
@@ -390,6 +390,8 @@ const KNOWN_KINDS: [u16; 13] = [
     kind::POOL_ACCEPTED,
     kind::BAN_LIST,
     kind::BAN_RESULT,
+    kind::EDGE_LIMITS,
+    kind::AUTO_BANS,
 ];
 
 fn header_len(buf: &[u8]) -> usize {
