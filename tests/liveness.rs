@@ -247,33 +247,67 @@ fn pooled(net: &SmallBuffers, gw: &Gateway) -> u64 {
         .unwrap_or(0)
 }
 
+/// Two agents of one site in the small-buffer namespace: a keeps a warm pool of 4 and b none,
+/// so the gateway hands new clients to a's pool first. A 5 s heartbeat: a frozen agent stays
+/// listed for a whole test (15 s to drop it), so only a pooled connection's missing answer can
+/// rescue a client. (Fields drop in order: the processes before the namespace.)
+struct FrozenPool {
+    a: Proc,
+    b: Proc,
+    gw: Gateway,
+    echo: EchoServer,
+    port: u16,
+    _dir: Workdir,
+    net: SmallBuffers,
+}
+
+impl FrozenPool {
+    fn start() -> Self {
+        let net = SmallBuffers::new();
+        let dir = Workdir::new();
+        let echo = net.run(EchoServer::start);
+        let gw = net.run(|| start_gateway(&dir, ""));
+        let port = free_port();
+        let l = || listener("echo", port, echo.addr);
+        let a = net.run(|| {
+            let top = "name = \"a\"\nheartbeat = \"5s\"\npool = 4";
+            start_agent(&dir, "agent-a", &[gw.control], &[l()], top, "")
+        });
+        let b = net.run(|| {
+            let top = "name = \"b\"\nheartbeat = \"5s\"\npool = 0";
+            start_agent(&dir, "agent-b", &[gw.control], &[l()], top, "")
+        });
+        assert!(wait_until(Duration::from_secs(10), || agents(&net, &gw)
+            .len()
+            == 2
+            && pooled(&net, &gw) == 4));
+        net.run(|| wait_open(local(port), Duration::from_secs(10)));
+        // The probe above was a client too (its backend connection may still be on its way):
+        // let it finish.
+        std::thread::sleep(Duration::from_millis(500));
+        FrozenPool {
+            a,
+            b,
+            gw,
+            echo,
+            port,
+            _dir: dir,
+            net,
+        }
+    }
+}
+
 #[test]
 fn a_client_handed_to_a_frozen_agents_pooled_connection_is_served_elsewhere() {
-    let net = SmallBuffers::new();
-    let dir = Workdir::new();
-    let echo = net.run(EchoServer::start);
-    let gw = net.run(|| start_gateway(&dir, ""));
-    let port = free_port();
-    let l = || listener("echo", port, echo.addr);
-    // a keeps a warm pool and b none, so the gateway hands new clients to a's pool first. A
-    // 5 s heartbeat: the frozen agent stays listed for the whole test (15 s to drop it), so
-    // only the pooled connection's missing answer can rescue the client.
-    let a = net.run(|| {
-        let top = "name = \"a\"\nheartbeat = \"5s\"\npool = 4";
-        start_agent(&dir, "agent-a", &[gw.control], &[l()], top, "")
-    });
-    let b = net.run(|| {
-        let top = "name = \"b\"\nheartbeat = \"5s\"\npool = 0";
-        start_agent(&dir, "agent-b", &[gw.control], &[l()], top, "")
-    });
-    assert!(wait_until(Duration::from_secs(10), || agents(&net, &gw)
-        .len()
-        == 2
-        && pooled(&net, &gw) == 4));
-    net.run(|| wait_open(local(port), Duration::from_secs(10)));
-    // The probe above was a client too (its backend connection may still be on its way);
-    // start counting from here.
-    std::thread::sleep(Duration::from_millis(500));
+    let FrozenPool {
+        a,
+        b,
+        gw,
+        echo,
+        port,
+        net,
+        _dir,
+    } = FrozenPool::start();
     let accepted_before = echo.accepted();
 
     a.signal("STOP");
@@ -328,26 +362,9 @@ fn a_client_handed_to_a_frozen_agents_pooled_connection_is_served_elsewhere() {
 /// closed with 0 bytes, found by bench/soak's 64 KiB echo clients).
 #[test]
 fn a_held_request_of_exactly_64_kib_then_a_half_close_is_served_elsewhere() {
-    let net = SmallBuffers::new();
-    let dir = Workdir::new();
-    let echo = net.run(EchoServer::start);
-    let gw = net.run(|| start_gateway(&dir, ""));
-    let port = free_port();
-    let l = || listener("echo", port, echo.addr);
-    let a = net.run(|| {
-        let top = "name = \"a\"\nheartbeat = \"5s\"\npool = 4";
-        start_agent(&dir, "agent-a", &[gw.control], &[l()], top, "")
-    });
-    let _b = net.run(|| {
-        let top = "name = \"b\"\nheartbeat = \"5s\"\npool = 0";
-        start_agent(&dir, "agent-b", &[gw.control], &[l()], top, "")
-    });
-    assert!(wait_until(Duration::from_secs(10), || agents(&net, &gw)
-        .len()
-        == 2
-        && pooled(&net, &gw) == 4));
-    net.run(|| wait_open(local(port), Duration::from_secs(10)));
-    std::thread::sleep(Duration::from_millis(500));
+    // (Bound whole: a field left to `..` would be dropped, its process killed, at once.)
+    let world = FrozenPool::start();
+    let (a, gw, port, net) = (&world.a, &world.gw, world.port, &world.net);
 
     a.signal("STOP");
     let data = pseudo_random(64 * 1024, 12);
