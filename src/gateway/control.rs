@@ -808,39 +808,53 @@ struct EarlyBans {
 /// Puts an agent's automatic-ban settings in force for its site (a refused set leaves the
 /// previous one).
 fn apply_auto_bans(site: &Site, agent: &AgentHandle, set: AutoBans) {
-    match site.autobans.replace(set) {
-        Ok(n) => tracing::info!(
-            site = %site.name, agent = %agent.name,
-            "automatic bans on for {n} listener(s)"
-        ),
-        Err(error) => {
-            static REFUSED: Event = Event::new(5, Duration::from_secs(10));
-            let occ = REFUSED.hit();
-            if occ.log {
-                tracing::warn!(
-                    site = %site.name, agent = %agent.name, peer = %agent.addr,
-                    "automatic-ban settings refused (the previous ones stay in force): {error}{}",
-                    occ.tally()
-                );
-            }
-        }
-    }
+    static REFUSED: Event = Event::new(5, Duration::from_secs(10));
+    let applied = site.autobans.replace(set);
+    report_edge_settings(
+        site,
+        agent,
+        applied,
+        "automatic bans on",
+        "automatic-ban settings",
+        &REFUSED,
+    );
 }
 
 /// Puts an agent's rate limits in force for its site (a refused set leaves the previous one).
 fn apply_limits(site: &Site, agent: &AgentHandle, limits: EdgeLimits) {
-    match site.limits.replace(limits) {
+    static REFUSED: Event = Event::new(5, Duration::from_secs(10));
+    let applied = site.limits.replace(limits);
+    report_edge_settings(
+        site,
+        agent,
+        applied,
+        "rate limits in force",
+        "rate limits",
+        &REFUSED,
+    );
+}
+
+/// Logs what a set of per-listener edge settings did: "`in_force` for N listener(s)", or
+/// "`what` refused (the previous ones stay in force)", rate limited by `refused` (one per kind).
+fn report_edge_settings(
+    site: &Site,
+    agent: &AgentHandle,
+    applied: Result<usize, String>,
+    in_force: &str,
+    what: &str,
+    refused: &Event,
+) {
+    match applied {
         Ok(n) => tracing::info!(
             site = %site.name, agent = %agent.name,
-            "rate limits in force for {n} listener(s)"
+            "{in_force} for {n} listener(s)"
         ),
         Err(error) => {
-            static REFUSED: Event = Event::new(5, Duration::from_secs(10));
-            let occ = REFUSED.hit();
+            let occ = refused.hit();
             if occ.log {
                 tracing::warn!(
                     site = %site.name, agent = %agent.name, peer = %agent.addr,
-                    "rate limits refused (the previous ones stay in force): {error}{}",
+                    "{what} refused (the previous ones stay in force): {error}{}",
                     occ.tally()
                 );
             }
