@@ -61,6 +61,7 @@ pub mod gateway;
 pub mod limits;
 pub mod mem;
 pub mod net;
+pub mod peek;
 pub mod pipe;
 pub mod protocol;
 pub mod ratelimit;

@@ -275,6 +275,21 @@ pub fn render(status: &Value, stats: &Value) -> String {
         ));
     }
 
+    let routes = status["routes"].as_array().cloned().unwrap_or_default();
+    if !routes.is_empty() {
+        let rows: Vec<Vec<String>> = routes
+            .iter()
+            .map(|r| {
+                ["addr", "hostname", "site", "listener"]
+                    .iter()
+                    .map(|k| s(&r[*k]))
+                    .collect()
+            })
+            .collect();
+        out.push_str(&format!("\nRoutes by host name ({})\n", rows.len()));
+        out.push_str(&table(&["PORT", "HOST NAME", "SITE", "LISTENER"], &rows));
+    }
+
     let t = &stats["totals"];
     out.push_str(&format!(
         "\nClients: {} active, {} pending, {} accepted, {} rejected, {} closed\n",

@@ -294,6 +294,7 @@ impl GatewayListener {
             clients_text: ClientRules::default(),
             edge: Default::default(),
             auto_ban: None,
+            hostnames: Vec::new(),
         });
         Ok(GatewayListenerBuilder {
             config,

@@ -203,6 +203,11 @@ pub struct ListenerConfig {
     /// `auto_ban`: automatic bans the gateways decide (outside the digest's serialization too).
     #[serde(skip)]
     pub auto_ban: Option<crate::protocol::ListenerAutoBan>,
+    /// `hostnames`: the names this listener serves on a public port it may share with other
+    /// listeners (normalized: lowercase, no trailing dot; `"*"` is the port's default). Empty:
+    /// the port is its own. Left out of the digest when empty, so digests stay as they were.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
 }
 
 /// A listener's rate limits (`new_connections_per_ip`, `client_rate`, `listener_rate`); `None`:
@@ -225,12 +230,14 @@ impl EdgeLimitsConfig {
 
 impl ListenerConfig {
     /// What the gateway needs to know (no backend).
-    /// A UDP listener carries [`datagram::UDP_MARKER`] as its first client exception.
+    /// A UDP listener carries [`datagram::UDP_MARKER`] as its first client exception, a
+    /// listener with host names [`crate::protocol::hostnames::ROUTE_MARKER`] and its names.
     pub fn spec(&self) -> ListenerSpec {
         let mut clients = self.clients_text.clone();
         if !self.protocol.is_tcp() {
             clients.except.insert(0, datagram::UDP_MARKER.to_string());
         }
+        crate::protocol::hostnames::mark(&self.hostnames, &mut clients.except);
         ListenerSpec {
             name: self.name.clone(),
             public: self.public,
@@ -367,6 +374,7 @@ struct RawListener {
     client_rate: Option<Spanned<String>>,
     listener_rate: Option<Spanned<String>>,
     auto_ban: Option<Spanned<RawAutoBan>>,
+    hostnames: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -685,6 +693,7 @@ impl AgentConfig {
         let mut names: HashSet<String> = HashSet::new();
         // TCP and UDP ports are separate: a listener of each may share a port.
         let (mut held, mut held_udp) = (Occupancy::default(), Occupancy::default());
+        let mut shared_ports = SharedPorts::default();
         for raw_l in &raw.listener {
             let l = raw_l.get_ref();
             let lname = l.name.get_ref().clone();
@@ -712,12 +721,14 @@ impl AgentConfig {
                 ));
             }
             let protocol = parse_protocol(&src, l, &ctx)?;
+            let hostnames = parse_hostnames(&src, l, &public, &protocol, &ctx)?;
             let taken = if protocol.is_tcp() {
                 &mut held
             } else {
                 &mut held_udp
             };
-            if !taken.claim(&public) {
+            let shares = shared_ports.share(&src, l, &lname, &public, &hostnames)?;
+            if !shares && !taken.claim(&public) {
                 let other = listeners
                     .iter()
                     .find(|o| {
@@ -780,6 +791,7 @@ impl AgentConfig {
                 clients_text,
                 edge,
                 auto_ban,
+                hostnames,
             });
         }
         if listeners.is_empty() {
@@ -945,6 +957,120 @@ impl AgentConfig {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
+    }
+}
+
+/// A listener's `hostnames`: each `"*"`, `"*.suffix"` or a DNS name (letters, digits, `-`,
+/// dots between non-empty labels), normalized; no repeats; TCP and a single port only.
+fn parse_hostnames(
+    src: &Source,
+    l: &RawListener,
+    public: &PublicAddr,
+    protocol: &Protocol,
+    ctx: &dyn Fn(&str) -> String,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(list) = &l.hostnames else {
+        return Ok(Vec::new());
+    };
+    let refuse = |why: &str| Err(src.error(list.span(), &ctx("hostnames"), why));
+    if list.get_ref().is_empty() {
+        return refuse("is empty: list the names this listener serves, or leave the key out");
+    }
+    if !protocol.is_tcp() {
+        return refuse(
+            "host names route TCP clients (TLS SNI, HTTP Host): not for protocol = \"udp\"",
+        );
+    }
+    if public.ports.len() != 1 {
+        return refuse("a listener with host names has one public port, not a range");
+    }
+    let mut names: Vec<String> = Vec::new();
+    for name in list.get_ref() {
+        let normal = src.parse_with(name, &ctx("hostnames"), check_hostname)?;
+        if names.contains(&normal) {
+            return Err(src.error(
+                name.span(),
+                &ctx("hostnames"),
+                format!("\"{normal}\" is listed twice"),
+            ));
+        }
+        names.push(normal);
+    }
+    Ok(names)
+}
+
+/// One entry of `hostnames`, normalized (lowercase, no trailing dot).
+pub fn check_hostname(name: &str) -> Result<String, String> {
+    let normal = crate::peek::normalize(name.trim());
+    if normal == "*" {
+        return Ok(normal);
+    }
+    let bare = normal.strip_prefix("*.").unwrap_or(&normal);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if bare.len() > 253 || !bare.split('.').all(label_ok) {
+        return Err(format!(
+            "\"{name}\" is not a host name: expected e.g. \"files.example.com\", \"*.example.org\" (any name under it) or \"*\" (the port's default)"
+        ));
+    }
+    Ok(normal)
+}
+
+/// Public ports the listeners of one file share by host name, and which listener holds each
+/// name there.
+#[derive(Default)]
+struct SharedPorts(HashMap<PublicAddr, (String, HashMap<String, String>)>);
+
+impl SharedPorts {
+    /// Whether `public` is a port already shared by host name that this listener joins (its
+    /// names then recorded); `false` for a port not yet seen (the caller claims it). A name
+    /// already held there, or a listener without names on a shared port, is an error.
+    fn share(
+        &mut self,
+        src: &Source,
+        l: &RawListener,
+        lname: &str,
+        public: &PublicAddr,
+        names: &[String],
+    ) -> Result<bool, ConfigError> {
+        let here = |field: &str| format!("listener \"{lname}\": {field}");
+        let Some((first, held)) = self.0.get_mut(public) else {
+            if !names.is_empty() {
+                let held = names
+                    .iter()
+                    .map(|n| (n.clone(), lname.to_string()))
+                    .collect();
+                self.0.insert(*public, (lname.to_string(), held));
+            }
+            return Ok(false);
+        };
+        if names.is_empty() {
+            return Err(src.error(
+                l.public.span(),
+                &here("public"),
+                format!("{public} is shared by host name (listener \"{first}\"): set hostnames here too"),
+            ));
+        }
+        for name in names {
+            if let Some(other) = held.get(name) {
+                let span = l
+                    .hostnames
+                    .as_ref()
+                    .map(|h| h.span())
+                    .unwrap_or(l.public.span());
+                return Err(src.error(
+                    span,
+                    &here("hostnames"),
+                    format!("\"{name}\" on {public} is already listener \"{other}\"'s"),
+                ));
+            }
+            held.insert(name.clone(), lname.to_string());
+        }
+        Ok(true)
     }
 }
 

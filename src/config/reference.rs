@@ -235,6 +235,11 @@ pub const AGENT_KEYS: &[Key] = &[
     ),
     noted("listener.idle_timeout", Applied, "for new flows"),
     noted(
+        "listener.hostnames",
+        Applied,
+        "pushed to every gateway: the listener's routes change, its clients stay",
+    ),
+    noted(
         "listener.clients.default",
         Applied,
         "pushed to every gateway: only changed listeners restart",

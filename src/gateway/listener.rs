@@ -11,6 +11,8 @@ use std::time::{Instant, SystemTime};
 
 use std::future::Future;
 
+use bytes::BytesMut;
+
 use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -27,7 +29,9 @@ use crate::config::check_name;
 use crate::limits::{ConnPermit, GaugePermits};
 use crate::net;
 use crate::pipe::{pipe_tcp_throttled, PipeCounters};
-use crate::protocol::{datagram, ClientArrived, ListenerSpec, Message, PoolAssign, Token};
+use crate::protocol::{
+    datagram, hostnames, ClientArrived, ListenerSpec, Message, PoolAssign, Token,
+};
 use crate::ratelimit::PipeThrottle;
 use crate::transport::Stream;
 
@@ -94,7 +98,8 @@ pub(crate) struct ListenerInfo {
     pub stats: Arc<ListenerStats>,
 }
 
-/// An open listener: one accept task per port of its range, all stopped together.
+/// An open listener: one accept task per port of its range, all stopped together; or, for a
+/// listener with host names, its routes on a shared port ([`super::route`]).
 pub(crate) struct RunningListener {
     pub spec: ListenerSpec,
     pub addrs: Vec<SocketAddr>,
@@ -102,6 +107,8 @@ pub(crate) struct RunningListener {
     pub bind_ip: std::net::IpAddr,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The shared port it routes on (the listener's own name and site): left on close.
+    routed: Option<(Arc<Shared>, String)>,
     /// Its ports' places in the site's and the gateway's port budgets, given back on close.
     _ports: (GaugePermits, GaugePermits),
 }
@@ -109,7 +116,7 @@ pub(crate) struct RunningListener {
 impl RunningListener {
     /// Validates the pushed spec and binds every port of its range, or none: a range opens and
     /// closes as a whole. The error is one line for the agent's log.
-    pub fn open(
+    pub async fn open(
         shared: &Arc<Shared>,
         site: &Arc<Site>,
         spec: ListenerSpec,
@@ -123,36 +130,62 @@ impl RunningListener {
             ));
         }
         shared.config().check_public(&spec.public)?;
+        let (hostnames, except) = hostnames::split(datagram::rules_of(&spec.clients.except));
+        if !hostnames.is_empty() && spec.public.ports.len() != 1 {
+            return Err("a listener with host names has one public port, not a range".into());
+        }
         let ports = port_budget(shared, site, spec.public.ports.len())?;
-        let except = datagram::rules_of(&spec.clients.except);
         let rules = AccessRules::parse(spec.clients.default, except)
             .map_err(|e| format!("invalid client rules: {e}"))?;
         let bind_ip = spec.public.ip.unwrap_or(shared.config().client_bind);
-        // Dropping `bound` on error closes the ports opened so far.
-        let bound = Bound::bind(&spec, bind_ip)?;
-        let addrs = bound.addrs();
         let info = Arc::new(ListenerInfo {
             stats: shared.traffic.listener(&site.name, &spec.name),
             spec: spec.clone(),
             rules,
         });
-        let cancel = CancellationToken::new();
-        let tasks = bound.serve(shared, site, &info, &cancel);
-        Ok(RunningListener {
+        let mut running = RunningListener {
             spec,
-            addrs,
+            addrs: Vec::new(),
             bind_ip,
-            cancel,
-            tasks,
+            cancel: CancellationToken::new(),
+            tasks: Vec::new(),
+            routed: None,
             _ports: ports,
-        })
+        };
+        if !hostnames.is_empty() {
+            let addr = SocketAddr::new(bind_ip, running.spec.public.ports.first());
+            shared
+                .routes
+                .join(shared, addr, site, &info, &hostnames)
+                .await?;
+            running.addrs = vec![addr];
+            running.routed = Some((shared.clone(), site.name.clone()));
+            return Ok(running);
+        }
+        for addr in running.spec.public.socket_addrs(bind_ip) {
+            if let Some(holder) = shared.routes.holder(addr).await {
+                return Err(format!(
+                    "{addr}: the port is shared by host name ({holder}): a listener on it needs hostnames too"
+                ));
+            }
+        }
+        // Dropping `bound` on error closes the ports opened so far.
+        let bound = Bound::bind(&running.spec, bind_ip)?;
+        running.addrs = bound.addrs();
+        running.tasks = bound.serve(shared, site, &info, &running.cancel);
+        Ok(running)
     }
 
-    /// Closes every port and waits until the sockets are gone, so the ports can be reused at once.
+    /// Closes every port (or leaves the shared one) and waits until the sockets are gone, so
+    /// the ports can be reused at once.
     pub async fn stop(self) {
         self.cancel.cancel();
         for task in self.tasks {
             let _ = task.await;
+        }
+        if let Some((shared, site)) = self.routed {
+            let addr = self.addrs[0];
+            shared.routes.leave(addr, &site, &self.spec.name).await;
         }
     }
 }
@@ -259,7 +292,7 @@ fn port_budget(
     Ok((here, all))
 }
 
-fn describe_bind_error(e: &std::io::Error) -> String {
+pub(super) fn describe_bind_error(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::AddrInUse => "address in use".to_string(),
         std::io::ErrorKind::PermissionDenied => {
@@ -277,24 +310,8 @@ async fn accept_loop(
     listener: TcpListener,
     cancel: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, client_addr) = match accepted {
-            // Dual-stack sockets report IPv4 clients as ::ffff:a.b.c.d; rules and logs use a.b.c.d.
-            Ok((stream, addr)) => (stream, SocketAddr::new(canonical(addr.ip()), addr.port())),
-            Err(e) if net::is_resource_exhaustion(&e) => {
-                tracing::warn!(listener = %info.spec.name, "accept failed: {e}; pausing 100 ms");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-            Err(e) => {
-                tracing::debug!(listener = %info.spec.name, "accept failed: {e}");
-                continue;
-            }
-        };
+    let label = info.spec.name.clone();
+    while let Some((stream, client_addr)) = next_client(&listener, &cancel, &label).await {
         if shared.state() != RunState::Running {
             // Pausing closes this socket; a client accepted in between is refused too.
             info.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -302,58 +319,13 @@ async fn accept_loop(
             net::reset(stream);
             continue;
         }
-        // A banned address: refused before anything else (no agent hears of it).
-        if is_banned(&shared, &site, &info, client_addr) {
+        if !admit_to_listener(&shared, &site, &info, client_addr) {
             net::reset(stream);
             continue;
         }
-        if !within_rate(&shared, &site, &info, client_addr)
-            || auto_banned_now(&shared, &site, &info, client_addr)
-        {
+        let Some(permit) = take_permit(&shared, Some(&info), &label, client_addr) else {
             net::reset(stream);
             continue;
-        }
-        if !info.rules.allows(client_addr.ip()) {
-            info.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            let occ = shared.stats.clients_rejected.hit();
-            if occ.log {
-                tracing::info!(
-                    listener = %info.spec.name, client = %client_addr,
-                    "client rejected by the listener's rules{}", occ.tally()
-                );
-            }
-            net::reset(stream);
-            continue;
-        }
-        // Descriptors first: at the limit new clients are refused, so the admin API, agents and
-        // established connections keep theirs.
-        if !shared.fds.admit(crate::fds::PER_CLIENT, false) {
-            over_limit(
-                &shared,
-                &info,
-                client_addr,
-                format_args!(
-                    "the gateway's open files are near their limit of {} ({} kept in reserve)",
-                    shared.fds.limit(),
-                    shared.fds.reserve()
-                ),
-            );
-            net::reset(stream);
-            continue;
-        }
-        let permit = match shared.clients.try_acquire(client_addr.ip()) {
-            Ok(p) => p,
-            Err(limit) => {
-                info.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                over_limit(
-                    &shared,
-                    &info,
-                    client_addr,
-                    format_args!("client connections reached {limit}"),
-                );
-                net::reset(stream);
-                continue;
-            }
         };
         shared.tasks.spawn(serve_client(
             shared.clone(),
@@ -362,7 +334,101 @@ async fn accept_loop(
             stream,
             client_addr,
             permit,
+            BytesMut::new(),
         ));
+    }
+}
+
+/// The next client of a public socket, with its address in canonical form; `None` once
+/// `cancel` fires. Accept errors are logged under `label` (a listener, or a shared port).
+pub(super) async fn next_client(
+    listener: &TcpListener,
+    cancel: &CancellationToken,
+    label: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            // Dual-stack sockets report IPv4 clients as ::ffff:a.b.c.d; rules and logs use a.b.c.d.
+            Ok((stream, addr)) => {
+                return Some((stream, SocketAddr::new(canonical(addr.ip()), addr.port())))
+            }
+            Err(e) if net::is_resource_exhaustion(&e) => {
+                tracing::warn!(listener = %label, "accept failed: {e}; pausing 100 ms");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => tracing::debug!(listener = %label, "accept failed: {e}"),
+        }
+    }
+}
+
+/// The listener's own checks of a new client: its site's bans, its rate limit and automatic
+/// bans, its client rules. Counts and logs a refusal.
+pub(super) fn admit_to_listener(
+    shared: &Shared,
+    site: &Site,
+    info: &ListenerInfo,
+    client_addr: SocketAddr,
+) -> bool {
+    // A banned address: refused before anything else (no agent hears of it).
+    if is_banned(shared, site, info, client_addr) {
+        return false;
+    }
+    if !within_rate(shared, site, info, client_addr)
+        || auto_banned_now(shared, site, info, client_addr)
+    {
+        return false;
+    }
+    if !info.rules.allows(client_addr.ip()) {
+        info.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        let occ = shared.stats.clients_rejected.hit();
+        if occ.log {
+            tracing::info!(
+                listener = %info.spec.name, client = %client_addr,
+                "client rejected by the listener's rules{}", occ.tally()
+            );
+        }
+        return false;
+    }
+    true
+}
+
+/// The gateway-wide places a client takes: descriptors first (at the limit new clients are
+/// refused, so the admin API, agents and established connections keep theirs), then its place
+/// among the client connections (in total and per address). `info`: the listener that counts
+/// a refusal, when it is known yet.
+pub(super) fn take_permit(
+    shared: &Shared,
+    info: Option<&ListenerInfo>,
+    label: &str,
+    client_addr: SocketAddr,
+) -> Option<ConnPermit> {
+    if !shared.fds.admit(crate::fds::PER_CLIENT, false) {
+        over_limit(
+            shared,
+            label,
+            client_addr,
+            format_args!(
+                "the gateway's open files are near their limit of {} ({} kept in reserve)",
+                shared.fds.limit(),
+                shared.fds.reserve()
+            ),
+        );
+        return None;
+    }
+    match shared.clients.try_acquire(client_addr.ip()) {
+        Ok(p) => Some(p),
+        Err(limit) => {
+            if let Some(info) = info {
+                info.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            let what = format_args!("client connections reached {limit}");
+            over_limit(shared, label, client_addr, what);
+            None
+        }
     }
 }
 
@@ -463,15 +529,10 @@ impl Drop for EndWatch {
 }
 
 /// Counts a client refused by a limit; logs at most once per interval.
-fn over_limit(
-    shared: &Shared,
-    info: &ListenerInfo,
-    client: SocketAddr,
-    what: std::fmt::Arguments<'_>,
-) {
+fn over_limit(shared: &Shared, label: &str, client: SocketAddr, what: std::fmt::Arguments<'_>) {
     let occ = shared.stats.clients_over_limit.hit();
     if occ.log {
-        tracing::warn!(listener = %info.spec.name, client = %client, "client refused: {what}{}", occ.tally());
+        tracing::warn!(listener = %label, client = %client, "client refused: {what}{}", occ.tally());
     }
 }
 
@@ -522,6 +583,7 @@ pub(crate) async fn serve_client<C: PublicClient>(
     mut client: C,
     client_addr: SocketAddr,
     _permit: ConnPermit,
+    first: BytesMut,
 ) {
     let started = Instant::now();
     let _end = EndWatch {
@@ -556,7 +618,7 @@ pub(crate) async fn serve_client<C: PublicClient>(
             limits.max_pending, limits.max_pending_per_listener
         );
         info.stats.rejected.fetch_add(1, Ordering::Relaxed);
-        over_limit(&shared, &info, client_addr, what);
+        over_limit(&shared, &info.spec.name, client_addr, what);
         client.refuse();
         return;
     };
@@ -597,7 +659,12 @@ pub(crate) async fn serve_client<C: PublicClient>(
     };
     // A warm pool connection, when an agent keeps some: no notification round trip. Otherwise,
     // or when the pooled connections handed this client did not answer, announce it.
-    let mut held = Held::default();
+    // Bytes read to route the client (a shared port) are its first held bytes: they reach the
+    // agent first, on whichever path, unchanged.
+    let mut held = Held {
+        bytes: first,
+        eof: false,
+    };
     let mut shunned = Vec::new();
     let (data, forwarded, via) =
         match from_pool(&shared, &site, &offer, &mut client, &mut held, &mut shunned).await {

@@ -20,6 +20,7 @@ mod listener;
 pub mod outbound;
 mod pending;
 mod pool;
+mod route;
 mod site;
 pub mod stats;
 mod udp;
@@ -42,6 +43,7 @@ use crate::config::GatewayConfig;
 use crate::limits::{ConnLimiter, Gauge};
 use crate::net;
 use pending::PendingTable;
+pub use route::RouteView;
 use site::SiteRegistry;
 pub use site::{ListenerState, ListenerView};
 use stats::{GatewayStats, History, Traffic, TrafficSnapshot};
@@ -71,6 +73,8 @@ pub enum Exit {
 pub(crate) struct Shared {
     config: RwLock<Arc<GatewayConfig>>,
     pub sites: SiteRegistry,
+    /// Public ports shared by host name, and their routes.
+    pub routes: route::SharedPorts,
     pub pending: PendingTable,
     pub stats: GatewayStats,
     pub traffic: Arc<Traffic>,
@@ -250,6 +254,7 @@ impl Gateway {
         let limits = &config.limits;
         let shared = Arc::new(Shared {
             sites: SiteRegistry::default(),
+            routes: Default::default(),
             pending: PendingTable::default(),
             stats: GatewayStats::default(),
             traffic: Arc::default(),
@@ -395,6 +400,8 @@ pub struct StatusView {
     pub control: ControlView,
     pub agents: Vec<AgentView>,
     pub listeners: Vec<ListenerView>,
+    /// Routes of the ports shared by host name: port, name, site, listener.
+    pub routes: Vec<RouteView>,
     /// Agents the last reloads cut because `[peers]` no longer allows them (at most 32).
     pub revoked: Vec<RevokedView>,
 }
@@ -552,6 +559,12 @@ impl GatewayHandle {
                 .iter()
                 .filter(|one| site.map_or(true, |name| one.name == name))
                 .flat_map(|site| site.listener_views())
+                .collect(),
+            routes: s
+                .routes
+                .views()
+                .into_iter()
+                .filter(|r| site.map_or(true, |name| r.site == name))
                 .collect(),
             revoked: s.revoked.lock().unwrap().iter().cloned().collect(),
         }

@@ -109,6 +109,9 @@ pub struct ListenerView {
     pub state: ListenerState,
     pub addrs: Vec<SocketAddr>,
     pub error: Option<String>,
+    /// The host names it serves on a shared port (empty: the port is its own).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
 }
 
 impl Site {
@@ -318,7 +321,7 @@ impl Site {
                 if listeners.open.contains_key(&spec.name) {
                     continue;
                 }
-                match RunningListener::open(shared, self, spec.clone()) {
+                match RunningListener::open(shared, self, spec.clone()).await {
                     Ok(running) => {
                         tracing::debug!(
                             site = %self.name, listener = %spec.name,
@@ -359,6 +362,7 @@ impl Site {
                     state,
                     addrs,
                     error,
+                    hostnames: crate::protocol::hostnames::split(&spec.clients.except).0,
                 }
             })
             .collect();

@@ -74,6 +74,13 @@ pub struct GatewayStats {
     /// Agents cut by a reload because the new CRL revokes their certificate (or the new CA no
     /// longer accepts it). A revoked certificate's handshake fails and counts as `tls_failed`.
     pub revoked: Event,
+    /// Clients of a port shared by host name that sent no complete ClientHello or request head
+    /// within the peek deadline.
+    pub route_timeout: Event,
+    /// Clients of a shared port whose first bytes were neither TLS nor HTTP/1.
+    pub route_garbage: Event,
+    /// Clients of a shared port naming a host no listener serves there, without a default.
+    pub route_unknown: Event,
 }
 
 impl Default for GatewayStats {
@@ -100,6 +107,9 @@ impl Default for GatewayStats {
             pool_unanswered: Event::some_per_10s(),
             wrong_site: Event::some_per_10s(),
             revoked: Event::some_per_10s(),
+            route_timeout: Event::some_per_10s(),
+            route_garbage: Event::some_per_10s(),
+            route_unknown: Event::some_per_10s(),
         }
     }
 }
@@ -128,6 +138,9 @@ impl GatewayStats {
             ("pool_unanswered", self.pool_unanswered.count()),
             ("wrong_site", self.wrong_site.count()),
             ("revoked", self.revoked.count()),
+            ("route_timeout", self.route_timeout.count()),
+            ("route_garbage", self.route_garbage.count()),
+            ("route_unknown", self.route_unknown.count()),
         ])
     }
 }

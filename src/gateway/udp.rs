@@ -184,6 +184,7 @@ fn open_flow(
         flow,
         client,
         permit,
+        bytes::BytesMut::new(),
     ));
     Some(tx)
 }

@@ -11,6 +11,7 @@
 
 pub mod datagram;
 pub mod frame;
+pub mod hostnames;
 pub mod liveness;
 pub mod message;
 pub mod outbox;
