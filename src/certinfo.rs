@@ -66,15 +66,14 @@ impl CertInfo {
                     }
                 }
                 GeneralName::DNSName(dns) => names.push(dns.to_string()),
-                GeneralName::IPAddress(ip) => match ip.len() {
-                    4 => names.push(
-                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap()).to_string(),
-                    ),
-                    16 => names.push(
-                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap()).to_string(),
-                    ),
-                    _ => {}
-                },
+                // 4 bytes are an IPv4 address, 16 an IPv6 one; any other length is skipped.
+                GeneralName::IPAddress(ip) => {
+                    if let Ok(v4) = <[u8; 4]>::try_from(*ip) {
+                        names.push(std::net::Ipv4Addr::from(v4).to_string());
+                    } else if let Ok(v6) = <[u8; 16]>::try_from(*ip) {
+                        names.push(std::net::Ipv6Addr::from(v6).to_string());
+                    }
+                }
                 _ => {}
             }
         }

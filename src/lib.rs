@@ -42,6 +42,11 @@
 //!
 //! `examples/embedded_server.rs` is the runnable version.
 
+// unwrap() outside tests: a warning (an error under clippy -D warnings); write `expect` with the
+// invariant, or handle the case. Set here rather than in Cargo.toml's [lints] so that it covers
+// the library and not the integration tests' helpers (tests/support), which unwrap by design.
+#![warn(clippy::unwrap_used)]
+
 pub mod access;
 pub mod addr;
 pub mod admin;

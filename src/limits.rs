@@ -12,8 +12,10 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::access::canonical;
 
@@ -68,7 +70,7 @@ pub struct ConnPermit {
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
-        let mut per_ip = self.state.per_ip.lock().unwrap();
+        let mut per_ip = self.state.per_ip.lock();
         if let Some(n) = per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -117,7 +119,7 @@ impl ConnLimiter {
         } else {
             max_total.saturating_sub(self.reserved.load(Ordering::Relaxed))
         };
-        let mut per_ip = self.inner.per_ip.lock().unwrap();
+        let mut per_ip = self.inner.per_ip.lock();
         if self.inner.total.load(Ordering::Relaxed) >= open_to_caller {
             return Err(Exceeded::Total(open_to_caller));
         }

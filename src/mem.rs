@@ -36,6 +36,8 @@ pub struct MemoryFigures {
 
 impl MemoryFigures {
     /// Reads `/proc/self/status` and asks the allocator.
+    // The crate denies unsafe code; this FFI call is allowed with its SAFETY proof below.
+    #[allow(unsafe_code)]
     pub fn read() -> Self {
         let mut figures = MemoryFigures::default();
         if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
@@ -68,6 +70,8 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
 }
 
 /// Returns free heap memory to the kernel where the allocator supports it.
+// The crate denies unsafe code; this FFI call is allowed with its SAFETY proof below.
+#[allow(unsafe_code)]
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes a plain integer (bytes of padding to keep) and no pointers; it

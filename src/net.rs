@@ -189,6 +189,8 @@ impl RttProbe {
 }
 
 #[cfg(target_os = "linux")]
+// The crate denies unsafe code; getsockopt is allowed here with its SAFETY proofs below.
+#[allow(unsafe_code)]
 fn tcp_rtt(fd: std::os::fd::RawFd) -> Option<Duration> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;

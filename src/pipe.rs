@@ -355,8 +355,9 @@ mod zero_copy {
     use std::net::Shutdown;
     use std::os::fd::OwnedFd;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Mutex, OnceLock};
+    use std::sync::OnceLock;
 
+    use parking_lot::Mutex;
     use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
     use tokio::io::Interest;
     use tokio::net::TcpStream;
@@ -376,6 +377,8 @@ mod zero_copy {
     /// Buffer of the fallback copy when no pipe can be had (out of descriptors).
     const FALLBACK_CHUNK: usize = 16 * 1024;
 
+    /// parking_lot's lock does not poison: a panic elsewhere while holding it cannot leave the
+    /// Vec inconsistent (push and pop only), so the pool stays usable.
     static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
     #[cfg(test)]
@@ -410,7 +413,7 @@ mod zero_copy {
             if NO_PIPES.with(|no| no.get()) {
                 return Err(io::Error::other("no pipes in this test"));
             }
-            if let Some(pipe) = lock_pool().pop() {
+            if let Some(pipe) = POOL.lock().pop() {
                 return Ok(pipe);
             }
             let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
@@ -428,16 +431,11 @@ mod zero_copy {
         /// Returns an empty pipe to the pool. Only call this when every byte spliced in has been
         /// spliced out.
         fn give_back(self) {
-            let mut pool = lock_pool();
+            let mut pool = POOL.lock();
             if pool.len() < POOL_MAX {
                 pool.push(self);
             }
         }
-    }
-
-    fn lock_pool() -> std::sync::MutexGuard<'static, Vec<Pipe>> {
-        // A panic while holding the lock cannot leave the Vec inconsistent: keep using it.
-        POOL.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What one burst of reading ended with.

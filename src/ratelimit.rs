@@ -20,8 +20,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::limits::limit_key;
 
@@ -68,7 +70,7 @@ impl TokenBucket {
 
     /// Takes `n` tokens, into debt if need be; how long to wait until the debt is paid.
     pub fn take(&self, n: usize) -> Duration {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock();
         self.refill(&mut state, Instant::now());
         state.0 -= n as f64;
         if state.0 >= 0.0 {
@@ -80,7 +82,7 @@ impl TokenBucket {
 
     /// Takes one token if there is one (never into debt).
     pub fn try_take_one(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock();
         self.refill(&mut state, Instant::now());
         if state.0 >= 1.0 {
             state.0 -= 1.0;
@@ -154,7 +156,7 @@ impl PerIpRate {
     /// Whether a new connection from `ip` is within the rate (and counts it if so).
     pub fn admit(&self, ip: IpAddr) -> bool {
         let bucket = {
-            let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            let mut buckets = self.buckets.lock();
             if buckets.len() >= PER_IP_MAX {
                 // Idle addresses are back to a full bucket: forgetting them changes nothing.
                 // If every one is busy (a storm from 100,000 addresses), all are forgotten.
@@ -177,7 +179,7 @@ impl PerIpRate {
 
 impl TokenBucket {
     fn is_full(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock();
         self.refill(&mut state, Instant::now());
         state.0 >= self.burst
     }

@@ -21,10 +21,11 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use parking_lot::Mutex;
 use sallyport::protocol::{
     self, ClientArrived, ConfigResult, FrameCodec, HelloAck, ListenerResult, ListenerStatus,
     Message, PoolAssign, Role, SessionSecret, Token,
@@ -316,7 +317,7 @@ impl HoldServer {
                 let now = open.fetch_add(1, Ordering::SeqCst) + 1;
                 open_max.fetch_max(now, Ordering::SeqCst);
                 let index = {
-                    let mut f = firsts.lock().unwrap();
+                    let mut f = firsts.lock();
                     f.push(Vec::new());
                     f.len() - 1
                 };
@@ -327,7 +328,7 @@ impl HoldServer {
                         match stream.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
-                                let mut f = firsts.lock().unwrap();
+                                let mut f = firsts.lock();
                                 let first = &mut f[index];
                                 let room = 256usize.saturating_sub(first.len());
                                 first.extend_from_slice(&buf[..n.min(room)]);
@@ -838,7 +839,7 @@ fn offers_on_unknown_listeners_and_out_of_range_ports_are_refused() {
             tokio::spawn(async move {
                 while let Some(Ok(frame)) = reader.next().await {
                     if let Ok(Some(Message::ClientFailed(f))) = Message::from_frame(&frame) {
-                        failed.lock().unwrap().push(f.reason);
+                        failed.lock().push(f.reason);
                     }
                 }
             });
@@ -880,7 +881,7 @@ fn offers_on_unknown_listeners_and_out_of_range_ports_are_refused() {
     );
     w.honest_serves("after 8,000 bad offers");
     w.agent_alive();
-    let failed = failed.lock().unwrap().clone();
+    let failed = failed.lock().clone();
     assert!(failed.len() > 1000, "{} ClientFailed answers", failed.len());
     assert!(failed
         .iter()
@@ -1007,7 +1008,7 @@ fn a_broken_protocol_drops_the_hostile_gateway_with_one_line_per_kind() {
                     _ => None,
                 })
                 .collect();
-            closed.lock().unwrap().push((n, gone, errors));
+            closed.lock().push((n, gone, errors));
         }
     });
     let w = World::start(DataMode::Hold, play, "pool = 0", "");
@@ -1023,7 +1024,7 @@ fn a_broken_protocol_drops_the_hostile_gateway_with_one_line_per_kind() {
     );
     w.honest_serves("after every breakage");
     w.agent_alive();
-    let closed = closed.lock().unwrap().clone();
+    let closed = closed.lock().clone();
     for (n, (kind, text)) in BREAKAGES.iter().enumerate() {
         let (_, gone, errors) = closed
             .iter()
@@ -1197,17 +1198,16 @@ fn proxy_header_lies_give_well_formed_headers() {
     let w = World::start(DataMode::Hold, play, "pool = 0", "");
     assert!(
         wait_until(Duration::from_secs(20), || {
-            let f = w.hold.firsts.lock().unwrap();
+            let f = w.hold.firsts.lock();
             f.len() == 3 && f.iter().all(|h| h.ends_with(b"\r\n"))
         }),
         "{:?}",
-        w.hold.firsts.lock().unwrap()
+        w.hold.firsts.lock()
     );
     let headers: Vec<String> = w
         .hold
         .firsts
         .lock()
-        .unwrap()
         .iter()
         .map(|h| String::from_utf8_lossy(h).into_owned())
         .collect();

@@ -26,9 +26,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use support::netns::{in_ns, open_fds, rss_kib, runtime_in, sh_in, Zones};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -83,7 +84,7 @@ impl Sampler {
             while !stopped.load(Ordering::SeqCst) {
                 for (i, pid) in pids.iter().enumerate() {
                     let f = figures(*pid);
-                    let mut p = seen.lock().unwrap();
+                    let mut p = seen.lock();
                     p[i].rss_kib = p[i].rss_kib.max(f.rss_kib);
                     p[i].fds = p[i].fds.max(f.fds);
                 }
@@ -100,7 +101,7 @@ impl Sampler {
     fn finish(mut self) -> Vec<Figures> {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.take().unwrap().join().unwrap();
-        let peaks = self.peaks.lock().unwrap().clone();
+        let peaks = self.peaks.lock().clone();
         peaks
     }
 }

@@ -7,9 +7,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use support::nginx::{Nginx, NginxOptions};
 use support::servers::EchoServer;
 use support::*;
@@ -122,7 +123,7 @@ impl Stream {
             while !s.load(Ordering::Relaxed) {
                 let at = Instant::now();
                 let result = work();
-                r.lock().unwrap().push((at, result));
+                r.lock().push((at, result));
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
@@ -134,13 +135,13 @@ impl Stream {
     }
 
     fn count(&self) -> usize {
-        self.results.lock().unwrap().len()
+        self.results.lock().len()
     }
 
     fn finish(mut self) -> Vec<Outcome> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap();
-        std::mem::take(&mut self.results.lock().unwrap())
+        std::mem::take(&mut self.results.lock())
     }
 }
 

@@ -110,7 +110,6 @@ fn sftp_64_mib_up_and_down_through_the_gateway() {
     assert!(sshd
         .log
         .lock()
-        .unwrap()
         .iter()
         .any(|l| l.contains(&format!("Accepted publickey for {TEST_USER}"))));
 }

@@ -14,9 +14,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use serde_json::Value;
 use support::ftp::{free_port_range, Vsftpd};
 use support::netns::{accepts_in, connect_in, in_ns, listen_in, refuses_in, rss_kib, sh_in, Zones};
@@ -800,7 +801,7 @@ impl Firehose {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 let (sent, open) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(true)));
-                registry.lock().unwrap().push((sent.clone(), open.clone()));
+                registry.lock().push((sent.clone(), open.clone()));
                 std::thread::spawn(move || {
                     let chunk = vec![0x5au8; 64 * 1024];
                     while let Ok(n) = stream.write(&chunk) {
@@ -820,7 +821,6 @@ impl Firehose {
     fn sent_open(&self) -> u64 {
         self.conns
             .lock()
-            .unwrap()
             .iter()
             .filter(|(_, open)| open.load(Ordering::SeqCst))
             .map(|(sent, _)| sent.load(Ordering::SeqCst))

@@ -40,7 +40,7 @@ pub mod server;
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -48,6 +48,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -154,7 +155,7 @@ impl Access {
 
     /// Replaces the token (a reload of `[admin] token`).
     pub fn set_token(&self, token: Option<&str>) {
-        *self.token.write().unwrap_or_else(PoisonError::into_inner) = token.map(Arc::from);
+        *self.token.write() = token.map(Arc::from);
     }
 
     /// Checks the CSRF header and, when configured, the bearer token.
@@ -165,11 +166,7 @@ impl Access {
                 "mutating calls need the X-Requested-By header",
             ));
         }
-        let token = self
-            .token
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let token = self.token.read().clone();
         let Some(token) = &token else {
             return Ok(());
         };

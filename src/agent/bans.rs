@@ -10,10 +10,10 @@
 //! - At most [`MAX_BANS`] entries; one entry per network (adding it again replaces it).
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -111,14 +111,13 @@ impl BanStore {
         let now = now_ms();
         self.bans
             .lock()
-            .unwrap()
             .retain(|b| b.expires_ms.map_or(true, |t| t > now));
     }
 
     /// The live bans, oldest first.
     pub fn list(&self) -> Vec<StoredBan> {
         self.prune();
-        self.bans.lock().unwrap().clone()
+        self.bans.lock().clone()
     }
 
     /// Adds (or replaces) the ban of `target`, saves and pushes it. Blocks on the file write.
@@ -175,7 +174,7 @@ impl BanStore {
         edit: impl FnOnce(&mut Vec<StoredBan>) -> Result<(), String>,
     ) -> Result<(), String> {
         self.prune();
-        let mut bans = self.bans.lock().unwrap();
+        let mut bans = self.bans.lock();
         let mut next = bans.clone();
         edit(&mut next)?;
         if let Some(file) = &self.file {

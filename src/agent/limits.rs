@@ -20,8 +20,10 @@
 //! - Names a gateway sends are logged quoted and cut to 64 characters.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use super::stats::{AgentStats, Refusal};
 use crate::config::{AgentConfig, AgentLimits, Backend};
@@ -37,7 +39,7 @@ impl Limits {
     /// The places and the offer rate of `gateway`, created on first use. They outlive its
     /// sessions: a gateway cannot reset its share by reconnecting.
     pub fn gateway(&self, gateway: &str) -> Arc<GatewayLimits> {
-        let mut all = self.gateways.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all = self.gateways.lock();
         all.entry(gateway.to_string())
             .or_insert_with(|| Arc::new(GatewayLimits::new(gateway)))
             .clone()
@@ -148,7 +150,7 @@ impl GatewayLimits {
         port_offset: u16,
     ) -> Result<Admission, (Refusal, String)> {
         let limits = &config.limits;
-        let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut bucket = self.bucket.lock();
         if !Bucket::take(&mut bucket, limits, Instant::now()) {
             return Err((
                 Refusal::Rate,
@@ -203,10 +205,7 @@ impl GatewayLimits {
             ),
         ))?;
         let per_listener = limits.max_backend_connections_per_listener;
-        let mut listeners = self
-            .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut listeners = self.listeners.lock();
         let one = listeners
             .entry(l.name.clone())
             .or_default()

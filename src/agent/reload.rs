@@ -4,8 +4,9 @@
 //! running configuration kept; the refusal is remembered for `/api/status`.
 
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
+
+use parking_lot::Mutex;
 
 use super::report::{ConfigReport, ReloadAnswer, ReloadReport};
 use crate::config::AgentConfig;
@@ -49,8 +50,8 @@ impl ConfigState {
         }
     }
 
-    fn history(&self) -> std::sync::MutexGuard<'_, History> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    fn history(&self) -> parking_lot::MutexGuard<'_, History> {
+        self.inner.lock()
     }
 
     /// A new configuration is in force (from the file or from the embedding program).

@@ -10,9 +10,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::pipe::PipeCounters;
@@ -102,10 +103,7 @@ impl RefusalStats {
 impl AgentStats {
     /// The counters of listener `name`, created on first use.
     pub fn listener(&self, name: &str) -> Arc<ListenerStats> {
-        let mut all = self
-            .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut all = self.listeners.lock();
         if let Some(l) = all.get(name) {
             return l.clone();
         }
@@ -119,7 +117,6 @@ impl AgentStats {
         let all: Vec<_> = self
             .listeners
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .map(|(n, l)| (n.clone(), l.clone()))
             .collect();
@@ -216,10 +213,7 @@ impl ListenerStats {
     }
 
     fn remember(&self, error: &str) {
-        *self
-            .last_failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Failure {
+        *self.last_failure.lock() = Some(Failure {
             at: unix_now(),
             error: error.to_string(),
         });
@@ -236,10 +230,7 @@ impl ListenerStats {
         self.served.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
         let key = self.next_live.fetch_add(1, Ordering::Relaxed);
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, (counters, header));
+        self.live.lock().insert(key, (counters, header));
         Serving {
             listener: self.clone(),
             key,
@@ -247,13 +238,8 @@ impl ListenerStats {
     }
 
     pub fn snapshot(&self) -> ListenerSnapshot {
-        let mut bytes = *self.finished.lock().unwrap_or_else(PoisonError::into_inner);
-        for (c, header) in self
-            .live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-        {
+        let mut bytes = *self.finished.lock();
+        for (c, header) in self.live.lock().values() {
             bytes += pipe_bytes(c, *header);
         }
         ListenerSnapshot {
@@ -263,11 +249,7 @@ impl ListenerStats {
             data_failures: self.data_failures.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
             bytes,
-            last_failure: self
-                .last_failure
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            last_failure: self.last_failure.lock().clone(),
         }
     }
 }
@@ -282,13 +264,9 @@ pub struct Serving {
 impl Drop for Serving {
     fn drop(&mut self) {
         let l = &self.listener;
-        let gone = l
-            .live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.key);
+        let gone = l.live.lock().remove(&self.key);
         if let Some((c, header)) = gone {
-            *l.finished.lock().unwrap_or_else(PoisonError::into_inner) += pipe_bytes(&c, header);
+            *l.finished.lock() += pipe_bytes(&c, header);
         }
         l.active.fetch_sub(1, Ordering::Relaxed);
     }

@@ -20,8 +20,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::limits::limit_key;
 use crate::protocol::{AutoBans, ListenerAutoBan};
@@ -105,7 +107,7 @@ impl AutoBanner {
         let within = Self::ms(self.spec.within_ms);
         let max_ban = Self::ms(self.spec.max_ban_ms);
         let key = limit_key(ip);
-        let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tracks = self.tracks.lock();
         if tracks.len() >= TRACKED_MAX && !tracks.contains_key(&key) {
             tracks.retain(|_, t| now.duration_since(t.last_seen) < within.max(max_ban));
             if tracks.len() >= TRACKED_MAX {
@@ -156,7 +158,7 @@ pub(crate) struct SiteAutoBans {
 
 impl SiteAutoBans {
     pub fn get(&self, name: &str) -> Option<Arc<AutoBanner>> {
-        let map = self.by_listener.lock().unwrap().clone();
+        let map = self.by_listener.lock().clone();
         map.get(name).cloned()
     }
 
@@ -166,7 +168,7 @@ impl SiteAutoBans {
         for l in &set.listeners {
             check(l).map_err(|e| format!("listener {:?}: {e}", l.name))?;
         }
-        let mut current = self.by_listener.lock().unwrap();
+        let mut current = self.by_listener.lock();
         let mut next = HashMap::with_capacity(set.listeners.len());
         for spec in set.listeners {
             let banner = match current.get(&spec.name) {

@@ -16,10 +16,11 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -209,7 +210,7 @@ impl SiteBans {
             }));
         }
         let count = entries.len();
-        let mut lists = self.lists.lock().unwrap();
+        let mut lists = self.lists.lock();
         lists.insert(agent.to_string(), entries);
         // Expired entries are dropped from the lists here; lookups ignore them before that.
         for list in lists.values_mut() {
@@ -225,7 +226,7 @@ impl SiteBans {
     /// named `list`, which no agent can have (agent names have no parentheses).
     pub fn add(&self, list: &str, net: IpNet, lasts: Duration, reason: String) {
         let now = Instant::now();
-        let mut lists = self.lists.lock().unwrap();
+        let mut lists = self.lists.lock();
         let entry = Arc::new(BanEntry {
             net,
             until: now.checked_add(lasts),

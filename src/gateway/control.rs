@@ -541,7 +541,7 @@ async fn run_session(
         connected_since: SystemTime::now(),
         tx,
         inflight: Arc::new(AtomicUsize::new(0)),
-        digest: Arc::new(std::sync::Mutex::new(push.digest.clone())),
+        digest: Arc::new(parking_lot::Mutex::new(push.digest.clone())),
         gone: CancellationToken::new(),
         secret,
         cert,

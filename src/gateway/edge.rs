@@ -18,7 +18,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::protocol::{EdgeLimits, ListenerLimits};
 use crate::ratelimit::{PerIpRate, PipeThrottle, Throttle, TokenBucket};
@@ -81,7 +83,7 @@ pub(crate) struct SiteLimits {
 impl SiteLimits {
     /// The limits of listener `name`, if it has any.
     pub fn get(&self, name: &str) -> Option<Arc<ListenerLimiter>> {
-        let map = self.by_listener.lock().unwrap().clone();
+        let map = self.by_listener.lock().clone();
         map.get(name).cloned()
     }
 
@@ -91,7 +93,7 @@ impl SiteLimits {
         for l in &limits.listeners {
             check(l).map_err(|e| format!("listener {:?}: {e}", l.name))?;
         }
-        let mut current = self.by_listener.lock().unwrap();
+        let mut current = self.by_listener.lock();
         let mut next = HashMap::with_capacity(limits.listeners.len());
         for spec in limits.listeners {
             let limiter = match current.get(&spec.name) {

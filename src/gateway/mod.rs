@@ -28,10 +28,11 @@ mod udp;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
+use parking_lot::{Mutex, RwLock};
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -134,12 +135,12 @@ impl Shared {
     /// Whether `ip` holds a control session that joined its site (its connections may use the
     /// handshake places kept for agents).
     pub fn is_agent_addr(&self, ip: std::net::IpAddr) -> bool {
-        self.agent_addrs.lock().unwrap().contains_key(&ip)
+        self.agent_addrs.lock().contains_key(&ip)
     }
 
     /// Records a joined control session's address until the returned guard drops.
     pub fn agent_addr(self: &Arc<Self>, ip: std::net::IpAddr) -> AgentAddr {
-        *self.agent_addrs.lock().unwrap().entry(ip).or_insert(0) += 1;
+        *self.agent_addrs.lock().entry(ip).or_insert(0) += 1;
         AgentAddr {
             shared: self.clone(),
             ip,
@@ -148,11 +149,11 @@ impl Shared {
 
     /// The configuration in force (a reload replaces it; holders keep the one they took).
     pub fn config(&self) -> Arc<GatewayConfig> {
-        self.config.read().unwrap().clone()
+        self.config.read().clone()
     }
 
     pub fn state(&self) -> RunState {
-        *self.state.lock().unwrap()
+        *self.state.lock()
     }
 
     /// Resolves once the `[peers]` rules in force deny `ip` (at once if they already do), for
@@ -197,7 +198,7 @@ impl Shared {
     }
 
     fn request_exit(&self, exit: Exit) {
-        let mut slot = self.exit.lock().unwrap();
+        let mut slot = self.exit.lock();
         if slot.is_none() {
             *slot = Some(exit);
         }
@@ -213,7 +214,7 @@ pub(crate) struct AgentAddr {
 
 impl Drop for AgentAddr {
     fn drop(&mut self) {
-        let mut addrs = self.shared.agent_addrs.lock().unwrap();
+        let mut addrs = self.shared.agent_addrs.lock();
         if let Some(n) = addrs.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -329,8 +330,8 @@ impl Gateway {
             _ = shared.exit_requested.cancelled() => {}
         }
         trimmer.abort();
-        let exit = shared.exit.lock().unwrap().unwrap_or(Exit::Stop);
-        *shared.state.lock().unwrap() = RunState::Stopping;
+        let exit = shared.exit.lock().unwrap_or(Exit::Stop);
+        *shared.state.lock() = RunState::Stopping;
         let active = shared.traffic.connections().len();
         match exit {
             Exit::Stop => tracing::info!(
@@ -566,7 +567,7 @@ impl GatewayHandle {
                 .into_iter()
                 .filter(|r| site.map_or(true, |name| r.site == name))
                 .collect(),
-            revoked: s.revoked.lock().unwrap().iter().cloned().collect(),
+            revoked: s.revoked.lock().iter().cloned().collect(),
         }
     }
 
@@ -680,7 +681,7 @@ impl GatewayHandle {
 
     async fn set_state(&self, state: RunState) -> RunState {
         {
-            let mut current = self.shared.state.lock().unwrap();
+            let mut current = self.shared.state.lock();
             if *current == RunState::Stopping || *current == state {
                 return *current;
             }
@@ -747,7 +748,7 @@ impl GatewayHandle {
         self.shared
             .clients
             .set_limits(limits.max_connections, limits.max_connections_per_ip);
-        *self.shared.config.write().unwrap() = Arc::new(applied);
+        *self.shared.config.write() = Arc::new(applied);
         // Who is cut is noted before they are told (they leave their sites at once).
         self.revoke_denied_agents();
         self.revoke_rejected_certificates();
@@ -865,7 +866,7 @@ impl GatewayHandle {
     }
 
     fn note_revoked(&self, view: RevokedView) {
-        let mut revoked = self.shared.revoked.lock().unwrap();
+        let mut revoked = self.shared.revoked.lock();
         if revoked.len() == 32 {
             revoked.pop_front();
         }
@@ -879,13 +880,13 @@ impl GatewayHandle {
             Some(new) => self.shared.config().changes(new),
             None => Vec::new(),
         };
-        *self.shared.staged.lock().unwrap() = new;
+        *self.shared.staged.lock() = new;
         self.restart();
         changes
     }
 
     /// The configuration `restart_with` staged, for the next gateway.
     pub fn take_staged(&self) -> Option<GatewayConfig> {
-        self.shared.staged.lock().unwrap().take()
+        self.shared.staged.lock().take()
     }
 }

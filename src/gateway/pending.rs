@@ -12,9 +12,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Mutex;
 
 use bytes::BytesMut;
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::protocol::Token;
@@ -98,15 +98,15 @@ impl PendingTable {
             offered_to: None,
             offers: 0,
         };
-        self.entries.lock().unwrap().insert(id, entry);
+        self.entries.lock().insert(id, entry);
         rx
     }
 
     /// Forgets a client that gave up waiting (it left, timed out, or its agent failed it).
     /// Returns whether it was still there.
     pub fn remove(&self, id: u64) -> bool {
-        let removed = self.entries.lock().unwrap().remove(&id).is_some();
-        let mut gone = self.gone.lock().unwrap();
+        let removed = self.entries.lock().remove(&id).is_some();
+        let mut gone = self.gone.lock();
         if gone.1.insert(id) {
             gone.0.push_back(id);
             if gone.0.len() > GONE_MEMORY {
@@ -119,12 +119,12 @@ impl PendingTable {
 
     /// Whether `id` belonged to a client that left or timed out recently.
     pub fn is_gone(&self, id: u64) -> bool {
-        self.gone.lock().unwrap().1.contains(&id)
+        self.gone.lock().1.contains(&id)
     }
 
     /// Records that client `id` is being offered to agent session `agent_id`.
     pub fn offered_to(&self, id: u64, agent_id: u64) {
-        if let Some(e) = self.entries.lock().unwrap().get_mut(&id) {
+        if let Some(e) = self.entries.lock().get_mut(&id) {
             e.offered_to = Some(agent_id);
             e.offers += 1;
         }
@@ -145,7 +145,7 @@ impl PendingTable {
         token: &Token,
         serves: impl FnOnce(&str) -> Result<(), String>,
     ) -> Result<oneshot::Sender<Claim>, ClaimError> {
-        let mut entries = self.entries.lock().unwrap();
+        let mut entries = self.entries.lock();
         match entries.get(&id) {
             None if self.lost_race(id, token) => Err(ClaimError::Lost(id)),
             None if self.is_gone(id) => Err(ClaimError::Gone(id)),
@@ -166,11 +166,11 @@ impl PendingTable {
 
     /// Whether `token` is the right one for a re-offered client that was claimed already.
     fn lost_race(&self, id: u64, token: &Token) -> bool {
-        self.claimed.lock().unwrap().1.get(&id) == Some(token)
+        self.claimed.lock().1.get(&id) == Some(token)
     }
 
     fn remember_claimed(&self, id: u64, token: Token) {
-        let mut claimed = self.claimed.lock().unwrap();
+        let mut claimed = self.claimed.lock();
         if claimed.1.insert(id, token).is_none() {
             claimed.0.push_back(id);
             if claimed.0.len() > GONE_MEMORY {
@@ -185,7 +185,7 @@ impl PendingTable {
     /// offered to them (a report from an agent it was offered to before is late news).
     pub fn fail(&self, id: u64, site: &str, agent_id: u64, reason: String) -> Failed {
         let entry = {
-            let mut entries = self.entries.lock().unwrap();
+            let mut entries = self.entries.lock();
             match entries.get(&id) {
                 Some(e) if e.site == site && e.offered_to.is_some_and(|a| a != agent_id) => {
                     return Failed::OfferedElsewhere
@@ -205,7 +205,7 @@ impl PendingTable {
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap().len()
+        self.entries.lock().len()
     }
 }
 

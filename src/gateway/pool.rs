@@ -21,10 +21,11 @@ use std::collections::{HashMap, VecDeque};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use parking_lot::Mutex;
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
@@ -113,18 +114,13 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub fn len(&self) -> usize {
-        self.agents
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|a| a.idle.len())
-            .sum()
+        self.agents.lock().iter().map(|a| a.idle.len()).sum()
     }
 
     /// Takes the newest pooled connection of the agent with the most idle ones (the least
     /// busy; ties rotate), leaving out the `shunned` agents.
     fn take(&self, shunned: &[u64]) -> Option<(u64, Pooled)> {
-        let mut agents = self.agents.lock().unwrap();
+        let mut agents = self.agents.lock();
         agents.retain(|a| !a.idle.is_empty());
         let n = agents.len();
         if n == 0 {
@@ -167,7 +163,7 @@ impl Pool {
     /// or the session has ended. Checked under the pool's lock, and a departing session sets
     /// `gone` before it empties its pool, so no connection is parked under a session that left.
     fn add(&self, agent: &AgentHandle, pooled: Pooled) -> Result<(), (NotParked, Box<Pooled>)> {
-        let mut agents = self.agents.lock().unwrap();
+        let mut agents = self.agents.lock();
         if agent.gone.is_cancelled() {
             return Err((NotParked::AgentGone, Box::new(pooled)));
         }
@@ -189,7 +185,7 @@ impl Pool {
     /// address.
     pub fn remove_peers(&self, denied: impl Fn(IpAddr) -> bool) -> HashMap<IpAddr, usize> {
         let mut removed = HashMap::new();
-        let mut agents = self.agents.lock().unwrap();
+        let mut agents = self.agents.lock();
         for a in agents.iter_mut() {
             a.idle.retain(|p| {
                 let ip = p.agent_addr.ip();
@@ -208,7 +204,6 @@ impl Pool {
     pub fn agent_count(&self, agent_id: u64) -> usize {
         self.agents
             .lock()
-            .unwrap()
             .iter()
             .filter(|a| a.agent_id == agent_id)
             .map(|a| a.idle.len())
@@ -218,10 +213,7 @@ impl Pool {
     /// Closes an agent session's pooled connections (its control channel ended, or one of them
     /// did not answer: it may be hung, and a client handed to it would wait for nothing).
     pub fn remove_agent(&self, agent_id: u64) {
-        self.agents
-            .lock()
-            .unwrap()
-            .retain(|a| a.agent_id != agent_id);
+        self.agents.lock().retain(|a| a.agent_id != agent_id);
     }
 
     /// Closes, for each agent, its oldest idle connection if it has waited longer than
@@ -229,7 +221,7 @@ impl Pool {
     /// once is renewed one connection at a time instead of vanishing at once. Returns how many
     /// were closed.
     pub fn recycle(&self) -> usize {
-        let mut agents = self.agents.lock().unwrap();
+        let mut agents = self.agents.lock();
         let mut closed = 0;
         for a in agents.iter_mut() {
             if a.idle.front().is_some_and(|p| p.since.elapsed() > MAX_IDLE) {

@@ -21,10 +21,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -187,7 +188,7 @@ impl SharedPorts {
     ) -> Result<(), String> {
         let mut ports = self.ports.lock().await;
         if let Some(port) = ports.get(&addr) {
-            let mut table = port.table.write().unwrap();
+            let mut table = port.table.write();
             claim(&mut table, addr, route(site, info), names)?;
             drop(table);
             self.refresh(&ports);
@@ -229,7 +230,7 @@ impl SharedPorts {
             return;
         };
         let empty = {
-            let mut table = port.table.write().unwrap();
+            let mut table = port.table.write();
             table.remove(site, listener);
             table.is_empty()
         };
@@ -246,7 +247,7 @@ impl SharedPorts {
     pub async fn holder(&self, addr: SocketAddr) -> Option<String> {
         let ports = self.ports.lock().await;
         let port = ports.get(&addr)?;
-        let views = port.table.read().unwrap().views(addr);
+        let views = port.table.read().views(addr);
         views
             .first()
             .map(|v| format!("listener \"{}\" of site \"{}\"", v.listener, v.site))
@@ -254,16 +255,16 @@ impl SharedPorts {
 
     /// Every route, by port and name.
     pub fn views(&self) -> Vec<RouteView> {
-        self.view.lock().unwrap().clone()
+        self.view.lock().clone()
     }
 
     fn refresh(&self, ports: &HashMap<SocketAddr, Port>) {
         let mut all: Vec<RouteView> = ports
             .iter()
-            .flat_map(|(addr, p)| p.table.read().unwrap().views(*addr))
+            .flat_map(|(addr, p)| p.table.read().views(*addr))
             .collect();
         all.sort();
-        *self.view.lock().unwrap() = all;
+        *self.view.lock() = all;
     }
 }
 
@@ -368,7 +369,7 @@ async fn route_client(
         Ok(Ok(Peeked::Named(name))) => Some(name),
         Ok(Ok(_)) => None,
     };
-    let route = table.read().unwrap().find(name.as_deref()).cloned();
+    let route = table.read().find(name.as_deref()).cloned();
     let Some(Route { site, info }) = route else {
         let shown = name.as_deref().unwrap_or("(none)");
         let why = format!("no listener serves host name \"{shown}\" on this port, and none is its default (\"*\")");

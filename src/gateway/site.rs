@@ -7,9 +7,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -138,7 +139,7 @@ impl Site {
     /// agents in `excluded` (they reported they cannot serve this client) never: `None` when
     /// no other agent is connected.
     pub fn pick_agent(&self, shunned: &[u64], excluded: &[u64]) -> Option<AgentHandle> {
-        let agents = self.agents.lock().unwrap();
+        let agents = self.agents.lock();
         if agents.is_empty() {
             return None;
         }
@@ -156,7 +157,7 @@ impl Site {
 
     /// Marks an agent session suspect (see [`AgentHandle::suspect`]).
     pub fn mark_suspect(&self, agent_id: u64) {
-        let agents = self.agents.lock().unwrap();
+        let agents = self.agents.lock();
         if let Some(a) = agents.iter().find(|a| a.id == agent_id) {
             a.suspect.store(true, Ordering::Relaxed);
         }
@@ -165,10 +166,10 @@ impl Site {
     /// Checks that `digest` matches what every other agent of the site pushed, and records it
     /// as `agent_id`'s. The error names both digests.
     pub fn check_digest(&self, agent_id: u64, digest: &str) -> Result<(), String> {
-        let agents = self.agents.lock().unwrap();
+        let agents = self.agents.lock();
         digest_conflict(&self.name, &agents, agent_id, digest)?;
         if let Some(a) = agents.iter().find(|a| a.id == agent_id) {
-            *a.digest.lock().unwrap() = digest.to_string();
+            *a.digest.lock() = digest.to_string();
         }
         Ok(())
     }
@@ -179,15 +180,15 @@ impl Site {
     }
 
     pub fn agent_count(&self) -> usize {
-        self.agents.lock().unwrap().len()
+        self.agents.lock().len()
     }
 
     pub fn agents(&self) -> Vec<AgentHandle> {
-        self.agents.lock().unwrap().clone()
+        self.agents.lock().clone()
     }
 
     pub fn listener_views(&self) -> Vec<ListenerView> {
-        self.view.lock().unwrap().clone()
+        self.view.lock().clone()
     }
 
     /// Records a push and makes the open listeners match it: listeners whose spec is unchanged
@@ -366,7 +367,7 @@ impl Site {
                 }
             })
             .collect();
-        *self.view.lock().unwrap() = view;
+        *self.view.lock() = view;
     }
 
     /// Closes every listener and forgets the pushed config if no agent is left. Established
@@ -380,7 +381,7 @@ impl Site {
         let count = listeners.open.len();
         self.reconcile(shared, &mut listeners).await;
         listeners.specs.clear();
-        *self.view.lock().unwrap() = Vec::new();
+        *self.view.lock() = Vec::new();
         if count > 0 {
             tracing::warn!(
                 site = %self.name,
@@ -430,7 +431,7 @@ fn digest_conflict(
 ) -> Result<(), String> {
     let short = |d: &str| d.chars().take(16).collect::<String>();
     for other in agents.iter().filter(|a| a.id != agent_id) {
-        let theirs = other.digest.lock().unwrap().clone();
+        let theirs = other.digest.lock().clone();
         if theirs != digest {
             return Err(format!(
                 "site \"{site}\": this agent's configuration (digest {}) differs from agent \
@@ -461,13 +462,12 @@ impl SiteRegistry {
         let site = self
             .sites
             .lock()
-            .unwrap()
             .entry(site.to_string())
             .or_insert_with(|| Arc::new(Site::new(site)))
             .clone();
         {
-            let mut agents = site.agents.lock().unwrap();
-            let digest = agent.digest.lock().unwrap().clone();
+            let mut agents = site.agents.lock();
+            let digest = agent.digest.lock().clone();
             digest_conflict(&site.name, &agents, agent.id, &digest)?;
             agents.push(agent);
         }
@@ -478,7 +478,7 @@ impl SiteRegistry {
     /// Unregisters an agent; the site's listeners close if it was the last one.
     pub async fn leave(&self, shared: &Arc<Shared>, site: &Arc<Site>, agent_id: u64) {
         let now_empty = {
-            let mut agents = site.agents.lock().unwrap();
+            let mut agents = site.agents.lock();
             agents.retain(|a| a.id != agent_id);
             agents.is_empty()
         };
@@ -491,18 +491,17 @@ impl SiteRegistry {
     pub fn active(&self) -> usize {
         self.sites
             .lock()
-            .unwrap()
             .values()
             .filter(|s| s.agent_count() > 0)
             .count()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Site>> {
-        self.sites.lock().unwrap().get(name).cloned()
+        self.sites.lock().get(name).cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<Site>> {
-        let mut sites: Vec<_> = self.sites.lock().unwrap().values().cloned().collect();
+        let mut sites: Vec<_> = self.sites.lock().values().cloned().collect();
         sites.sort_by(|a, b| a.name.cmp(&b.name));
         sites
     }

@@ -13,9 +13,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::ops::{Add, Sub};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::limits::{Event, Gauge};
@@ -433,20 +434,19 @@ impl Traffic {
     pub fn listener(&self, site: &str, name: &str) -> Arc<ListenerStats> {
         self.listeners
             .lock()
-            .unwrap()
             .entry((site.to_string(), name.to_string()))
             .or_insert_with(|| Arc::new(ListenerStats::new(site, name)))
             .clone()
     }
 
     pub fn listeners(&self) -> Vec<Arc<ListenerStats>> {
-        self.listeners.lock().unwrap().values().cloned().collect()
+        self.listeners.lock().values().cloned().collect()
     }
 
     /// Registers a connection that starts piping.
     pub fn start(&self, entry: Arc<ConnEntry>) {
-        let mut connections = self.connections.lock().unwrap();
-        let mut early = self.early_failures.lock().unwrap();
+        let mut connections = self.connections.lock();
+        let mut early = self.early_failures.lock();
         if let Some(at) = early.iter().position(|(id, _)| *id == entry.id) {
             let (_, reason) = early.remove(at).expect("found");
             let _ = entry.failure.set(reason);
@@ -456,11 +456,11 @@ impl Traffic {
 
     /// Unregisters a connection and folds its bytes into its listener's totals.
     pub fn finish(&self, id: u64) {
-        let Some(entry) = self.connections.lock().unwrap().remove(&id) else {
+        let Some(entry) = self.connections.lock().remove(&id) else {
             return;
         };
         let bytes = entry.bytes();
-        let mut finished = entry.listener.finished.lock().unwrap();
+        let mut finished = entry.listener.finished.lock();
         *finished = *finished + bytes;
         entry.listener.closed.fetch_add(1, Ordering::Relaxed);
     }
@@ -468,13 +468,13 @@ impl Traffic {
     /// Records the agent's report that it cannot serve a client that is piping already, or
     /// about to (kept for [`Traffic::start`]; the oldest of [`EARLY_FAILURES`] are forgotten).
     pub fn fail(&self, id: u64, reason: &str) {
-        let connections = self.connections.lock().unwrap();
+        let connections = self.connections.lock();
         match connections.get(&id) {
             Some(entry) => {
                 let _ = entry.failure.set(reason.to_string());
             }
             None => {
-                let mut early = self.early_failures.lock().unwrap();
+                let mut early = self.early_failures.lock();
                 if early.len() >= EARLY_FAILURES {
                     early.pop_front();
                 }
@@ -484,7 +484,7 @@ impl Traffic {
     }
 
     pub fn connections(&self) -> Vec<Arc<ConnEntry>> {
-        let mut v: Vec<_> = self.connections.lock().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = self.connections.lock().values().cloned().collect();
         v.sort_by_key(|c| c.id);
         v
     }
@@ -492,7 +492,7 @@ impl Traffic {
     /// Live bytes and active count per listener.
     fn live(&self) -> HashMap<(String, String), (Bytes4, u64)> {
         let mut live: HashMap<(String, String), (Bytes4, u64)> = HashMap::new();
-        for c in self.connections.lock().unwrap().values() {
+        for c in self.connections.lock().values() {
             let e = live
                 .entry((c.listener.site.clone(), c.listener.name.clone()))
                 .or_default();
@@ -526,7 +526,7 @@ impl Traffic {
                 closed: l.closed.load(Ordering::Relaxed),
                 active,
                 pending: l.pending.get() as u64,
-                bytes: *l.finished.lock().unwrap() + live_bytes,
+                bytes: *l.finished.lock() + live_bytes,
                 rates: rates.get(&key).copied().unwrap_or_default(),
                 udp: l.udp.snapshot(),
             };
@@ -546,7 +546,7 @@ impl Traffic {
         let at = Instant::now();
         let (per, total) = self.snapshot();
         {
-            let mut samples = self.samples.lock().unwrap();
+            let mut samples = self.samples.lock();
             samples.push_back(Sample {
                 at,
                 bytes: total.bytes,
@@ -556,7 +556,7 @@ impl Traffic {
                 samples.pop_front();
             }
         }
-        let mut ls = self.listener_samples.lock().unwrap();
+        let mut ls = self.listener_samples.lock();
         for (l, snap) in per {
             let q = ls.entry((l.site.clone(), l.name.clone())).or_default();
             q.push_back((at, snap.bytes));
@@ -568,7 +568,7 @@ impl Traffic {
 
     /// Gateway-wide rates over the sliding window.
     pub fn rates(&self) -> Rates4 {
-        let samples = self.samples.lock().unwrap();
+        let samples = self.samples.lock();
         if samples.len() < 2 {
             return Rates4::default();
         }
@@ -587,7 +587,6 @@ impl Traffic {
     fn listener_rates(&self) -> HashMap<(String, String), Rates4> {
         self.listener_samples
             .lock()
-            .unwrap()
             .iter()
             .filter_map(|(k, q)| {
                 let (first, last) = (q.front()?, q.back()?);
@@ -604,7 +603,7 @@ impl Traffic {
 
     /// Per-second points for the charts.
     pub fn history(&self) -> History {
-        let samples = self.samples.lock().unwrap();
+        let samples = self.samples.lock();
         let mut h = History {
             interval_seconds: 1,
             ..Default::default()

@@ -18,10 +18,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -89,7 +90,7 @@ pub(crate) async fn receive_loop(
         }
         let datagram = Bytes::copy_from_slice(&buf[..n]);
         let known = {
-            let map = flows.map.lock().unwrap_or_else(PoisonError::into_inner);
+            let map = flows.map.lock();
             map.get(&client).map(|f| f.tx.clone())
         };
         let tx = match known {
@@ -161,7 +162,6 @@ fn open_flow(
     flows
         .map
         .lock()
-        .unwrap_or_else(PoisonError::into_inner)
         .insert(client, FlowSlot { id, tx: tx.clone() });
     let flow = FlowClient {
         rx,
@@ -213,11 +213,7 @@ struct FlowEntry {
 
 impl Drop for FlowEntry {
     fn drop(&mut self) {
-        let mut map = self
-            .flows
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.flows.map.lock();
         // A later flow of the same client may have taken the slot already.
         if map.get(&self.client).is_some_and(|f| f.id == self.id) {
             map.remove(&self.client);

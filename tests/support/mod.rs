@@ -17,8 +17,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sallyport");
 
@@ -120,7 +122,7 @@ impl Proc {
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     eprintln!("[{prefix}] {line}");
-                    log.lock().unwrap().push(line);
+                    log.lock().push(line);
                 }
             });
         }
@@ -136,13 +138,12 @@ impl Proc {
     }
 
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        self.log.lock().clone()
     }
 
     pub fn count_log(&self, needle: &str) -> usize {
         self.log
             .lock()
-            .unwrap()
             .iter()
             .filter(|l| l.contains(needle))
             .count()
@@ -152,13 +153,7 @@ impl Proc {
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
         let mut found = None;
         let ok = wait_until(timeout, || {
-            found = self
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-                .cloned();
+            found = self.log.lock().iter().find(|l| l.contains(needle)).cloned();
             found.is_some()
         });
         assert!(

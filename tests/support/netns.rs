@@ -107,6 +107,8 @@ impl Drop for Namespaces {
 
 /// Moves the calling thread into network namespace `ns` for good: sockets it creates and
 /// processes it starts from then on belong to `ns`. Use a thread of its own ([`in_ns`]).
+// The crate denies unsafe code (Cargo.toml [lints]); this one FFI call is allowed, proved below.
+#[allow(unsafe_code)]
 pub fn enter(ns: &str) {
     use std::os::fd::AsRawFd;
     use std::os::raw::c_int;

@@ -6,10 +6,11 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use sallyport::protocol::{Message, RawFrame, Role, MAGIC};
 use socket2::SockRef;
 
@@ -65,7 +66,6 @@ impl Relay {
                 let Ok(down) = down else { continue };
                 let refusing = state
                     .lock()
-                    .unwrap()
                     .refuse_until
                     .is_some_and(|t| Instant::now() < t);
                 if refusing {
@@ -86,7 +86,7 @@ impl Relay {
 
     /// Resets every live control connection and refuses all new connections for `refuse_for`.
     pub fn cut_control(&self, refuse_for: Duration) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.lock();
         state.refuse_until = Some(Instant::now() + refuse_for);
         for link in state.controls.drain(..) {
             link.cut.store(true, Ordering::SeqCst);
@@ -151,7 +151,7 @@ fn handle(
     let cut = Arc::new(AtomicBool::new(false));
     let (to_gateway, to_agent) = if is_control {
         controls.fetch_add(1, Ordering::SeqCst);
-        state.lock().unwrap().controls.push(Link {
+        state.lock().controls.push(Link {
             down: down.try_clone().unwrap(),
             up: up.try_clone().unwrap(),
             cut: cut.clone(),

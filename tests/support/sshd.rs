@@ -6,8 +6,10 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use super::{free_port, local, wait_until, Workdir};
 
@@ -127,7 +129,7 @@ impl Sshd {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[sshd] {line}");
-                log2.lock().unwrap().push(line);
+                log2.lock().push(line);
             }
         });
         let ready = || match netns {
@@ -196,15 +198,12 @@ impl Sshd {
 
 /// sshd -e logs "Server listening on ..." once its socket is open.
 fn log_ready(log: &Arc<Mutex<Vec<String>>>) -> bool {
-    log.lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("Server listening on"))
+    log.lock().iter().any(|l| l.contains("Server listening on"))
 }
 
 impl Sshd {
     pub fn log_contains(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+        self.log.lock().iter().any(|l| l.contains(needle))
     }
 }
 
