@@ -1425,6 +1425,50 @@ listen = "127.0.0.1:1080"
     }
 
     #[test]
+    fn hostnames_share_a_port_and_bad_ones_name_their_line() {
+        let head = "site = \"a\"\ngateways = [\"g:1\"]\n";
+        let l = |name: &str, public: &str, names: &str| {
+            format!("[[listener]]\nname = \"{name}\"\npublic = \"{public}\"\nbackend = \"h:1\"\nhostnames = [{names}]\n")
+        };
+        let two = format!(
+            "{head}{}{}",
+            l("a", "443", "\"Files.Example.COM.\", \"*.example.org\""),
+            l("b", "443", "\"*\"")
+        );
+        let cfg = parse(&two).unwrap();
+        let a = cfg.listener("a").unwrap();
+        assert_eq!(a.hostnames, ["files.example.com", "*.example.org"]);
+        let spec = a.spec();
+        let (names, rest) = crate::protocol::hostnames::split(&spec.clients.except);
+        assert_eq!(names, a.hostnames);
+        assert!(rest.is_empty());
+        // Without names, the digest is what it was before the key existed.
+        let plain = format!("{head}[[listener]]\nname = \"a\"\npublic = \"443\"\nbackend = \"h:1\"\n");
+        let json = serde_json::to_string(&parse(&plain).unwrap().listeners[0]).unwrap();
+        assert!(!json.contains("hostnames"), "{json}");
+        let cases = [
+            (
+                format!("{head}{}{}", l("a", "443", "\"x.example\""), l("b", "443", "\"X.example\"")),
+                "agent.toml:12: listener \"b\": hostnames: \"x.example\" on 443 is already listener \"a\"'s",
+            ),
+            (
+                format!("{head}{}[[listener]]\nname = \"b\"\npublic = \"443\"\nbackend = \"h:1\"\n", l("a", "443", "\"x.example\"")),
+                "agent.toml:10: listener \"b\": public: 443 is shared by host name (listener \"a\")",
+            ),
+            (format!("{head}{}", l("a", "443-444", "\"x\"")), "agent.toml:7: listener \"a\": hostnames: a listener with host names has one public port"),
+            (format!("{head}{}", l("a", "443", "")), "agent.toml:7: listener \"a\": hostnames: is empty"),
+            (format!("{head}{}", l("a", "443", "\"a..b\"")), "agent.toml:7: listener \"a\": hostnames: \"a..b\" is not a host name"),
+            (format!("{head}{}", l("a", "443", "\"x.*.org\"")), "is not a host name"),
+            (format!("{head}{}", l("a", "443", "\"x\", \"X.\"")), "agent.toml:7: listener \"a\": hostnames: \"x\" is listed twice"),
+            (format!("{head}{}protocol = \"udp\"\n", l("a", "53", "\"x\"")), "not for protocol = \"udp\""),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}\n  wanted: {want}");
+        }
+    }
+
+    #[test]
     fn udp_listeners_parse_and_refuse_what_udp_cannot_do() {
         let base = "site = \"a\"\ngateways = [\"g:1\"]\n[[listener]]\nname = \"dns\"\npublic = \"53\"\nbackend = \"10.0.0.53:53\"\nprotocol = \"udp\"\n";
         let cfg = parse(base).unwrap();
