@@ -459,7 +459,7 @@ async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, re
                     Some(ip) if !ip.is_unspecified() => ip,
                     _ => reached.ip(),
                 };
-                test_connection(r, &l.name, SocketAddr::new(ip, port)).await;
+                test_connection(r, &l.name, SocketAddr::new(ip, port), &l.hostnames).await;
             }
             Some(ListenerStatus::Failed { error }) => r.fail(
                 &what,
@@ -510,8 +510,15 @@ pub fn check_agent_name(name: &str) -> String {
     format!("{}{SUFFIX}", &name[..keep])
 }
 
-async fn test_connection(r: &mut Report, listener: &str, public: SocketAddr) {
-    let what = format!("test connection to {public} (listener {listener})");
+/// Connects through the public port and waits for the backend's first bytes. On a port shared
+/// by host name (`hostnames`), it first sends a TLS ClientHello naming one of the listener's
+/// names, so the gateway routes it there rather than closing a silent client.
+async fn test_connection(r: &mut Report, listener: &str, public: SocketAddr, hostnames: &[String]) {
+    let routed_as = (!hostnames.is_empty()).then(|| crate::peek::probe_name(hostnames));
+    let what = match &routed_as {
+        Some(name) => format!("test connection to {public} as {name} (listener {listener})"),
+        None => format!("test connection to {public} (listener {listener})"),
+    };
     let mut stream = match net::connect_addr(public, Duration::from_secs(5)).await {
         Ok(s) => s,
         Err(e) => {
@@ -523,8 +530,16 @@ async fn test_connection(r: &mut Report, listener: &str, public: SocketAddr) {
             return;
         }
     };
+    if let Some(hello) = routed_as.as_deref().and_then(crate::peek::client_hello) {
+        use tokio::io::AsyncWriteExt;
+        let _ = stream.write_all(&hello).await;
+    }
     let mut buf = [0u8; 256];
     match tokio::time::timeout(Duration::from_millis(1500), stream.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 && crate::protocol::looks_like_tls(&buf[..n]) => r.ok(
+            &what,
+            "round trip through gateway and agent: the backend answered with a TLS handshake",
+        ),
         Ok(Ok(n)) if n > 0 => {
             let first_line: String = String::from_utf8_lossy(&buf[..n])
                 .lines()

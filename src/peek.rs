@@ -127,24 +127,58 @@ pub fn normalize(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
+/// The name a probe (`sallyport check`) sends to reach the listener serving `hostnames`: its
+/// first exact name, else a name under its first wildcard, else one only `"*"` serves.
+pub fn probe_name(hostnames: &[String]) -> String {
+    let exact = hostnames.iter().find(|n| !n.starts_with('*'));
+    let wildcard = hostnames.iter().find_map(|n| n.strip_prefix("*."));
+    match (exact, wildcard) {
+        (Some(name), _) => name.clone(),
+        (None, Some(suffix)) => format!("sallyport-check.{suffix}"),
+        (None, None) => "sallyport-check.invalid".to_string(),
+    }
+}
+
+/// A real TLS ClientHello (rustls' own client) naming `name`: what a probe sends through a
+/// shared port. A TLS backend answers it with its ServerHello, a plain HTTP one with an error
+/// page: an answer either way. `None` if `name` cannot be an SNI.
+pub fn client_hello(name: &str) -> Option<Vec<u8>> {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = rustls::pki_types::ServerName::try_from(name.to_string()).ok()?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server).ok()?;
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).ok()?;
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A real ClientHello, made by rustls' own client for `name`.
-    pub(crate) fn client_hello(name: &str) -> Vec<u8> {
-        use std::sync::Arc;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
-        let mut conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).unwrap();
-        out
+    fn client_hello(name: &str) -> Vec<u8> {
+        super::client_hello(name).unwrap()
+    }
+
+    #[test]
+    fn a_probe_names_a_host_its_listener_serves() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(probe_name(&names(&["*.a.org", "b.org"])), "b.org");
+        assert_eq!(
+            probe_name(&names(&["*", "*.a.org"])),
+            "sallyport-check.a.org"
+        );
+        assert_eq!(probe_name(&names(&["*"])), "sallyport-check.invalid");
+        let hello = client_hello(&probe_name(&names(&["*.a.org"])));
+        assert_eq!(
+            classify(&hello),
+            Peeked::Named("sallyport-check.a.org".into())
+        );
     }
 
     #[test]

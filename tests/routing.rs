@@ -160,6 +160,29 @@ fn two_https_servers_behind_one_port_each_with_its_own_certificate() {
     assert!(shown.contains(&("files.example.test".into(), "acme".into(), "files".into())));
     assert!(shown.contains(&("*.example.test".into(), "acme".into(), "portal".into())));
     assert!(routes.iter().all(|r| r["port"] == public));
+    let files_view = status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "files")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        files_view["hostnames"],
+        serde_json::json!(["files.example.test"])
+    );
+    // `sallyport status` prints the routes.
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--admin", &gateway.admin_url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Routes by host name (2)"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("*.example.test") && l.contains("acme") && l.contains("portal")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -329,4 +352,36 @@ fn config_refuses_a_listener_without_hostnames_on_a_shared_port() {
         err.contains("agent.toml:") && err.contains("is shared by host name (listener \"a\")"),
         "{err}"
     );
+}
+
+#[test]
+fn check_routes_its_test_connection_to_each_listener_by_name() {
+    let dir = Workdir::new();
+    let (tls, _) = https_nginx(&dir, "files.example.test", false);
+    let plain = Nginx::start(&dir, "plain", NginxOptions::default());
+    let gateway = start_gateway(&dir, "");
+    let public = free_port();
+    let listeners = [
+        named("files", public, tls.port, &["files.example.test"], ""),
+        named("web", public, plain.port, &["*.example.test"], ""),
+    ];
+    let config = agent_config(&[gateway.control], &listeners, "");
+    let path = dir.write("agent.toml", &config);
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in {text}"))
+            .to_string()
+    };
+    assert!(
+        line("as files.example.test (listener files)").contains("answered with a TLS handshake")
+    );
+    assert!(line("as sallyport-check.example.test (listener web)").contains("HTTP/1.1 400"));
+    assert_eq!(refusal(&gateway, "route_timeout"), 0);
 }

@@ -1443,7 +1443,8 @@ listen = "127.0.0.1:1080"
         assert_eq!(names, a.hostnames);
         assert!(rest.is_empty());
         // Without names, the digest is what it was before the key existed.
-        let plain = format!("{head}[[listener]]\nname = \"a\"\npublic = \"443\"\nbackend = \"h:1\"\n");
+        let plain =
+            format!("{head}[[listener]]\nname = \"a\"\npublic = \"443\"\nbackend = \"h:1\"\n");
         let json = serde_json::to_string(&parse(&plain).unwrap().listeners[0]).unwrap();
         assert!(!json.contains("hostnames"), "{json}");
         let cases = [

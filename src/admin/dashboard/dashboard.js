@@ -78,7 +78,7 @@ function renderListeners(status, stats) {
     const stateCell = el('td', {}, el('span', { class: `badge st-${l.state.replace(' ', '-')}` }, l.state));
     if (l.error) stateCell.append(el('div', { class: 'error' }, l.error));
     return el('tr', { 'data-site': l.site, 'data-listener': l.name, 'data-state': l.state },
-      el('td', {}, l.site), el('td', {}, el('b', {}, l.name)), el('td', { class: 'mono' }, l.public),
+      el('td', {}, l.site), el('td', {}, el('b', {}, l.name)), publicCell(l),
       el('td', { class: 'mono' }, (l.addrs || []).join(', ') || '–'), stateCell,
       num(fmtCount(t.active)), num(fmtCount(t.pending)), num(fmtCount(t.accepted)),
       num(fmtCount(t.rejected)), num(fmtCount(t.closed)),
@@ -88,6 +88,15 @@ function renderListeners(status, stats) {
   });
   byTestId('listeners-count').textContent = `${status.listeners.length}`;
   fillTable('table-listeners', rows, 'No listeners: no agent has pushed its configuration yet.');
+}
+
+/** The public port, and under it the host names a listener serves there when it shares it. */
+function publicCell(l) {
+  const cell = el('td', { class: 'mono' }, l.public);
+  if (l.hostnames && l.hostnames.length) {
+    cell.append(el('div', { class: 'hostnames', 'data-testid': 'hostnames' }, l.hostnames.join(', ')));
+  }
+  return cell;
 }
 
 function renderAgents(status) {
