@@ -98,11 +98,14 @@ fn dashboard_shows_the_light_counters_and_controls_the_gateway() {
     ]);
     // The page has shown the red light; now the agent may connect.
     wait_script_line(&mut script, "READY-FOR-AGENT", Duration::from_secs(60));
+    // A listener on a port shared by host name: the page shows its names.
+    let mut web = listener("web", free_port(), echo.addr);
+    web.extra = "hostnames = [\"www.example.test\", \"*.example.org\"]".into();
     let _agent = start_agent(
         &dir,
         "test-agent",
         &[gw.control],
-        &[listener("echo", public.port(), echo.addr)],
+        &[listener("echo", public.port(), echo.addr), web],
         "",
         "",
     );

@@ -34,6 +34,11 @@ async function mainScenario(page, publicPort, screenshot) {
   await page.locator(`${tid('table-agents')} tr[data-agent="test-agent"]`).waitFor({ timeout: 10_000 });
   await page.locator(`${tid('table-listeners')} tr[data-listener="echo"][data-state="listening"]`).waitFor({ timeout: 10_000 });
   step('green light, agent and listener shown');
+  const names = page.locator(`${tid('table-listeners')} tr[data-listener="web"] ${tid('hostnames')}`);
+  await names.waitFor({ timeout: 10_000 });
+  const shown = await names.textContent();
+  if (shown !== 'www.example.test, *.example.org') throw new Error(`host names shown: ${shown}`);
+  step('a shared-port listener shows its host names');
 
   // Traffic: 1 MiB through one connection; every byte counter must grow by at least that.
   const before = {};
