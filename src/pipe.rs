@@ -181,6 +181,40 @@ where
     ends.settle(result)
 }
 
+/// How a pipe ended: its result, and the bytes its counters saw once it had ended.
+#[derive(Debug)]
+pub struct PipeEnd {
+    pub result: io::Result<()>,
+    pub bytes: PipeSnapshot,
+}
+
+impl PipeEnd {
+    /// How it ended in the words both halves log: `closed`, or `ended by error (why)`.
+    pub fn outcome(&self) -> String {
+        match &self.result {
+            Ok(()) => "closed".to_string(),
+            Err(e) => format!("ended by error ({e})"),
+        }
+    }
+}
+
+/// The one shape of every place that pipes a connection and then logs how it ended: runs
+/// `pipe` while `live` is held (what shows the connection as live: a connection-table entry, a
+/// gauge), drops `live` the moment the pipe ends, so no table shows an ended pipe while it is
+/// being logged, then reads `counters`.
+pub async fn tracked<L>(
+    live: L,
+    counters: &PipeCounters,
+    pipe: impl std::future::Future<Output = io::Result<()>>,
+) -> PipeEnd {
+    let result = pipe.await;
+    drop(live);
+    PipeEnd {
+        result,
+        bytes: counters.snapshot(),
+    }
+}
+
 /// Pipes a plain TCP socket `a` (a client, a backend) and an agent/gateway connection `b`:
 /// zero copy when `b` is plain TCP too (on Linux), the copy loop otherwise (TLS).
 pub async fn pipe_tcp(
@@ -596,6 +630,35 @@ mod tests {
     }
 
     const PUMPS: [Pump; 3] = [Pump::Copy, Pump::Plain, Pump::Tcp];
+
+    /// `tracked` lets go of what shows the pipe as live before anyone reads how it ended, and
+    /// reports the bytes of the whole pipe and its end in the words both halves log.
+    #[tokio::test]
+    async fn tracked_releases_the_live_entry_when_the_pipe_ends() {
+        struct Live(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Live {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let counters = PipeCounters::default();
+        let end = tracked(Live(alive.clone()), &counters, async {
+            assert!(alive.load(Ordering::SeqCst), "live while piping");
+            counters.a_read.fetch_add(5, Ordering::Relaxed);
+            counters.b_written.fetch_add(5, Ordering::Relaxed);
+            Ok(())
+        })
+        .await;
+        assert!(
+            !alive.load(Ordering::SeqCst),
+            "released once the pipe ended"
+        );
+        assert_eq!((end.bytes.a_read, end.bytes.b_written), (5, 5));
+        assert_eq!(end.outcome(), "closed");
+        let end = tracked((), &counters, async { Err(io::Error::other("reset")) }).await;
+        assert_eq!(end.outcome(), "ended by error (reset)");
+    }
 
     /// For current-thread tests: also the fallback without pipes.
     fn all_pumps() -> Vec<Pump> {

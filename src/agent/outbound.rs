@@ -37,7 +37,7 @@ use crate::egress::check_destination;
 use crate::escape::escape;
 use crate::limits::{ConnLimiter, Event};
 use crate::net;
-use crate::pipe::{pipe_tcp, PipeCounters};
+use crate::pipe::{pipe_tcp, tracked, PipeCounters};
 use crate::protocol::{ErrorCode, OutboundHello, ProtocolError, Role, Token};
 use crate::transport::Stream;
 
@@ -241,14 +241,12 @@ async fn serve_client(
     }
     tracing::info!(client = %client, "outbound connection to {dest} open after {} ms", started.elapsed().as_millis());
     let counters = PipeCounters::default();
-    let piping = ctx.stats.outbound.piping();
-    let result = pipe_tcp(stream, &early, gw_stream, &gw_leftover, &counters).await;
-    drop(piping);
-    let bytes = counters.snapshot();
+    let pipe = pipe_tcp(stream, &early, gw_stream, &gw_leftover, &counters);
+    let end = tracked(ctx.stats.outbound.piping(), &counters, pipe).await;
     tracing::info!(
-        client = %client, sent = bytes.b_written, received = bytes.a_written,
+        client = %client, sent = end.bytes.b_written, received = end.bytes.a_written,
         "outbound connection to {dest} {} after {:.1} s",
-        match result { Ok(()) => "closed".to_string(), Err(e) => format!("ended by error ({e})") },
+        end.outcome(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

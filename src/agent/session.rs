@@ -11,7 +11,7 @@ use super::{data, pool, AgentCtx};
 use crate::addr::{display_addrs, summarize_ports};
 use crate::config::AgentConfig;
 use crate::net;
-use crate::protocol::liveness::{Beat, Liveness, MISSED};
+use crate::protocol::liveness::{Beat, Liveness, Silence};
 use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
     ClientFailed, ConfigResult, Connection, ControlHello, ErrorCode, Feature, ListenerStatus,
@@ -29,8 +29,8 @@ pub(crate) enum SessionError {
     Protocol(#[from] ProtocolError),
     #[error("{0}")]
     Write(#[from] OutboxError),
-    #[error("no message from the gateway for {0:?} ({MISSED} heartbeats missed)")]
-    HeartbeatsMissed(Duration),
+    #[error("no message from the gateway for {0}")]
+    HeartbeatsMissed(Silence),
     #[error("unexpected {0} from the gateway")]
     Unexpected(&'static str),
     /// A message that cannot be true: a ConfigResult for a push never made, or answered twice.
@@ -372,8 +372,7 @@ async fn run_session(
     // The latest generation the gateway answered.
     let mut answered = 0;
     let mut liveness = Liveness::new(heartbeat);
-    net::keepalive(conn.get_ref().tcp(), liveness.write_limit());
-    net::user_timeout(conn.get_ref().tcp(), liveness.write_limit());
+    liveness.arm(conn.get_ref().tcp());
     // Writes go through the outbox's own task, so a gateway that stops reading cannot stop the
     // heartbeat check or shutdown. Data tasks report clients they cannot serve through it too.
     let (mut reader, sink) = conn.split();
@@ -523,7 +522,7 @@ async fn run_session(
                         changed
                     });
                 }
-                Beat::Dead(silence) => break SessionError::HeartbeatsMissed(silence),
+                Beat::Dead(silence) => break SessionError::HeartbeatsMissed(Silence(silence)),
             },
         }
     };

@@ -199,6 +199,22 @@ impl Shared {
         }
     }
 
+    /// Runs `pipe`, a connection the agent at `agent` (accepted with `chain`) serves, until it
+    /// ends, the gateway kills what is left ([`Shared::kill`]), or a reload revokes the agent
+    /// ([`Shared::cut`]); a kill or a cut is the pipe's error, in words for its record.
+    pub(crate) async fn pipe_unless_cut(
+        &self,
+        agent: IpAddr,
+        chain: Option<&[CertificateDer<'static>]>,
+        pipe: impl std::future::Future<Output = std::io::Result<()>>,
+    ) -> std::io::Result<()> {
+        tokio::select! {
+            r = pipe => r,
+            _ = self.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
+            why = self.cut(agent, chain, true) => Err(std::io::Error::other(why)),
+        }
+    }
+
     fn request_exit(&self, exit: Exit) {
         let mut slot = self.exit.lock();
         if slot.is_none() {

@@ -22,7 +22,7 @@ use super::stats::{ConnEntry, ListenerStats};
 use super::{RunState, Shared};
 use crate::egress::check_destination;
 use crate::net;
-use crate::pipe::{pipe_tcp, PipeCounters};
+use crate::pipe::{pipe_tcp, tracked, PipeCounters};
 use crate::protocol::{Connection, ErrorCode, OutboundHello, Token};
 use crate::transport::Stream;
 
@@ -248,20 +248,16 @@ pub(crate) async fn serve(
         counters: PipeCounters::default(),
         failure: Default::default(),
     });
-    shared.traffic.start(entry.clone());
     let chain = stream.peer_chain();
-    let result = tokio::select! {
-        r = pipe_tcp(dest_stream, b"", stream, &leftover, &entry.counters) => r,
-        _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
-        why = shared.cut(peer.ip(), chain.as_deref(), true) => Err(std::io::Error::other(why)),
-    };
-    shared.traffic.finish(id);
+    let pipe = pipe_tcp(dest_stream, b"", stream, &leftover, &entry.counters);
+    let pipe = shared.pipe_unless_cut(peer.ip(), chain.as_deref(), pipe);
+    let end = tracked(shared.traffic.track(entry.clone()), &entry.counters, pipe).await;
     let bytes = entry.bytes();
     tracing::info!(
         site = %site.name, client = %hello.client_addr, id,
         to_dest = bytes.client_written, from_dest = bytes.client_read,
         "outbound connection to {dest} {} after {:.1} s",
-        match result { Ok(()) => "closed".to_string(), Err(e) => format!("ended by error ({e})") },
+        end.outcome(),
         started.elapsed().as_secs_f64()
     );
 }

@@ -29,8 +29,7 @@ use super::site::{AgentHandle, Site};
 use super::Shared;
 use crate::config::check_name;
 use crate::limits::Event;
-use crate::net;
-use crate::protocol::liveness::{Beat, Liveness, MISSED};
+use crate::protocol::liveness::{Beat, Liveness, Silence};
 use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
     self, AutoBans, BanResult, ClientFailed, Connection, ControlHello, EdgeLimits, ErrorCode,
@@ -94,8 +93,7 @@ pub(super) async fn run_session(
         Ok(Ok(())) => {}
         _ => return,
     }
-    net::keepalive(conn.get_ref().tcp(), liveness.write_limit());
-    net::user_timeout(conn.get_ref().tcp(), liveness.write_limit());
+    liveness.arm(conn.get_ref().tcp());
     let tls = conn.get_ref().is_tls();
     // From here on, writes go through the outbox's own task: nothing this session does waits
     // for the agent to read.
@@ -306,8 +304,8 @@ enum SessionEnd {
     Protocol(#[from] ProtocolError),
     #[error("{0}")]
     Write(#[from] OutboxError),
-    #[error("no message for {0:?} ({MISSED} heartbeats missed)")]
-    HeartbeatsMissed(Duration),
+    #[error("no message for {0}")]
+    HeartbeatsMissed(Silence),
     #[error("unexpected {0} on a control channel")]
     Unexpected(&'static str),
     #[error("gateway shutting down")]
@@ -541,7 +539,7 @@ where
             why = outbox.failed() => return Err(why.into()),
             beat = liveness.next() => match beat {
                 Beat::Send(heartbeat) => outbox.send(heartbeat)?,
-                Beat::Dead(silence) => return Err(SessionEnd::HeartbeatsMissed(silence)),
+                Beat::Dead(silence) => return Err(SessionEnd::HeartbeatsMissed(Silence(silence))),
             },
         }
     }

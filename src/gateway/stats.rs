@@ -375,6 +375,18 @@ pub struct Traffic {
     listener_samples: Mutex<HashMap<ListenerKey, RateWindow>>,
 }
 
+/// A connection registered in [`Traffic`] until this is dropped.
+pub struct Tracking<'a> {
+    traffic: &'a Traffic,
+    id: u64,
+}
+
+impl Drop for Tracking<'_> {
+    fn drop(&mut self) {
+        self.traffic.finish(self.id);
+    }
+}
+
 /// Totals and rates of one listener or of the whole gateway.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrafficSnapshot {
@@ -452,6 +464,14 @@ impl Traffic {
             let _ = entry.failure.set(reason);
         }
         connections.insert(entry.id, entry);
+    }
+
+    /// [`Traffic::start`], and [`Traffic::finish`] when the returned guard is dropped (for
+    /// [`crate::pipe::tracked`]).
+    pub fn track(&self, entry: Arc<ConnEntry>) -> Tracking<'_> {
+        let id = entry.id;
+        self.start(entry);
+        Tracking { traffic: self, id }
     }
 
     /// Unregisters a connection and folds its bytes into its listener's totals.

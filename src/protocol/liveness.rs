@@ -4,10 +4,14 @@
 //! The gateway's agent session and the agent's gateway session each own one [`Liveness`] and
 //! poll it in their select loop next to the read. It never reads or writes a socket itself, so
 //! it can never be held up by one: writes go through [`super::outbox`], whose own stall limit
-//! ([`Liveness::write_limit`]) is the same three intervals.
+//! ([`Liveness::write_limit`]) is the same three intervals, and so is the kernel's own give-up
+//! time on the socket ([`Liveness::arm`]). A dead peer is reported as a [`Silence`], which both
+//! sessions' errors show the same way ("... for 3.001s (3 heartbeats missed)").
 
+use std::fmt;
 use std::time::Duration;
 
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::{Heartbeat, Message};
@@ -22,6 +26,17 @@ pub enum Beat {
     Send(Message),
     /// Nothing was heard for this long (more than [`MISSED`] intervals): the peer is dead.
     Dead(Duration),
+}
+
+/// How long a dead peer said nothing (more than [`MISSED`] intervals): what a session's error
+/// says when [`Beat::Dead`] ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Silence(pub Duration);
+
+impl fmt::Display for Silence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} ({MISSED} heartbeats missed)", self.0)
+    }
 }
 
 /// A heartbeat ticker and a silence deadline.
@@ -58,6 +73,14 @@ impl Liveness {
     /// the kernel's `TCP_USER_TIMEOUT` for the socket: as long as the peer may stay silent.
     pub fn write_limit(&self) -> Duration {
         self.interval * MISSED
+    }
+
+    /// Sets the socket's keepalive and `TCP_USER_TIMEOUT` to [`Liveness::write_limit`], so the
+    /// kernel gives up on a vanished peer (or a black-holed path with bytes queued) within the
+    /// same time as this check does.
+    pub fn arm(&self, socket: &TcpStream) {
+        crate::net::keepalive(socket, self.write_limit());
+        crate::net::user_timeout(socket, self.write_limit());
     }
 
     /// Any message from the peer proves it alive.
