@@ -6,7 +6,11 @@
 //!                                                echo server; prints "listening ADDR"
 //!                                                (reply-close: echoes once, then closes first)
 //! loadgen ports --n N                            N free loopback ports, one a line
-//! loadgen ttfb  --addr A --n N [--gap-ms G]      N sequential connect + 1 byte + 1 byte echo
+//! loadgen ttfb  --addr A --n N [--gap-ms G] [--head HOST]
+//!                                                N sequential connect + 1 byte + 1 byte echo
+//!                                                (--head: an HTTP/1 request head naming HOST
+//!                                                instead of the byte, for a port shared by
+//!                                                host name; still one byte read back)
 //! loadgen storm --addr A --n N --concurrency C   N connections, C in flight: connect, echo, close
 //! loadgen idle  --addr A --n N [--pid NAME=PID]  memory per idle connection (RSS, kernel)
 //! loadgen rate  --addr A --per-s R --secs S [--from IP,IP..] [--wait-close 1]
@@ -121,6 +125,10 @@ fn main() {
             args.addr(),
             args.num("n", 500),
             Duration::from_secs_f64(args.float("gap-ms", 0.0) / 1e3),
+            match args.0.get("head").and_then(|v| v.last()) {
+                Some(host) => format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes(),
+                None => b"x".to_vec(),
+            },
         ),
         "storm" => rt.block_on(storm(
             args.addr(),
@@ -238,11 +246,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// One connection: connect, send one byte, wait for its echo (blocking, for timing).
-fn one_echo(addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+fn one_echo(addr: SocketAddr, first: &[u8]) -> std::io::Result<std::net::TcpStream> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(TIMEOUT))?;
-    s.write_all(b"x")?;
+    s.write_all(first)?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)?;
     Ok(s)
@@ -251,7 +259,7 @@ fn one_echo(addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
 /// Time to first byte of a new connection, sequentially, with blocking sockets (no runtime in
 /// the measured path). `gap` spaces the connections out (a site whose clients come one at a
 /// time, so a tunnel's pool has refilled before the next one).
-fn ttfb(addr: SocketAddr, n: usize, gap: Duration) {
+fn ttfb(addr: SocketAddr, n: usize, gap: Duration, first: Vec<u8>) {
     let mut samples = Vec::with_capacity(n);
     let mut errors = 0;
     for i in 0..n {
@@ -259,7 +267,7 @@ fn ttfb(addr: SocketAddr, n: usize, gap: Duration) {
             std::thread::sleep(gap);
         }
         let t = Instant::now();
-        match one_echo(addr) {
+        match one_echo(addr, &first) {
             Ok(s) => {
                 samples.push(t.elapsed().as_secs_f64() * 1e6);
                 drop(s);
