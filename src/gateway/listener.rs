@@ -134,6 +134,9 @@ impl RunningListener {
         if !hostnames.is_empty() && spec.public.ports.len() != 1 {
             return Err("a listener with host names has one public port, not a range".into());
         }
+        if !hostnames.is_empty() && datagram::is_udp(&spec.clients.except) {
+            return Err("a UDP listener has no host names: they route TCP clients".into());
+        }
         let ports = port_budget(shared, site, spec.public.ports.len())?;
         let rules = AccessRules::parse(spec.clients.default, except)
             .map_err(|e| format!("invalid client rules: {e}"))?;
