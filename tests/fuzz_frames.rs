@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, TestCaseResult, TestRunner};
+use proptest::test_runner::{Config, TestCaseError, TestCaseResult, TestRunner};
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -1813,4 +1813,82 @@ fn regression_read_buffer_growth() {
         );
         assert!(allocs.largest <= decode_alloc_bound(max).max(message_alloc_bound(max).0));
     });
+}
+
+// ------------------------------------------------------------------------------------------
+// (g) A shared port's first bytes (the stable form of fuzz/fuzz_targets/peek.rs, issue 18):
+//     the route parser on TLS ClientHellos (real ones from rustls, mutated and cut) and HTTP/1
+//     request heads (hostile bytes behind a request line).
+// ------------------------------------------------------------------------------------------
+
+/// The verdict's invariants: a found name is normalized and non-empty; 16 KiB or more is never
+/// "need more" (the peek is bounded).
+fn check_peeked(bytes: &[u8]) -> Result<sallyport::peek::Peeked, TestCaseError> {
+    use sallyport::peek::{classify, normalize, Peeked, PEEK_LIMIT};
+    let verdict = classify(bytes);
+    if let Peeked::Named(name) = &verdict {
+        prop_assert!(!name.is_empty());
+        prop_assert_eq!(&normalize(name), name);
+    }
+    if bytes.len() >= PEEK_LIMIT {
+        prop_assert_ne!(&verdict, &Peeked::NeedMore);
+    }
+    Ok(verdict)
+}
+
+#[test]
+fn client_hellos_cut_and_mutated_never_panic_nor_name_another_host() {
+    use sallyport::peek::{client_hello, Peeked};
+    let name = "[a-z]{1,12}(\\.[a-z][a-z0-9]{0,3}-?[a-z0-9]{1,5}){0,3}";
+    let strategy = (
+        name,
+        any::<Index>(),
+        vec((any::<Index>(), any::<u8>()), 0..4),
+    );
+    run_property("client hellos", 2048, strategy, |(name, cut, flips)| {
+        let hello = client_hello(&name).expect("a DNS name is a valid SNI");
+        prop_assert_eq!(check_peeked(&hello)?, Peeked::Named(name.clone()));
+        // A cut hello is never taken for another host's.
+        let cut = cut.index(hello.len());
+        match check_peeked(&hello[..cut])? {
+            Peeked::NeedMore | Peeked::Garbage(_) => {}
+            other => prop_assert!(false, "cut at {}: {:?}", cut, other),
+        }
+        let mut mutated = hello.clone();
+        for (at, byte) in flips {
+            let at = at.index(mutated.len());
+            mutated[at] = byte;
+        }
+        check_peeked(&mutated)?;
+        Ok(())
+    });
+}
+
+#[test]
+fn request_heads_with_hostile_bytes_never_panic() {
+    let line = prop_oneof![
+        Just(b"GET / HTTP/1.1\r\n".to_vec()),
+        Just(b"\x16\x03\x01".to_vec()),
+        Just(Vec::new()),
+    ];
+    let tail = vec(
+        prop_oneof![
+            4 => proptest::sample::select(b"Host: \r\n:.-[]*0123456789abcXYZ \t".to_vec()),
+            1 => any::<u8>(),
+        ],
+        0..200,
+    );
+    let long = prop_oneof![9 => Just(0usize), 1 => 16_000usize..17_000];
+    run_property(
+        "request heads",
+        4096,
+        (line, tail, long),
+        |(line, tail, long)| {
+            let mut bytes = line;
+            bytes.extend_from_slice(&tail);
+            bytes.resize(bytes.len().max(long), b'a');
+            check_peeked(&bytes)?;
+            Ok(())
+        },
+    );
 }
