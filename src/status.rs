@@ -99,7 +99,6 @@ fn listener_row(key: &(String, String), public: String, state: String, st: &Valu
     ]
 }
 
-/// Renders the status and stats documents as the `status` command prints them.
 /// "expires in 400 day(s)" for a certificate in the status JSON; "-" without one.
 fn cert_cell(cert: &Value) -> String {
     match cert["expires_in_seconds"].as_i64() {
@@ -123,7 +122,21 @@ fn cert_line(what: &str, cert: &Value) -> String {
     }
 }
 
+/// Renders the gateway's status and stats documents as the `status` command prints them, one
+/// section after the other.
 pub fn render(status: &Value, stats: &Value) -> String {
+    let mut out = String::new();
+    out.push_str(&gateway_header(status));
+    out.push_str(&agents_section(status));
+    out.push_str(&revoked_section(status));
+    out.push_str(&listeners_section(status, stats));
+    out.push_str(&routes_section(status));
+    out.push_str(&totals_section(stats));
+    out
+}
+
+/// The first lines: version, state, uptime, control port, the gateway's certificate.
+fn gateway_header(status: &Value) -> String {
     let mut out = String::new();
     let light = s(&status["light"]);
     let mark = match light.as_str() {
@@ -148,6 +161,12 @@ pub fn render(status: &Value, stats: &Value) -> String {
         "gateway certificate",
         &status["control"]["cert"],
     ));
+    out
+}
+
+/// The connected agents, with a WARNING line per certificate near its expiry.
+fn agents_section(status: &Value) -> String {
+    let mut out = String::new();
     let agents = status["agents"].as_array().cloned().unwrap_or_default();
     out.push_str(&format!("\nAgents ({})\n", agents.len()));
     if agents.is_empty() {
@@ -187,7 +206,12 @@ pub fn render(status: &Value, stats: &Value) -> String {
             }
         }
     }
+    out
+}
 
+/// Agents revoked by `[peers]` and what became of their connections (nothing when none).
+fn revoked_section(status: &Value) -> String {
+    let mut out = String::new();
     let revoked = status["revoked"].as_array().cloned().unwrap_or_default();
     if !revoked.is_empty() {
         out.push_str(&format!("\nRevoked by [peers] ({})\n", revoked.len()));
@@ -217,7 +241,12 @@ pub fn render(status: &Value, stats: &Value) -> String {
             &rows,
         ));
     }
+    out
+}
 
+/// Every listener with its counters, then counters without a pushed listener (outbound traffic, listeners no longer pushed), so the table adds up to the totals.
+fn listeners_section(status: &Value, stats: &Value) -> String {
+    let mut out = String::new();
     let listeners = status["listeners"].as_array().cloned().unwrap_or_default();
     let per = stats["listeners"].as_array().cloned().unwrap_or_default();
     let counters: HashMap<(String, String), &Value> = per
@@ -274,7 +303,12 @@ pub fn render(status: &Value, stats: &Value) -> String {
             &rows,
         ));
     }
+    out
+}
 
+/// The routes of ports shared by host name (nothing when none).
+fn routes_section(status: &Value) -> String {
+    let mut out = String::new();
     let routes = status["routes"].as_array().cloned().unwrap_or_default();
     if !routes.is_empty() {
         let rows: Vec<Vec<String>> = routes
@@ -289,7 +323,12 @@ pub fn render(status: &Value, stats: &Value) -> String {
         out.push_str(&format!("\nRoutes by host name ({})\n", rows.len()));
         out.push_str(&table(&["PORT", "HOST NAME", "SITE", "LISTENER"], &rows));
     }
+    out
+}
 
+/// Client totals, bytes and rates, and the refusals that happened.
+fn totals_section(stats: &Value) -> String {
+    let mut out = String::new();
     let t = &stats["totals"];
     out.push_str(&format!(
         "\nClients: {} active, {} pending, {} accepted, {} rejected, {} closed\n",
@@ -332,6 +371,16 @@ pub fn render(status: &Value, stats: &Value) -> String {
 /// Renders an agent's status and stats as the `status` command prints them.
 pub fn render_agent(status: &StatusReport, stats: &StatsReport) -> String {
     let mut out = String::new();
+    out.push_str(&agent_header(status));
+    out.push_str(&gateways_section(status));
+    out.push_str(&agent_listeners_section(status, stats));
+    out.push_str(&agent_totals_section(status, stats));
+    out
+}
+
+/// The first lines: version, site, gateways connected, uptime, config; a refused reload and certificate warnings.
+fn agent_header(status: &StatusReport) -> String {
+    let mut out = String::new();
     let up = status.gateways.iter().filter(|g| g.connected).count();
     let (mark, light) = match status.light {
         Light::Green => ("●", "green"),
@@ -368,6 +417,12 @@ pub fn render_agent(status: &StatusReport, stats: &StatsReport) -> String {
             ));
         }
     }
+    out
+}
+
+/// One row per gateway: state, address, TLS, round trip, pool, last error.
+fn gateways_section(status: &StatusReport) -> String {
+    let mut out = String::new();
     out.push_str(&format!("\nGateways ({})\n", status.gateways.len()));
     let rows: Vec<Vec<String>> = status
         .gateways
@@ -410,7 +465,12 @@ pub fn render_agent(status: &StatusReport, stats: &StatsReport) -> String {
         ],
         &rows,
     ));
+    out
+}
 
+/// One row per listener with its state on each gateway and its counters, then the last failure per listener.
+fn agent_listeners_section(status: &StatusReport, stats: &StatsReport) -> String {
+    let mut out = String::new();
     let counters: HashMap<&str, &ListenerStatsReport> = stats
         .listeners
         .iter()
@@ -469,6 +529,12 @@ pub fn render_agent(status: &StatusReport, stats: &StatsReport) -> String {
             out.push('\n');
         }
     }
+    out
+}
+
+/// Client totals and the outbound proxy's requests.
+fn agent_totals_section(status: &StatusReport, stats: &StatsReport) -> String {
+    let mut out = String::new();
     let t = &stats.totals;
     out.push_str(&format!(
         "\nClients: {} active, {} offered, {} served, {} backend failures, {} data connection failures\n",
