@@ -35,6 +35,18 @@ fn cert_expiry(status: &StatusReport) -> prometheus::proto::MetricFamily {
 
 /// Renders an agent's metrics.
 pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
+    let mut families = gateway_families(status);
+    families.push(cert_expiry(status));
+    families.push(listener_up(status));
+    families.extend(listener_families(stats));
+    families.extend(agent_families(status, stats));
+    families.extend(memory_families("sallyport_agent"));
+    encode(families)
+}
+
+/// One family per fact about each gateway: the agent's info, then the control channel's
+/// state, round trip, reconnects and sessions, and the warm pool.
+fn gateway_families(status: &StatusReport) -> Vec<prometheus::proto::MetricFamily> {
     let gw = |g: &str| -> Labels { vec![("gateway", g.to_string())] };
     let per_gateway = |f: &dyn Fn(&GatewayReport) -> Option<f64>| {
         status
@@ -43,7 +55,7 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
             .filter_map(|g| f(g).map(|v| (gw(&g.gateway), v)))
             .collect::<Vec<_>>()
     };
-    let mut families = vec![
+    vec![
         family(
             "sallyport_agent_info",
             "Always 1; the labels say which agent of which site runs which version.",
@@ -87,7 +99,11 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
             GAUGE,
             per_gateway(&|g| Some(g.pool.idle as f64)),
         ),
-    ];
+    ]
+}
+
+/// `sallyport_agent_listener_up`: per gateway and listener.
+fn listener_up(status: &StatusReport) -> prometheus::proto::MetricFamily {
     let listener_up = status
         .gateways
         .iter()
@@ -100,13 +116,17 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
             })
         })
         .collect();
-    families.push(cert_expiry(status));
-    families.push(family(
+    family(
         "sallyport_agent_listener_up",
         "1 while the gateway accepts clients for the listener.",
         GAUGE,
         listener_up,
-    ));
+    )
+}
+
+/// The counters of each listener.
+fn listener_families(stats: &StatsReport) -> Vec<prometheus::proto::MetricFamily> {
+    let mut families = Vec::new();
     let each = |f: fn(&ListenerSnapshot) -> u64| {
         stats
             .listeners
@@ -160,6 +180,15 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
     ] {
         families.push(family(name, help, kind, each(value)));
     }
+    families
+}
+
+/// The outbound proxy, offers refused, the configuration, the light and the uptime.
+fn agent_families(
+    status: &StatusReport,
+    stats: &StatsReport,
+) -> Vec<prometheus::proto::MetricFamily> {
+    let mut families = Vec::new();
     let outcomes = stats
         .outbound
         .requests
@@ -230,6 +259,5 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
         GAUGE,
         vec![(vec![], status.uptime_seconds as f64)],
     ));
-    families.extend(memory_families("sallyport_agent"));
-    encode(families)
+    families
 }
