@@ -146,11 +146,23 @@ pub async fn run(path: &Path) -> bool {
 /// Resolution, reachability, TLS, peer rules. Returns the address reached when usable.
 async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> Option<SocketAddr> {
     let what = format!("gateway {gateway}");
+    let (reached, source) = reach_control_port(r, config, gateway, &what).await?;
+    probe_handshake(r, config, gateway, (reached, source), &what).await
+}
+
+/// Resolves the gateway and opens a TCP connection to its control port; `ok` or `fail` for
+/// each. The address reached and this host's source address.
+async fn reach_control_port(
+    r: &mut Report,
+    config: &AgentConfig,
+    gateway: &str,
+    what: &str,
+) -> Option<(SocketAddr, std::net::IpAddr)> {
     let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(gateway).await {
         Ok(a) => a.collect(),
         Err(e) => {
             r.fail(
-                &what,
+                what,
                 format!("does not resolve: {e}"),
                 "check DNS, or write the gateway's IP in `gateways`",
             );
@@ -158,7 +170,7 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
         }
     };
     let list: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
-    r.ok(&what, format!("resolves to {}", list.join(", ")));
+    r.ok(what, format!("resolves to {}", list.join(", ")));
 
     let started = Instant::now();
     let tcp = match net::connect_from(gateway, config.source_ip, config.connect_timeout).await {
@@ -171,7 +183,7 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
                 std::io::ErrorKind::TimedOut => "a firewall drops traffic to the control port: allow this host in",
                 _ => "check the address, the route and the firewalls between this host and the gateway",
             };
-            r.fail(&what, format!("control port not reachable: {e}"), fix);
+            r.fail(what, format!("control port not reachable: {e}"), fix);
             return None;
         }
     };
@@ -179,13 +191,24 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
     let source = tcp.local_addr().ok()?.ip();
     drop(tcp);
     r.ok(
-        &what,
+        what,
         format!(
             "control port {reached} reachable in {} ms",
             started.elapsed().as_millis()
         ),
     );
+    Some((reached, source))
+}
 
+/// The handshake a data connection makes (TLS, `[peers]`, version), proved by the gateway's
+/// UNKNOWN_CLIENT answer to a claim for a client id that is never a client.
+async fn probe_handshake(
+    r: &mut Report,
+    config: &AgentConfig,
+    gateway: &str,
+    (reached, source): (SocketAddr, std::net::IpAddr),
+    what: &str,
+) -> Option<SocketAddr> {
     // A data hello for client id 0, which is never a client, goes through TLS, the peer
     // rules and the version check, then gets UNKNOWN_CLIENT: the answer that proves all of them
     // passed. The gateway counts it as a check probe, not as a wrong token (an alert).
@@ -201,56 +224,41 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
     match dial(config, target, probe, tls).await {
         Err(DialError::Protocol(ProtocolError::Peer(e))) if e.code == ErrorCode::UNKNOWN_CLIENT => {
             if tls {
-                r.ok(&what, "TLS 1.3 handshake ok: gateway certificate valid for that name, agent certificate accepted");
+                r.ok(what, "TLS 1.3 handshake ok: gateway certificate valid for that name, agent certificate accepted");
             } else {
                 r.ok(
-                    &what,
+                    what,
                     "protocol handshake ok (PLAINTEXT: configure `tls` for production)",
                 );
             }
             r.ok(
-                &what,
+                what,
                 format!("this host ({source}) is allowed by the gateway's [peers] rules"),
             );
             Some(reached)
         }
         Ok(_) => {
             r.fail(
-                &what,
+                what,
                 "accepted a claim for a client that does not exist",
                 "this is not a Sallyport gateway you can trust",
             );
             None
         }
         Err(DialError::Refused(e)) => {
-            let fix = match e.code {
-                ErrorCode::PEER_DENIED => format!("add {source} to the gateway's [peers] except list (or set source_ip)"),
-                ErrorCode::TLS_REQUIRED => "configure `tls` in agent.toml (see `sallyport cert init`)".to_string(),
-                ErrorCode::UNSUPPORTED_VERSION => "run the same Sallyport version on agent and gateway".to_string(),
-                ErrorCode::WRONG_SITE => format!("use a certificate issued for site \"{}\" (sallyport cert issue --agent NAME --site {})", config.site, config.site),
-                ErrorCode::LIMIT => "the gateway is at its handshake limit: try again, or raise [limits] max_handshakes".to_string(),
-                _ => "see the gateway's log".to_string(),
-            };
-            r.fail(&what, format!("refused by the gateway: {e}"), fix);
+            let fix = refusal_fix(config, e.code, source);
+            r.fail(what, format!("refused by the gateway: {e}"), fix);
             None
         }
         Err(DialError::Tls { source: e, .. }) => {
             let text = e.to_string();
-            let fix = if text.contains("UnknownIssuer") {
-                "tls.ca in agent.toml must be the CA that issued the gateway's certificate"
-            } else if text.contains("NotValidForName") {
-                "dial the gateway by a name in its certificate, or set tls.server_name"
-            } else if text.contains("Expired") {
-                "issue a new certificate on the CA host (`sallyport cert issue --dir DIR --agent NAME --force`, or `--gateway NAME,...` for the gateway's)"
-            } else {
-                "check both sides' certificates and keys"
-            };
-            r.fail(&what, format!("TLS handshake failed: {text}"), fix);
+            let fix = tls_fix(&text);
+            r.fail(what, format!("TLS handshake failed: {text}"), fix);
             None
         }
         Err(DialError::CertificateRevoked) => {
             r.fail(
-                &what,
+                what,
                 "the gateway refused this agent's certificate: it is REVOKED (listed in its [control] tls.crl)",
                 "issue this agent a new certificate (sallyport cert issue --force, or cert renew) on the CA host",
             );
@@ -258,7 +266,7 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
         }
         Err(DialError::CertificateRejected(alert)) => {
             r.fail(
-                &what,
+                what,
                 format!("the gateway rejected this agent's certificate (TLS alert {alert:?})"),
                 "issue the agent certificate from the CA named in the gateway's client_ca",
             );
@@ -266,12 +274,37 @@ async fn check_gateway(r: &mut Report, config: &AgentConfig, gateway: &str) -> O
         }
         Err(e) => {
             r.fail(
-                &what,
+                what,
                 e.to_string(),
                 "see both daemons' logs; is `tls` configured on one side only?",
             );
             None
         }
+    }
+}
+
+/// What to do about a gateway's refusal of the probe.
+fn refusal_fix(config: &AgentConfig, code: ErrorCode, source: std::net::IpAddr) -> String {
+    match code {
+        ErrorCode::PEER_DENIED => format!("add {source} to the gateway's [peers] except list (or set source_ip)"),
+        ErrorCode::TLS_REQUIRED => "configure `tls` in agent.toml (see `sallyport cert init`)".to_string(),
+        ErrorCode::UNSUPPORTED_VERSION => "run the same Sallyport version on agent and gateway".to_string(),
+        ErrorCode::WRONG_SITE => format!("use a certificate issued for site \"{}\" (sallyport cert issue --agent NAME --site {})", config.site, config.site),
+        ErrorCode::LIMIT => "the gateway is at its handshake limit: try again, or raise [limits] max_handshakes".to_string(),
+        _ => "see the gateway's log".to_string(),
+    }
+}
+
+/// What to do about a failed TLS handshake, from rustls' words.
+fn tls_fix(text: &str) -> &'static str {
+    if text.contains("UnknownIssuer") {
+        "tls.ca in agent.toml must be the CA that issued the gateway's certificate"
+    } else if text.contains("NotValidForName") {
+        "dial the gateway by a name in its certificate, or set tls.server_name"
+    } else if text.contains("Expired") {
+        "issue a new certificate on the CA host (`sallyport cert issue --dir DIR --agent NAME --force`, or `--gateway NAME,...` for the gateway's)"
+    } else {
+        "check both sides' certificates and keys"
     }
 }
 
@@ -446,6 +479,23 @@ async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, re
             "see the agent's and gateway's logs",
         );
     }
+    report_listeners(r, config, gateway, reached, &results, answered).await;
+    stop.cancel();
+    if !task.is_finished() {
+        let _ = task.await;
+    }
+}
+
+/// One line per listener from the gateway's config result, and a test connection through
+/// each open one. `answered`: the gateway sent its result (else silence is no news).
+async fn report_listeners(
+    r: &mut Report,
+    config: &AgentConfig,
+    gateway: &str,
+    reached: SocketAddr,
+    results: &crate::agent::status::GatewayStatus,
+    answered: bool,
+) {
     for l in &config.listeners {
         let what = format!("listener {} on {gateway}", l.name);
         match results.listeners.get(&l.name) {
@@ -482,10 +532,6 @@ async fn check_listeners(r: &mut Report, config: &AgentConfig, gateway: &str, re
             ),
             None => {}
         }
-    }
-    stop.cancel();
-    if !task.is_finished() {
-        let _ = task.await;
     }
 }
 
