@@ -7,7 +7,7 @@ use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricT
 use prometheus::{Encoder, TextEncoder};
 
 use crate::gateway::stats::TrafficSnapshot;
-use crate::gateway::{GatewayHandle, ListenerState, RunState};
+use crate::gateway::{GatewayHandle, ListenerState, RunState, StatsView, StatusView};
 
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -260,21 +260,31 @@ fn write_udp_families(
 pub fn render(handle: &GatewayHandle) -> String {
     let stats = handle.stats();
     let status = handle.status();
+    let mut out = String::with_capacity(stats.listeners.len() * 10 * 120 + 4096);
+    write_listener_families(&mut out, &stats, &status);
+    let mut families = gateway_families(&stats, &status);
+    families.extend(memory_families("sallyport"));
+    out.push_str(&encode(families));
+    out
+}
+
+/// The per-listener families (counters, UDP datagrams, up), written straight into `out`: the
+/// part that grows with the number of listeners.
+fn write_listener_families(out: &mut String, stats: &StatsView, status: &StatusView) {
     let labels: Vec<String> = stats
         .listeners
         .iter()
         .map(|l| listener_labels(&l.site, &l.name))
         .collect();
-    let mut out = String::with_capacity(labels.len() * 10 * 120 + 4096);
     for (name, help, kind, get) in PER_LISTENER {
         let samples = stats
             .listeners
             .iter()
             .enumerate()
             .map(|(i, l)| (i, get(&l.traffic) as f64));
-        write_family(&mut out, name, help, kind, samples, &labels);
+        write_family(out, name, help, kind, samples, &labels);
     }
-    write_udp_families(&mut out, &stats.listeners, &labels);
+    write_udp_families(out, &stats.listeners, &labels);
     let up_labels: Vec<String> = status
         .listeners
         .iter()
@@ -286,13 +296,18 @@ pub fn render(handle: &GatewayHandle) -> String {
         .enumerate()
         .map(|(i, l)| (i, (l.state == ListenerState::Listening) as u8 as f64));
     write_family(
-        &mut out,
+        out,
         "sallyport_listener_up",
         "1 while the listener accepts clients.",
         "gauge",
         up,
         &up_labels,
     );
+}
+
+/// The gateway's own families: agents per site, certificates, the warm pool, refusals, check
+/// probes, the run state and the uptime.
+fn gateway_families(stats: &StatsView, status: &StatusView) -> Vec<MetricFamily> {
     use MetricType::{COUNTER, GAUGE};
     let mut families = Vec::new();
     let mut sites = std::collections::BTreeMap::<String, f64>::new();
@@ -309,7 +324,7 @@ pub fn render(handle: &GatewayHandle) -> String {
         GAUGE,
         agents,
     ));
-    families.push(cert_expiry(&status));
+    families.push(cert_expiry(status));
     families.push(family(
         "sallyport_pool_idle_connections",
         "Idle warm-pool data connections agents opened ahead of time.",
@@ -358,9 +373,7 @@ pub fn render(handle: &GatewayHandle) -> String {
         GAUGE,
         vec![(Vec::new(), status.uptime_seconds as f64)],
     ));
-    families.extend(memory_families("sallyport"));
-    out.push_str(&encode(families));
-    out
+    families
 }
 
 /// The process's memory (see [`crate::mem::MemoryFigures`]), under `prefix` (each daemon
