@@ -70,5 +70,6 @@ pub mod peek;
 pub mod pipe;
 pub mod protocol;
 pub mod ratelimit;
+pub mod reuse;
 pub mod status;
 pub mod transport;

@@ -38,9 +38,9 @@ use crate::ratelimit::{PipeThrottle, Throttle};
 use crate::transport::Stream;
 
 /// Size of each direction's copy buffer.
-const CHUNK: usize = 32 * 1024;
+pub(crate) const CHUNK: usize = 32 * 1024;
 /// The copy loop's first buffer per direction, before any full read.
-const IDLE_CHUNK: usize = 4 * 1024;
+pub(crate) const IDLE_CHUNK: usize = 4 * 1024;
 
 /// Live byte counts of one pipe, per side and direction. Reads and writes are counted apart:
 /// they differ by what is in flight (and by a prefix read before the pipe started).
@@ -341,7 +341,7 @@ where
 /// since the last flush, as tokio's own `copy` does: otherwise the tail of a burst can sit in a
 /// TLS writer's buffer for as long as the source stays quiet (an SFTP upload waiting for its
 /// acknowledgement, a reply waiting for the next request).
-async fn read_or_flush<R, W>(
+pub(crate) async fn read_or_flush<R, W>(
     reader: &mut R,
     buf: &mut [u8],
     writer: &mut W,

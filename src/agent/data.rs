@@ -1,12 +1,18 @@
 //! Serving one announced client: dial the gateway's control port as a data connection and the
 //! backend at the same time, then pipe the two.
+//!
+//! A reuse-framed warm-pool connection ([`crate::reuse`]) is piped with the framing and, when
+//! its client ended cleanly both ways, handed back to its pool member ([`Pooled::back`]); a
+//! client whose backend is unreachable ends it with `04` and `02` (last, end of stream), so the
+//! gateway closes its client in order and neither side keeps the connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::sync::mpsc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
 
 use super::dial::{dial, DialError, Target};
 use super::embedded::{Accepted, GatewayStream};
@@ -33,6 +39,15 @@ pub(crate) struct Gateway {
     pub limits: Arc<super::limits::GatewayLimits>,
 }
 
+/// A warm-pool connection the gateway already handed a client.
+pub(crate) struct Pooled {
+    pub stream: Stream,
+    /// Bytes read past the `PoolAssign`.
+    pub leftover: BytesMut,
+    /// Reuse-framed: where the connection goes back when its client ended cleanly both ways.
+    pub back: Option<oneshot::Sender<crate::reuse::Reusable>>,
+}
+
 /// Serves one client announced by `gateway`. Reports failures on the control channel through
 /// `control` when it is still there; never depends on it otherwise.
 /// `pooled` is a warm-pool data connection the gateway already handed this client (no dial).
@@ -44,7 +59,7 @@ pub(crate) async fn serve_client(
     gateway: Gateway,
     arrived: ClientArrived,
     control: mpsc::Sender<Message>,
-    pooled: Option<(Stream, BytesMut)>,
+    pooled: Option<Pooled>,
     _admission: super::limits::Admission,
 ) {
     let started = Instant::now();
@@ -84,8 +99,14 @@ pub(crate) async fn serve_client(
     };
     let stats = ctx.stats.listener(&listener.name);
     stats.offered();
+    // Reuse-framed: the connection's way back to its pool member.
+    let (pooled, back) = match pooled {
+        Some(p) => (Some((p.stream, p.leftover)), p.back),
+        None => (None, None),
+    };
     if listener.backend == Backend::Local {
-        // The application owns the stream from here, and its logging.
+        // The application owns the stream from here, and its logging. (Pool connections of an
+        // agent with an application never negotiate reuse: see `pool::member`.)
         return hand_to_application(&ctx, &config, &gateway, &arrived, control, pooled).await;
     }
     let Some(target) = listener.backend_target(arrived.port_offset) else {
@@ -94,6 +115,8 @@ pub(crate) async fn serve_client(
         return fail(why);
     };
     if let Protocol::Udp { idle_timeout } = listener.protocol {
+        // A flow is carried unframed; its connection closes after it (protocol.md 7.14).
+        drop(back);
         let flow = Flow {
             config: &config,
             gateway: &gateway,
@@ -143,6 +166,12 @@ pub(crate) async fn serve_client(
             // Close the data connection cleanly (the client's request may be unread in it),
             // so the client sees an orderly close, not a reset.
             if let Ok((mut data, _)) = data {
+                if back.is_some() {
+                    // Framed: last, end of stream; the gateway ends its client in order.
+                    let _ = data
+                        .write_all(&[crate::reuse::LAST, crate::reuse::END])
+                        .await;
+                }
                 net::close_gently(&mut data, std::time::Duration::from_secs(1)).await;
             }
             return;
@@ -189,7 +218,22 @@ pub(crate) async fn serve_client(
     first.extend_from_slice(&leftover);
     let counters = Arc::new(PipeCounters::default());
     let serving = stats.serving(counters.clone(), header.len() as u64);
-    let result = pipe_tcp(backend, b"", data, &first, &counters).await;
+    let result = match back {
+        None => pipe_tcp(backend, b"", data, &first, &counters).await,
+        Some(back) => {
+            let piped = crate::reuse::pipe_framed(
+                backend,
+                b"",
+                data,
+                leftover,
+                &header,
+                false,
+                &counters,
+                &Default::default(),
+            );
+            piped.await.map(|reusable| give_back(reusable, back))
+        }
+    };
     drop(serving);
     // a = backend, b = the data connection (the client's side).
     let bytes = counters.snapshot();
@@ -281,6 +325,19 @@ async fn serve_flow(
         Err(e) => {
             tracing::debug!(client = %client, "flow ended: {e}");
             Ok(("error", moved))
+        }
+    }
+}
+
+/// Hands a connection that may serve another client back to its pool member; closes it when
+/// the member is gone (the agent is stopping).
+fn give_back(
+    reusable: Option<crate::reuse::Reusable>,
+    back: oneshot::Sender<crate::reuse::Reusable>,
+) {
+    if let Some(reusable) = reusable {
+        if let Err((mut stream, _)) = back.send(reusable) {
+            stream.try_close_notify();
         }
     }
 }

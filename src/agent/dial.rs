@@ -86,6 +86,17 @@ pub(crate) async fn dial(
     role: Role,
     tls: bool,
 ) -> Result<(Connection<Stream>, HelloAck), DialError> {
+    dial_up_to(config, target, role, tls, protocol::max_version()).await
+}
+
+/// [`dial`], offering protocol versions up to `max_version` at most.
+pub(crate) async fn dial_up_to(
+    config: &AgentConfig,
+    target: Target<'_>,
+    role: Role,
+    tls: bool,
+    max_version: u16,
+) -> Result<(Connection<Stream>, HelloAck), DialError> {
     let timeout = config.connect_timeout;
     let dial_to = target.resolved.map(|a| a.to_string());
     let dial_to = dial_to.as_deref().unwrap_or(target.gateway);
@@ -107,7 +118,7 @@ pub(crate) async fn dial(
         _ => Stream::Plain(tcp),
     };
 
-    let hello = protocol::hello(role);
+    let hello = protocol::hello_up_to(role, max_version);
     let answer = async {
         stream
             .write_all(&protocol::with_preamble(&hello))
@@ -150,11 +161,11 @@ async fn read_answer(
     let mut conn = Connection::with_prefix(stream, max_frame, &head);
     match conn.expect_message().await? {
         Message::HelloAck(ack)
-            if !(protocol::MIN_VERSION..=protocol::MAX_VERSION).contains(&ack.version) =>
+            if !(protocol::MIN_VERSION..=protocol::max_version()).contains(&ack.version) =>
         {
             Err(ProtocolError::NoCommonVersion {
                 our_min: protocol::MIN_VERSION,
-                our_max: protocol::MAX_VERSION,
+                our_max: protocol::max_version(),
                 their_min: ack.version,
                 their_max: ack.version,
             }

@@ -10,6 +10,15 @@
 //! whose answer cannot be written (the gateway gave up on it and reset the connection) drops the
 //! client without touching a backend.
 //!
+//! On protocol v3 over TLS ([`Feature::DataReuse`]) a member outlives its client: it waits
+//! while the client is served, and when the client ended cleanly both ways (and the gateway did
+//! not say `04`, last) it is idle again, ready for the gateway's next `PoolAssign`. Replacements
+//! are opened while fewer than `pool` members are idle, so a burst still finds the pool full;
+//! members that come back on top stay idle until the gateway recycles them (one per second
+//! after a minute idle), so the pool follows the recent concurrency. An agent with an
+//! application (`Backend::Local`) offers at most v2 on pool connections: its clients' streams
+//! are the data connections themselves.
+//!
 //! A member the gateway closes (it recycles idle ones after a minute) is replaced too; a member
 //! that cannot connect is replaced after a pause, so a gateway that refuses pool connections is
 //! not hammered. When the gateway says its pool for the site is full (several agents together
@@ -18,20 +27,24 @@
 //! or the agent stops) closes the idle members properly (TLS close_notify); assigned ones
 //! carry on.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::data::{self, Gateway};
-use super::dial::{dial, Target};
+use super::data::{self, Gateway, Pooled};
+use super::dial::{dial_up_to, Target};
 use super::AgentCtx;
 use crate::protocol::{
-    ClientArrived, ErrorCode, Feature, Message, PoolAccepted, PoolHello, Role, Token,
+    self, ClientArrived, Connection, ErrorCode, Feature, Message, PoolAccepted, PoolAssign,
+    PoolHello, Role, Token,
 };
+use crate::transport::Stream;
 
 /// How a member left the idle state.
 enum Left {
@@ -87,18 +100,22 @@ pub(crate) async fn maintain(
     // themselves: an aborted task would drop a TLS stream without a close_notify.
     let quit = stop.child_token();
     let mut members: JoinSet<Left> = JoinSet::new();
+    let busy = Arc::new(Busy::default());
     // While the gateway's pool is full: when to ask again, and the next pause.
     let mut full_until: Option<Instant> = None;
     let mut full_pause = RETRY;
     loop {
         let wanted = ctx.config().pool;
+        // Members serving a client (reuse-framed ones come back) do not count as idle.
+        let idle = |members: &JoinSet<Left>| members.len().saturating_sub(busy.count());
         if full_until.is_none() {
-            while members.len() < wanted {
+            while idle(&members) < wanted {
                 members.spawn(member(
                     ctx.clone(),
                     gateway.clone(),
                     control.clone(),
                     quit.clone(),
+                    busy.clone(),
                 ));
             }
         }
@@ -131,12 +148,17 @@ pub(crate) async fn maintain(
                 }
                 _ => false,
             },
+            // A reuse-framed member took a client: replace it while it serves.
+            () = busy.changed.notified() => {
+                full_pause = RETRY;
+                false
+            }
             () = tokio::time::sleep_until(retry_at), if full_until.is_some() => {
                 full_until = None;
                 false
             }
             // A reload may raise `pool` while no member changes state.
-            _ = tokio::time::sleep(Duration::from_secs(5)), if members.len() >= wanted => false,
+            _ = tokio::time::sleep(Duration::from_secs(5)), if idle(&members) >= wanted => false,
         };
         if stopped {
             quit.cancel();
@@ -150,11 +172,42 @@ pub(crate) async fn maintain(
     }
 }
 
+/// Members of one maintainer that are serving a client, and a signal when one starts.
+#[derive(Default)]
+struct Busy {
+    count: AtomicUsize,
+    changed: Notify,
+}
+
+impl Busy {
+    fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// One member serving a client, for as long as it does.
+struct Serving(Arc<Busy>);
+
+impl Serving {
+    fn start(busy: &Arc<Busy>) -> Self {
+        busy.count.fetch_add(1, Ordering::Relaxed);
+        busy.changed.notify_one();
+        Serving(busy.clone())
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn member(
     ctx: AgentCtx,
     gateway: Gateway,
     control: mpsc::Sender<Message>,
     quit: CancellationToken,
+    busy: Arc<Busy>,
 ) -> Left {
     let config = ctx.config();
     let hello = PoolHello {
@@ -171,9 +224,14 @@ async fn member(
         gateway: &gateway.name,
         resolved: Some(gateway.addr),
     };
+    // An application takes its clients' data connections as they are: no reuse framing.
+    let max_version = match ctx.local {
+        Some(_) => protocol::max_version().min(Feature::DataReuse.since() - 1),
+        None => protocol::max_version(),
+    };
     let dialed = tokio::select! {
         _ = quit.cancelled() => return Left::Closed,
-        dialed = dial(&config, target, role, gateway.tls) => dialed,
+        dialed = dial_up_to(&config, target, role, gateway.tls, max_version) => dialed,
     };
     let (mut conn, version) = match dialed {
         Ok((conn, ack)) => (conn, ack.version),
@@ -185,58 +243,113 @@ async fn member(
             return Left::Failed;
         }
     };
-    // Counted as idle (in the admin API) from the ack until the gateway hands it a client or it
-    // closes, however that happens.
-    let idle = Idle::start(&ctx, &gateway.name);
+    let reuse = Feature::DataReuse.on(version) && conn.get_ref().is_tls();
+    loop {
+        let assign = match wait_for_client(&ctx, &gateway, &mut conn, &quit).await {
+            Ok(assign) => assign,
+            Err(left) => return left,
+        };
+        // Admitted like an announced client; a refused one is left unanswered (the gateway
+        // offers it elsewhere) and this member pauses before it is replaced.
+        let admission = match gateway.limits.admit(
+            &ctx.config(),
+            &ctx.stats,
+            &assign.listener,
+            assign.port_offset,
+        ) {
+            Ok(a) => a,
+            Err(_) => return Left::Failed,
+        };
+        if Feature::PoolAccepted.on(version) {
+            // Before anything else: the gateway offers the client elsewhere without this
+            // answer. If it already gave up, the connection is reset and the write fails: drop
+            // the client.
+            let answer = Message::PoolAccepted(PoolAccepted { id: assign.id });
+            if let Err(e) = conn.write_message(&answer).await {
+                tracing::info!(
+                    gateway = %gateway.name, client = %assign.client_addr, id = assign.id,
+                    "pooled client dropped: the gateway gave up on this connection before it was answered ({e})"
+                );
+                return Left::Closed;
+            }
+        }
+        let serving = Serving::start(&busy);
+        let (stream, leftover) = conn.into_parts();
+        let (tx, rx) = oneshot::channel();
+        let pooled = Pooled {
+            stream,
+            leftover,
+            back: reuse.then_some(tx),
+        };
+        let arrived = arrived(assign);
+        let served = data::serve_client(
+            ctx.clone(),
+            gateway.clone(),
+            arrived,
+            control.clone(),
+            Some(pooled),
+            admission,
+        );
+        // A task of the agent, not of this member: it carries on when the pool stops.
+        ctx.tasks.spawn(served);
+        if !reuse {
+            return Left::Assigned;
+        }
+        let back = tokio::select! {
+            back = rx => back,
+            _ = quit.cancelled() => return Left::Assigned,
+        };
+        drop(serving);
+        match back {
+            Ok((stream, leftover)) => {
+                conn = Connection::with_prefix(stream, config.max_frame, &leftover);
+            }
+            // Not reusable: ended uncleanly, or the last client of this connection.
+            Err(_) => return Left::Assigned,
+        }
+    }
+}
+
+/// Waits, idle, for the gateway to hand this member a client; how it left otherwise.
+async fn wait_for_client(
+    ctx: &AgentCtx,
+    gateway: &Gateway,
+    conn: &mut Connection<Stream>,
+    quit: &CancellationToken,
+) -> Result<PoolAssign, Left> {
+    // Counted as idle (in the admin API) until the gateway hands it a client or it closes,
+    // however that happens.
+    let _idle = Idle::start(ctx, &gateway.name);
     let first = tokio::select! {
         _ = quit.cancelled() => {
             // An orderly close: TLS close_notify, then FIN.
             let _ = conn.get_mut().shutdown().await;
-            return Left::Closed;
+            return Err(Left::Closed);
         }
         first = conn.read_message() => first,
     };
-    let assign = match first {
-        Ok(Some(Message::PoolAssign(a))) => a,
-        Ok(Some(Message::Error(e))) if e.code == ErrorCode::LIMIT => return Left::Full,
+    match first {
+        Ok(Some(Message::PoolAssign(a))) => Ok(a),
+        Ok(Some(Message::Error(e))) if e.code == ErrorCode::LIMIT => Err(Left::Full),
         Ok(Some(Message::Error(e))) => {
             tracing::debug!(gateway = %gateway.name, "pool connection refused: {e}");
-            return Left::Failed;
+            Err(Left::Failed)
         }
-        Ok(None) => return Left::Closed,
+        Ok(None) => Err(Left::Closed),
         Ok(Some(other)) => {
             tracing::warn!(gateway = %gateway.name, "unexpected {} on a pool connection", other.name());
-            return Left::Failed;
+            Err(Left::Failed)
         }
         Err(e) => {
             tracing::debug!(gateway = %gateway.name, "pool connection lost: {e}");
-            return Left::Closed;
-        }
-    };
-    // Admitted like an announced client; a refused one is left unanswered (the gateway offers
-    // it elsewhere) and this member pauses before it is replaced.
-    let admission = match gateway.limits.admit(
-        &ctx.config(),
-        &ctx.stats,
-        &assign.listener,
-        assign.port_offset,
-    ) {
-        Ok(a) => a,
-        Err(_) => return Left::Failed,
-    };
-    if Feature::PoolAccepted.on(version) {
-        // Before anything else: the gateway offers the client elsewhere without this answer.
-        // If it already gave up, the connection is reset and the write fails: drop the client.
-        let answer = Message::PoolAccepted(PoolAccepted { id: assign.id });
-        if let Err(e) = conn.write_message(&answer).await {
-            tracing::info!(
-                gateway = %gateway.name, client = %assign.client_addr, id = assign.id,
-                "pooled client dropped: the gateway gave up on this connection before it was answered ({e})"
-            );
-            return Left::Closed;
+            Err(Left::Closed)
         }
     }
-    let arrived = ClientArrived {
+}
+
+/// The client of an assignment, as an announcement would have named it.
+fn arrived(assign: PoolAssign) -> ClientArrived {
+    ClientArrived {
         id: assign.id,
         // Not used: the connection is already the client's.
         token: Token::from_bytes([0; 16]),
@@ -244,16 +357,5 @@ async fn member(
         port_offset: assign.port_offset,
         client_addr: assign.client_addr,
         gateway_addr: assign.gateway_addr,
-    };
-    drop(idle);
-    let pooled = conn.into_parts();
-    ctx.tasks.spawn(data::serve_client(
-        ctx.clone(),
-        gateway,
-        arrived,
-        control,
-        Some(pooled),
-        admission,
-    ));
-    Left::Assigned
+    }
 }

@@ -2,6 +2,7 @@
 //! push them at run time and the gateway keeps them in memory only.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -151,6 +152,10 @@ pub struct Limits {
     pub max_sites: usize,
     /// Outbound connections (agents' proxy clients) open at once.
     pub max_outbound: usize,
+    /// Clients one reusable TLS data connection serves at most before it is closed.
+    pub data_reuse_clients: u64,
+    /// Bytes (both ways) after which a reusable TLS data connection takes its last client.
+    pub data_reuse_bytes: u64,
 }
 
 impl Limits {
@@ -189,6 +194,8 @@ impl Default for Limits {
             max_listen_ports_per_site: None,
             max_sites: 256,
             max_outbound: 1024,
+            data_reuse_clients: 1000,
+            data_reuse_bytes: 1 << 30,
         }
     }
 }
@@ -297,6 +304,8 @@ struct RawLimits {
     max_listen_ports_per_site: Option<Spanned<u64>>,
     max_sites: Option<Spanned<u64>>,
     max_outbound: Option<Spanned<u64>>,
+    data_reuse_clients: Option<Spanned<u64>>,
+    data_reuse_bytes: Option<Spanned<u64>>,
 }
 
 /// Parses `[peers]`-style rules (also used for listener `clients`).
@@ -500,6 +509,30 @@ impl GatewayConfig {
                     ));
                 }
                 cfg.limits.max_frame = n as usize;
+            }
+            let ranged = |v: &Option<Spanned<u64>>, name: &str, range: RangeInclusive<u64>| {
+                let Some(v) = v else { return Ok(None) };
+                let n = *v.get_ref();
+                if !range.contains(&n) {
+                    let why = format!(
+                        "{n} is outside the allowed {} to {}",
+                        range.start(),
+                        range.end()
+                    );
+                    return Err(src.error(v.span(), &format!("limits.{name}"), why));
+                }
+                Ok(Some(n))
+            };
+            let l = &mut cfg.limits;
+            if let Some(n) = ranged(
+                &limits.data_reuse_clients,
+                "data_reuse_clients",
+                1..=1 << 32,
+            )? {
+                l.data_reuse_clients = n;
+            }
+            if let Some(n) = ranged(&limits.data_reuse_bytes, "data_reuse_bytes", 1..=1 << 50)? {
+                l.data_reuse_bytes = n;
             }
             let count = |v: &Option<Spanned<u64>>,
                          name: &str,
@@ -754,6 +787,8 @@ impl GatewayConfig {
             ),
             Setting::new("limits.max_sites", l.max_sites),
             Setting::new("limits.max_outbound", l.max_outbound),
+            Setting::new("limits.data_reuse_clients", l.data_reuse_clients),
+            Setting::new("limits.data_reuse_bytes", l.data_reuse_bytes),
         ]
     }
 

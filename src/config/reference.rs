@@ -183,6 +183,16 @@ pub const GATEWAY_KEYS: &[Key] = &[
         Applied,
         "for new outbound connections",
     ),
+    noted(
+        "limits.data_reuse_clients",
+        Applied,
+        "from each reusable connection's next client",
+    ),
+    noted(
+        "limits.data_reuse_bytes",
+        Applied,
+        "from each reusable connection's next client",
+    ),
 ];
 
 /// Every key of agent.toml.

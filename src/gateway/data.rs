@@ -85,6 +85,7 @@ pub(super) async fn claim_data(
         leftover,
         agent_addr: peer,
         agent: None,
+        reuse: None,
     });
     if tx.send(claim).is_err() {
         tracing::debug!(peer = %peer, id = data.id, "client gave up just before its data connection arrived");

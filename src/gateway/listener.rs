@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::pending::{Claim, DataConn};
-use super::pool::{Answer, Held, ACCEPT_LIMIT};
+use super::pool::{self, Answer, Held, ACCEPT_LIMIT};
 use super::site::Site;
 use super::stats::{ConnEntry, ListenerStats};
 use super::{RunState, Shared};
@@ -33,6 +33,7 @@ use crate::protocol::{
     datagram, hostnames, ClientArrived, ListenerSpec, Message, PoolAssign, Token,
 };
 use crate::ratelimit::PipeThrottle;
+use crate::reuse;
 use crate::transport::Stream;
 
 /// A public client as the offer and the pipe see it: a TCP connection, or a UDP flow
@@ -57,6 +58,13 @@ pub(crate) trait PublicClient: AsyncRead + Unpin + Send + Sized + 'static {
         counters: &'a PipeCounters,
         throttle: &'a PipeThrottle,
     ) -> impl Future<Output = std::io::Result<()>> + Send + 'a;
+    /// Whether it can be piped through a reuse-framed data connection ([`crate::reuse`]): a
+    /// TCP client can; a UDP flow's pooled connection carries it unframed and closes after it.
+    const REUSABLE: bool = false;
+    /// The TCP connection of a [`Self::REUSABLE`] client; any other is given back.
+    fn into_reusable(self) -> Result<TcpStream, Self> {
+        Err(self)
+    }
 }
 
 impl PublicClient for TcpStream {
@@ -87,6 +95,12 @@ impl PublicClient for TcpStream {
         throttle: &'a PipeThrottle,
     ) -> impl Future<Output = std::io::Result<()>> + Send + 'a {
         pipe_tcp_throttled(self, unsent, data, leftover, counters, throttle)
+    }
+
+    const REUSABLE: bool = true;
+
+    fn into_reusable(self) -> Result<TcpStream, Self> {
+        Ok(self)
     }
 }
 
@@ -730,10 +744,11 @@ pub(crate) async fn serve_client<C: PublicClient>(
         .unwrap_or_default();
     // The agent's certificate, for a reload that revokes it to cut this connection.
     let chain = data.stream.peer_chain();
+    let agent_ip = data.agent_addr.ip();
     let result = tokio::select! {
-        r = client.pipe(unsent, data.stream, &data.leftover, &entry.counters, &throttle) => r,
+        r = pipe_data(&shared, &site, client, unsent, data, &entry.counters, &throttle) => r,
         _ = shared.kill.cancelled() => Err(std::io::Error::other("the gateway is restarting or ran out of drain time")),
-        why = shared.cut(data.agent_addr.ip(), chain.as_deref(), true) => Err(std::io::Error::other(why)),
+        why = shared.cut(agent_ip, chain.as_deref(), true) => Err(std::io::Error::other(why)),
         () = site.bans.until_banned(client_addr.ip()) => Err(std::io::Error::other("cut: the client's address was banned")),
     };
     shared.traffic.finish(id);
@@ -754,6 +769,56 @@ pub(crate) async fn serve_client<C: PublicClient>(
         }
         Err(e) => record("error", Some(&e.to_string()), agent, agent_addr, moved),
     }
+}
+
+/// Pipes the client and its data connection; a reuse-framed one ([`crate::reuse`]) goes back to
+/// the site's pool when the client ended cleanly both ways.
+async fn pipe_data<C: PublicClient>(
+    shared: &Shared,
+    site: &Site,
+    client: C,
+    unsent: &[u8],
+    data: DataConn,
+    counters: &PipeCounters,
+    throttle: &PipeThrottle,
+) -> std::io::Result<()> {
+    let (client, ticket) = match (data.reuse, client.into_reusable()) {
+        (Some(ticket), Ok(tcp)) => (tcp, ticket),
+        (_, Err(client)) | (None, Ok(client)) => {
+            return client
+                .pipe(unsent, data.stream, &data.leftover, counters, throttle)
+                .await;
+        }
+    };
+    let (limits, agent_addr) = (shared.config().limits.clone(), data.agent_addr);
+    let last = pool::is_last(&ticket.served, &limits);
+    let piped = reuse::pipe_framed(
+        client,
+        unsent,
+        data.stream,
+        data.leftover,
+        b"",
+        last,
+        counters,
+        throttle,
+    );
+    let Some((stream, leftover)) = piped.await? else {
+        return Ok(());
+    };
+    let moved = counters.snapshot();
+    let back = pool::Returned {
+        stream,
+        leftover,
+        agent_id: ticket.agent_id,
+        agent_addr,
+        agent: data.agent.unwrap_or_default(),
+        reuse: pool::Reuse {
+            clients: ticket.served.clients + 1,
+            bytes: ticket.served.bytes + moved.a_read + moved.b_read,
+        },
+    };
+    pool::park_again(site, limits.max_frame, back).await;
+    Ok(())
 }
 
 /// What a client's offer says, on whichever path it goes (pool or announcement).
@@ -791,7 +856,11 @@ async fn from_pool<C: PublicClient>(
         client_addr: offer.client_addr,
         gateway_addr: offer.gateway_addr,
     };
-    while let Some(handed) = site.pool.assign(&assign, shunned).await {
+    while let Some(mut handed) = site.pool.assign(&assign, shunned).await {
+        if !C::REUSABLE {
+            // Carried unframed, and closed after the flow on both sides (protocol.md 7.14).
+            handed.reuse = None;
+        }
         let (agent_id, agent_addr) = (handed.agent_id, handed.agent_addr);
         match handed.answer(offer.id, client, held).await {
             Answer::Accepted { data, forwarded } => return FromPool::Taken(data, forwarded),

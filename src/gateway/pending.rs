@@ -28,6 +28,8 @@ pub(crate) struct DataConn {
     pub agent_addr: SocketAddr,
     /// The agent's name, when the connection says it (a warm-pool connection does).
     pub agent: Option<String>,
+    /// A reuse-framed warm-pool connection ([`crate::reuse`]): what it served before.
+    pub reuse: Option<super::pool::Ticket>,
 }
 
 /// What a waiting client receives.

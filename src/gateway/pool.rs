@@ -13,7 +13,12 @@
 //!   `PoolAccepted`; without one within [`ACCEPT_LIMIT`] the member is reset, the agent's other
 //!   members are closed and the caller offers the client elsewhere with the held bytes;
 //! - recycling is gradual: members idle longer than [`MAX_IDLE`] are closed one per agent per
-//!   second ([`Pool::recycle`]), so a pool never expires all at once.
+//!   second ([`Pool::recycle`]), so a pool never expires all at once;
+//! - on protocol v3 over TLS ([`Feature::DataReuse`]) a member outlives its client: the client's
+//!   bytes travel in reuse records ([`crate::reuse`]) from the first one on, and a member whose
+//!   client ended cleanly both ways is parked again ([`park_again`]) under its agent's session,
+//!   if that session is still live and the site's pool has room, until `[limits]
+//!   data_reuse_clients` or `data_reuse_bytes` make its next client the last.
 //!
 //! It never reads a client's bytes beyond [`HOLD_LIMIT`] before an agent has answered.
 
@@ -24,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use parking_lot::Mutex;
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -33,7 +38,7 @@ use tokio_util::codec::FramedWrite;
 
 use super::binding::{refuse_wrong_site, session_of, Claim};
 use super::pending::DataConn;
-use super::site::AgentHandle;
+use super::site::{AgentHandle, Site};
 use super::Shared;
 use crate::net;
 use crate::protocol::{
@@ -62,6 +67,23 @@ struct Pooled {
     since: Instant,
     /// The version its hello negotiated: whether the agent will answer an assignment.
     version: u16,
+    /// Set when reuse-framed: what it served before.
+    reuse: Option<Reuse>,
+}
+
+/// What a reuse-framed connection has served so far (clients it finished, their bytes), for
+/// `[limits] data_reuse_clients` and `data_reuse_bytes`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Reuse {
+    pub clients: u64,
+    pub bytes: u64,
+}
+
+/// A reuse-framed connection handed a client: its agent session and what it served before.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    pub agent_id: u64,
+    pub served: Reuse,
 }
 
 /// One agent session's idle pooled connections, oldest first.
@@ -95,6 +117,9 @@ pub(crate) struct Handed {
     /// The agent's name (for the client's audit record).
     agent: String,
     version: u16,
+    /// Reuse-framed ([`crate::reuse`]): what the connection has served so far. `None`: one
+    /// client, unframed.
+    pub reuse: Option<Reuse>,
 }
 
 /// Why a pooled connection could not be parked.
@@ -155,6 +180,7 @@ impl Pool {
                 agent_addr: pooled.agent_addr,
                 agent: pooled.agent,
                 version: pooled.version,
+                reuse: pooled.reuse,
             });
         }
     }
@@ -281,6 +307,7 @@ impl Handed {
                 leftover,
                 agent_addr: self.agent_addr,
                 agent: Some(self.agent),
+                reuse: None,
             };
             return Answer::Accepted { data, forwarded: 0 };
         }
@@ -290,9 +317,24 @@ impl Handed {
         // Bytes written since the last completed flush (a TLS writer holds them until then).
         let mut unflushed = false;
         let mut chunk = [0u8; 8192];
+        // Reuse-framed: held bytes go as whole records; `out` is the record being written, and
+        // `encoded` counts the held bytes put in records so far.
+        let framed = self.reuse.is_some();
+        let mut out = BytesMut::new();
+        let mut encoded = 0;
         loop {
             let room = HOLD_LIMIT.saturating_sub(held.bytes.len()).min(chunk.len());
-            let to_send = &held.bytes[forwarded..];
+            if framed && out.is_empty() && encoded < held.bytes.len() {
+                let n = (held.bytes.len() - encoded).min(u16::MAX as usize);
+                out.extend_from_slice(&crate::reuse::data_header(n));
+                out.extend_from_slice(&held.bytes[encoded..encoded + n]);
+                encoded += n;
+            }
+            let to_send = if framed {
+                &out[..]
+            } else {
+                &held.bytes[forwarded..]
+            };
             let event = tokio::select! {
                 biased;
                 msg = reader.read_message() => match msg {
@@ -315,11 +357,27 @@ impl Handed {
                 }
                 Waiting::Read(Ok(0)) => held.eof = true,
                 Waiting::Read(Ok(n)) => held.bytes.extend_from_slice(&chunk[..n]),
+                Waiting::Pushed(Ok(Pushed::Wrote(n))) if framed => {
+                    out.advance(n);
+                    if out.is_empty() {
+                        forwarded = encoded;
+                    }
+                    unflushed = true;
+                }
                 Waiting::Pushed(Ok(Pushed::Wrote(n))) => {
                     forwarded += n;
                     unflushed = true;
                 }
                 Waiting::Pushed(Ok(Pushed::Flushed)) => unflushed = false,
+            }
+        }
+        if !out.is_empty() {
+            // The rest of a record begun: the pipe's records follow it. Not bounded by a
+            // timeout (a record cut in the middle would corrupt the stream); an agent that
+            // stops reading stalls this client only, as it would stall the pipe.
+            if sink.get_mut().write_all(&out).await.is_ok() {
+                forwarded = encoded;
+                unflushed = true;
             }
         }
         if unflushed {
@@ -334,6 +392,10 @@ impl Handed {
             leftover,
             agent_addr: self.agent_addr,
             agent: Some(self.agent),
+            reuse: self.reuse.map(|served| Ticket {
+                agent_id: self.agent_id,
+                served,
+            }),
         };
         Answer::Accepted { data, forwarded }
     }
@@ -378,6 +440,52 @@ fn abort(reader: PoolReader, sink: PoolSink) {
     let (read, _) = reader.into_parts();
     let stream = read.unsplit(sink.into_inner());
     let _ = SockRef::from(stream.tcp()).set_linger(Some(Duration::ZERO));
+}
+
+/// A reuse-framed connection whose client ended cleanly both ways, and what it served.
+pub(crate) struct Returned {
+    pub stream: Stream,
+    /// Bytes read past the agent's end-of-stream record.
+    pub leftover: BytesMut,
+    pub agent_id: u64,
+    pub agent_addr: SocketAddr,
+    pub agent: String,
+    pub reuse: Reuse,
+}
+
+/// Parks a connection that served a client back in `site`'s pool, under its agent's session;
+/// closes it (close_notify) when that session has ended or the pool is full. Whether its next
+/// client is its last is decided when that client is assigned ([`is_last`]).
+pub(crate) async fn park_again(site: &Site, max_frame: usize, back: Returned) {
+    let Returned {
+        stream,
+        leftover,
+        agent_id,
+        agent_addr,
+        agent,
+        reuse,
+    } = back;
+    let conn = Connection::with_prefix(stream, max_frame, &leftover);
+    let pooled = Pooled {
+        conn,
+        agent_addr,
+        agent,
+        since: Instant::now(),
+        version: Feature::DataReuse.since(),
+        reuse: Some(reuse),
+    };
+    let refused = match site.agents().into_iter().find(|a| a.id == agent_id) {
+        Some(handle) => site.pool.add(&handle, pooled).err().map(|(_, p)| *p),
+        None => Some(pooled),
+    };
+    if let Some(mut pooled) = refused {
+        net::close_gently(pooled.conn.get_mut(), Duration::from_secs(1)).await;
+    }
+}
+
+/// Whether a reuse-framed connection that served `reuse` takes its last client now.
+pub(crate) fn is_last(reuse: &Reuse, limits: &crate::config::Limits) -> bool {
+    reuse.clients + 1 >= limits.data_reuse_clients || reuse.bytes >= limits.data_reuse_bytes
 }
 
 /// A pool hello was accepted: acknowledge and park the connection in its site's pool.
@@ -428,12 +536,14 @@ pub(crate) async fn accept(
         return;
     }
     net::keepalive(conn.get_ref().tcp(), Duration::from_secs(30));
+    let reuse = (Feature::DataReuse.on(version) && conn.get_ref().is_tls()).then(Reuse::default);
     let pooled = Pooled {
         conn,
         agent_addr: peer,
         agent: agent.name.clone(),
         since: Instant::now(),
         version,
+        reuse,
     };
     match site.pool.add(&agent, pooled) {
         Ok(()) => {}
@@ -500,6 +610,7 @@ mod tests {
             agent: "agent".to_string(),
             since: Instant::now(),
             version: crate::protocol::MAX_VERSION,
+            reuse: None,
         };
         (pooled, agent_end)
     }

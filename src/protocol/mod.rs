@@ -1,4 +1,4 @@
-//! The control protocol (versions 1 and 2): the preamble, frames, messages, version negotiation,
+//! The control protocol (versions 1 to 3): the preamble, frames, messages, version negotiation,
 //! and [`Connection`], the only type that turns bytes into messages and back.
 //!
 //! The protocol is specified for humans in `docs/protocol.md`; keep the two in step. This module
@@ -35,7 +35,32 @@ pub const MAGIC: [u8; 4] = *b"SPRT";
 pub const MIN_VERSION: u16 = 1;
 /// The newest protocol version this build speaks. Every version in between is spoken in full, so
 /// a peer of any older version keeps exactly the behaviour it had.
-pub const MAX_VERSION: u16 = 2;
+pub const MAX_VERSION: u16 = 3;
+
+/// The newest version this process offers and accepts: [`MAX_VERSION`], lowered by the
+/// environment for tests and comparisons. `SALLYPORT_MAX_PROTOCOL=N` makes the daemon speak as
+/// a build whose newest version is N (an old peer, for the fallback tests);
+/// `SALLYPORT_DATA_REUSE=off` (or `0`, `false`, `no`) caps it at 2, the last version without
+/// [`Feature::DataReuse`]. Read once per process.
+pub fn max_version() -> u16 {
+    static MAX: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let mut max = MAX_VERSION;
+        if let Some(n) = std::env::var("SALLYPORT_MAX_PROTOCOL")
+            .ok()
+            .and_then(|v| v.trim().parse::<u16>().ok())
+        {
+            max = max.min(n.max(MIN_VERSION));
+        }
+        if matches!(
+            std::env::var("SALLYPORT_DATA_REUSE").as_deref(),
+            Ok("off" | "0" | "false" | "no")
+        ) {
+            max = max.min(Feature::DataReuse.since() - 1);
+        }
+        max
+    })
+}
 
 /// A behaviour that exists from some protocol version on. Each connection negotiates its own
 /// version (its hello names a range; the gateway picks the highest common one), and a feature is
@@ -57,6 +82,10 @@ pub enum Feature {
     /// ([`Role::SessionPool`], [`Role::SessionOutbound`]), so they are bound to a live control
     /// session of their site and agent even in plaintext (`data_tls = false`).
     SessionBinding,
+    /// v3: a pool connection over TLS outlives its client. After `PoolAccepted` both sides
+    /// carry the client's bytes in reuse records ([`crate::reuse`]), and a connection whose
+    /// client ended cleanly both ways goes back to the warm pool on both sides.
+    DataReuse,
 }
 
 impl Feature {
@@ -64,6 +93,7 @@ impl Feature {
     pub const fn since(self) -> u16 {
         match self {
             Feature::PoolAccepted | Feature::SessionBinding => 2,
+            Feature::DataReuse => 3,
         }
     }
 
@@ -131,11 +161,16 @@ impl ProtocolError {
 
 /// Picks the highest version both sides speak.
 pub fn negotiate(their_min: u16, their_max: u16) -> Result<u16, ProtocolError> {
-    let version = MAX_VERSION.min(their_max);
+    negotiate_up_to(max_version(), their_min, their_max)
+}
+
+/// [`negotiate`] for a side whose newest version is `our_max`.
+fn negotiate_up_to(our_max: u16, their_min: u16, their_max: u16) -> Result<u16, ProtocolError> {
+    let version = our_max.min(their_max);
     if version < MIN_VERSION.max(their_min) || their_min > their_max {
         return Err(ProtocolError::NoCommonVersion {
             our_min: MIN_VERSION,
-            our_max: MAX_VERSION,
+            our_max,
             their_min,
             their_max,
         });
@@ -145,9 +180,15 @@ pub fn negotiate(their_min: u16, their_max: u16) -> Result<u16, ProtocolError> {
 
 /// A hello from this build with the given role.
 pub fn hello(role: Role) -> Message {
+    hello_up_to(role, max_version())
+}
+
+/// A hello that offers versions up to `max` at most (a connection that must not use a newer
+/// feature, e.g. an embedded agent's pool connections and [`Feature::DataReuse`]).
+pub fn hello_up_to(role: Role, max: u16) -> Message {
     Message::Hello(Hello {
         min_version: MIN_VERSION,
-        max_version: MAX_VERSION,
+        max_version: max.clamp(MIN_VERSION, max_version()),
         software: SOFTWARE.to_string(),
         role,
     })
@@ -367,18 +408,22 @@ mod tests {
     #[test]
     fn negotiation() {
         // A v1 peer keeps v1; a v2 peer gets v2; a newer one is brought down to ours.
+        let negotiate = |min, max| negotiate_up_to(MAX_VERSION, min, max);
         assert_eq!(negotiate(1, 1).unwrap(), 1);
         assert_eq!(negotiate(1, 2).unwrap(), 2);
         assert_eq!(negotiate(2, 2).unwrap(), 2);
+        assert_eq!(negotiate(1, 3).unwrap(), 3);
         assert_eq!(negotiate(0, 1).unwrap(), 1);
         assert_eq!(negotiate(1, 9).unwrap(), MAX_VERSION);
         assert!(matches!(
-            negotiate(3, 4),
+            negotiate(4, 5),
             Err(ProtocolError::NoCommonVersion { .. })
         ));
         assert!(negotiate(0, 0).is_err());
         assert!(negotiate(3, 1).is_err());
         assert!(negotiate(2, 1).is_err());
+        // A side capped at v2 (an old build, or reuse switched off) meets a v3 peer at v2.
+        assert_eq!(negotiate_up_to(2, 1, 3).unwrap(), 2);
     }
 
     #[test]
@@ -388,6 +433,8 @@ mod tests {
         assert!(!Feature::PoolAccepted.on(1));
         assert!(Feature::PoolAccepted.on(2));
         assert!(Feature::PoolAccepted.on(MAX_VERSION));
+        assert!(!Feature::DataReuse.on(2));
+        assert!(Feature::DataReuse.on(3));
     }
 
     /// The worked examples of docs/protocol.md (sections 3 and 7.11), byte for byte: if this
