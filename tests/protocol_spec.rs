@@ -241,7 +241,7 @@ impl SpecAgent {
             secret: None,
         };
         match a.read(Duration::from_secs(5)) {
-            Some(Message::HelloAck(ack)) => assert_eq!(ack.version, 2),
+            Some(Message::HelloAck(ack)) => assert_eq!(ack.version, protocol::MAX_VERSION),
             other => panic!("expected a HelloAck, got {other:?}"),
         }
         match a.read(Duration::from_secs(5)) {

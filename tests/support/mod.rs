@@ -329,7 +329,7 @@ pub fn spawn_gateway(name: &str, path: &Path) -> Gateway {
     spawn_gateway_env(name, path, &[])
 }
 
-/// [`spawn_gateway`] with extra environment variables.
+/// [`spawn_gateway`] with extra environment variables (e.g. `SALLYPORT_MAX_PROTOCOL=2`).
 pub fn spawn_gateway_env(name: &str, path: &Path, env: &[(&str, &str)]) -> Gateway {
     let args = ["gateway", "--config", path.to_str().unwrap()];
     let proc = Proc::spawn_with_env(name, BIN, &args, env);
@@ -448,6 +448,14 @@ pub fn start_agent(
     config.push_str(tables);
     let path = dir.write(&format!("{name}.toml"), &config);
     Proc::spawn(name, &["agent", "--config", path.to_str().unwrap()])
+}
+
+/// Starts `sallyport agent --config <dir>/<name>.toml` (written before) with extra environment
+/// variables.
+pub fn spawn_agent_env(dir: &Workdir, name: &str, env: &[(&str, &str)]) -> Proc {
+    let path = dir.path().join(format!("{name}.toml"));
+    let args = ["agent", "--config", path.to_str().unwrap()];
+    Proc::spawn_with_env(name, BIN, &args, env)
 }
 
 /// The log line an agent writes once its admin server listens.

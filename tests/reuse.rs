@@ -1,0 +1,339 @@
+//! Reusable TLS data connections (protocol v3, issue 15): a warm-pool connection over TLS serves
+//! client after client, with half-close and reset keeping their meaning through it; a connection
+//! whose client failed is never reused; an agent or gateway of protocol v2 falls back to one
+//! client per connection.
+//!
+//! Which data connection served a client is read from the gateway's audit records
+//! (`agent_addr`: the data connection's address as the gateway saw it).
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use support::servers::EchoServer;
+use support::*;
+
+/// A TLS gateway (mutual TLS, TLS data connections) and an agent with `pool` warm connections
+/// serving `backend` on `public`; `gateway_env`/`agent_env` go to the daemons' environment.
+struct Tls {
+    gateway: Gateway,
+    agent: Proc,
+    public: SocketAddr,
+    _dir: Workdir,
+}
+
+fn tls_tunnel(
+    backend: SocketAddr,
+    pool: usize,
+    gateway_env: &[(&str, &str)],
+    agent_env: &[(&str, &str)],
+) -> Tls {
+    let dir = Workdir::new();
+    let certs = make_certs(&dir, "certs", &[]);
+    let config = format!(
+        "[control]\nlisten = \"127.0.0.1:0\"\n{}\n\n[clients]\nbind = \"127.0.0.1\"\n\n\
+         [peers]\ndefault = \"allow\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        gateway_tls(&certs)
+    );
+    let path = dir.write("gateway.toml", &config);
+    let gateway = spawn_gateway_env("gateway", &path, gateway_env);
+    let public = local(free_port());
+    let mut agent = agent_config(
+        &[gateway.control],
+        &[listener("data", public.port(), backend)],
+        &format!("{}\npool = {pool}", agent_tls(&certs, &certs, "agent")),
+    );
+    agent.push_str("\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n");
+    dir.write("agent.toml", &agent);
+    let agent = spawn_agent_env(&dir, "agent", agent_env);
+    agent.wait_for_log("listener open on the gateway", Duration::from_secs(10));
+    let filled = wait_until(Duration::from_secs(10), || {
+        gateway.api("/api/stats")["pooled"].as_u64() >= Some(pool as u64)
+    });
+    assert!(filled, "the warm pool never filled");
+    Tls {
+        gateway,
+        agent,
+        public,
+        _dir: dir,
+    }
+}
+
+impl Tls {
+    /// The gateway's audit records so far: (outcome, the data connection's address).
+    fn records(&self) -> Vec<(String, String)> {
+        self.gateway
+            .proc
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains("connection_end"))
+            .map(|l| (field(l, "outcome="), field(l, "agent_addr=")))
+            .collect()
+    }
+
+    /// Waits until the gateway has `n` audit records; returns them.
+    fn wait_records(&self, n: usize) -> Vec<(String, String)> {
+        let ok = wait_until(Duration::from_secs(10), || self.records().len() >= n);
+        let records = self.records();
+        assert!(ok, "{} of {n} audit records", records.len());
+        records
+    }
+}
+
+/// The value after `key` in a text log line (up to the next space, quotes trimmed).
+fn field(line: &str, key: &str) -> String {
+    let Some(at) = line.find(key) else {
+        return String::new();
+    };
+    let rest = &line[at + key.len()..];
+    rest.split(' ')
+        .next()
+        .unwrap_or("")
+        .trim_matches('"')
+        .to_string()
+}
+
+/// One client: sends `payload`, half-closes, reads the echo to its end and checks every byte.
+fn echo_client(public: SocketAddr, payload: &[u8]) {
+    let mut c = TcpStream::connect_timeout(&public, Duration::from_secs(5)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(payload).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::with_capacity(payload.len());
+    c.read_to_end(&mut got).unwrap();
+    assert!(got == payload, "the echo differs ({} bytes)", got.len());
+}
+
+fn distinct_connections(records: &[(String, String)]) -> usize {
+    records.iter().map(|r| &r.1).collect::<HashSet<_>>().len()
+}
+
+#[test]
+fn ten_thousand_sequential_clients_share_a_few_tls_data_connections() {
+    const CLIENTS: usize = 10_000;
+    let echo = EchoServer::start();
+    let t = tls_tunnel(echo.addr, 2, &[], &[]);
+    for i in 0..CLIENTS {
+        let payload = pseudo_random(1 + i % 3000, i as u64);
+        echo_client(t.public, &payload);
+    }
+    let records = t.wait_records(CLIENTS);
+    assert!(
+        records.iter().all(|r| r.0 == "closed"),
+        "a client did not end cleanly"
+    );
+    let used = distinct_connections(&records);
+    // The pool's two, a replacement opened while each was busy, and one more now and then when
+    // a client came before the gateway had parked its predecessor's connection again: a few
+    // dozen at most, not 10,000.
+    assert!(
+        used <= 50,
+        "{CLIENTS} sequential clients used {used} data connections"
+    );
+    assert_eq!(echo.accepted(), CLIENTS);
+}
+
+#[test]
+fn with_reuse_off_every_client_gets_a_new_data_connection() {
+    const CLIENTS: usize = 300;
+    let echo = EchoServer::start();
+    let off = [("SALLYPORT_DATA_REUSE", "off")];
+    let t = tls_tunnel(echo.addr, 2, &off, &off);
+    for i in 0..CLIENTS {
+        echo_client(t.public, &pseudo_random(100, i as u64));
+    }
+    let records = t.wait_records(CLIENTS);
+    assert_eq!(distinct_connections(&records), CLIENTS);
+}
+
+/// An agent or a gateway that speaks at most protocol v2 gets one client per connection, and
+/// everything still works.
+#[test]
+fn an_old_protocol_peer_falls_back_to_one_client_per_connection() {
+    const CLIENTS: usize = 50;
+    let old = [("SALLYPORT_MAX_PROTOCOL", "2")];
+    for (gateway_env, agent_env) in [(&old[..], &[][..]), (&[][..], &old[..])] {
+        let echo = EchoServer::start();
+        let t = tls_tunnel(echo.addr, 2, gateway_env, agent_env);
+        for i in 0..CLIENTS {
+            echo_client(t.public, &pseudo_random(2000, i as u64));
+        }
+        let records = t.wait_records(CLIENTS);
+        assert!(records.iter().all(|r| r.0 == "closed"));
+        assert_eq!(
+            distinct_connections(&records),
+            CLIENTS,
+            "old gateway: {}",
+            gateway_env.len()
+        );
+        drop(t.agent);
+    }
+}
+
+/// The backend's next connection.
+fn accept(backend: &TcpListener) -> TcpStream {
+    let (s, _) = backend.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+/// A clean exchange: the client's request, the backend's reply, both close.
+fn clean_client(public: SocketAddr, backend: &TcpListener, n: usize) {
+    let mut c = TcpStream::connect(public).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(format!("request {n}").as_bytes()).unwrap();
+    let mut s = accept(backend);
+    let mut buf = [0u8; 64];
+    let got = s.read(&mut buf).unwrap();
+    assert_eq!(&buf[..got], format!("request {n}").as_bytes());
+    s.write_all(b"reply").unwrap();
+    drop(s);
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"reply");
+}
+
+/// The client half-closes after its request: the backend sees end of stream and still answers.
+fn half_closing_client(public: SocketAddr, backend: &TcpListener) {
+    let mut c = TcpStream::connect(public).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"all of it").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut s = accept(backend);
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(
+        got, b"all of it",
+        "the backend saw the client's end of stream"
+    );
+    s.write_all(b"answer after the end").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"answer after the end");
+}
+
+/// How a stream ends when read to its end.
+fn ending(mut s: TcpStream) -> std::io::Result<usize> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+}
+
+impl Tls {
+    /// Waits until the gateway holds `n` idle pooled connections.
+    fn wait_pooled(&self, n: u64) {
+        let ok = wait_until(Duration::from_secs(10), || {
+            self.gateway.api("/api/stats")["pooled"].as_u64() == Some(n)
+        });
+        assert!(ok, "the gateway never held {n} pooled connections");
+    }
+}
+
+/// The client resets mid-upload: the backend must see a reset.
+fn client_resets(public: SocketAddr, backend: &TcpListener) {
+    let mut c = TcpStream::connect(public).unwrap();
+    c.write_all(b"partial upload").unwrap();
+    let mut s = accept(backend);
+    let mut buf = [0u8; 14];
+    s.read_exact(&mut buf).unwrap();
+    reset(c);
+    let end = ending(s);
+    assert!(
+        matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the client's reset reached the backend as {end:?}"
+    );
+}
+
+/// The backend resets mid-download: the client must see a reset.
+fn backend_resets(public: SocketAddr, backend: &TcpListener) {
+    let mut c = TcpStream::connect(public).unwrap();
+    c.write_all(b"download please").unwrap();
+    let mut s = accept(backend);
+    let mut buf = [0u8; 15];
+    s.read_exact(&mut buf).unwrap();
+    s.write_all(b"partial download").unwrap();
+    let mut got = [0u8; 16];
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.read_exact(&mut got).unwrap();
+    reset(s);
+    let end = ending(c);
+    assert!(
+        matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the backend's reset reached the client as {end:?}"
+    );
+}
+
+/// With `pool = 1` and the gateway's pool settled at two idle connections before each client
+/// (the member and the one that came back), a client takes the connection the previous client
+/// used (the newest), and no replacement is opened meanwhile.
+#[test]
+fn half_close_and_reset_keep_their_meaning_through_a_reused_connection() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let t = tls_tunnel(backend.local_addr().unwrap(), 1, &[], &[]);
+    let settle = || t.wait_pooled(2);
+
+    clean_client(t.public, &backend, 1);
+    settle();
+    clean_client(t.public, &backend, 2);
+    settle();
+    // 3: half-close through client 2's connection (its 2nd client at least); 4: clean again.
+    half_closing_client(t.public, &backend);
+    settle();
+    clean_client(t.public, &backend, 4);
+    let records = t.wait_records(4);
+    let first = records[1].1.clone();
+    assert!(
+        records[1..].iter().all(|r| r.1 == first && r.0 == "closed"),
+        "clients 3 and 4 were not served by client 2's connection: {records:?}"
+    );
+    settle();
+    // 5: the client resets mid-upload, on that connection's 4th client or later.
+    client_resets(t.public, &backend);
+    let records = t.wait_records(5);
+    assert_eq!(records[4].1, first);
+
+    // 6 to 8: clean clients; 8 on 7's connection. 9: the backend resets mid-download on it.
+    for n in 6..9 {
+        t.wait_pooled(if n == 6 { 1 } else { 2 });
+        clean_client(t.public, &backend, n);
+    }
+    settle();
+    backend_resets(t.public, &backend);
+    let records = t.wait_records(9);
+    let second = records[7].1.clone();
+    assert_eq!(
+        records[8].1, second,
+        "client 9 did not reuse client 8's connection"
+    );
+    assert_eq!(
+        records[7].1, records[6].1,
+        "client 8 did not reuse client 7's connection"
+    );
+    assert_ne!(second, first);
+
+    // Neither connection whose client failed serves anyone again.
+    for n in 10..14 {
+        clean_client(t.public, &backend, n);
+        t.wait_records(n);
+    }
+    let records = t.wait_records(13);
+    for (n, r) in records.iter().enumerate().skip(9) {
+        assert!(
+            r.1 != first && r.1 != second,
+            "client {}: a connection whose client failed was reused ({r:?})",
+            n + 1
+        );
+        assert_eq!(r.0, "closed");
+    }
+}
