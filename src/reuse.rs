@@ -16,6 +16,11 @@
 //!   end with `04` closes the connection with a TLS close_notify.
 //! - Each side decides reuse from what it has seen itself, and the other side has seen the same
 //!   records, so both agree without another round trip.
+//! - Bytes read past the peer's `02` belong to the connection, not to the client: on the agent
+//!   they are the gateway's next `PoolAssign` (the gateway may park the connection and hand it
+//!   the next client before the agent has read the previous client's `02`), so they go back
+//!   with the connection ([`Reusable`]) and are never a reason to close it. The gateway, to
+//!   which an agent never writes between clients, closes a connection that brought any.
 //!
 //! Like [`crate::pipe`], every direction flushes its writer whenever its reader would block.
 
@@ -50,7 +55,8 @@ pub const HEADER: usize = 3;
 const CLOSE_LIMIT: Duration = Duration::from_secs(1);
 
 /// A connection whose client ended cleanly both ways and that both sides keep: the stream and
-/// the bytes read past the peer's end-of-stream record (normally none).
+/// the bytes read past the peer's end-of-stream record (on the agent, the start of the next
+/// `PoolAssign` when the gateway was quick; the caller reads them first).
 pub type Reusable = (Stream, BytesMut);
 
 /// Pipes `plain` (the client, or the backend) and `framed` (a reuse-framed data connection)
@@ -105,7 +111,7 @@ pub async fn pipe_framed(
     let (plain, framed) = ends.disarm();
     drop(plain);
     let mut framed = framed;
-    if last || peer_last || !leftover.is_empty() {
+    if last || peer_last {
         net::close_gently(&mut framed, CLOSE_LIMIT).await;
         return Ok(None);
     }

@@ -95,7 +95,9 @@ pub(crate) async fn serve_client(
         tracing::warn!(listener = listener_name, client = %client, "offer for an unknown listener");
         let why = format!("agent has no listener \"{listener_name}\"");
         record("refused", Some(&why), None, (0, 0));
-        return fail(why);
+        fail(why);
+        let framed = pooled.as_ref().is_some_and(|p| p.back.is_some());
+        return decline(pooled.map(|p| p.stream), framed).await;
     };
     let stats = ctx.stats.listener(&listener.name);
     stats.offered();
@@ -112,7 +114,8 @@ pub(crate) async fn serve_client(
     let Some(target) = listener.backend_target(arrived.port_offset) else {
         let why = format!("no backend port for offset {}", arrived.port_offset);
         record("refused", Some(&why), None, (0, 0));
-        return fail(why);
+        fail(why);
+        return decline(pooled.map(|p| p.0), back.is_some()).await;
     };
     if let Protocol::Udp { idle_timeout } = listener.protocol {
         // A flow is carried unframed; its connection closes after it (protocol.md 7.14).
@@ -165,16 +168,7 @@ pub(crate) async fn serve_client(
             fail(why);
             // Close the data connection cleanly (the client's request may be unread in it),
             // so the client sees an orderly close, not a reset.
-            if let Ok((mut data, _)) = data {
-                if back.is_some() {
-                    // Framed: last, end of stream; the gateway ends its client in order.
-                    let _ = data
-                        .write_all(&[crate::reuse::LAST, crate::reuse::END])
-                        .await;
-                }
-                net::close_gently(&mut data, std::time::Duration::from_secs(1)).await;
-            }
-            return;
+            return decline(data.ok().map(|d| d.0), back.is_some()).await;
         }
     };
     let (data, leftover) = match data {
@@ -327,6 +321,22 @@ async fn serve_flow(
             Ok(("error", moved))
         }
     }
+}
+
+/// Ends a data connection whose client this agent does not serve (no such listener now, no
+/// backend port, the backend unreachable) in order, so the gateway closes its client with an
+/// end of stream, not a reset: a reuse-framed one says `04` (last) and `02` (end of stream)
+/// first, and neither side keeps it. The report goes on the control channel.
+async fn decline(data: Option<Stream>, framed: bool) {
+    let Some(mut data) = data else {
+        return;
+    };
+    if framed {
+        let _ = data
+            .write_all(&[crate::reuse::LAST, crate::reuse::END])
+            .await;
+    }
+    net::close_gently(&mut data, std::time::Duration::from_secs(1)).await;
 }
 
 /// Hands a connection that may serve another client back to its pool member; closes it when

@@ -454,17 +454,23 @@ pub(crate) struct Returned {
 }
 
 /// Parks a connection that served a client back in `site`'s pool, under its agent's session;
-/// closes it (close_notify) when that session has ended or the pool is full. Whether its next
+/// closes it (close_notify) when that session has ended or the pool is full, or when the agent
+/// wrote past its end-of-stream record (it never writes between clients). Whether its next
 /// client is its last is decided when that client is assigned ([`is_last`]).
 pub(crate) async fn park_again(site: &Site, max_frame: usize, back: Returned) {
     let Returned {
-        stream,
+        mut stream,
         leftover,
         agent_id,
         agent_addr,
         agent,
         reuse,
     } = back;
+    if !leftover.is_empty() {
+        tracing::debug!(agent = %agent, "bytes after the end of a reused connection's client: closed, not parked");
+        net::close_gently(&mut stream, Duration::from_secs(1)).await;
+        return;
+    }
     let conn = Connection::with_prefix(stream, max_frame, &leftover);
     let pooled = Pooled {
         conn,
