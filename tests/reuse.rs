@@ -337,3 +337,242 @@ fn half_close_and_reset_keep_their_meaning_through_a_reused_connection() {
         assert_eq!(r.0, "closed");
     }
 }
+
+/// A backend that closes first, like an HTTP/1.0 server: reads one request line (`<size>\n`),
+/// answers with `size` pattern bytes and closes. The client then closes too, so the last record
+/// of each client is the gateway's end of stream, and the next client's `PoolAssign` can follow
+/// it at once on the same connection.
+fn closing_first_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while s.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                let Some(size) = String::from_utf8_lossy(&line).parse::<usize>().ok() else {
+                    return;
+                };
+                let _ = s.write_all(&pseudo_random(size, size as u64));
+            });
+        }
+    });
+    addr
+}
+
+/// One client of [`closing_first_backend`]: asks for `size` bytes, reads to the end, checks
+/// every byte, then closes.
+fn request_reply(public: SocketAddr, size: usize) -> Result<(), String> {
+    let mut c = TcpStream::connect_timeout(&public, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    c.write_all(format!("{size}\n").as_bytes())
+        .map_err(|e| format!("request: {e}"))?;
+    let mut got = Vec::with_capacity(size);
+    let end = c.read_to_end(&mut got);
+    check_echo(&got, &pseudo_random(size, size as u64), end)
+}
+
+/// One echo client: sends `payload`, half-closes, reads the echo to its end.
+fn echo_checked(public: SocketAddr, payload: &[u8]) -> Result<(), String> {
+    let mut c = TcpStream::connect_timeout(&public, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let writer = c.try_clone().unwrap();
+    let body = payload.to_vec();
+    let sender = std::thread::spawn(move || {
+        let mut w = writer;
+        w.write_all(&body)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut got = Vec::with_capacity(payload.len());
+    let end = c.read_to_end(&mut got);
+    let sent = sender.join().unwrap();
+    check_echo(&got, payload, end)?;
+    sent.map_err(|e| format!("send: {e}"))
+}
+
+/// Every byte, in order, and a clean end of stream.
+fn check_echo(got: &[u8], want: &[u8], end: std::io::Result<usize>) -> Result<(), String> {
+    if let Err(e) = end {
+        return Err(format!("{} of {} B, then {e}", got.len(), want.len()));
+    }
+    if got != want {
+        return Err(format!(
+            "{} of {} B, then end of stream{}",
+            got.len(),
+            want.len(),
+            if want.starts_with(got) {
+                ""
+            } else {
+                " (corrupted)"
+            }
+        ));
+    }
+    Ok(())
+}
+
+/// The gateway's count of pooled connections handed a client that did not answer.
+fn pool_unanswered(gateway: &Gateway) -> u64 {
+    let stats = gateway.api("/api/stats");
+    stats["refusals"]["pool_unanswered"].as_u64().unwrap_or(0)
+}
+
+/// Regression (bench/soak, sighup fault): the gateway parks a connection again as soon as both
+/// directions ended and may hand it the next client at once, so the agent can read that
+/// `PoolAssign` together with the previous client's end-of-stream record. The agent used to take
+/// those bytes for garbage and close the connection: the gateway saw its pooled connection die
+/// unanswered, dropped the agent's whole pool, and a client of exactly 64 KiB that had already
+/// half-closed was then taken for gone and closed with 0 bytes. Clients that follow each other
+/// at once (4 at a time) must never find their connection dead, and each gets every byte.
+#[test]
+fn a_connection_handed_its_next_client_at_once_takes_it() {
+    const PER_THREAD: usize = 400;
+    let backend = closing_first_backend();
+    let t = tls_tunnel(backend, 2, &[], &[]);
+    let public = t.public;
+    let threads: Vec<_> = (0..4)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let mut failed = Vec::new();
+                for i in 0..PER_THREAD {
+                    let size = [1, 200, 4096, 65536][(i + k) % 4];
+                    if let Err(e) = request_reply(public, size) {
+                        failed.push(format!("client {k}/{i} ({size} B): {e}"));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let failed: Vec<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} clients failed: {failed:?}",
+        failed.len()
+    );
+    let records = t.wait_records(4 * PER_THREAD);
+    assert!(records.iter().all(|r| r.0 == "closed"), "{records:?}");
+    assert_eq!(
+        pool_unanswered(&t.gateway),
+        0,
+        "a pooled connection handed a client was found dead"
+    );
+    let used = distinct_connections(&records);
+    assert!(
+        used < 200,
+        "{} clients used {used} data connections",
+        records.len()
+    );
+}
+
+/// Two agents of one site with reused TLS pool connections, reloaded one after the other to add
+/// or remove a listener (docs/protocol.md 7.9: the first is refused until the second has the
+/// same config, so its session ends and starts again, with clients running on its
+/// connections). Every client of the listener that stays gets every byte: none is closed with
+/// 0 bytes or reset because its pooled connection belonged to a session or config that ended.
+#[test]
+fn clients_through_reused_connections_survive_reloads_that_add_and_remove_a_listener() {
+    let dir = Workdir::new();
+    let certs = make_certs(&dir, "certs", &["--agent-name", "a2"]);
+    let config = format!(
+        "[control]\nlisten = \"127.0.0.1:0\"\n{}\n\n[clients]\nbind = \"127.0.0.1\"\n\n\
+         [peers]\ndefault = \"allow\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        gateway_tls(&certs)
+    );
+    let gateway = spawn_gateway_env("gateway", &dir.write("gateway.toml", &config), &[]);
+    let (echo, closing) = (EchoServer::start(), closing_first_backend());
+    let (stays, closes_first, dynamic) = (free_port(), free_port(), local(free_port()));
+    let write_configs = |with_dyn: bool| {
+        for (name, cert) in [("a1", "agent"), ("a2", "a2")] {
+            let mut listeners = vec![
+                listener("stays", stays, echo.addr),
+                listener("closing", closes_first, closing),
+            ];
+            if with_dyn {
+                listeners.push(listener("dyn", dynamic.port(), echo.addr));
+            }
+            let top = format!(
+                "name = \"{name}\"\npool = 2\n{}",
+                agent_tls(&certs, &certs, cert)
+            );
+            let mut text = agent_config(&[gateway.control], &listeners, &top);
+            text.push_str("\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n");
+            dir.write(&format!("{name}.toml"), &text);
+        }
+    };
+    write_configs(false);
+    let agents = [
+        spawn_agent_env(&dir, "a1", &[]),
+        spawn_agent_env(&dir, "a2", &[]),
+    ];
+    let filled = wait_until(Duration::from_secs(15), || {
+        gateway.api("/api/stats")["pooled"].as_u64() >= Some(4)
+    });
+    assert!(filled, "the warm pools never filled");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|k| {
+            let stop = stop.clone();
+            let (stays, closes_first) = (local(stays), local(closes_first));
+            std::thread::spawn(move || {
+                let (mut done, mut failed) = (0, Vec::new());
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let size = [1, 1000, 65536, 200_000][(i + k) % 4];
+                    let result = if k % 2 == 0 {
+                        echo_checked(stays, &pseudo_random(size, i as u64))
+                    } else {
+                        request_reply(closes_first, size)
+                    };
+                    match result {
+                        Ok(()) => done += 1,
+                        Err(e) => failed.push(format!("client {k}/{i} ({size} B): {e}")),
+                    }
+                    i += 1;
+                }
+                (done, failed)
+            })
+        })
+        .collect();
+    for with_dyn in [true, false, true, false] {
+        write_configs(with_dyn);
+        agents[0].signal("HUP");
+        std::thread::sleep(Duration::from_secs(1));
+        agents[1].signal("HUP");
+        let settled = wait_until(Duration::from_secs(20), || accepts(dynamic) == with_dyn);
+        assert!(settled, "dyn open: {with_dyn} never took effect");
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut done, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (d, f) = c.join().unwrap();
+        done += d;
+        failed.extend(f);
+    }
+    println!(
+        "{done} clients ok during 4 reloads; gateway pool_unanswered {}",
+        pool_unanswered(&gateway)
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} clients failed: {failed:?}",
+        failed.len(),
+        done + failed.len()
+    );
+    assert!(done >= 100, "only {done} clients in the run");
+    let rejected = gateway.proc.count_log("config rejected");
+    assert!(
+        rejected >= 1,
+        "no reload made the gateway refuse an agent's config"
+    );
+}
