@@ -466,8 +466,8 @@ pub(crate) async fn park_again(site: &Site, max_frame: usize, back: Returned) {
         agent,
         reuse,
     } = back;
-    if !leftover.is_empty() {
-        tracing::debug!(agent = %agent, "bytes after the end of a reused connection's client: closed, not parked");
+    if !leftover.is_empty() || !idle_now(&mut stream) {
+        tracing::debug!(agent = %agent, "bytes or an end after a reused connection's client: closed, not parked");
         net::close_gently(&mut stream, Duration::from_secs(1)).await;
         return;
     }
@@ -487,6 +487,17 @@ pub(crate) async fn park_again(site: &Site, max_frame: usize, back: Returned) {
     if let Some(mut pooled) = refused {
         net::close_gently(pooled.conn.get_mut(), Duration::from_secs(1)).await;
     }
+}
+
+/// One read attempt that never waits: true when nothing is there to read (the connection is
+/// idle, as it must be between clients). It also lets rustls shrink its record buffer, which a
+/// client's transfer grew to 16 KiB and which it shrinks only on a read that finds it empty: a
+/// parked connection is not read again before its next client, so without this every reused
+/// connection kept that buffer while idle (bench/soak's heap check saw +0.36 MiB on a gateway).
+fn idle_now(stream: &mut Stream) -> bool {
+    use futures::FutureExt;
+    let mut probe = [0u8; 1];
+    stream.read(&mut probe).now_or_never().is_none()
 }
 
 /// Whether a reuse-framed connection that served `reuse` takes its last client now.
