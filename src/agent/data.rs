@@ -118,7 +118,7 @@ pub(crate) async fn serve_client(
         return decline(pooled.map(|p| p.0), back.is_some()).await;
     };
     if let Protocol::Udp { idle_timeout } = listener.protocol {
-        // A flow is carried unframed; its connection closes after it (protocol.md 7.14).
+        // A flow is carried unframed; its connection closes after it (protocol.md 7.15).
         drop(back);
         let flow = Flow {
             config: &config,
@@ -212,6 +212,8 @@ pub(crate) async fn serve_client(
     first.extend_from_slice(&leftover);
     let counters = Arc::new(PipeCounters::default());
     let serving = stats.serving(counters.clone(), header.len() as u64);
+    // The agent does not pace its side: rates are the gateway's (docs/security.md).
+    let unthrottled = crate::ratelimit::PipeThrottle::default();
     let result = match back {
         None => pipe_tcp(backend, b"", data, &first, &counters).await,
         Some(back) => {
@@ -223,7 +225,7 @@ pub(crate) async fn serve_client(
                 &header,
                 false,
                 &counters,
-                &Default::default(),
+                &unthrottled,
             );
             piped.await.map(|reusable| give_back(reusable, back))
         }

@@ -782,13 +782,18 @@ async fn pipe_data<C: PublicClient>(
     counters: &PipeCounters,
     throttle: &PipeThrottle,
 ) -> std::io::Result<()> {
-    let (client, ticket) = match (data.reuse, client.into_reusable()) {
-        (Some(ticket), Ok(tcp)) => (tcp, ticket),
-        (_, Err(client)) | (None, Ok(client)) => {
-            return client
+    let client = match client.into_reusable() {
+        Ok(tcp) => tcp,
+        Err(flow) => {
+            return flow
                 .pipe(unsent, data.stream, &data.leftover, counters, throttle)
-                .await;
+                .await
         }
+    };
+    let Some(ticket) = data.reuse else {
+        return client
+            .pipe(unsent, data.stream, &data.leftover, counters, throttle)
+            .await;
     };
     let (limits, agent_addr) = (shared.config().limits.clone(), data.agent_addr);
     let last = pool::is_last(&ticket.served, &limits);
@@ -858,7 +863,7 @@ async fn from_pool<C: PublicClient>(
     };
     while let Some(mut handed) = site.pool.assign(&assign, shunned).await {
         if !C::REUSABLE {
-            // Carried unframed, and closed after the flow on both sides (protocol.md 7.14).
+            // Carried unframed, and closed after the flow on both sides (protocol.md 7.15).
             handed.reuse = None;
         }
         let (agent_id, agent_addr) = (handed.agent_id, handed.agent_addr);
