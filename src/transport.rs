@@ -86,6 +86,16 @@ impl Stream {
     }
 
     /// The peer's certificate chain as it sent it (leaf first); `None` in plaintext.
+    /// Whether this TLS connection resumed an earlier session (no certificates exchanged).
+    pub fn resumed(&self) -> bool {
+        let kind = match self {
+            Stream::Plain(_) => return false,
+            Stream::ServerTls(s) => s.get_ref().1.handshake_kind(),
+            Stream::ClientTls(s) => s.get_ref().1.handshake_kind(),
+        };
+        kind == Some(rustls::HandshakeKind::Resumed)
+    }
+
     pub fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>> {
         let certs = match self {
             Stream::Plain(_) => return None,
@@ -311,6 +321,25 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniff<S> {
     }
 }
 
+/// TLS session resumption for connections after the first (pool refills, data connections,
+/// reconnects): TLS 1.3 PSK with (EC)DHE, so they skip the certificate signatures and chain
+/// checks of a full handshake. On by default; `SALLYPORT_TLS_RESUMPTION=off` (or `0`, `false`,
+/// `no`) turns it off on the side that reads it, for comparisons. Read once per process.
+pub fn resumption_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("SALLYPORT_TLS_RESUMPTION").as_deref(),
+            Ok("off" | "0" | "false" | "no")
+        )
+    })
+}
+
+/// Sessions a gateway keeps for resumption (each a few hundred bytes plus the agent's
+/// certificate chain, so about 0.5 MiB when full). An agent keeps at most 8 tickets per
+/// gateway name (rustls's client cache), so this serves 32 agents without a full handshake.
+pub const SERVER_SESSIONS: usize = 256;
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -368,9 +397,16 @@ pub struct ServerTls {
     /// The same verifier the acceptor uses: a reload re-checks connected agents' certificates
     /// with the new one (a CRL that now revokes them, a CA that no longer issues them).
     verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// The sessions kept for resumption (empty when it is off).
+    sessions: Arc<SessionCache>,
 }
 
 impl ServerTls {
+    /// Sessions kept for resumption now, and the heap they hold.
+    pub fn sessions(&self) -> SessionFigures {
+        self.sessions.figures()
+    }
+
     pub fn load(
         cert: &Path,
         key: &Path,
@@ -394,7 +430,7 @@ impl ServerTls {
             Some(crl) => anyhow::anyhow!("{}: not a usable CRL: {e}", crl.display()),
             None => anyhow::anyhow!("cannot build the client certificate verifier: {e}"),
         })?;
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3 unavailable")?
             .with_client_cert_verifier(verifier.clone())
@@ -406,9 +442,20 @@ impl ServerTls {
                     key.display()
                 )
             })?;
+        // Stateful tickets: the session (with the agent's certificate chain) stays in this
+        // process's memory, never in a ticket the agent could carry to another config. A reload
+        // builds a new config, so a new CA or CRL also starts with an empty cache.
+        let sessions = Arc::new(SessionCache::new(SERVER_SESSIONS));
+        if resumption_enabled() {
+            config.session_storage = sessions.clone();
+        } else {
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             verifier,
+            sessions,
         })
     }
 
@@ -431,6 +478,106 @@ impl ServerTls {
     }
 }
 
+/// What a [`SessionCache`] holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SessionFigures {
+    pub entries: usize,
+    /// Keys and values plus [`SessionCache::OVERHEAD`] per entry: an estimate of the heap held.
+    pub bytes: usize,
+}
+
+/// The gateway's store of TLS 1.3 sessions for resumption: at most `capacity` entries, the
+/// oldest dropped first (as rustls's own `ServerSessionMemoryCache`), each ticket usable once
+/// (`take`). Counted, so `/metrics` shows what it holds and bench/soak's leak check can tell
+/// this bounded cache filling up from a leak.
+#[derive(Debug)]
+pub struct SessionCache {
+    capacity: usize,
+    inner: std::sync::Mutex<Sessions>,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    map: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    /// Keys in insertion order; may name keys already taken (skipped when evicting).
+    order: std::collections::VecDeque<Vec<u8>>,
+    bytes: usize,
+}
+
+impl SessionCache {
+    /// Bookkeeping per entry beyond its key and value: the map's slot, the order queue's copy
+    /// of the key, allocator headers.
+    pub const OVERHEAD: usize = 160;
+
+    pub fn new(capacity: usize) -> Self {
+        SessionCache {
+            capacity,
+            inner: std::sync::Mutex::new(Sessions::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        // A panic while holding it cannot leave the map torn (each step is one std call).
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn figures(&self) -> SessionFigures {
+        let s = self.lock();
+        SessionFigures {
+            entries: s.map.len(),
+            bytes: s.bytes,
+        }
+    }
+}
+
+fn entry_size(key: &[u8], value: &[u8]) -> usize {
+    2 * key.len() + value.len() + SessionCache::OVERHEAD
+}
+
+impl rustls::server::StoresServerSessions for SessionCache {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        if self.capacity == 0 {
+            return false;
+        }
+        let mut s = self.lock();
+        let size = entry_size(&key, &value);
+        match s.map.insert(key.clone(), value) {
+            Some(old) => s.bytes -= entry_size(&key, &old),
+            None => s.order.push_back(key),
+        }
+        s.bytes += size;
+        while s.map.len() > self.capacity {
+            let Some(oldest) = s.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = s.map.remove(&oldest) {
+                s.bytes -= entry_size(&oldest, &old);
+            }
+        }
+        // Taken keys leave stale names in `order`: keep it from outgrowing the map.
+        if s.order.len() > 2 * self.capacity.max(1) {
+            let Sessions { map, order, .. } = &mut *s;
+            order.retain(|k| map.contains_key(k));
+        }
+        true
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.lock().map.get(key).cloned()
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let mut s = self.lock();
+        let value = s.map.remove(key)?;
+        s.bytes -= entry_size(key, &value);
+        Some(value)
+    }
+
+    fn can_cache(&self) -> bool {
+        self.capacity > 0
+    }
+}
+
 /// The agent's TLS side: its identity and the CA the gateway's certificate must chain to.
 #[derive(Clone)]
 pub struct ClientTls {
@@ -446,7 +593,7 @@ impl ClientTls {
         key: &Path,
         server_name: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let config = rustls::ClientConfig::builder_with_provider(provider())
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3 unavailable")?
             .with_root_certificates(load_roots(ca)?)
@@ -458,6 +605,9 @@ impl ClientTls {
                     key.display()
                 )
             })?;
+        if !resumption_enabled() {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
         let server_name = server_name
             .map(|n| {
                 ServerName::try_from(n.to_string())
@@ -506,6 +656,35 @@ mod tests {
     use super::*;
     use crate::protocol::{with_preamble, ErrorCode};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn the_session_cache_is_bounded_single_use_and_counted() {
+        use rustls::server::StoresServerSessions;
+        let cache = SessionCache::new(3);
+        for i in 0u8..10 {
+            assert!(cache.put(vec![i; 32], vec![i; 100]));
+        }
+        let one = entry_size(&[0; 32], &[0; 100]);
+        assert_eq!(cache.figures(), SessionFigures { entries: 3, bytes: 3 * one });
+        // The oldest went first.
+        assert_eq!(cache.get(&[6; 32]), None);
+        assert_eq!(cache.get(&[7; 32]), Some(vec![7; 100]));
+        // A ticket is used once.
+        assert_eq!(cache.take(&[9; 32]), Some(vec![9; 100]));
+        assert_eq!(cache.take(&[9; 32]), None);
+        assert_eq!(cache.figures(), SessionFigures { entries: 2, bytes: 2 * one });
+        // Replacing a value keeps one entry; many puts and takes keep the queue bounded.
+        assert!(cache.put(vec![7; 32], vec![7; 10]));
+        assert_eq!(cache.figures().entries, 2);
+        for i in 0u16..1000 {
+            let key = i.to_be_bytes().to_vec();
+            cache.put(key.clone(), vec![1; 10]);
+            cache.take(&key);
+        }
+        assert!(cache.lock().order.len() <= 6);
+        assert_eq!(cache.figures().entries, 2);
+        assert!(!SessionCache::new(0).put(vec![1], vec![1]));
+    }
 
     #[tokio::test]
     async fn sniff_turns_a_refusal_into_an_error() {

@@ -577,47 +577,47 @@ fn clients_through_reused_connections_survive_reloads_that_add_and_remove_a_list
     );
 }
 
-/// Measurement (ignored): the gateway's allocated heap after 400 clients of 1 MiB through 4
-/// warm connections, reuse on and off, and again after the pool was recycled (60 s idle).
+/// TLS resumption (issue 15 item 2): with one TLS data connection per client (reuse off),
+/// every connection after the first few resumes a session instead of a full handshake, and the
+/// gateway counts both kinds and what its session cache holds. With resumption off on the agent,
+/// every handshake is a full one.
 #[test]
-#[ignore]
-fn heap_after_clients_with_and_without_reuse() {
+fn data_connections_resume_tls_sessions() {
+    const CLIENTS: u64 = 40;
     let off = [("SALLYPORT_DATA_REUSE", "off")];
-    for env in [&[][..], &off[..]] {
+    let full_only = [
+        ("SALLYPORT_DATA_REUSE", "off"),
+        ("SALLYPORT_TLS_RESUMPTION", "off"),
+    ];
+    for (agent_env, resumes) in [(&off[..], true), (&full_only[..], false)] {
         let echo = EchoServer::start();
-        let t = tls_tunnel(echo.addr, 4, env, env);
-        let heap = || {
-            let text = metrics_text(&t.gateway);
-            text.lines()
-                .find(|l| l.contains("_heap_bytes{") && l.contains("allocated"))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0)
-                / 1024.0
-        };
-        std::thread::sleep(Duration::from_secs(2));
-        let before = heap();
-        let public = t.public;
-        let threads: Vec<_> = (0..4)
-            .map(|k| {
-                std::thread::spawn(move || {
-                    for i in 0..100 {
-                        echo_checked(public, &pseudo_random(1 << 20, (k * 1000 + i) as u64))
-                            .unwrap();
-                    }
-                })
-            })
-            .collect();
-        for th in threads {
-            th.join().unwrap();
+        let t = tls_tunnel(echo.addr, 2, &off, agent_env);
+        for i in 0..CLIENTS {
+            echo_client(t.public, &pseudo_random(100, i));
         }
-        std::thread::sleep(Duration::from_secs(3));
-        let after = heap();
-        let pooled = t.gateway.api("/api/stats")["pooled"].as_u64();
-        std::thread::sleep(Duration::from_secs(75));
-        let recycled = heap();
-        println!(
-            "env {env:?}: heap KiB before {before:.0}, after 400 x 1 MiB {after:.0} ({pooled:?} pooled), after recycling {recycled:.0}"
-        );
+        t.wait_records(CLIENTS as usize);
+        let stats = t.gateway.api("/api/stats");
+        let tls = &stats["tls"];
+        let full = tls["handshakes_full"].as_u64().unwrap();
+        let resumed = tls["handshakes_resumed"].as_u64().unwrap();
+        // The control channel, the pool's connections and one data connection per client.
+        assert!(full + resumed > CLIENTS + 2, "{tls}");
+        let entries = tls["sessions"]["entries"].as_u64().unwrap();
+        let bytes = tls["sessions"]["bytes"].as_u64().unwrap();
+        println!("resumption {resumes}: {tls}");
+        if resumes {
+            assert!(full <= 4, "full handshakes with resumption on: {tls}");
+            assert!(resumed >= CLIENTS, "{tls}");
+            // Each kept session holds the agent's certificate chain: about a kilobyte or two.
+            assert!(entries > 0 && entries <= 256, "{tls}");
+            let each = bytes / entries;
+            assert!((300..4096).contains(&each), "{each} bytes per session: {tls}");
+        } else {
+            assert_eq!(resumed, 0, "{tls}");
+        }
+        let metrics = metrics_text(&t.gateway);
+        let line = format!("sallyport_tls_handshakes_total{{kind=\"resumed\"}} {resumed}");
+        assert!(metrics.contains(&line), "{line} not in /metrics");
     }
 }
 

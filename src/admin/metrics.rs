@@ -342,6 +342,31 @@ fn gateway_families(stats: &StatsView, status: &StatusView) -> Vec<MetricFamily>
         COUNTER,
         refusals,
     ));
+    let handshakes = [
+        ("full", stats.tls.handshakes_full),
+        ("resumed", stats.tls.handshakes_resumed),
+    ]
+    .into_iter()
+    .map(|(kind, n)| (vec![("kind", kind.to_string())], n as f64))
+    .collect();
+    families.push(family(
+        "sallyport_tls_handshakes_total",
+        "Control-port TLS handshakes (control, pool, data, outbound) by kind: full or resumed.",
+        COUNTER,
+        handshakes,
+    ));
+    families.push(family(
+        "sallyport_tls_sessions",
+        "TLS sessions kept for resumption.",
+        GAUGE,
+        vec![(vec![], stats.tls.sessions.entries as f64)],
+    ));
+    families.push(family(
+        "sallyport_tls_session_bytes",
+        "Estimated heap held by the TLS sessions kept for resumption.",
+        GAUGE,
+        vec![(vec![], stats.tls.sessions.bytes as f64)],
+    ));
     families.push(family(
         "sallyport_check_probes_total",
         "Data hellos from `sallyport check` runs (not refusals).",

@@ -205,6 +205,38 @@ async fn handle_connection(
 
 /// Everything between accept and an accepted hello. `None` when the connection was refused
 /// (already logged, counted and told) or closed.
+///
+/// A resumed TLS session exchanged no certificates: its agent's chain, kept with the session,
+/// is checked again as a new handshake would check it (expiry; the CA and CRL are this
+/// config's, since a reload starts a new session cache), so resumption never outlives the
+/// certificate. That costs one signature check, not the four signatures of a full handshake.
+fn resumed_still_valid(
+    shared: &Shared,
+    server: &crate::transport::ServerTls,
+    stream: Stream,
+    peer: SocketAddr,
+) -> Option<Stream> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !stream.resumed() {
+        shared.stats.tls_full.fetch_add(1, Relaxed);
+        return Some(stream);
+    }
+    shared.stats.tls_resumed.fetch_add(1, Relaxed);
+    let chain = stream.peer_chain().unwrap_or_default();
+    match server.verify_client(&chain) {
+        Ok(()) => Some(stream),
+        Err(e) => {
+            warn_event(
+                &shared.stats.tls_failures,
+                peer,
+                format_args!("TLS session resumed with a certificate no longer valid: {e}"),
+            );
+            stream.reset_on_close();
+            None
+        }
+    }
+}
+
 async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opened> {
     let config = shared.config();
     let mut first = [0u8; 1];
@@ -225,7 +257,7 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
     }
     let stream = match (&config.tls, protocol::looks_like_tls(&[first[0], 0x03])) {
         (Some(tls), true) => match tls.server.accept(tcp).await {
-            Ok(s) => s,
+            Ok(s) => resumed_still_valid(shared, &tls.server, s, peer)?,
             Err(e) => {
                 warn_event(
                     &shared.stats.tls_failures,

@@ -471,7 +471,16 @@ pub struct StatsView {
     pub refusals: BTreeMap<&'static str, u64>,
     /// `sallyport check` probes received (not refusals: an operator testing the setup).
     pub check_probes: u64,
+    pub tls: TlsView,
     pub history: History,
+}
+
+/// The control port's TLS handshakes and the sessions kept for resumption.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TlsView {
+    pub handshakes_full: u64,
+    pub handshakes_resumed: u64,
+    pub sessions: crate::transport::SessionFigures,
 }
 
 /// `GET /api/health`.
@@ -623,6 +632,13 @@ impl GatewayHandle {
                 .collect(),
             refusals: s.stats.refusals(),
             check_probes: s.stats.check_probes.count(),
+            tls: TlsView {
+                handshakes_full: s.stats.tls_full.load(Ordering::Relaxed),
+                handshakes_resumed: s.stats.tls_resumed.load(Ordering::Relaxed),
+                sessions: (s.config().tls.as_ref())
+                    .map(|t| t.server.sessions())
+                    .unwrap_or_default(),
+            },
             history: s.traffic.history(),
         }
     }

@@ -490,10 +490,7 @@ pub(crate) async fn park_again(site: &Site, max_frame: usize, back: Returned) {
 }
 
 /// One read attempt that never waits: true when nothing is there to read (the connection is
-/// idle, as it must be between clients). It also lets rustls shrink its record buffer, which a
-/// client's transfer grew to 16 KiB and which it shrinks only on a read that finds it empty: a
-/// parked connection is not read again before its next client, so without this every reused
-/// connection kept that buffer while idle (bench/soak's heap check saw +0.36 MiB on a gateway).
+/// idle, as it must be between clients: bytes or an end of stream here mean it is not).
 fn idle_now(stream: &mut Stream) -> bool {
     use futures::FutureExt;
     let mut probe = [0u8; 1];

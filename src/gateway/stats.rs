@@ -82,6 +82,10 @@ pub struct GatewayStats {
     pub route_garbage: Event,
     /// Clients of a shared port naming a host no listener serves there, without a default.
     pub route_unknown: Event,
+    /// Control-port TLS handshakes completed in full (certificates exchanged and checked).
+    pub tls_full: std::sync::atomic::AtomicU64,
+    /// Control-port TLS handshakes that resumed a session (docs/security.md, "Resumption").
+    pub tls_resumed: std::sync::atomic::AtomicU64,
 }
 
 impl Default for GatewayStats {
@@ -111,6 +115,8 @@ impl Default for GatewayStats {
             route_timeout: Event::some_per_10s(),
             route_garbage: Event::some_per_10s(),
             route_unknown: Event::some_per_10s(),
+            tls_full: Default::default(),
+            tls_resumed: Default::default(),
         }
     }
 }
