@@ -493,7 +493,7 @@ pub struct SessionFigures {
 #[derive(Debug)]
 pub struct SessionCache {
     capacity: usize,
-    inner: std::sync::Mutex<Sessions>,
+    inner: parking_lot::Mutex<Sessions>,
 }
 
 #[derive(Debug, Default)]
@@ -512,13 +512,12 @@ impl SessionCache {
     pub fn new(capacity: usize) -> Self {
         SessionCache {
             capacity,
-            inner: std::sync::Mutex::new(Sessions::default()),
+            inner: parking_lot::Mutex::new(Sessions::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Sessions> {
-        // A panic while holding it cannot leave the map torn (each step is one std call).
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Sessions> {
+        self.inner.lock()
     }
 
     pub fn figures(&self) -> SessionFigures {

@@ -118,7 +118,7 @@ pub(crate) async fn serve_client(
         return decline(pooled.map(|p| p.0), back.is_some()).await;
     };
     if let Protocol::Udp { idle_timeout } = listener.protocol {
-        // A flow is carried unframed; its connection closes after it (protocol.md 7.15).
+        // A flow is carried unframed; its connection closes after it (protocol.md 7.16).
         drop(back);
         let flow = Flow {
             config: &config,

@@ -863,7 +863,7 @@ async fn from_pool<C: PublicClient>(
     };
     while let Some(mut handed) = site.pool.assign(&assign, shunned).await {
         if !C::REUSABLE {
-            // Carried unframed, and closed after the flow on both sides (protocol.md 7.15).
+            // Carried unframed, and closed after the flow on both sides (protocol.md 7.16).
             handed.reuse = None;
         }
         let (agent_id, agent_addr) = (handed.agent_id, handed.agent_addr);
