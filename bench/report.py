@@ -24,6 +24,7 @@ LABELS = {
     "sp-plain": "SALLYPORT-plain",
     "sp-tls": "SALLYPORT-TLS",
     "sp-tls-noreuse": "SALLYPORT-TLS-noreuse",
+    "sp-tls-full": "SALLYPORT-TLS-full",
     "sp-copy": "SALLYPORT-plain-copy",
 }
 
@@ -53,6 +54,7 @@ METRICS = [
     ("storm_secs", "10,000 connections (50 in flight): total time", "s", "low", 2, "median"),
     ("storm_cps", "  connections per second", "conn/s", "high", 0, "median"),
     ("storm_err", "  errors (all rounds)", "count", "low", 0, "sum"),
+    ("storm_cpu", "  tunnel CPU per 1,000 connections (both tunnel processes)", "ms", "low", 0, "median"),
 ]
 for n in (1000, 8000):
     METRICS += [
@@ -284,9 +286,9 @@ def cmd_table(results, meta_path, variants, sus_variants="", write=None):
         + "\n\nEach cell: the median, then its ratio to DIRECT (×D), to RATHOLE (×R) and, for "
         "Sallyport, to RATHOLE-TLS (×T). ↑ higher is better, ↓ lower is better. All on "
         "127.0.0.1, one machine: client, server, tunnel and load generator share the same CPUs. "
-        "SALLYPORT-TLS-noreuse runs the same configuration as SALLYPORT-TLS until data "
-        "connections are reused (bench/README.md); until then the two columns differ by noise "
-        "only.\n\n"
+        "SALLYPORT-TLS-noreuse: one TLS data connection per client (no reuse), with resumed "
+        "sessions; SALLYPORT-TLS-full: the same with TLS resumption off, a full handshake per "
+        "client (the path before issue 15; bench/README.md).\n\n"
         + table
         + "\n"
         + latency

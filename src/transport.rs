@@ -336,7 +336,7 @@ pub fn resumption_enabled() -> bool {
 }
 
 /// Sessions a gateway keeps for resumption (each a few hundred bytes plus the agent's
-/// certificate chain, so about 0.5 MiB when full). An agent keeps at most 8 tickets per
+/// certificate chain: about 0.8 KiB each, 0.2 MiB when full). An agent keeps at most 8 tickets per
 /// gateway name (rustls's client cache), so this serves 32 agents without a full handshake.
 pub const SERVER_SESSIONS: usize = 256;
 
@@ -664,14 +664,26 @@ mod tests {
             assert!(cache.put(vec![i; 32], vec![i; 100]));
         }
         let one = entry_size(&[0; 32], &[0; 100]);
-        assert_eq!(cache.figures(), SessionFigures { entries: 3, bytes: 3 * one });
+        assert_eq!(
+            cache.figures(),
+            SessionFigures {
+                entries: 3,
+                bytes: 3 * one
+            }
+        );
         // The oldest went first.
         assert_eq!(cache.get(&[6; 32]), None);
         assert_eq!(cache.get(&[7; 32]), Some(vec![7; 100]));
         // A ticket is used once.
         assert_eq!(cache.take(&[9; 32]), Some(vec![9; 100]));
         assert_eq!(cache.take(&[9; 32]), None);
-        assert_eq!(cache.figures(), SessionFigures { entries: 2, bytes: 2 * one });
+        assert_eq!(
+            cache.figures(),
+            SessionFigures {
+                entries: 2,
+                bytes: 2 * one
+            }
+        );
         // Replacing a value keeps one entry; many puts and takes keep the queue bounded.
         assert!(cache.put(vec![7; 32], vec![7; 10]));
         assert_eq!(cache.figures().entries, 2);

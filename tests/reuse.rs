@@ -611,7 +611,10 @@ fn data_connections_resume_tls_sessions() {
             // Each kept session holds the agent's certificate chain: about a kilobyte or two.
             assert!(entries > 0 && entries <= 256, "{tls}");
             let each = bytes / entries;
-            assert!((300..4096).contains(&each), "{each} bytes per session: {tls}");
+            assert!(
+                (300..4096).contains(&each),
+                "{each} bytes per session: {tls}"
+            );
         } else {
             assert_eq!(resumed, 0, "{tls}");
         }
