@@ -534,10 +534,14 @@ fn entry_size(key: &[u8], value: &[u8]) -> usize {
 }
 
 impl rustls::server::StoresServerSessions for SessionCache {
-    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+    fn put(&self, mut key: Vec<u8>, mut value: Vec<u8>) -> bool {
         if self.capacity == 0 {
             return false;
         }
+        // rustls encodes a session into a Vec grown by doubling: kept as is, a 0.5 KiB session
+        // would hold 1 KiB of heap.
+        key.shrink_to_fit();
+        value.shrink_to_fit();
         let mut s = self.lock();
         let size = entry_size(&key, &value);
         match s.map.insert(key.clone(), value) {
