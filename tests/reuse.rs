@@ -31,6 +31,19 @@ fn tls_tunnel(
     gateway_env: &[(&str, &str)],
     agent_env: &[(&str, &str)],
 ) -> Tls {
+    let public = local(free_port());
+    let listeners = [listener("data", public.port(), backend)];
+    tls_tunnel_with(public, &listeners, pool, gateway_env, agent_env)
+}
+
+/// [`tls_tunnel`] with these listeners; `public` is the first one's address.
+fn tls_tunnel_with(
+    public: SocketAddr,
+    listeners: &[ListenerDef],
+    pool: usize,
+    gateway_env: &[(&str, &str)],
+    agent_env: &[(&str, &str)],
+) -> Tls {
     let dir = Workdir::new();
     let certs = make_certs(&dir, "certs", &[]);
     let config = format!(
@@ -40,10 +53,9 @@ fn tls_tunnel(
     );
     let path = dir.write("gateway.toml", &config);
     let gateway = spawn_gateway_env("gateway", &path, gateway_env);
-    let public = local(free_port());
     let mut agent = agent_config(
         &[gateway.control],
-        &[listener("data", public.port(), backend)],
+        listeners,
         &format!("{}\npool = {pool}", agent_tls(&certs, &certs, "agent")),
     );
     agent.push_str("\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n");
@@ -622,6 +634,53 @@ fn data_connections_resume_tls_sessions() {
         let line = format!("sallyport_tls_handshakes_total{{kind=\"resumed\"}} {resumed}");
         assert!(metrics.contains(&line), "{line} not in /metrics");
     }
+}
+
+/// UDP flows handed pooled TLS connections on a gateway and agent that reuse them for TCP: a
+/// flow's datagrams go unframed on both sides and its connection is not reused (protocol.md
+/// 7.16), so every flow gets its own answers while TCP clients keep going through reused
+/// connections around them.
+#[test]
+fn udp_flows_on_reusing_pooled_connections_are_carried_unframed() {
+    let udp_backend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_addr = udp_backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = udp_backend.recv_from(&mut buf) {
+            let mut reply = b"echo:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = udp_backend.send_to(&reply, from);
+        }
+    });
+    let echo = EchoServer::start();
+    let (tcp_public, udp_public) = (local(free_port()), local(free_port()));
+    let mut flows = listener("flows", udp_public.port(), udp_addr);
+    flows.extra = "protocol = \"udp\"\nidle_timeout = \"1s\"\n".into();
+    let listeners = [listener("data", tcp_public.port(), echo.addr), flows];
+    let t = tls_tunnel_with(tcp_public, &listeners, 2, &[], &[]);
+    for i in 0..12u64 {
+        echo_client(t.public, &pseudo_random(3000, i));
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        for k in 0..3u64 {
+            let datagram = pseudo_random(200 + k as usize, i * 10 + k);
+            client.send_to(&datagram, udp_public).unwrap();
+            let mut buf = [0u8; 2048];
+            let (n, _) = client.recv_from(&mut buf).expect("the flow's answer");
+            assert_eq!(&buf[..5], b"echo:", "flow {i}, datagram {k}");
+            assert_eq!(&buf[5..n], &datagram[..], "flow {i}, datagram {k}");
+        }
+    }
+    let log = t.gateway.proc.log_lines();
+    let pooled_flows = log
+        .iter()
+        .filter(|l| l.contains("warm pool") && l.contains("listener=\"flows\""))
+        .count();
+    assert!(pooled_flows > 0, "no flow was handed a pooled connection");
+    let stats = t.gateway.api("/api/stats");
+    assert_eq!(pool_unanswered(&t.gateway), 0, "{stats}");
 }
 
 fn metrics_text(gateway: &Gateway) -> String {
