@@ -175,7 +175,9 @@ where
         unflushed = true;
     }
     // The header goes in front of the payload in the same buffer: one write, one TLS record.
-    let mut buf = vec![0u8; HEADER + IDLE_CHUNK];
+    // Records of header + payload fill whole TLS records (16 KiB each): a full CHUNK with the
+    // header on top would add a 3-byte TLS record to every write.
+    let mut buf = vec![0u8; IDLE_CHUNK];
     loop {
         let cap = HEADER + throttle.read_cap(buf.len() - HEADER);
         let n = match read_or_flush(reader, &mut buf[HEADER..cap], writer, &mut unflushed).await {
@@ -197,8 +199,8 @@ where
         writer.write_all(&buf[..HEADER + n]).await?;
         unflushed = true;
         written.fetch_add(n as u64, Ordering::Relaxed);
-        if n == buf.len() - HEADER && buf.len() < HEADER + CHUNK {
-            buf.resize(HEADER + CHUNK, 0);
+        if n == buf.len() - HEADER && buf.len() < CHUNK {
+            buf.resize(CHUNK, 0);
         }
         if !throttle.is_unlimited() {
             // The TLS writer may hold bytes while this direction sleeps off its debt.
