@@ -281,9 +281,8 @@ async fn serve_flow(
         Err(e) => {
             let why = format!("backend {} unreachable: {e}", flow.target);
             flow.stats.backend_failed(&why);
-            if let Ok((mut data, _)) = data {
-                net::close_gently(&mut data, std::time::Duration::from_secs(1)).await;
-            }
+            // A flow's connection is never framed (protocol.md 7.16).
+            decline(data.ok().map(|d| d.0), false).await;
             return Err(Unserved {
                 outcome: "backend_unreachable",
                 why,
