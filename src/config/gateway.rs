@@ -46,6 +46,9 @@ pub struct GatewayConfig {
     pub client_ips: Vec<IpAddr>,
     /// Public ports agents may open (`[clients] ports`); empty: any port.
     pub client_ports: Vec<PortRange>,
+    /// Front balancers whose connections start with a PROXY v1/v2 header naming the real
+    /// client (`[clients] proxy_protocol_from`); empty: none ([`crate::gateway::front`]).
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Destinations the outbound proxy may reach; empty: none.
     pub egress: EgressRules,
     /// Admin HTTP API, `/metrics` and dashboard (default 127.0.0.1:9090); `None` when disabled.
@@ -211,6 +214,7 @@ impl Default for GatewayConfig {
             client_bind: Ipv4Addr::UNSPECIFIED.into(),
             client_ips: Vec::new(),
             client_ports: Vec::new(),
+            proxy_protocol_from: Vec::new(),
             egress: EgressRules::default(),
             admin_listen: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9090)),
             admin_token: None,
@@ -275,6 +279,8 @@ struct RawClients {
     allow_ips: Vec<Spanned<String>>,
     #[serde(default)]
     ports: Vec<Spanned<String>>,
+    #[serde(default)]
+    proxy_protocol_from: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +312,25 @@ struct RawLimits {
     max_outbound: Option<Spanned<u64>>,
     data_reuse_clients: Option<Spanned<u64>>,
     data_reuse_bytes: Option<Spanned<u64>>,
+}
+
+/// One entry of `[clients] proxy_protocol_from`: a network (`"10.0.0.0/24"`) or one address
+/// (`"10.0.0.5"`, taken as /32 or /128). IPv4-mapped IPv6 forms are stored as IPv4, the form
+/// client addresses are compared in.
+fn parse_trusted_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let bad = || format!("invalid network or address \"{s}\" (e.g. \"10.0.0.0/24\", \"10.0.0.5\")");
+    let net = match s.parse::<ipnet::IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => ipnet::IpNet::from(s.parse::<IpAddr>().map_err(|_| bad())?),
+    };
+    match (net, crate::access::canonical(net.addr())) {
+        (ipnet::IpNet::V6(v6), IpAddr::V4(v4)) if v6.prefix_len() >= 96 => {
+            ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(ipnet::IpNet::V4)
+                .map_err(|_| bad())
+        }
+        _ => Ok(net),
+    }
 }
 
 /// Parses `[peers]`-style rules (also used for listener `clients`).
@@ -442,6 +467,13 @@ impl GatewayConfig {
                         )
                         })
                     })?);
+            }
+            for net in &clients.proxy_protocol_from {
+                cfg.proxy_protocol_from.push(src.parse_with(
+                    net,
+                    "clients.proxy_protocol_from",
+                    parse_trusted_net,
+                )?);
             }
         }
         if let Some(egress) = &raw.egress {
@@ -754,6 +786,10 @@ impl GatewayConfig {
             Setting::new("clients.bind", self.client_bind),
             Setting::new("clients.allow_ips", list(&self.client_ips)),
             Setting::new("clients.ports", list(&self.client_ports)),
+            Setting::new(
+                "clients.proxy_protocol_from",
+                list(&self.proxy_protocol_from),
+            ),
             Setting::new("egress.allow", format!("{:?}", self.egress.entries())),
             Setting::new("admin.enabled", self.admin_listen.is_some()),
             Setting::new(

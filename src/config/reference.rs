@@ -138,6 +138,11 @@ pub const GATEWAY_KEYS: &[Key] = &[
         Applied,
         "listeners the new rules no longer allow close; the next push may use new ones",
     ),
+    noted(
+        "clients.proxy_protocol_from",
+        NewConnections,
+        "connections accepted after the reload are read with the new list",
+    ),
     noted("egress.allow", Applied, "for new outbound requests"),
     key("admin.enabled", Applied),
     noted(

@@ -336,6 +336,12 @@ async fn accept_loop(
             net::reset(stream);
             continue;
         }
+        if super::front::trusted(&shared, client_addr) {
+            let (site, info) = (site.clone(), info.clone());
+            let task = super::front::serve_fronted(shared.clone(), site, info, stream, client_addr);
+            shared.tasks.spawn(task);
+            continue;
+        }
         if !admit_to_listener(&shared, &site, &info, client_addr) {
             net::reset(stream);
             continue;

@@ -17,6 +17,7 @@ mod binding;
 mod control;
 mod data;
 mod edge;
+mod front;
 mod listener;
 pub mod outbound;
 mod pending;

@@ -317,6 +317,17 @@ async fn accept_loop(
             net::reset(stream);
             continue;
         }
+        if super::front::trusted(&shared, client_addr) {
+            let task = route_fronted(
+                shared.clone(),
+                table.clone(),
+                stream,
+                client_addr,
+                label.clone(),
+            );
+            shared.tasks.spawn(task);
+            continue;
+        }
         let Some(permit) = take_permit(&shared, None, &label, client_addr) else {
             net::reset(stream);
             continue;
@@ -327,8 +338,29 @@ async fn accept_loop(
             stream,
             client_addr,
             permit,
+            BytesMut::with_capacity(2048),
         ));
     }
+}
+
+/// A connection from a trusted front balancer ([`super::front`]): its PROXY header first,
+/// then the connection limits with the client's address, then routing as any client.
+async fn route_fronted(
+    shared: Arc<Shared>,
+    table: Arc<RwLock<Table>>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    label: String,
+) {
+    let read = super::front::read_client(&shared, &mut client, peer, &label).await;
+    let Some((client_addr, first)) = read else {
+        return;
+    };
+    let Some(permit) = take_permit(&shared, None, &label, client_addr) else {
+        net::reset(client);
+        return;
+    };
+    route_client(shared, table, client, client_addr, permit, first).await;
 }
 
 /// Reads a client's first bytes, finds its route, and serves it there.
@@ -338,9 +370,9 @@ async fn route_client(
     mut client: TcpStream,
     client_addr: SocketAddr,
     permit: ConnPermit,
+    mut first: BytesMut,
 ) {
     net::tune(&client);
-    let mut first = BytesMut::with_capacity(2048);
     let port = client.local_addr().map(|a| a.port()).unwrap_or(0);
     let peeked = tokio::time::timeout(ROUTE_PEEK_TIMEOUT, read_name(&mut client, &mut first));
     let refuse = |event: &crate::limits::Event, why: &dyn std::fmt::Display| {
@@ -387,6 +419,11 @@ async fn route_client(
 /// Reads until the first bytes name a host, or cannot. An end of stream before that is
 /// garbage if bytes came, a departure if none did.
 async fn read_name(client: &mut TcpStream, first: &mut BytesMut) -> std::io::Result<Peeked> {
+    // Bytes that came after a front balancer's PROXY header may hold the whole name already.
+    match classify(first) {
+        Peeked::NeedMore => {}
+        decided => return Ok(decided),
+    }
     loop {
         let mut chunk = [0u8; 4096];
         let room = (PEEK_LIMIT - first.len()).min(chunk.len());

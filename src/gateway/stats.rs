@@ -82,6 +82,9 @@ pub struct GatewayStats {
     pub route_garbage: Event,
     /// Clients of a shared port naming a host no listener serves there, without a default.
     pub route_unknown: Event,
+    /// Connections from a trusted front balancer (`[clients] proxy_protocol_from`) without a
+    /// valid PROXY header within its deadline ([`super::front`]).
+    pub proxy_header: Event,
     /// Control-port TLS handshakes completed in full (certificates exchanged and checked).
     pub tls_full: std::sync::atomic::AtomicU64,
     /// Control-port TLS handshakes that resumed a session (docs/security.md, "Resumption").
@@ -115,6 +118,7 @@ impl Default for GatewayStats {
             route_timeout: Event::some_per_10s(),
             route_garbage: Event::some_per_10s(),
             route_unknown: Event::some_per_10s(),
+            proxy_header: Event::some_per_10s(),
             tls_full: Default::default(),
             tls_resumed: Default::default(),
         }
@@ -148,6 +152,7 @@ impl GatewayStats {
             ("route_timeout", self.route_timeout.count()),
             ("route_garbage", self.route_garbage.count()),
             ("route_unknown", self.route_unknown.count()),
+            ("proxy_header", self.proxy_header.count()),
         ])
     }
 }

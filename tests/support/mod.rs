@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod ftp;
+pub mod haproxy;
 pub mod netns;
 pub mod nginx;
 pub mod relay;
