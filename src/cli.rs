@@ -463,9 +463,10 @@ fn describe_agent(path: &Path, cfg: &AgentConfig) -> String {
         &cfg.digest()[..16]
     ));
     for l in &cfg.listeners {
-        let backend = match &l.backend {
-            crate::config::Backend::Tcp(b) => b.to_string(),
-            crate::config::Backend::Local => "(this process)".to_string(),
+        let backend = match (&l.backend, &l.group) {
+            (_, Some(g)) => describe_group(g),
+            (crate::config::Backend::Tcp(b), None) => b.to_string(),
+            (crate::config::Backend::Local, None) => "(this process)".to_string(),
         };
         out.push_str(&format!(
             "    {}  public {}  backend {}  proxy_protocol {:?}  impersonation {:?}  clients {} except {}\n",
@@ -482,6 +483,23 @@ fn describe_agent(path: &Path, cfg: &AgentConfig) -> String {
         out.push_str(&format!("warning: {n}\n"));
     }
     out
+}
+
+/// A listener's several backends as `--check` prints them: `[a, b] round-robin, health ...`.
+fn describe_group(g: &crate::config::BackendGroup) -> String {
+    let all: Vec<String> = g.backends.iter().map(|b| b.to_string()).collect();
+    let health = match &g.health {
+        None => "no health check".to_string(),
+        Some(h) => format!(
+            "health every {} within {} ({})",
+            humantime::format_duration(h.interval),
+            humantime::format_duration(h.timeout),
+            h.http
+                .as_deref()
+                .map_or("TCP connect".to_string(), |p| format!("GET {p}"))
+        ),
+    };
+    format!("[{}] {}, {health}", all.join(", "), g.balance.word())
 }
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {

@@ -374,6 +374,7 @@ pub fn render_agent(status: &StatusReport, stats: &StatsReport) -> String {
     out.push_str(&agent_header(status));
     out.push_str(&gateways_section(status));
     out.push_str(&agent_listeners_section(status, stats));
+    out.push_str(&agent_backends_section(status));
     out.push_str(&agent_totals_section(status, stats));
     out
 }
@@ -530,6 +531,43 @@ fn agent_listeners_section(status: &StatusReport, stats: &StatsReport) -> String
         }
     }
     out
+}
+
+/// One row per backend of listeners with several: in rotation or not, clients, failures.
+fn agent_backends_section(status: &StatusReport) -> String {
+    let rows: Vec<Vec<String>> = status
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            let balance = l.balance.clone().unwrap_or_default();
+            l.backends.iter().map(move |b| {
+                vec![
+                    escape(&l.name),
+                    balance.clone(),
+                    escape(&b.backend),
+                    if b.up { "up" } else { "DOWN" }.to_string(),
+                    b.active.to_string(),
+                    b.connect_failures.to_string(),
+                    b.ejections.to_string(),
+                    b.last_error.as_deref().map_or("-".into(), escape),
+                ]
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let header = [
+        "LISTENER",
+        "BALANCE",
+        "BACKEND",
+        "STATE",
+        "ACTIVE",
+        "CONNECT FAILURES",
+        "EJECTED",
+        "LAST ERROR",
+    ];
+    format!("\nBackends ({})\n{}", rows.len(), table(&header, &rows))
 }
 
 /// Client totals and the outbound proxy's requests.

@@ -38,6 +38,7 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
     let mut families = gateway_families(status);
     families.push(cert_expiry(status));
     families.push(listener_up(status));
+    families.extend(backend_families(status));
     families.extend(listener_families(stats));
     families.extend(agent_families(status, stats));
     families.extend(memory_families("sallyport_agent"));
@@ -122,6 +123,52 @@ fn listener_up(status: &StatusReport) -> prometheus::proto::MetricFamily {
         GAUGE,
         listener_up,
     )
+}
+
+/// Each backend of listeners with several: in rotation or not, its clients, its failures.
+fn backend_families(status: &StatusReport) -> Vec<prometheus::proto::MetricFamily> {
+    type Of = fn(&crate::agent::backends::BackendReport) -> f64;
+    let each = |f: Of| {
+        status
+            .listeners
+            .iter()
+            .flat_map(|l| {
+                l.backends.iter().map(move |b| {
+                    let labels = vec![("listener", l.name.clone()), ("backend", b.backend.clone())];
+                    (labels, f(b))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    [
+        (
+            "sallyport_agent_backend_up",
+            "1 while the backend is in rotation (its health checks pass and it accepts connections).",
+            GAUGE,
+            (|b| b.up as u8 as f64) as Of,
+        ),
+        (
+            "sallyport_agent_backend_active",
+            "Clients piping to the backend now.",
+            GAUGE,
+            |b| b.active as f64,
+        ),
+        (
+            "sallyport_agent_backend_connect_failures_total",
+            "Client connections the backend refused or did not accept in time (the client was tried on the next one).",
+            COUNTER,
+            |b| b.connect_failures as f64,
+        ),
+        (
+            "sallyport_agent_backend_ejections_total",
+            "Times the backend was taken out of rotation (failed check, or connect failures in a row).",
+            COUNTER,
+            |b| b.ejections as f64,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, help, kind, f)| family(name, help, kind, each(f)))
+    .collect()
 }
 
 /// The counters of each listener.

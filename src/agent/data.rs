@@ -18,7 +18,7 @@ use super::dial::{dial, DialError, Target};
 use super::embedded::{Accepted, GatewayStream};
 use super::{proxy_header, AgentCtx};
 use crate::audit::{ConnectionEnd, Daemon};
-use crate::config::{AgentConfig, Backend, Impersonation, Protocol, ProxyProtocol};
+use crate::config::{AgentConfig, Backend, Protocol, ProxyProtocol};
 use crate::net;
 use crate::pipe::{pipe_tcp, PipeCounters};
 use crate::protocol::{ClientArrived, ClientFailed, DataHello, ErrorCode, Message, Role, Token};
@@ -146,16 +146,18 @@ pub(crate) async fn serve_client(
                 None => open_data_connection(&config, &gateway, &arrived).await,
             }
         },
-        connect_backend(
-            listener.impersonation,
+        super::backends::connect(
+            &ctx.stats.backends,
+            listener,
+            arrived.port_offset,
             client,
-            &target,
             config.connect_timeout
         ),
     );
-    let backend = match backend {
-        Ok(b) => b,
-        Err(e) => {
+    // With several backends, the one that accepted (`_on_backend` counts the client on it).
+    let (backend, target, _on_backend) = match backend {
+        Ok(b) => (b.stream, b.target, b._active),
+        Err((target, e)) => {
             tracing::warn!(
                 listener = listener_name, client = %client,
                 "backend {target} unreachable: {e}; closing the client"
@@ -350,19 +352,6 @@ fn give_back(
         if let Err((mut stream, _)) = back.send(reusable) {
             stream.try_close_notify();
         }
-    }
-}
-
-/// Connects to the backend, from the client's own address in transparent mode.
-async fn connect_backend(
-    mode: Impersonation,
-    client: SocketAddr,
-    target: &str,
-    timeout: std::time::Duration,
-) -> std::io::Result<tokio::net::TcpStream> {
-    match mode {
-        Impersonation::None => net::connect(target, timeout).await,
-        Impersonation::Transparent => net::connect_transparent(client, target, timeout).await,
     }
 }
 

@@ -295,6 +295,7 @@ impl GatewayListener {
             edge: Default::default(),
             auto_ban: None,
             hostnames: Vec::new(),
+            group: None,
         });
         Ok(GatewayListenerBuilder {
             config,

@@ -8,6 +8,7 @@
 //! Data connections are tasks of the agent, not of the control session that announced them: a
 //! control channel can drop and come back while every established transfer carries on.
 
+pub mod backends;
 pub mod backoff;
 pub mod bans;
 mod data;
@@ -176,12 +177,17 @@ impl Agent {
         // Give memory back after load peaks; stops with the sessions.
         let tasks = ctx.tasks.clone();
         let trimmer = tokio::spawn(crate::mem::trim_after_peaks(move || tasks.len(), 256));
+        // Several backends per listener: their sets and health checks follow reloads.
+        let registry = ctx.stats.backends.clone();
+        let checks = backends::supervise(registry, ctx.config.clone(), shutdown.clone());
+        let checks = tokio::spawn(checks);
         // Control channels and the outbound proxy, following reloads until shutdown.
         let sessions = TaskTracker::new();
         let supervised = supervisor::supervise(&ctx, &sessions).await;
         sessions.close();
         sessions.wait().await;
         trimmer.abort();
+        checks.abort();
         supervised?;
         ctx.tasks.close();
         // The setting in force when the stop came (a reload may have changed it).

@@ -154,6 +154,12 @@ pub struct ListenerReport {
     pub backend: String,
     pub proxy_protocol: String,
     pub transparent: bool,
+    /// With several backends (`backend = [...]`): how clients are spread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<String>,
+    /// With several backends: each one's health and load ([`super::backends`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<super::backends::BackendReport>,
 }
 
 /// The outbound proxy's settings.
@@ -224,6 +230,32 @@ fn unix(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// One configured listener in the status; `backends`: the health of grouped backends, by
+/// listener (its entry is taken).
+fn listener_report(
+    l: &crate::config::ListenerConfig,
+    backends: &mut std::collections::HashMap<String, Vec<super::backends::BackendReport>>,
+) -> ListenerReport {
+    use crate::config::Backend;
+    let backend = match (&l.backend, &l.group) {
+        (_, Some(g)) => {
+            let all: Vec<String> = g.backends.iter().map(|b| b.to_string()).collect();
+            all.join(", ")
+        }
+        (Backend::Tcp(b), None) => b.to_string(),
+        (Backend::Local, None) => "local".to_string(),
+    };
+    ListenerReport {
+        name: l.name.clone(),
+        public: l.public.to_string(),
+        backend,
+        proxy_protocol: format!("{:?}", l.proxy_protocol).to_lowercase(),
+        transparent: l.impersonation == crate::config::Impersonation::Transparent,
+        balance: l.group.as_ref().map(|g| g.balance.word().to_string()),
+        backends: backends.remove(&l.name).unwrap_or_default(),
+    }
+}
+
 /// One listener's state on one gateway, from that gateway's latest answer.
 fn listener_on(name: &str, gateway: Option<&super::GatewayStatus>) -> ListenerOnGateway {
     use crate::protocol::ListenerStatus;
@@ -249,10 +281,10 @@ fn listener_on(name: &str, gateway: Option<&super::GatewayStatus>) -> ListenerOn
 impl super::Agent {
     /// `GET /api/status`, from the live status and the configuration in force.
     pub fn status_report(&self) -> StatusReport {
-        use crate::config::Backend;
         let config = self.config.borrow().clone();
         let live = self.status.borrow().clone();
         let now = std::time::SystemTime::now();
+        let mut backends = self.stats.backends.reports();
         let gateways: Vec<GatewayReport> = config
             .gateways
             .iter()
@@ -332,16 +364,7 @@ impl super::Agent {
             listeners: config
                 .listeners
                 .iter()
-                .map(|l| ListenerReport {
-                    name: l.name.clone(),
-                    public: l.public.to_string(),
-                    backend: match &l.backend {
-                        Backend::Tcp(b) => b.to_string(),
-                        Backend::Local => "local".to_string(),
-                    },
-                    proxy_protocol: format!("{:?}", l.proxy_protocol).to_lowercase(),
-                    transparent: l.impersonation == crate::config::Impersonation::Transparent,
-                })
+                .map(|l| listener_report(l, &mut backends))
                 .collect(),
             outbound: config.outbound.as_ref().map(|o| OutboundReport {
                 listen: o.listen.to_string(),

@@ -27,6 +27,8 @@ pub struct AgentStats {
     pub outbound: OutboundStats,
     /// Offers refused before any connection was made, by reason (`agent::limits`).
     pub refused: RefusalStats,
+    /// The backends of listeners that have several, and their health ([`super::backends`]).
+    pub backends: Arc<super::backends::Registry>,
 }
 
 /// Why the agent refused a gateway's offer before dialing anything: one counter each, all

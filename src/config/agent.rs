@@ -208,6 +208,10 @@ pub struct ListenerConfig {
     /// the port is its own. Left out of the digest when empty, so digests stay as they were.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hostnames: Vec<String>,
+    /// Several backends (`backend = [...]`), `balance` and `health`; `None` for a single
+    /// `backend = "host:port"` (left out of the digest then, so digests stay as they were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<super::BackendGroup>,
 }
 
 /// A listener's rate limits (`new_connections_per_ip`, `client_rate`, `listener_rate`); `None`:
@@ -364,7 +368,9 @@ fn parse_protocol(
 struct RawListener {
     name: Spanned<String>,
     public: Spanned<String>,
-    backend: Spanned<String>,
+    backend: Spanned<super::backends::RawBackends>,
+    balance: Option<Spanned<String>>,
+    health: Option<Spanned<super::backends::RawHealth>>,
     proxy_protocol: Option<Spanned<String>>,
     impersonation: Option<Spanned<String>>,
     protocol: Option<Spanned<String>>,
@@ -1034,6 +1040,7 @@ fn parse_listeners(
 struct ListenerEnds {
     public: PublicAddr,
     backend: BackendAddr,
+    group: Option<super::BackendGroup>,
     protocol: Protocol,
     hostnames: Vec<String>,
 }
@@ -1046,23 +1053,19 @@ fn parse_listener_ends(
     ctx: &dyn Fn(&str) -> String,
 ) -> Result<ListenerEnds, ConfigError> {
     let public: PublicAddr = src.parse_with(&l.public, &ctx("public"), |s| s.parse())?;
-    let backend: BackendAddr = src.parse_with(&l.backend, &ctx("backend"), |s| s.parse())?;
-    if backend.ports.len() != 1 && backend.ports.len() != public.ports.len() {
-        return Err(src.error(
-            l.backend.span(),
-            &ctx("backend"),
-            format!(
-                "range of {} ports does not match the public range of {} ports",
-                backend.ports.len(),
-                public.ports.len()
-            ),
-        ));
-    }
     let protocol = parse_protocol(src, l, ctx)?;
+    let raw = super::backends::RawGroup {
+        backend: &l.backend,
+        balance: l.balance.as_ref(),
+        health: l.health.as_ref(),
+        udp: !protocol.is_tcp(),
+    };
+    let (backend, group) = super::backends::parse(src, raw, &public, ctx)?;
     let hostnames = parse_hostnames(src, l, &public, &protocol, ctx)?;
     Ok(ListenerEnds {
         public,
         backend,
+        group,
         protocol,
         hostnames,
     })
@@ -1125,6 +1128,7 @@ fn parse_listener_rest(
         edge,
         auto_ban,
         hostnames: ends.hostnames,
+        group: ends.group,
     })
 }
 

@@ -9,6 +9,7 @@
 
 mod admin;
 mod agent;
+pub mod backends;
 mod gateway;
 pub mod reference;
 
@@ -25,6 +26,7 @@ pub use agent::{
     OutboundConfig, Protocol, ProxyProtocol, ReconnectConfig, OUTBOUND_HANDSHAKE_TIMEOUT,
     OUTBOUND_MAX_CLIENTS, OUTBOUND_MAX_CLIENTS_PER_IP,
 };
+pub use backends::{BackendGroup, Balance, HealthCheck};
 pub use gateway::{GatewayConfig, Limits, SiteBinding};
 
 /// A configuration error with its location. `Display` gives the one-line form operators grep for.

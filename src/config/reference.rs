@@ -241,6 +241,26 @@ pub const AGENT_KEYS: &[Key] = &[
         "pushed to every gateway: only changed listeners restart",
     ),
     noted("listener.backend", Applied, "for new clients"),
+    noted(
+        "listener.balance",
+        Applied,
+        "for new clients; the backends' health is kept",
+    ),
+    noted(
+        "listener.health.interval",
+        Applied,
+        "the listener's checks restart with the new settings",
+    ),
+    noted(
+        "listener.health.timeout",
+        Applied,
+        "the listener's checks restart with the new settings",
+    ),
+    noted(
+        "listener.health.http",
+        Applied,
+        "the listener's checks restart with the new settings",
+    ),
     noted("listener.proxy_protocol", Applied, "for new clients"),
     noted("listener.impersonation", Applied, "for new clients"),
     noted(

@@ -420,9 +420,15 @@ pub fn agent_config_without_admin(
         gws.join(", ")
     );
     for l in listeners {
+        // A list (`["a:1", "b:2"]`) is written as it is.
+        let backend = if l.backend.starts_with('[') {
+            l.backend.clone()
+        } else {
+            format!("\"{}\"", l.backend)
+        };
         config.push_str(&format!(
-            "\n[[listener]]\nname = \"{}\"\npublic = \"{}\"\nbackend = \"{}\"\n{}\n",
-            l.name, l.public, l.backend, l.extra
+            "\n[[listener]]\nname = \"{}\"\npublic = \"{}\"\nbackend = {}\n{}\n",
+            l.name, l.public, backend, l.extra
         ));
     }
     config

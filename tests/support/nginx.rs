@@ -19,6 +19,8 @@ pub struct NginxOptions<'a> {
     pub ip: &'a str,
     /// Basic authentication with this htpasswd file (`user:{PLAIN}password` lines).
     pub auth_basic: Option<&'a Path>,
+    /// The port to listen on (0: a free one); a restarted server takes its old port.
+    pub port: u16,
 }
 
 impl Default for NginxOptions<'_> {
@@ -28,6 +30,7 @@ impl Default for NginxOptions<'_> {
             tls: None,
             ip: "127.0.0.1",
             auth_basic: None,
+            port: 0,
         }
     }
 }
@@ -59,7 +62,11 @@ impl Nginx {
             std::fs::create_dir_all(base.join("tmp").join(t)).unwrap();
         }
         std::fs::write(root.join("index.html"), Self::PAGE).unwrap();
-        let port = free_port();
+        let port = if opts.port == 0 {
+            free_port()
+        } else {
+            opts.port
+        };
         let access_log = base.join("access.log");
         let fail2ban_log = base.join("fail2ban-access.log");
         let auth = match opts.auth_basic {
@@ -130,6 +137,12 @@ impl Nginx {
             fail2ban_log,
             root,
         }
+    }
+
+    /// Kills the server (by its PID) and waits for it to end.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn access_lines(&self) -> Vec<String> {

@@ -1,0 +1,632 @@
+//! A listener's several backends on the agent (issue 18 item 2): which one a new client goes
+//! to, which are healthy, and the next one when the chosen one refuses.
+//!
+//! Rules:
+//! - Each listener with a [`BackendGroup`] has one [`BackendSet`] in the [`Registry`], kept
+//!   across reloads while its group is unchanged (health and counts carry over); a changed group
+//!   starts afresh, healthy. Listeners with one plain `backend` have none and connect as always.
+//! - A client's candidates are the healthy backends in the order `balance` gives
+//!   ([`BackendSet::order`]); with none healthy, every backend in list order (a check may be
+//!   wrong; refusing everyone surely is). They are tried one after the other until one accepts
+//!   the TCP connection: nothing has been sent to a refused one, so the PROXY header and the
+//!   client's first bytes go to the one that accepts, and transparent mode binds the client's
+//!   address afresh for each try.
+//! - Passive ejection: [`EJECT_AFTER`] connect failures in a row take a backend out. With
+//!   `health` only a passed check puts it back; without, it is tried again after [`RETRY_AFTER`]
+//!   (one more failure ejects it again). A connection it accepts clears its failures.
+//! - Active checks (`health`): every backend each interval, all at once, each within the
+//!   timeout: a TCP connect, or a plaintext `GET path` answered 2xx (after a PROXY `LOCAL`/
+//!   `UNKNOWN` header when the listener sends PROXY headers). A failed check takes the backend
+//!   out at once; a passed one puts it back. Changes of state are logged (WARN out, INFO back).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::addr::BackendAddr;
+use crate::config::{
+    AgentConfig, BackendGroup, Balance, HealthCheck, Impersonation, ListenerConfig, ProxyProtocol,
+};
+use crate::net;
+
+/// Connect failures in a row after which a backend is taken out of rotation.
+pub const EJECT_AFTER: u32 = 3;
+/// Without health checks, how long an ejected backend stays out before it is tried again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// One backend of a set and what the agent knows of it.
+#[derive(Debug)]
+struct Member {
+    addr: BackendAddr,
+    up: AtomicBool,
+    /// Connect failures (client connections or checks) in a row.
+    failures: AtomicU32,
+    /// Clients piping to it now.
+    active: AtomicUsize,
+    /// Connect failures of client connections, in total.
+    connect_failures: AtomicU64,
+    /// Times it was taken out of rotation.
+    ejections: AtomicU64,
+    /// When it was taken out (for [`RETRY_AFTER`]).
+    down_since: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Member {
+    fn new(addr: BackendAddr) -> Self {
+        Member {
+            addr,
+            up: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            active: AtomicUsize::new(0),
+            connect_failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            down_since: Mutex::new(None),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+/// The backends of one listener.
+#[derive(Debug)]
+pub struct BackendSet {
+    listener: String,
+    group: BackendGroup,
+    members: Vec<Member>,
+    /// The round-robin turn.
+    turn: AtomicUsize,
+    /// Stops the health checks when the set is dropped (replaced by a reload).
+    checks: Mutex<Option<DropGuard>>,
+}
+
+impl BackendSet {
+    fn new(listener: &str, group: BackendGroup) -> Self {
+        BackendSet {
+            listener: listener.to_string(),
+            members: group.backends.iter().cloned().map(Member::new).collect(),
+            group,
+            turn: AtomicUsize::new(0),
+            checks: Mutex::new(None),
+        }
+    }
+
+    /// The indexes of the backends to try for a new client, best first.
+    pub fn order(&self) -> Vec<usize> {
+        let no_health = self.group.health.is_none();
+        let healthy: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.is_up(i, no_health))
+            .collect();
+        if healthy.is_empty() {
+            return (0..self.members.len()).collect();
+        }
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let mut rotated = healthy.clone();
+        rotated.rotate_left(turn % healthy.len());
+        match self.group.balance {
+            Balance::Failover => healthy,
+            Balance::RoundRobin => rotated,
+            Balance::LeastConnections => {
+                // Stable: among equals, the round-robin turn decides.
+                rotated.sort_by_key(|&i| self.members[i].active.load(Ordering::Relaxed));
+                rotated
+            }
+        }
+    }
+
+    /// Whether backend `i` is in rotation; without checks an ejected one comes back on trial
+    /// after [`RETRY_AFTER`].
+    fn is_up(&self, i: usize, retry: bool) -> bool {
+        let m = &self.members[i];
+        if m.up.load(Ordering::Relaxed) {
+            return true;
+        }
+        let due = retry
+            && m.down_since
+                .lock()
+                .is_some_and(|t| t.elapsed() >= RETRY_AFTER);
+        if due {
+            *m.down_since.lock() = None;
+            m.failures.store(EJECT_AFTER - 1, Ordering::Relaxed);
+            m.up.store(true, Ordering::Relaxed);
+            tracing::info!(
+                listener = %self.listener, backend = %m.addr,
+                "backend back in rotation on trial after {}", humantime::format_duration(RETRY_AFTER)
+            );
+        }
+        due
+    }
+
+    /// A client connection to backend `i` failed.
+    pub fn connect_failed(&self, i: usize, why: &str) {
+        let m = &self.members[i];
+        m.connect_failures.fetch_add(1, Ordering::Relaxed);
+        *m.last_error.lock() = Some(why.to_string());
+        let n = m.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= EJECT_AFTER {
+            self.take_out(
+                i,
+                &format!("{n} connect failures in a row, the last: {why}"),
+            );
+        }
+    }
+
+    /// Backend `i` accepted a client connection.
+    pub fn connected(&self, i: usize) {
+        let m = &self.members[i];
+        m.failures.store(0, Ordering::Relaxed);
+        if self.group.health.is_none() {
+            // Back on trial and it answered.
+            *m.down_since.lock() = None;
+        }
+    }
+
+    fn take_out(&self, i: usize, why: &str) {
+        let m = &self.members[i];
+        if m.up.swap(false, Ordering::Relaxed) {
+            m.ejections.fetch_add(1, Ordering::Relaxed);
+            *m.down_since.lock() = Some(Instant::now());
+            tracing::warn!(
+                listener = %self.listener, backend = %m.addr,
+                "backend taken out of rotation: {why}"
+            );
+        }
+    }
+
+    fn check_passed(&self, i: usize) {
+        let m = &self.members[i];
+        m.failures.store(0, Ordering::Relaxed);
+        if !m.up.swap(true, Ordering::Relaxed) {
+            *m.down_since.lock() = None;
+            tracing::info!(
+                listener = %self.listener, backend = %m.addr,
+                "backend back in rotation: its health check passed"
+            );
+        }
+    }
+
+    fn check_failed(&self, i: usize, why: String) {
+        self.take_out(i, &format!("health check failed: {why}"));
+        *self.members[i].last_error.lock() = Some(why);
+    }
+
+    /// What the status shows of each backend.
+    pub fn report(&self) -> Vec<BackendReport> {
+        self.members
+            .iter()
+            .map(|m| BackendReport {
+                backend: m.addr.to_string(),
+                up: m.up.load(Ordering::Relaxed),
+                active: m.active.load(Ordering::Relaxed),
+                connect_failures: m.connect_failures.load(Ordering::Relaxed),
+                ejections: m.ejections.load(Ordering::Relaxed),
+                last_error: m.last_error.lock().clone(),
+            })
+            .collect()
+    }
+}
+
+/// One backend in `/api/status` (under its listener) and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendReport {
+    /// As configured (`host:port`).
+    pub backend: String,
+    /// In rotation.
+    pub up: bool,
+    /// Clients piping to it now.
+    pub active: usize,
+    /// Client connections it refused or did not accept in time, in total.
+    pub connect_failures: u64,
+    /// Times it was taken out of rotation.
+    pub ejections: u64,
+    /// The last connect failure or failed check.
+    pub last_error: Option<String>,
+}
+
+/// Every listener's backend set.
+#[derive(Debug, Default)]
+pub struct Registry {
+    sets: Mutex<HashMap<String, Arc<BackendSet>>>,
+}
+
+impl Registry {
+    /// The set of `listener` when its group is `group` (a client of a configuration a reload
+    /// just replaced finds none and connects without one).
+    pub fn get(&self, listener: &str, group: &BackendGroup) -> Option<Arc<BackendSet>> {
+        let sets = self.sets.lock();
+        sets.get(listener).filter(|s| s.group == *group).cloned()
+    }
+
+    /// Each listener's backends, for the status.
+    pub fn reports(&self) -> HashMap<String, Vec<BackendReport>> {
+        let sets = self.sets.lock();
+        sets.iter().map(|(k, s)| (k.clone(), s.report())).collect()
+    }
+
+    /// Makes the sets match `config`: unchanged groups keep their set, changed or new ones get
+    /// a fresh set (and its checks, started on the current runtime), removed ones stop.
+    pub fn sync(&self, config: &AgentConfig) {
+        let mut sets = self.sets.lock();
+        let mut next = HashMap::new();
+        for l in &config.listeners {
+            let Some(group) = &l.group else { continue };
+            let kept = sets.remove(&l.name).filter(|s| s.group == *group);
+            let set = kept.unwrap_or_else(|| start(l, group.clone()));
+            next.insert(l.name.clone(), set);
+        }
+        *sets = next;
+    }
+}
+
+/// A new set for listener `l`, its checks running.
+fn start(l: &ListenerConfig, group: BackendGroup) -> Arc<BackendSet> {
+    let set = Arc::new(BackendSet::new(&l.name, group));
+    if let Some(health) = set.group.health.clone() {
+        let cancel = CancellationToken::new();
+        *set.checks.lock() = Some(cancel.clone().drop_guard());
+        let checks = run_checks(Arc::downgrade(&set), health, l.proxy_protocol, cancel);
+        tokio::spawn(checks);
+    }
+    set
+}
+
+/// Keeps the registry in step with the configuration until `shutdown`.
+pub(crate) async fn supervise(
+    registry: Arc<Registry>,
+    mut config: tokio::sync::watch::Receiver<Arc<AgentConfig>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let current = config.borrow_and_update().clone();
+        registry.sync(&current);
+        tokio::select! {
+            changed = config.changed() => if changed.is_err() { break },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    registry.sets.lock().clear();
+}
+
+/// Checks every backend of a set each interval until the set is gone or `cancel` fires.
+async fn run_checks(
+    set: std::sync::Weak<BackendSet>,
+    health: HealthCheck,
+    proxy: ProxyProtocol,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(health.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let Some(set) = set.upgrade() else { return };
+        let checks = set.members.iter().map(|m| {
+            let target = m.addr.target(0).unwrap_or_default();
+            let check = check_one(target, health.http.clone(), proxy);
+            tokio::time::timeout(health.timeout, check)
+        });
+        let results = futures::future::join_all(checks).await;
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(Ok(())) => set.check_passed(i),
+                Ok(Err(why)) => set.check_failed(i, why),
+                Err(_) => set.check_failed(
+                    i,
+                    format!(
+                        "no answer within {}",
+                        humantime::format_duration(health.timeout)
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+/// One check: a TCP connect, or a GET answered 2xx.
+async fn check_one(
+    target: String,
+    http: Option<String>,
+    proxy: ProxyProtocol,
+) -> Result<(), String> {
+    let mut stream = TcpStream::connect(target.as_str())
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let Some(path) = http else {
+        return Ok(());
+    };
+    let mut request = match proxy {
+        ProxyProtocol::None => Vec::new(),
+        ProxyProtocol::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        ProxyProtocol::V2 => b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00".to_vec(),
+    };
+    let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
+    request.extend_from_slice(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sallyport-health-check\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    stream
+        .write_all(&request)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut head = Vec::with_capacity(64);
+    let mut chunk = [0u8; 256];
+    while !head.contains(&b'\n') && head.len() < 1024 {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let line = line.lines().next().unwrap_or_default();
+    let status = line.split_whitespace().nth(1).unwrap_or_default();
+    if line.starts_with("HTTP/") && status.len() == 3 && status.starts_with('2') {
+        Ok(())
+    } else {
+        Err(format!(
+            "GET {path} answered {:?}",
+            crate::escape::escape(line)
+        ))
+    }
+}
+
+/// A client's backend connection, and the backend it reached.
+pub(crate) struct Connected {
+    pub stream: TcpStream,
+    pub target: String,
+    /// Counts the client as active on its backend until dropped.
+    pub _active: Option<Active>,
+}
+
+/// A client counted on its backend (least-connections); uncounted when dropped.
+pub(crate) struct Active(Arc<BackendSet>, usize);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.members[self.1]
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connects a client of `listener` to a backend: its only one, or the healthy ones of its
+/// group in balance order until one accepts. The error names the backend(s) tried.
+pub(crate) async fn connect(
+    registry: &Registry,
+    listener: &ListenerConfig,
+    offset: u16,
+    client: SocketAddr,
+    timeout: Duration,
+) -> Result<Connected, (String, std::io::Error)> {
+    let Some(group) = &listener.group else {
+        let target = listener.backend_target(offset).unwrap_or_default();
+        return match connect_one(listener.impersonation, client, &target, timeout).await {
+            Ok(stream) => Ok(Connected {
+                stream,
+                target,
+                _active: None,
+            }),
+            Err(e) => Err((target, e)),
+        };
+    };
+    let set = registry.get(&listener.name, group);
+    let order = match &set {
+        Some(set) => set.order(),
+        None => (0..group.backends.len()).collect(),
+    };
+    let mut failed: Vec<String> = Vec::new();
+    let mut last = None;
+    for i in order {
+        let target = backend_target(&group.backends[i], offset);
+        match connect_one(listener.impersonation, client, &target, timeout).await {
+            Ok(stream) => {
+                if !failed.is_empty() {
+                    tracing::info!(
+                        listener = %listener.name, client = %client,
+                        "backend(s) {} refused; client served by {target}", failed.join(", ")
+                    );
+                }
+                let active = set.map(|set| {
+                    set.connected(i);
+                    set.members[i].active.fetch_add(1, Ordering::Relaxed);
+                    Active(set, i)
+                });
+                return Ok(Connected {
+                    stream,
+                    target,
+                    _active: active,
+                });
+            }
+            Err(e) => {
+                if let Some(set) = &set {
+                    set.connect_failed(i, &e.to_string());
+                }
+                failed.push(target.clone());
+                last = Some((target, e));
+            }
+        }
+    }
+    let (target, e) = last.expect("a group has at least one backend");
+    let tried = failed.join(", ");
+    Err((
+        target,
+        std::io::Error::new(e.kind(), format!("{e} (tried {tried})")),
+    ))
+}
+
+/// The target of one backend of a group for a client at `offset`: port for port when it is a
+/// range, like the listener's single `backend`.
+fn backend_target(b: &BackendAddr, offset: u16) -> String {
+    let offset = if b.ports.len() == 1 { 0 } else { offset };
+    b.target(offset).unwrap_or_default()
+}
+
+/// Connects to one backend, from the client's own address in transparent mode.
+async fn connect_one(
+    mode: Impersonation,
+    client: SocketAddr,
+    target: &str,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    match mode {
+        Impersonation::None => net::connect(target, timeout).await,
+        Impersonation::Transparent => net::connect_transparent(client, target, timeout).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(balance: Balance, health: bool) -> BackendSet {
+        let backends = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let health = health.then(|| HealthCheck {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            http: None,
+        });
+        BackendSet::new(
+            "web",
+            BackendGroup {
+                backends,
+                balance,
+                health,
+            },
+        )
+    }
+
+    fn firsts(set: &BackendSet, n: usize) -> Vec<usize> {
+        (0..n).map(|_| set.order()[0]).collect()
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_skips_an_ejected_backend() {
+        let s = set(Balance::RoundRobin, true);
+        assert_eq!(firsts(&s, 6), [0, 1, 2, 0, 1, 2]);
+        // Every order holds each healthy backend once: the next ones are the retries.
+        assert_eq!(s.order().len(), 3);
+        for _ in 0..EJECT_AFTER - 1 {
+            s.connect_failed(1, "connection refused");
+        }
+        assert_eq!(
+            s.order().len(),
+            3,
+            "not ejected before {EJECT_AFTER} failures"
+        );
+        s.connect_failed(1, "connection refused");
+        let orders: Vec<Vec<usize>> = (0..4).map(|_| s.order()).collect();
+        assert!(
+            orders.iter().all(|o| o.len() == 2 && !o.contains(&1)),
+            "{orders:?}"
+        );
+        let report = s.report();
+        assert!(!report[1].up && report[1].ejections == 1 && report[1].connect_failures == 3);
+        // A passed check reinstates it.
+        s.check_passed(1);
+        assert_eq!(s.order().len(), 3);
+        assert!(s.report()[1].up);
+    }
+
+    #[test]
+    fn a_success_clears_the_failures_in_a_row() {
+        let s = set(Balance::RoundRobin, true);
+        for _ in 0..10 {
+            s.connect_failed(2, "refused");
+            s.connect_failed(2, "refused");
+            s.connected(2);
+        }
+        assert!(s.report()[2].up);
+    }
+
+    #[test]
+    fn failover_prefers_the_first_healthy_and_all_down_tries_all() {
+        let s = set(Balance::Failover, true);
+        assert_eq!(firsts(&s, 3), [0, 0, 0]);
+        s.check_failed(0, "connect: refused".into());
+        assert_eq!(s.order(), [1, 2]);
+        s.check_failed(1, "x".into());
+        s.check_failed(2, "x".into());
+        assert_eq!(
+            s.order(),
+            [0, 1, 2],
+            "none healthy: every backend, in list order"
+        );
+        assert_eq!(
+            s.report()[0].last_error.as_deref(),
+            Some("connect: refused")
+        );
+    }
+
+    #[test]
+    fn least_connections_picks_the_least_busy() {
+        let s = set(Balance::LeastConnections, true);
+        s.members[0].active.store(5, Ordering::Relaxed);
+        s.members[1].active.store(1, Ordering::Relaxed);
+        s.members[2].active.store(3, Ordering::Relaxed);
+        assert_eq!(firsts(&s, 3), [1, 1, 1]);
+        assert_eq!(s.order(), [1, 2, 0]);
+        // Equals take turns.
+        s.members[2].active.store(1, Ordering::Relaxed);
+        let mut seen = firsts(&s, 4);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, [1, 2]);
+    }
+
+    #[test]
+    fn without_checks_an_ejected_backend_is_tried_again_later() {
+        let s = set(Balance::RoundRobin, false);
+        for _ in 0..EJECT_AFTER {
+            s.connect_failed(0, "refused");
+        }
+        assert!(!s.order().contains(&0));
+        // As if RETRY_AFTER had passed.
+        *s.members[0].down_since.lock() = Some(Instant::now() - RETRY_AFTER);
+        assert!(s.order().contains(&0));
+        // On trial: one more failure takes it out again.
+        s.connect_failed(0, "refused");
+        assert!(!s.order().contains(&0));
+        assert_eq!(s.report()[0].ejections, 2);
+    }
+
+    #[test]
+    fn the_registry_keeps_an_unchanged_set_and_replaces_a_changed_one() {
+        let parse = |backends: &str| {
+            let text = format!(
+                "site = \"s\"\ngateways = [\"g:1\"]\n[[listener]]\nname = \"web\"\npublic = \"8080\"\nbackend = {backends}\n"
+            );
+            AgentConfig::parse(std::path::Path::new("agent.toml"), &text).unwrap()
+        };
+        let reg = Registry::default();
+        let a = parse("[\"127.0.0.1:1\", \"127.0.0.1:2\"]");
+        reg.sync(&a);
+        let group = a.listeners[0].group.clone().unwrap();
+        let first = reg.get("web", &group).unwrap();
+        first.connect_failed(0, "x");
+        reg.sync(&a);
+        assert!(Arc::ptr_eq(&first, &reg.get("web", &group).unwrap()));
+        let b = parse("[\"127.0.0.1:1\", \"127.0.0.1:3\"]");
+        reg.sync(&b);
+        assert!(reg.get("web", &group).is_none());
+        assert!(reg
+            .get("web", b.listeners[0].group.as_ref().unwrap())
+            .is_some());
+        reg.sync(&parse("\"127.0.0.1:1\""));
+        assert!(reg.reports().is_empty());
+    }
+}

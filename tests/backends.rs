@@ -1,0 +1,236 @@
+//! Several backends per listener (issue 18 item 2): two real nginx servers behind one listener,
+//! a stream of curl requests through the gateway while one of them is killed (by PID) and
+//! started again; health in the agent's status and metrics.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::nginx::{curl, Nginx, NginxOptions};
+use support::*;
+
+/// An nginx whose page names it, with a `/healthz` the health checks GET.
+fn named_nginx(dir: &Workdir, name: &str, port: u16) -> Nginx {
+    proxied_nginx(dir, name, port, false)
+}
+
+/// [`named_nginx`], expecting a PROXY header on every connection when `proxy_protocol`.
+fn proxied_nginx(dir: &Workdir, name: &str, port: u16, proxy_protocol: bool) -> Nginx {
+    let nginx = Nginx::start(
+        dir,
+        name,
+        NginxOptions {
+            port,
+            proxy_protocol,
+            ..Default::default()
+        },
+    );
+    std::fs::write(nginx.root.join("index.html"), format!("page of {name}\n")).unwrap();
+    std::fs::write(nginx.root.join("healthz"), "ok\n").unwrap();
+    nginx
+}
+
+/// Client requests (not health checks) an nginx logged.
+fn served(nginx: &Nginx) -> usize {
+    nginx
+        .access_lines()
+        .iter()
+        .filter(|l| l.contains("GET /index.html"))
+        .count()
+}
+
+fn get(url: &str) -> (bool, String) {
+    let (ok, body, err) = curl(&["-f", url]);
+    (ok, if ok { body } else { err })
+}
+
+/// The agent's view of one backend of listener `web`.
+fn backend_state(api: &str, backend: &str) -> serde_json::Value {
+    let (ok, body) = get(&format!("{api}/api/status"));
+    assert!(ok, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let web = status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "web")
+        .cloned()
+        .unwrap();
+    assert_eq!(web["balance"], "round-robin");
+    web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["backend"] == backend)
+        .cloned()
+        .unwrap_or_else(|| panic!("no backend {backend} in {web:#}"))
+}
+
+/// Requests in a loop on a thread; (start, end, result) of each.
+type Outcome = (Instant, Instant, Result<String, String>);
+
+fn request_loop(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Outcome>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let start = Instant::now();
+            let (ok, body) = get(&url);
+            let result = if ok { Ok(body) } else { Err(body) };
+            out.push((start, Instant::now(), result));
+        }
+        out
+    })
+}
+
+#[test]
+fn one_of_two_backends_killed_mid_run_then_restarted_returns_to_rotation() {
+    let dir = Workdir::new();
+    let a = named_nginx(&dir, "a", 0);
+    let mut b = named_nginx(&dir, "b", 0);
+    let (a_addr, b_addr) = (
+        format!("127.0.0.1:{}", a.port),
+        format!("127.0.0.1:{}", b.port),
+    );
+    let gateway = start_gateway(&dir, "");
+    let public = free_port();
+    let mut web = listener("web", public, local(a.port));
+    web.backend = format!("[\"{a_addr}\", \"{b_addr}\"]");
+    web.extra =
+        "health = { interval = \"300ms\", timeout = \"250ms\", http = \"/healthz\" }\n".into();
+    let agent = start_agent(&dir, "agent", &[gateway.control], &[web], "", "");
+    let api = agent_admin_url(&agent);
+    wait_open(local(public), Duration::from_secs(10));
+    let url = format!("http://127.0.0.1:{public}/index.html");
+
+    // Round robin: both serve.
+    for _ in 0..6 {
+        let (ok, body) = get(&url);
+        assert!(ok, "{body}");
+    }
+    assert!(
+        served(&a) >= 2 && served(&b) >= 2,
+        "a {} b {}",
+        served(&a),
+        served(&b)
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = request_loop(url.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(700));
+    let b_port = b.port;
+    b.kill();
+    let killed = Instant::now();
+    // Out of rotation within a check or two, seen in the status and the metrics.
+    assert!(
+        wait_until(Duration::from_secs(5), || backend_state(&api, &b_addr)
+            ["up"]
+            == false),
+        "{:#}",
+        backend_state(&api, &b_addr)
+    );
+    let (_, metrics) = get(&format!("{api}/metrics"));
+    let down_line =
+        format!("sallyport_agent_backend_up{{listener=\"web\",backend=\"{b_addr}\"}} 0");
+    assert!(metrics.contains(&down_line), "{metrics}");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Started again on its port: back in rotation, serving clients again.
+    let served_before = served(&b);
+    let b = named_nginx(&dir, "b", b_port);
+    assert!(
+        wait_until(Duration::from_secs(10), || served(&b) > served_before),
+        "b never served again: {:#}",
+        backend_state(&api, &b_addr)
+    );
+    assert_eq!(backend_state(&api, &b_addr)["up"], true);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = requests.join().unwrap();
+
+    // No failure beyond a request in flight on the dead one when it died.
+    let failures: Vec<&Outcome> = outcomes.iter().filter(|o| o.2.is_err()).collect();
+    assert!(
+        failures.len() <= 1 && failures.iter().all(|(start, _, _)| *start <= killed),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        outcomes.len(),
+        failures
+    );
+    let after_kill = outcomes.iter().filter(|o| o.0 > killed).count();
+    eprintln!(
+        "measured: {} requests, {} failed, {} after the kill",
+        outcomes.len(),
+        failures.len(),
+        after_kill
+    );
+    assert!(
+        after_kill >= 10,
+        "only {after_kill} requests ran after the kill"
+    );
+    // Pages from both before the kill, from a alone while b was dead, from both at the end.
+    let bodies: Vec<&str> = outcomes
+        .iter()
+        .filter_map(|o| o.2.as_ref().ok().map(String::as_str))
+        .collect();
+    assert!(bodies.contains(&"page of a\n") && bodies.contains(&"page of b\n"));
+    let b_state = backend_state(&api, &b_addr);
+    assert!(b_state["ejections"].as_u64().unwrap() >= 1, "{b_state:#}");
+    let a_state = backend_state(&api, &a_addr);
+    assert_eq!(a_state["up"], true);
+    assert_eq!(a_state["ejections"], 0);
+    // The status command shows the backends.
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--admin", &api])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Backends (2)"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&b_addr) && l.contains(" up ")),
+        "{text}"
+    );
+    drop(gateway);
+}
+
+#[test]
+fn a_refusing_backend_is_skipped_for_the_next_and_ejected_without_checks() {
+    let dir = Workdir::new();
+    let a = proxied_nginx(&dir, "a", 0, true);
+    // Nothing listens on the first backend.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let gateway = start_gateway(&dir, "");
+    let public = free_port();
+    let mut web = listener("web", public, local(a.port));
+    web.backend = format!("[\"{dead}\", \"127.0.0.1:{}\"]", a.port);
+    web.extra = "balance = \"failover\"\nproxy_protocol = \"v1\"\n".into();
+    let agent = start_agent(&dir, "agent", &[gateway.control], &[web], "", "");
+    let api = agent_admin_url(&agent);
+    wait_open(local(public), Duration::from_secs(10));
+    let url = format!("http://127.0.0.1:{public}/index.html");
+    // nginx (proxy_protocol on) answers 400 to anything but one PROXY header then the
+    // request: the header went once, to the backend that accepted, the request after it.
+    let results: Vec<(bool, String)> = (0..5).map(|_| get(&url)).collect();
+    assert!(
+        results
+            .iter()
+            .all(|(ok, body)| *ok && body == "page of a\n"),
+        "{results:?}"
+    );
+    let lines = a.access_lines();
+    let pages = lines
+        .iter()
+        .filter(|l| l.contains("pp=127.0.0.1:") && l.contains("GET /index.html HTTP/1.1\" 200"))
+        .count();
+    assert_eq!(pages, 5, "{lines:?}");
+    let status: serde_json::Value =
+        serde_json::from_str(&get(&format!("{api}/api/status")).1).unwrap();
+    let dead_state = status["listeners"][0]["backends"][0].clone();
+    assert_eq!(dead_state["backend"], dead.as_str());
+    // Ejected after 3 refusals: the last two requests did not try it.
+    assert_eq!(dead_state["up"], false, "{dead_state:#}");
+    assert_eq!(dead_state["connect_failures"], 3, "{dead_state:#}");
+    assert_eq!(status["listeners"][0]["balance"], "failover");
+}
