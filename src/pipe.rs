@@ -183,16 +183,16 @@ where
 
 /// How a pipe ended: its result, and the bytes its counters saw once it had ended.
 #[derive(Debug)]
-pub struct PipeEnd {
-    pub result: io::Result<()>,
+pub struct PipeEnd<T = ()> {
+    pub result: io::Result<T>,
     pub bytes: PipeSnapshot,
 }
 
-impl PipeEnd {
+impl<T> PipeEnd<T> {
     /// How it ended in the words both halves log: `closed`, or `ended by error (why)`.
     pub fn outcome(&self) -> String {
         match &self.result {
-            Ok(()) => "closed".to_string(),
+            Ok(_) => "closed".to_string(),
             Err(e) => format!("ended by error ({e})"),
         }
     }
@@ -202,11 +202,11 @@ impl PipeEnd {
 /// `pipe` while `live` is held (what shows the connection as live: a connection-table entry, a
 /// gauge), drops `live` the moment the pipe ends, so no table shows an ended pipe while it is
 /// being logged, then reads `counters`.
-pub async fn tracked<L>(
+pub async fn tracked<L, T>(
     live: L,
     counters: &PipeCounters,
-    pipe: impl std::future::Future<Output = io::Result<()>>,
-) -> PipeEnd {
+    pipe: impl std::future::Future<Output = io::Result<T>>,
+) -> PipeEnd<T> {
     let result = pipe.await;
     drop(live);
     PipeEnd {
@@ -656,7 +656,10 @@ mod tests {
         );
         assert_eq!((end.bytes.a_read, end.bytes.b_written), (5, 5));
         assert_eq!(end.outcome(), "closed");
-        let end = tracked((), &counters, async { Err(io::Error::other("reset")) }).await;
+        let end = tracked((), &counters, async {
+            Err::<(), _>(io::Error::other("reset"))
+        })
+        .await;
         assert_eq!(end.outcome(), "ended by error (reset)");
     }
 

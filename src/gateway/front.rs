@@ -29,7 +29,8 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::listener::{admit_to_listener, serve_client, take_permit, ListenerInfo};
+use super::admit::{admit_to_listener, take_permit};
+use super::listener::ListenerInfo;
 use super::site::Site;
 use super::Shared;
 use crate::access::canonical;
@@ -226,7 +227,7 @@ pub(super) async fn serve_fronted(
         net::reset(stream);
         return;
     };
-    serve_client(shared, site, info, stream, client, permit, first).await;
+    super::client::serve(shared, site, info, stream, client, permit, first).await;
 }
 
 #[cfg(test)]

@@ -11,17 +11,21 @@
 //! Operators drive it through a [`GatewayHandle`]: state (running, paused, stopping),
 //! statistics, connections, reload, stop and restart.
 
+mod admit;
 mod autoban;
 pub mod bans;
 mod binding;
+mod client;
 mod control;
 mod data;
 mod edge;
 mod front;
 mod listener;
+mod offer;
 pub mod outbound;
 mod pending;
 mod pool;
+mod public;
 mod route;
 mod session;
 mod site;

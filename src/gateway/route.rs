@@ -32,7 +32,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::listener::{admit_to_listener, next_client, serve_client, take_permit, ListenerInfo};
+use super::admit::{admit_to_listener, take_permit};
+use super::listener::{next_client, ListenerInfo};
 use super::site::Site;
 use super::{RunState, Shared};
 use crate::limits::ConnPermit;
@@ -413,7 +414,7 @@ async fn route_client(
         net::reset(client);
         return;
     }
-    serve_client(shared, site, info, client, client_addr, permit, first).await;
+    super::client::serve(shared, site, info, client, client_addr, permit, first).await;
 }
 
 /// Reads until the first bytes name a host, or cannot. An end of stream before that is

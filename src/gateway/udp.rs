@@ -5,7 +5,7 @@
 //! bans, the listener's client rules, the gateway's connection limits (a flow holds a data connection
 //! like a TCP client: `max_connections`, `max_connections_per_ip`) and `[limits]
 //! max_udp_flows_per_listener` allow it. A flow is then served exactly like a TCP client
-//! ([`super::listener::serve_client`]: warm pool or offer, claim, TLS as configured), its
+//! ([`super::client::serve`]: warm pool or offer, claim, TLS as configured), its
 //! datagrams framed on the data connection ([`crate::protocol::datagram`]).
 //!
 //! Datagrams are never split: one over `[limits] max_datagram` is dropped and counted, as is
@@ -28,7 +28,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::listener::{is_banned, serve_client, within_rate, ListenerInfo, PublicClient};
+use super::admit::{is_banned, within_rate};
+use super::listener::ListenerInfo;
+use super::public::PublicClient;
 use super::site::Site;
 use super::stats::UdpDrop;
 use super::{RunState, Shared};
@@ -177,7 +179,7 @@ fn open_flow(
             _place: flow_place,
         },
     };
-    shared.tasks.spawn(serve_client(
+    shared.tasks.spawn(super::client::serve(
         shared.clone(),
         site.clone(),
         info.clone(),
