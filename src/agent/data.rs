@@ -1,5 +1,12 @@
-//! Serving one announced client: dial the gateway's control port as a data connection and the
-//! backend at the same time, then pipe the two.
+//! Serving one announced client, as one value ([`Handler`], mini-redis's idea, mirroring the
+//! gateway's `client.rs`): find its listener and backend, dial the gateway's control port as a
+//! data connection and the backend at the same time (or take the warm-pool connection it came
+//! on), write the PROXY header, then pipe the two.
+//!
+//! Every way a client goes unserved is one [`Unserved`] variant, logged, counted, recorded,
+//! reported to the gateway (`ClientFailed`) and its data connection closed in one place
+//! ([`Handler::unserved`]). Every offered client ends with one audit record, except one another
+//! agent already took (the gateway knows its fate) and one handed to the embedding application.
 //!
 //! A reuse-framed warm-pool connection ([`crate::reuse`]) is piped with the framing and, when
 //! its client ended cleanly both ways, handed back to its pool member ([`Pooled::back`]); a
@@ -12,15 +19,17 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::dial::{dial, DialError, Target};
 use super::embedded::{Accepted, GatewayStream};
+use super::stats::ListenerStats;
 use super::{proxy_header, AgentCtx};
 use crate::audit::{ConnectionEnd, Daemon};
-use crate::config::{AgentConfig, Backend, Protocol, ProxyProtocol};
+use crate::config::{AgentConfig, Backend, ListenerConfig, Protocol, ProxyProtocol};
 use crate::net;
-use crate::pipe::{pipe_tcp, PipeCounters};
+use crate::pipe::{pipe_tcp, tracked, PipeCounters};
 use crate::protocol::{ClientArrived, ClientFailed, DataHello, ErrorCode, Message, Role, Token};
 use crate::transport::Stream;
 
@@ -52,7 +61,7 @@ pub(crate) struct Pooled {
 /// `control` when it is still there; never depends on it otherwise.
 /// `pooled` is a warm-pool data connection the gateway already handed this client (no dial).
 /// Counts the client in its listener's statistics and ends with its audit record
-/// ([`crate::audit`]), whatever happens. `_admission` holds the client's places in its
+/// ([`crate::audit`]), whatever happens. `admission` holds the client's places in its
 /// gateway's limits (`super::limits`) until it ends.
 pub(crate) async fn serve_client(
     ctx: AgentCtx,
@@ -60,165 +69,205 @@ pub(crate) async fn serve_client(
     arrived: ClientArrived,
     control: mpsc::Sender<Message>,
     pooled: Option<Pooled>,
-    _admission: super::limits::Admission,
+    admission: super::limits::Admission,
 ) {
-    let started = Instant::now();
-    let config = ctx.config();
-    let client = arrived.client_addr;
-    let listener_name = arrived.listener.as_str();
-    let fail = |reason: String| {
-        let _ = control.try_send(Message::ClientFailed(ClientFailed {
-            id: arrived.id,
-            reason,
-        }));
+    let handler = Handler {
+        started: Instant::now(),
+        config: ctx.config(),
+        ctx,
+        gateway,
+        arrived,
+        control,
+        _admission: admission,
     };
-    let record = |outcome, error: Option<&str>, backend: Option<&str>, bytes: (u64, u64)| {
-        ConnectionEnd {
-            conn: arrived.id,
-            site: &config.site,
-            listener: listener_name,
-            client,
-            gateway: arrived.gateway_addr,
-            agent: Some(&config.name),
-            agent_addr: None,
-            backend,
-            bytes_from_client: bytes.0,
-            bytes_to_client: bytes.1,
-            duration: started.elapsed(),
+    handler.run(pooled).await
+}
+
+/// One announced client, from its offer to the end of its pipe.
+struct Handler {
+    ctx: AgentCtx,
+    /// The configuration when the offer came (a reload meanwhile does not change its course).
+    config: Arc<AgentConfig>,
+    gateway: Gateway,
+    arrived: ClientArrived,
+    /// Where the failure report goes ([`Handler::fail`]).
+    control: mpsc::Sender<Message>,
+    started: Instant,
+    _admission: super::limits::Admission,
+}
+
+/// A client's listener and backend, once they are known.
+struct Route {
+    stats: Arc<ListenerStats>,
+    /// The configured backend for the client's port, `host:port` (with several, the first:
+    /// [`super::backends`] picks the one that serves it).
+    target: String,
+    /// A UDP flow ([`super::udp`]): its failures are not logged (the audit record and the
+    /// gateway's report say them), and its data connection is closed before they are reported.
+    flow: bool,
+}
+
+/// A data connection that is dialled, or the warm-pool one the client came on.
+type DataParts = (Stream, BytesMut);
+
+/// Every way an announced client goes unserved. [`Handler::unserved`] logs, counts, records,
+/// reports it to the gateway and closes its data connection, in one place. `data`: the data
+/// connection to close in order (`framed`: reuse-framed, it says `04 02` first).
+enum Unserved {
+    /// The gateway named a listener this agent does not have (any more).
+    UnknownListener { data: Option<Stream>, framed: bool },
+    /// The listener has no backend port for the client's port offset.
+    NoBackendPort { data: Option<Stream>, framed: bool },
+    /// The backend did not take the connection (`backend`: the one(s) tried).
+    BackendUnreachable {
+        backend: String,
+        error: std::io::Error,
+        data: Option<Stream>,
+        framed: bool,
+    },
+    /// The data connection to the gateway failed (or the gateway says another agent took the
+    /// client, or it is gone); `backend`: the one that took the client meanwhile.
+    DataFailed { backend: String, error: DialError },
+}
+
+impl Handler {
+    /// Finds the client's listener and backend, then serves it as the listener says: the
+    /// embedded application's, a UDP flow, or a TCP stream.
+    async fn run(self, pooled: Option<Pooled>) {
+        let name = self.arrived.listener.as_str();
+        let Some(listener) = self.config.listener(name) else {
+            let framed = pooled.as_ref().is_some_and(|p| p.back.is_some());
+            let data = pooled.map(|p| p.stream);
+            return self
+                .unserved(Unserved::UnknownListener { data, framed }, None)
+                .await;
+        };
+        let stats = self.ctx.stats.listener(&listener.name);
+        stats.offered();
+        // Reuse-framed: the connection's way back to its pool member.
+        let (pooled, back) = match pooled {
+            Some(p) => (Some((p.stream, p.leftover)), p.back),
+            None => (None, None),
+        };
+        if listener.backend == Backend::Local {
+            // The application owns the stream from here, and its logging. (Pool connections of
+            // an agent with an application never negotiate reuse: see `pool::member`.)
+            return self.hand_to_application(pooled).await;
+        }
+        let Some(target) = listener.backend_target(self.arrived.port_offset) else {
+            let (data, framed) = (pooled.map(|p| p.0), back.is_some());
+            return self
+                .unserved(Unserved::NoBackendPort { data, framed }, None)
+                .await;
+        };
+        let flow = matches!(listener.protocol, Protocol::Udp { .. });
+        let route = Route {
+            stats,
+            target,
+            flow,
+        };
+        let served = match listener.protocol {
+            Protocol::Udp { idle_timeout } => {
+                // A flow is carried unframed; its connection closes after it (protocol.md 7.16).
+                drop(back);
+                let proxy = listener.proxy_protocol;
+                self.serve_flow(&route, proxy, idle_timeout, pooled).await
+            }
+            _ => self.serve_stream(&route, listener, pooled, back).await,
+        };
+        match served {
+            Ok(s) => self.record(s.outcome, s.error.as_deref(), Some(&s.backend), s.moved),
+            Err(unserved) => self.unserved(unserved, Some(&route)).await,
+        }
+    }
+
+    /// Dials the data connection and the backend at once (the client's wait is the slower of
+    /// the two, not their sum), then pipes them. Returns the audit outcome, its error and the
+    /// bytes moved (from the client, to the client).
+    async fn serve_stream(
+        &self,
+        route: &Route,
+        listener: &ListenerConfig,
+        pooled: Option<DataParts>,
+        back: Option<oneshot::Sender<crate::reuse::Reusable>>,
+    ) -> Result<Served, Unserved> {
+        let (timeout, client) = (self.config.connect_timeout, self.arrived.client_addr);
+        let backends = &self.ctx.stats.backends;
+        let (data, backend) = tokio::join!(
+            self.data_connection(pooled),
+            super::backends::connect(
+                backends,
+                listener,
+                self.arrived.port_offset,
+                client,
+                timeout
+            ),
+        );
+        // With several backends, the one that accepted (`_on_backend` counts the client on it).
+        let (backend, target, _on_backend) = match backend {
+            Ok(b) => (b.stream, b.target, b._active),
+            Err((backend, error)) => {
+                // Closed in order (the client's request may be unread in it): the client sees
+                // an orderly close, not a reset.
+                let data = data.ok().map(|d| d.0);
+                let framed = back.is_some();
+                return Err(Unserved::BackendUnreachable {
+                    backend,
+                    error,
+                    data,
+                    framed,
+                });
+            }
+        };
+        let (data, leftover) = match data {
+            Ok(parts) => parts,
+            Err(error) => {
+                return Err(Unserved::DataFailed {
+                    backend: target,
+                    error,
+                })
+            }
+        };
+        // The audit record comes when the connection ends, with bytes and duration.
+        tracing::debug!(
+            listener = self.arrived.listener.as_str(), client = %client, backend = %target,
+            "client connected in {} ms", self.started.elapsed().as_millis()
+        );
+        let proxy = listener.proxy_protocol;
+        let (outcome, error, moved) = self
+            .pipe(&route.stats, proxy, backend, (data, leftover), back)
+            .await;
+        Ok(Served {
             outcome,
             error,
-        }
-        .log(Daemon::Agent)
-    };
-    let Some(listener) = config.listener(listener_name) else {
-        // Not counted: statistics exist only for configured listeners, whatever a gateway names.
-        tracing::warn!(listener = listener_name, client = %client, "offer for an unknown listener");
-        let why = format!("agent has no listener \"{listener_name}\"");
-        record("refused", Some(&why), None, (0, 0));
-        fail(why);
-        let framed = pooled.as_ref().is_some_and(|p| p.back.is_some());
-        return decline(pooled.map(|p| p.stream), framed).await;
-    };
-    let stats = ctx.stats.listener(&listener.name);
-    stats.offered();
-    // Reuse-framed: the connection's way back to its pool member.
-    let (pooled, back) = match pooled {
-        Some(p) => (Some((p.stream, p.leftover)), p.back),
-        None => (None, None),
-    };
-    if listener.backend == Backend::Local {
-        // The application owns the stream from here, and its logging. (Pool connections of an
-        // agent with an application never negotiate reuse: see `pool::member`.)
-        return hand_to_application(&ctx, &config, &gateway, &arrived, control, pooled).await;
-    }
-    let Some(target) = listener.backend_target(arrived.port_offset) else {
-        let why = format!("no backend port for offset {}", arrived.port_offset);
-        record("refused", Some(&why), None, (0, 0));
-        fail(why);
-        return decline(pooled.map(|p| p.0), back.is_some()).await;
-    };
-    if let Protocol::Udp { idle_timeout } = listener.protocol {
-        // A flow is carried unframed; its connection closes after it (protocol.md 7.16).
-        drop(back);
-        let flow = Flow {
-            config: &config,
-            gateway: &gateway,
-            arrived: &arrived,
-            target: &target,
-            proxy: listener.proxy_protocol,
-            idle_timeout,
-            stats: &stats,
-        };
-        return match serve_flow(flow, pooled).await {
-            Ok((outcome, moved)) => record(outcome, None, Some(&target), moved),
-            Err(Unserved { outcome, why }) => {
-                record(outcome, Some(&why), Some(&target), (0, 0));
-                fail(why)
-            }
-        };
+            backend: target,
+            moved,
+        })
     }
 
-    // Both dials at once: the client's wait is the slower of the two, not their sum.
-    let (data, backend) = tokio::join!(
-        async {
-            match pooled {
-                Some(p) => Ok(p),
-                None => open_data_connection(&config, &gateway, &arrived).await,
-            }
-        },
-        super::backends::connect(
-            &ctx.stats.backends,
-            listener,
-            arrived.port_offset,
-            client,
-            config.connect_timeout
-        ),
-    );
-    // With several backends, the one that accepted (`_on_backend` counts the client on it).
-    let (backend, target, _on_backend) = match backend {
-        Ok(b) => (b.stream, b.target, b._active),
-        Err((target, e)) => {
-            tracing::warn!(
-                listener = listener_name, client = %client,
-                "backend {target} unreachable: {e}; closing the client"
-            );
-            let why = format!("backend {target} unreachable: {e}");
-            stats.backend_failed(&why);
-            record("backend_unreachable", Some(&why), Some(&target), (0, 0));
-            // The gateway closes the client on this report, or when the data connection (if any)
-            // closes without a byte.
-            fail(why);
-            // Close the data connection cleanly (the client's request may be unread in it),
-            // so the client sees an orderly close, not a reset.
-            return decline(data.ok().map(|d| d.0), back.is_some()).await;
-        }
-    };
-    let (data, leftover) = match data {
-        Ok(d) => d,
-        Err(DialError::Refused(e)) if e.code == ErrorCode::UNKNOWN_CLIENT => {
-            // Claimed by another agent it was offered to as well (this one was slow), or gone:
-            // the gateway knows the client's fate; a failure report would only add noise.
-            tracing::info!(
-                listener = listener_name, client = %client, id = arrived.id,
-                "client already taken by another agent or gone; not serving it"
-            );
-            return;
-        }
-        Err(e) => {
-            // Rate-limited: a gateway that answers every data hello with garbage gets a few
-            // lines and a tally, not one line per offer.
-            let hit = gateway.limits.data_failures.hit();
-            if hit.log {
-                tracing::warn!(
-                    listener = listener_name, client = %client, gateway = %gateway.name,
-                    "data connection failed: {e}{}", hit.tally()
-                );
-            }
-            let why = format!("agent's data connection failed: {e}");
-            stats.data_failed(&why);
-            record("data_failed", Some(&why), Some(&target), (0, 0));
-            // Without this the client would wait for its deadline.
-            return fail(why);
-        }
-    };
-    // The audit record comes when the connection ends, with bytes and duration.
-    tracing::debug!(
-        listener = listener_name, client = %client, backend = %target,
-        "client connected in {} ms", started.elapsed().as_millis()
-    );
-
-    // The PROXY header and any client bytes that came with the ack go to the backend in one
-    // write, ahead of everything else.
-    let header = proxy_header::header(listener.proxy_protocol, client, arrived.gateway_addr);
-    let mut first = header.clone();
-    first.extend_from_slice(&leftover);
-    let counters = Arc::new(PipeCounters::default());
-    let serving = stats.serving(counters.clone(), header.len() as u64);
-    // The agent does not pace its side: rates are the gateway's (docs/security.md).
-    let unthrottled = crate::ratelimit::PipeThrottle::default();
-    let result = match back {
-        None => pipe_tcp(backend, b"", data, &first, &counters).await,
-        Some(back) => {
+    /// Pipes the backend and the data connection: the PROXY header and any client bytes that
+    /// came with the ack go to the backend in one write, ahead of everything else; a
+    /// reuse-framed connection goes back to its pool member when its client ended cleanly.
+    async fn pipe(
+        &self,
+        stats: &Arc<ListenerStats>,
+        proxy: ProxyProtocol,
+        backend: TcpStream,
+        (data, leftover): DataParts,
+        back: Option<oneshot::Sender<crate::reuse::Reusable>>,
+    ) -> (&'static str, Option<String>, (u64, u64)) {
+        let (client, gateway_addr) = (self.arrived.client_addr, self.arrived.gateway_addr);
+        let header = proxy_header::header(proxy, client, gateway_addr);
+        let counters = Arc::new(PipeCounters::default());
+        let serving = stats.serving(counters.clone(), header.len() as u64);
+        // The agent does not pace its side: rates are the gateway's (docs/security.md).
+        let unthrottled = crate::ratelimit::PipeThrottle::default();
+        let pipe = async {
+            let Some(back) = back else {
+                let mut first = header.clone();
+                first.extend_from_slice(&leftover);
+                return pipe_tcp(backend, b"", data, &first, &counters).await;
+            };
             let piped = crate::reuse::pipe_framed(
                 backend,
                 b"",
@@ -230,100 +279,257 @@ pub(crate) async fn serve_client(
                 &unthrottled,
             );
             piped.await.map(|reusable| give_back(reusable, back))
+        };
+        let end = tracked(serving, &counters, pipe).await;
+        // a = backend, b = the data connection (the client's side).
+        let moved = (
+            end.bytes.a_written.saturating_sub(header.len() as u64),
+            end.bytes.b_written,
+        );
+        match end.result {
+            Ok(()) => ("closed", None, moved),
+            Err(e) => ("error", Some(e.to_string()), moved),
         }
-    };
-    drop(serving);
-    // a = backend, b = the data connection (the client's side).
-    let bytes = counters.snapshot();
-    let moved = (
-        bytes.a_written.saturating_sub(header.len() as u64),
-        bytes.b_written,
-    );
-    match result {
-        Ok(()) => record("closed", None, Some(&target), moved),
-        Err(e) => record("error", Some(&e.to_string()), Some(&target), moved),
     }
-}
 
-/// What serving one UDP flow needs to know.
-struct Flow<'a> {
-    config: &'a AgentConfig,
-    gateway: &'a Gateway,
-    arrived: &'a ClientArrived,
-    target: &'a str,
-    proxy: ProxyProtocol,
-    idle_timeout: std::time::Duration,
-    stats: &'a Arc<super::stats::ListenerStats>,
-}
-
-/// Why a flow was not served: its audit outcome and the reason for the gateway.
-struct Unserved {
-    outcome: &'static str,
-    why: String,
-}
-
-/// Serves one UDP flow ([`super::udp`]): the backend socket and the data connection at once,
-/// then the relay until the flow ends. Returns the audit outcome and the payload bytes moved
-/// (from the client, to the client).
-async fn serve_flow(
-    flow: Flow<'_>,
-    pooled: Option<(Stream, BytesMut)>,
-) -> Result<(&'static str, (u64, u64)), Unserved> {
-    let (data, backend) = tokio::join!(
-        async {
-            match pooled {
-                Some(p) => Ok(p),
-                None => open_data_connection(flow.config, flow.gateway, flow.arrived).await,
+    /// Serves one UDP flow ([`super::udp`]): the backend socket and the data connection at
+    /// once, then the relay until the flow ends.
+    async fn serve_flow(
+        &self,
+        route: &Route,
+        proxy: ProxyProtocol,
+        idle_timeout: std::time::Duration,
+        pooled: Option<DataParts>,
+    ) -> Result<Served, Unserved> {
+        let (data, backend) = tokio::join!(
+            self.data_connection(pooled),
+            super::udp::connect_backend(&route.target),
+        );
+        let backend = match backend {
+            Ok(b) => b,
+            Err(error) => {
+                // A flow's connection is never framed (protocol.md 7.16).
+                let data = data.ok().map(|d| d.0);
+                return Err(Unserved::BackendUnreachable {
+                    backend: route.target.clone(),
+                    error,
+                    data,
+                    framed: false,
+                });
             }
-        },
-        super::udp::connect_backend(flow.target),
-    );
-    let backend = match backend {
-        Ok(b) => b,
-        Err(e) => {
-            let why = format!("backend {} unreachable: {e}", flow.target);
-            flow.stats.backend_failed(&why);
-            // A flow's connection is never framed (protocol.md 7.16).
-            decline(data.ok().map(|d| d.0), false).await;
-            return Err(Unserved {
-                outcome: "backend_unreachable",
-                why,
-            });
-        }
-    };
-    let (data, leftover) = data.map_err(|e| {
-        let why = format!("agent's data connection failed: {e}");
-        flow.stats.data_failed(&why);
-        Unserved {
-            outcome: "data_failed",
-            why,
-        }
-    })?;
-    let (client, gateway_addr) = (flow.arrived.client_addr, flow.arrived.gateway_addr);
-    let header = proxy_header::header_dgram(flow.proxy, client, gateway_addr);
-    let counters = Arc::new(PipeCounters::default());
-    // `a_written` counts payload only: no header to take off.
-    let serving = flow.stats.serving(counters.clone(), 0);
-    let ended = super::udp::relay(
-        data,
-        leftover,
-        backend,
-        header,
-        flow.idle_timeout,
-        &counters,
-    )
-    .await;
-    drop(serving);
-    let bytes = counters.snapshot();
-    let moved = (bytes.a_written, bytes.a_read);
-    match ended {
-        Ok(super::udp::FlowEnd::Idle) => Ok(("idle", moved)),
-        Ok(super::udp::FlowEnd::Closed) => Ok(("closed", moved)),
-        Err(e) => {
-            tracing::debug!(client = %client, "flow ended: {e}");
-            Ok(("error", moved))
+        };
+        let (data, leftover) = data.map_err(|error| Unserved::DataFailed {
+            backend: route.target.clone(),
+            error,
+        })?;
+        let (client, gateway_addr) = (self.arrived.client_addr, self.arrived.gateway_addr);
+        let header = proxy_header::header_dgram(proxy, client, gateway_addr);
+        let counters = Arc::new(PipeCounters::default());
+        // `a_written` counts payload only: no header to take off.
+        let serving = route.stats.serving(counters.clone(), 0);
+        let relay = super::udp::relay(data, leftover, backend, header, idle_timeout, &counters);
+        let end = tracked(serving, &counters, relay).await;
+        let moved = (end.bytes.a_written, end.bytes.a_read);
+        let outcome = match end.result {
+            Ok(super::udp::FlowEnd::Idle) => "idle",
+            Ok(super::udp::FlowEnd::Closed) => "closed",
+            Err(e) => {
+                tracing::debug!(client = %client, "flow ended: {e}");
+                "error"
+            }
+        };
+        let backend = route.target.clone();
+        Ok(Served {
+            outcome,
+            error: None,
+            backend,
+            moved,
+        })
+    }
+
+    /// The one place an unserved client is logged, counted, recorded, reported to the gateway
+    /// (which closes the client on the report, or when its data connection closes without a
+    /// byte) and its data connection closed. `route`: once the backend is known.
+    async fn unserved(&self, unserved: Unserved, route: Option<&Route>) {
+        let (listener, client) = (self.arrived.listener.as_str(), self.arrived.client_addr);
+        let flow = route.is_some_and(|r| r.flow);
+        // The audit record's backend: the one(s) tried, once known.
+        let mut target = None;
+        let (outcome, why, data) = match unserved {
+            Unserved::UnknownListener { data, framed } => {
+                // Not counted: statistics exist only for configured listeners.
+                tracing::warn!(listener, client = %client, "offer for an unknown listener");
+                let why = format!("agent has no listener \"{listener}\"");
+                ("refused", why, Some((data, framed)))
+            }
+            Unserved::NoBackendPort { data, framed } => {
+                let why = format!("no backend port for offset {}", self.arrived.port_offset);
+                ("refused", why, Some((data, framed)))
+            }
+            Unserved::BackendUnreachable {
+                backend,
+                error,
+                data,
+                framed,
+            } => {
+                let why = self.backend_unreachable(&backend, &error, route);
+                target = Some(backend);
+                if flow {
+                    // A flow's connection closes before the report, as it always did.
+                    decline(data, framed).await;
+                    ("backend_unreachable", why, None)
+                } else {
+                    ("backend_unreachable", why, Some((data, framed)))
+                }
+            }
+            Unserved::DataFailed {
+                error: DialError::Refused(e),
+                ..
+            } if !flow && e.code == ErrorCode::UNKNOWN_CLIENT => {
+                // Claimed by another agent it was offered to as well (this one was slow), or
+                // gone: the gateway knows the client's fate; a report would only add noise.
+                tracing::info!(
+                    listener, client = %client, id = self.arrived.id,
+                    "client already taken by another agent or gone; not serving it"
+                );
+                return;
+            }
+            Unserved::DataFailed { backend, error: e } => {
+                if !flow {
+                    self.log_data_failure(&e);
+                }
+                target = Some(backend);
+                let why = format!("agent's data connection failed: {e}");
+                // Without the report the client would wait for its deadline.
+                if let Some(r) = route {
+                    r.stats.data_failed(&why);
+                }
+                ("data_failed", why, None)
+            }
+        };
+        self.record(outcome, Some(&why), target.as_deref(), (0, 0));
+        self.fail(why);
+        if let Some((data, framed)) = data {
+            decline(data, framed).await;
         }
     }
+
+    /// Logs (a TCP client's) and counts an unreachable backend; returns the reason.
+    fn backend_unreachable(
+        &self,
+        target: &str,
+        error: &std::io::Error,
+        route: Option<&Route>,
+    ) -> String {
+        if !route.is_some_and(|r| r.flow) {
+            tracing::warn!(
+                listener = self.arrived.listener.as_str(), client = %self.arrived.client_addr,
+                "backend {target} unreachable: {error}; closing the client"
+            );
+        }
+        let why = format!("backend {target} unreachable: {error}");
+        if let Some(r) = route {
+            r.stats.backend_failed(&why);
+        }
+        why
+    }
+
+    /// Rate-limited: a gateway that answers every data hello with garbage gets a few lines
+    /// and a tally, not one line per offer.
+    fn log_data_failure(&self, e: &DialError) {
+        let hit = self.gateway.limits.data_failures.hit();
+        if hit.log {
+            tracing::warn!(
+                listener = self.arrived.listener.as_str(), client = %self.arrived.client_addr,
+                gateway = %self.gateway.name,
+                "data connection failed: {e}{}", hit.tally()
+            );
+        }
+    }
+
+    /// For the embedded listener: the data connection itself is the application's stream.
+    async fn hand_to_application(&self, pooled: Option<DataParts>) {
+        let arrived = &self.arrived;
+        let Some(local) = &self.ctx.local else {
+            return self.fail("no application accepts this listener's clients".into());
+        };
+        match self.data_connection(pooled).await {
+            Ok((stream, leftover)) => {
+                self.ctx.stats.listener(&arrived.listener).served_locally();
+                let accepted = Accepted {
+                    stream: GatewayStream::new(stream, leftover, arrived.client_addr),
+                    client_addr: arrived.client_addr,
+                    gateway_addr: arrived.gateway_addr,
+                };
+                if local.send(accepted).await.is_err() {
+                    tracing::debug!(client = %arrived.client_addr, "the application stopped accepting");
+                }
+            }
+            Err(DialError::Refused(e)) if e.code == ErrorCode::UNKNOWN_CLIENT => {
+                tracing::info!(client = %arrived.client_addr, id = arrived.id, "client already taken by another agent or gone; not serving it");
+            }
+            Err(e) => {
+                tracing::warn!(client = %arrived.client_addr, "data connection failed: {e}");
+                let why = format!("agent's data connection failed: {e}");
+                self.ctx.stats.listener(&arrived.listener).data_failed(&why);
+                self.fail(why);
+            }
+        }
+    }
+
+    /// The warm-pool connection the client came on, or a new data connection.
+    async fn data_connection(&self, pooled: Option<DataParts>) -> Result<DataParts, DialError> {
+        match pooled {
+            Some(p) => Ok(p),
+            None => open_data_connection(&self.config, &self.gateway, &self.arrived).await,
+        }
+    }
+
+    /// Reports to the gateway that this agent cannot serve the client (it offers it to another
+    /// agent, or closes it), while the control channel is there.
+    fn fail(&self, reason: String) {
+        let _ = self.control.try_send(Message::ClientFailed(ClientFailed {
+            id: self.arrived.id,
+            reason,
+        }));
+    }
+
+    /// The client's one audit record on this agent.
+    fn record(
+        &self,
+        outcome: &'static str,
+        error: Option<&str>,
+        backend: Option<&str>,
+        bytes: (u64, u64),
+    ) {
+        ConnectionEnd {
+            conn: self.arrived.id,
+            site: &self.config.site,
+            listener: &self.arrived.listener,
+            client: self.arrived.client_addr,
+            gateway: self.arrived.gateway_addr,
+            agent: Some(&self.config.name),
+            agent_addr: None,
+            backend,
+            bytes_from_client: bytes.0,
+            bytes_to_client: bytes.1,
+            duration: self.started.elapsed(),
+            outcome,
+            error,
+        }
+        .log(Daemon::Agent)
+    }
+}
+
+/// How a served client ended, for its audit record.
+struct Served {
+    outcome: &'static str,
+    /// The pipe's error (a TCP client's; a flow's end is its outcome).
+    error: Option<String>,
+    /// The backend that served it.
+    backend: String,
+    /// Bytes moved: from the client, to the client.
+    moved: (u64, u64),
 }
 
 /// Ends a data connection whose client this agent does not serve (no such listener now, no
@@ -351,52 +557,6 @@ fn give_back(
     if let Some(reusable) = reusable {
         if let Err((mut stream, _)) = back.send(reusable) {
             stream.try_close_notify();
-        }
-    }
-}
-
-/// For the embedded listener: the data connection itself is the application's stream.
-async fn hand_to_application(
-    ctx: &AgentCtx,
-    config: &AgentConfig,
-    gateway: &Gateway,
-    arrived: &ClientArrived,
-    control: mpsc::Sender<Message>,
-    pooled: Option<(Stream, BytesMut)>,
-) {
-    let fail = |reason: String| {
-        let _ = control.try_send(Message::ClientFailed(ClientFailed {
-            id: arrived.id,
-            reason,
-        }));
-    };
-    let Some(local) = &ctx.local else {
-        return fail("no application accepts this listener's clients".into());
-    };
-    let data = match pooled {
-        Some(p) => Ok(p),
-        None => open_data_connection(config, gateway, arrived).await,
-    };
-    match data {
-        Ok((stream, leftover)) => {
-            ctx.stats.listener(&arrived.listener).served_locally();
-            let accepted = Accepted {
-                stream: GatewayStream::new(stream, leftover, arrived.client_addr),
-                client_addr: arrived.client_addr,
-                gateway_addr: arrived.gateway_addr,
-            };
-            if local.send(accepted).await.is_err() {
-                tracing::debug!(client = %arrived.client_addr, "the application stopped accepting");
-            }
-        }
-        Err(DialError::Refused(e)) if e.code == ErrorCode::UNKNOWN_CLIENT => {
-            tracing::info!(client = %arrived.client_addr, id = arrived.id, "client already taken by another agent or gone; not serving it");
-        }
-        Err(e) => {
-            tracing::warn!(client = %arrived.client_addr, "data connection failed: {e}");
-            let why = format!("agent's data connection failed: {e}");
-            ctx.stats.listener(&arrived.listener).data_failed(&why);
-            fail(why);
         }
     }
 }
