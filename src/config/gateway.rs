@@ -412,82 +412,24 @@ impl GatewayConfig {
         Self::parse(path, &text)
     }
 
-    /// Validates config text; `path` names it in errors and anchors relative paths.
+    /// Validates config text; `path` names it in errors and anchors relative paths. Sections
+    /// are parsed in the file's documented order, so the first error reported is the same
+    /// whichever piece finds it.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let src = Source::new(path, text);
         let raw: RawGateway = src.parse_toml()?;
         let mut cfg = GatewayConfig::default();
-
         if let Some(control) = &raw.control {
-            if let Some(listen) = &control.listen {
-                cfg.control_listen = src.parse_with(listen, "control.listen", |s| {
-                    s.parse::<SocketAddr>().map_err(|_| {
-                        format!("invalid socket address \"{s}\" (e.g. \"0.0.0.0:44500\")")
-                    })
-                })?;
-            }
-            if let Some(tls) = &control.tls {
-                cfg.tls = Some(parse_tls(&src, path, tls)?);
-            }
-            if let Some(data_tls) = control.data_tls {
-                cfg.data_tls = data_tls;
-            }
+            parse_control(&src, path, control, &mut cfg)?;
         }
         if let Some(peers) = &raw.peers {
-            let rules = RawRules {
-                default: peers.default.clone(),
-                except: peers.except.clone(),
-            };
-            cfg.peers = parse_rules(&src, &rules, "peers.")?.0;
-            if let Some(drop) = peers.drop_established {
-                cfg.drop_established = drop;
-            }
+            (cfg.peers, cfg.drop_established) = parse_peers(&src, peers, cfg.drop_established)?;
         }
         if let Some(clients) = &raw.clients {
-            if let Some(bind) = &clients.bind {
-                cfg.client_bind = src.parse_with(bind, "clients.bind", |s| {
-                    s.parse::<IpAddr>()
-                        .map_err(|_| format!("invalid IP address \"{s}\""))
-                })?;
-            }
-            for ip in &clients.allow_ips {
-                cfg.client_ips
-                    .push(src.parse_with(ip, "clients.allow_ips", |s| {
-                        s.parse::<IpAddr>()
-                            .map(crate::access::canonical)
-                            .map_err(|_| format!("invalid IP address \"{s}\""))
-                    })?);
-            }
-            for ports in &clients.ports {
-                cfg.client_ports
-                    .push(src.parse_with(ports, "clients.ports", |s| {
-                        s.parse::<PortRange>().map_err(|e| {
-                            format!(
-                            "invalid port or range \"{s}\": {e} (e.g. \"443\", \"30000-30100\")"
-                        )
-                        })
-                    })?);
-            }
-            for net in &clients.proxy_protocol_from {
-                cfg.proxy_protocol_from.push(src.parse_with(
-                    net,
-                    "clients.proxy_protocol_from",
-                    parse_trusted_net,
-                )?);
-            }
+            parse_clients(&src, clients, &mut cfg)?;
         }
         if let Some(egress) = &raw.egress {
-            for entry in &egress.allow {
-                src.parse_with(entry, "egress.allow", EgressRules::check_entry)?;
-            }
-            cfg.egress = EgressRules::parse(
-                &egress
-                    .allow
-                    .iter()
-                    .map(|a| a.get_ref().as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .map_err(|e| src.error_nowhere(format!("egress.allow: {e}")))?;
+            cfg.egress = parse_egress(&src, egress)?;
         }
         let admin = super::admin::parse_admin(
             &src,
@@ -499,209 +441,301 @@ impl GatewayConfig {
         cfg.admin_listen = admin.listen;
         cfg.admin_token = admin.token;
         if let Some(limits) = &raw.limits {
-            if let Some(v) = &limits.hello_timeout {
-                cfg.limits.hello_timeout = src.duration_within(
-                    v,
-                    "limits.hello_timeout",
-                    Duration::from_millis(100),
-                    Duration::from_secs(300),
-                )?;
-            }
-            if let Some(v) = &limits.first_byte_timeout {
-                cfg.limits.first_byte_timeout = src.duration_within(
-                    v,
-                    "limits.first_byte_timeout",
-                    Duration::from_millis(100),
-                    Duration::from_secs(60),
-                )?;
-            }
-            if let Some(v) = &limits.pending_timeout {
-                cfg.limits.pending_timeout = src.duration_within(
-                    v,
-                    "limits.pending_timeout",
-                    Duration::from_millis(100),
-                    Duration::from_secs(600),
-                )?;
-            }
-            if let Some(v) = &limits.drain_timeout {
-                cfg.limits.drain_timeout = src.duration_within(
-                    v,
-                    "limits.drain_timeout",
-                    Duration::ZERO,
-                    Duration::from_secs(3600),
-                )?;
-            }
-            if let Some(v) = &limits.max_frame {
-                let n = *v.get_ref();
-                if !(MIN_MAX_FRAME as u64..=64 * 1024 * 1024).contains(&n) {
-                    return Err(src.error(
-                        v.span(),
-                        "limits.max_frame",
-                        format!("{n} is outside the allowed {MIN_MAX_FRAME} to 67108864 bytes"),
-                    ));
-                }
-                cfg.limits.max_frame = n as usize;
-            }
-            let ranged = |v: &Option<Spanned<u64>>, name: &str, range: RangeInclusive<u64>| {
-                let Some(v) = v else { return Ok(None) };
-                let n = *v.get_ref();
-                if !range.contains(&n) {
-                    let why = format!(
-                        "{n} is outside the allowed {} to {}",
-                        range.start(),
-                        range.end()
-                    );
-                    return Err(src.error(v.span(), &format!("limits.{name}"), why));
-                }
-                Ok(Some(n))
-            };
-            let l = &mut cfg.limits;
-            if let Some(n) = ranged(
-                &limits.data_reuse_clients,
-                "data_reuse_clients",
-                1..=1 << 32,
-            )? {
-                l.data_reuse_clients = n;
-            }
-            if let Some(n) = ranged(&limits.data_reuse_bytes, "data_reuse_bytes", 1..=1 << 50)? {
-                l.data_reuse_bytes = n;
-            }
-            let count = |v: &Option<Spanned<u64>>,
-                         name: &str,
-                         slot: &mut usize|
-             -> Result<(), ConfigError> {
-                if let Some(v) = v {
-                    let n = *v.get_ref();
-                    if !(1..=1_000_000).contains(&n) {
-                        return Err(src.error(
-                            v.span(),
-                            &format!("limits.{name}"),
-                            format!("{n} is outside the allowed 1 to 1000000"),
-                        ));
-                    }
-                    *slot = n as usize;
-                }
-                Ok(())
-            };
-            let l = &mut cfg.limits;
-            count(&limits.max_pending, "max_pending", &mut l.max_pending)?;
-            count(
-                &limits.max_pending_per_listener,
-                "max_pending_per_listener",
-                &mut l.max_pending_per_listener,
-            )?;
-            count(
-                &limits.max_udp_flows_per_listener,
-                "max_udp_flows_per_listener",
-                &mut l.max_udp_flows_per_listener,
-            )?;
-            if let Some(v) = &limits.max_datagram {
-                let n = *v.get_ref();
-                if !(512..=datagram::MAX_PAYLOAD as u64).contains(&n) {
-                    return Err(src.error(
-                        v.span(),
-                        "limits.max_datagram",
-                        format!(
-                            "{n} is outside the allowed 512 to {}",
-                            datagram::MAX_PAYLOAD
-                        ),
-                    ));
-                }
-                l.max_datagram = n as usize;
-            }
-            count(
-                &limits.max_connections,
-                "max_connections",
-                &mut l.max_connections,
-            )?;
-            count(
-                &limits.max_connections_per_ip,
-                "max_connections_per_ip",
-                &mut l.max_connections_per_ip,
-            )?;
-            count(
-                &limits.max_handshakes,
-                "max_handshakes",
-                &mut l.max_handshakes,
-            )?;
-            count(
-                &limits.max_handshakes_per_ip,
-                "max_handshakes_per_ip",
-                &mut l.max_handshakes_per_ip,
-            )?;
-            count(&limits.max_sites, "max_sites", &mut l.max_sites)?;
-            count(&limits.max_outbound, "max_outbound", &mut l.max_outbound)?;
-            let mut ports = 0;
-            if limits.max_listen_ports.is_some() {
-                count(&limits.max_listen_ports, "max_listen_ports", &mut ports)?;
-                l.max_listen_ports = Some(ports);
-            }
-            if limits.max_listen_ports_per_site.is_some() {
-                count(
-                    &limits.max_listen_ports_per_site,
-                    "max_listen_ports_per_site",
-                    &mut ports,
-                )?;
-                l.max_listen_ports_per_site = Some(ports);
-            }
+            parse_limit_timeouts(&src, limits, &mut cfg.limits)?;
+            parse_limit_sizes(&src, limits, &mut cfg.limits)?;
+            parse_limit_counts(&src, limits, &mut cfg.limits)?;
         }
-        // Who may reach the control port is the gateway's first line of defence: it must be
-        // written down. `default = "allow"` still works, but only when written, and it warns.
-        match &raw.peers {
-            None => {
-                return Err(src.error_nowhere(
-                    "no [peers] section: say which addresses may open control connections, \
-                     e.g. [peers] default = \"deny\" with except = [\"10.0.0.20\"] (your agents), \
-                     or write default = \"allow\" to let every address try",
-                ))
-            }
-            Some(peers) if peers.default.is_none() => {
-                return Err(src.error_nowhere(
-                    "peers.default is required: \"deny\" (with your agents' addresses in except) \
-                     or \"allow\"",
-                ))
-            }
-            Some(_) => {
-                if cfg.peers.default == Policy::Allow {
-                    cfg.notices.push(format!(
-                        "[peers] default = \"allow\": every address{} may open control connections; \
-                         prefer default = \"deny\" with your agents' addresses",
-                        if cfg.peers.except.is_empty() {
-                            ""
-                        } else {
-                            " outside the exceptions"
-                        }
-                    ));
-                }
-            }
-        }
+        require_peers(&src, raw.peers.as_ref())?;
         cfg.limits.first_byte_timeout = cfg.limits.first_byte_timeout.min(cfg.limits.hello_timeout);
-        if cfg.tls.is_none() {
-            cfg.notices.push(
+        let notices = cfg.notices_of_choices();
+        cfg.notices.extend(notices);
+        Ok(cfg)
+    }
+
+    /// What the configuration chose that an operator should hear about at start: an open
+    /// `[peers]`, plaintext, optional site binding, a certificate near its expiry.
+    fn notices_of_choices(&self) -> Vec<String> {
+        let mut notices = Vec::new();
+        if self.peers.default == Policy::Allow {
+            notices.push(format!(
+                "[peers] default = \"allow\": every address{} may open control connections; \
+                 prefer default = \"deny\" with your agents' addresses",
+                if self.peers.except.is_empty() {
+                    ""
+                } else {
+                    " outside the exceptions"
+                }
+            ));
+        }
+        let Some(tls) = &self.tls else {
+            notices.push(
                 "no [control] tls configured: control and data connections run in PLAINTEXT and agents are not authenticated".into(),
             );
-        } else if cfg.tls.as_ref().map(|t| t.site_binding) == Some(SiteBinding::Optional) {
-            cfg.notices.push(
+            return notices;
+        };
+        if tls.site_binding == SiteBinding::Optional {
+            notices.push(
                 "[control] tls.site_binding = \"optional\": agent certificates bound to no site may serve any site; set it to \"required\" once every agent has a certificate from `sallyport cert issue --site`".into(),
             );
         }
-        if let Some(tls) = &cfg.tls {
-            let left = tls.identity.seconds_left(std::time::SystemTime::now());
-            if crate::certinfo::expiry_warns(left) {
-                cfg.notices.push(format!(
-                    "the gateway certificate {} {}: renew it (sallyport cert renew --gateway NAME) and reload",
-                    tls.cert.display(),
-                    crate::certinfo::describe_expiry(left)
-                ));
-            }
+        let left = tls.identity.seconds_left(std::time::SystemTime::now());
+        if crate::certinfo::expiry_warns(left) {
+            notices.push(format!(
+                "the gateway certificate {} {}: renew it (sallyport cert renew --gateway NAME) and reload",
+                tls.cert.display(),
+                crate::certinfo::describe_expiry(left)
+            ));
         }
-        if cfg.tls.is_some() && !cfg.data_tls {
-            cfg.notices.push(
+        if !self.data_tls {
+            notices.push(
                 "[control] data_tls = false: data connections run in plaintext (the control channel stays encrypted)".into(),
             );
         }
-        Ok(cfg)
+        notices
     }
+}
+
+/// `[control]`: the listen address, TLS (files loaded here) and `data_tls`.
+fn parse_control(
+    src: &Source<'_>,
+    path: &Path,
+    control: &RawControl,
+    cfg: &mut GatewayConfig,
+) -> Result<(), ConfigError> {
+    if let Some(listen) = &control.listen {
+        cfg.control_listen = src.parse_with(listen, "control.listen", |s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| format!("invalid socket address \"{s}\" (e.g. \"0.0.0.0:44500\")"))
+        })?;
+    }
+    if let Some(tls) = &control.tls {
+        cfg.tls = Some(parse_tls(src, path, tls)?);
+    }
+    if let Some(data_tls) = control.data_tls {
+        cfg.data_tls = data_tls;
+    }
+    Ok(())
+}
+
+/// `[peers]`: who may open control connections, and whether revoking a connected agent's
+/// address closes its established connections (`drop_established`, else `dropping`).
+fn parse_peers(
+    src: &Source<'_>,
+    peers: &RawPeers,
+    dropping: bool,
+) -> Result<(AccessRules, bool), ConfigError> {
+    let rules = RawRules {
+        default: peers.default.clone(),
+        except: peers.except.clone(),
+    };
+    let rules = parse_rules(src, &rules, "peers.")?.0;
+    Ok((rules, peers.drop_established.unwrap_or(dropping)))
+}
+
+/// Who may reach the control port is the gateway's first line of defence: it must be written
+/// down. `default = "allow"` still works, but only when written (and it warns).
+fn require_peers(src: &Source<'_>, peers: Option<&RawPeers>) -> Result<(), ConfigError> {
+    match peers {
+        None => Err(src.error_nowhere(
+            "no [peers] section: say which addresses may open control connections, \
+             e.g. [peers] default = \"deny\" with except = [\"10.0.0.20\"] (your agents), \
+             or write default = \"allow\" to let every address try",
+        )),
+        Some(peers) if peers.default.is_none() => Err(src.error_nowhere(
+            "peers.default is required: \"deny\" (with your agents' addresses in except) \
+             or \"allow\"",
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// `[clients]`: where agents' listeners bind, which IPs and ports they may ask for, and the
+/// front balancers whose connections start with a PROXY header.
+fn parse_clients(
+    src: &Source<'_>,
+    clients: &RawClients,
+    cfg: &mut GatewayConfig,
+) -> Result<(), ConfigError> {
+    let ip = |s: &str| {
+        s.parse::<IpAddr>()
+            .map_err(|_| format!("invalid IP address \"{s}\""))
+    };
+    if let Some(bind) = &clients.bind {
+        cfg.client_bind = src.parse_with(bind, "clients.bind", ip)?;
+    }
+    for allowed in &clients.allow_ips {
+        let allowed = src.parse_with(allowed, "clients.allow_ips", ip)?;
+        cfg.client_ips.push(crate::access::canonical(allowed));
+    }
+    for ports in &clients.ports {
+        cfg.client_ports
+            .push(src.parse_with(ports, "clients.ports", |s| {
+                s.parse::<PortRange>().map_err(|e| {
+                    format!("invalid port or range \"{s}\": {e} (e.g. \"443\", \"30000-30100\")")
+                })
+            })?);
+    }
+    for net in &clients.proxy_protocol_from {
+        let trusted = src.parse_with(net, "clients.proxy_protocol_from", parse_trusted_net)?;
+        cfg.proxy_protocol_from.push(trusted);
+    }
+    Ok(())
+}
+
+/// `[egress]`: the destinations agents' outbound connections may reach, each checked at its
+/// line.
+fn parse_egress(src: &Source<'_>, egress: &RawEgress) -> Result<EgressRules, ConfigError> {
+    for entry in &egress.allow {
+        src.parse_with(entry, "egress.allow", EgressRules::check_entry)?;
+    }
+    let allow: Vec<&str> = egress.allow.iter().map(|a| a.get_ref().as_str()).collect();
+    EgressRules::parse(&allow).map_err(|e| src.error_nowhere(format!("egress.allow: {e}")))
+}
+
+/// `[limits]`' timeouts, each within its bounds.
+fn parse_limit_timeouts(
+    src: &Source<'_>,
+    raw: &RawLimits,
+    l: &mut Limits,
+) -> Result<(), ConfigError> {
+    let (ms, s) = (Duration::from_millis, Duration::from_secs);
+    let timeouts = [
+        (
+            &raw.hello_timeout,
+            "hello_timeout",
+            ms(100),
+            s(300),
+            &mut l.hello_timeout,
+        ),
+        (
+            &raw.first_byte_timeout,
+            "first_byte_timeout",
+            ms(100),
+            s(60),
+            &mut l.first_byte_timeout,
+        ),
+        (
+            &raw.pending_timeout,
+            "pending_timeout",
+            ms(100),
+            s(600),
+            &mut l.pending_timeout,
+        ),
+        (
+            &raw.drain_timeout,
+            "drain_timeout",
+            Duration::ZERO,
+            s(3600),
+            &mut l.drain_timeout,
+        ),
+    ];
+    for (value, name, min, max, slot) in timeouts {
+        if let Some(v) = value {
+            *slot = src.duration_within(v, &format!("limits.{name}"), min, max)?;
+        }
+    }
+    Ok(())
+}
+
+/// The value of `limits.{name}` when it is set, if `range` holds it.
+fn ranged(
+    src: &Source<'_>,
+    value: &Option<Spanned<u64>>,
+    name: &str,
+    range: RangeInclusive<u64>,
+) -> Result<Option<u64>, ConfigError> {
+    let Some(v) = value else { return Ok(None) };
+    let n = *v.get_ref();
+    if !range.contains(&n) {
+        let why = format!(
+            "{n} is outside the allowed {} to {}",
+            range.start(),
+            range.end()
+        );
+        return Err(src.error(v.span(), &format!("limits.{name}"), why));
+    }
+    Ok(Some(n))
+}
+
+/// `[limits]`' byte sizes: the largest frame, and how much one reused data connection carries.
+fn parse_limit_sizes(src: &Source<'_>, raw: &RawLimits, l: &mut Limits) -> Result<(), ConfigError> {
+    if let Some(v) = &raw.max_frame {
+        let n = *v.get_ref();
+        if !(MIN_MAX_FRAME as u64..=64 * 1024 * 1024).contains(&n) {
+            return Err(src.error(
+                v.span(),
+                "limits.max_frame",
+                format!("{n} is outside the allowed {MIN_MAX_FRAME} to 67108864 bytes"),
+            ));
+        }
+        l.max_frame = n as usize;
+    }
+    let clients = ranged(
+        src,
+        &raw.data_reuse_clients,
+        "data_reuse_clients",
+        1..=1 << 32,
+    )?;
+    if let Some(n) = clients {
+        l.data_reuse_clients = n;
+    }
+    if let Some(n) = ranged(src, &raw.data_reuse_bytes, "data_reuse_bytes", 1..=1 << 50)? {
+        l.data_reuse_bytes = n;
+    }
+    Ok(())
+}
+
+/// `[limits]`' counts (1 to 1,000,000 each) and the largest datagram.
+fn parse_limit_counts(
+    src: &Source<'_>,
+    raw: &RawLimits,
+    l: &mut Limits,
+) -> Result<(), ConfigError> {
+    let count = |v: &Option<Spanned<u64>>, name: &str| -> Result<Option<usize>, ConfigError> {
+        Ok(ranged(src, v, name, 1..=1_000_000)?.map(|n| n as usize))
+    };
+    let set = |slot: &mut usize, n: Option<usize>| {
+        if let Some(n) = n {
+            *slot = n;
+        }
+    };
+    set(&mut l.max_pending, count(&raw.max_pending, "max_pending")?);
+    let per_listener = count(&raw.max_pending_per_listener, "max_pending_per_listener")?;
+    set(&mut l.max_pending_per_listener, per_listener);
+    let flows = count(
+        &raw.max_udp_flows_per_listener,
+        "max_udp_flows_per_listener",
+    )?;
+    set(&mut l.max_udp_flows_per_listener, flows);
+    let largest = datagram::MAX_PAYLOAD as u64;
+    if let Some(n) = ranged(src, &raw.max_datagram, "max_datagram", 512..=largest)? {
+        l.max_datagram = n as usize;
+    }
+    set(
+        &mut l.max_connections,
+        count(&raw.max_connections, "max_connections")?,
+    );
+    let per_ip = count(&raw.max_connections_per_ip, "max_connections_per_ip")?;
+    set(&mut l.max_connections_per_ip, per_ip);
+    set(
+        &mut l.max_handshakes,
+        count(&raw.max_handshakes, "max_handshakes")?,
+    );
+    let per_ip = count(&raw.max_handshakes_per_ip, "max_handshakes_per_ip")?;
+    set(&mut l.max_handshakes_per_ip, per_ip);
+    set(&mut l.max_sites, count(&raw.max_sites, "max_sites")?);
+    set(
+        &mut l.max_outbound,
+        count(&raw.max_outbound, "max_outbound")?,
+    );
+    if let Some(n) = count(&raw.max_listen_ports, "max_listen_ports")? {
+        l.max_listen_ports = Some(n);
+    }
+    let per_site = count(&raw.max_listen_ports_per_site, "max_listen_ports_per_site")?;
+    if let Some(n) = per_site {
+        l.max_listen_ports_per_site = Some(n);
+    }
+    Ok(())
 }
 
 /// `[control] tls`: loads the files, so a file that does not work is an error at its line.
@@ -841,128 +875,7 @@ pub(super) fn traced_keys() -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
 
-    fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
-        GatewayConfig::parse(Path::new("gateway.toml"), text)
-    }
-
-    #[test]
-    fn design_example_parses() {
-        let cfg = parse(
-            r#"
-[control]
-listen = "0.0.0.0:44500"
-
-[peers]
-default = "allow"
-except = ["10.0.0.*", "10.1.0.0/16", "10.2.0.10-10.2.0.20", "fd00::/8"]
-
-[clients]
-bind = "0.0.0.0"
-
-[egress]
-allow = ["sftp.partner.example:22", "203.0.113.0/24:443"]
-
-[admin]
-listen = "127.0.0.1:9090"
-"#,
-        )
-        .unwrap();
-        assert_eq!(cfg.control_listen, "0.0.0.0:44500".parse().unwrap());
-        assert!(!cfg.peers.allows("10.0.0.3".parse().unwrap()));
-        assert!(cfg.peers.allows("10.3.0.3".parse().unwrap()));
-        assert!(cfg.tls.is_none());
-        assert_eq!(cfg.egress.len(), 2);
-        assert!(cfg.egress.allows_name("sftp.partner.example", 22));
-    }
-
-    #[test]
-    fn agents_bind_only_where_the_owner_allows() {
-        let cfg = parse(
-            "[peers]\ndefault = \"allow\"\n[clients]\nbind = \"127.0.0.10\"\nallow_ips = [\"127.0.0.11\"]\nports = [\"2222\", \"30000-30100\"]\n",
-        )
-        .unwrap();
-        let ok = |s: &str| cfg.check_public(&s.parse().unwrap());
-        assert!(ok("2222").is_ok());
-        assert!(ok("127.0.0.10:30000-30100").is_ok());
-        assert!(ok("127.0.0.11:30050").is_ok());
-        let e = ok("127.0.0.1:2222").unwrap_err();
-        assert!(e.contains("127.0.0.1 is not an address"), "{e}");
-        assert!(ok("0.0.0.0:2222").is_err());
-        let e = ok("81").unwrap_err();
-        assert!(e.contains("port 81 is outside"), "{e}");
-        assert!(ok("30090-30101").is_err());
-    }
-
-    #[test]
-    fn peers_must_be_written() {
-        let err = parse("").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("gateway.toml: no [peers] section"),
-            "{err}"
-        );
-        let err = parse("[peers]\nexcept = [\"10.0.0.1\"]\n").unwrap_err();
-        assert!(
-            err.to_string().contains("peers.default is required"),
-            "{err}"
-        );
-        let cfg = parse("[peers]\ndefault = \"allow\"\n").unwrap();
-        assert!(cfg
-            .notices
-            .iter()
-            .any(|n| n.contains("[peers] default = \"allow\"")));
-        let cfg = parse("[peers]\ndefault = \"deny\"\nexcept = [\"10.0.0.1\"]\n").unwrap();
-        assert!(!cfg.notices.iter().any(|n| n.contains("[peers]")));
-    }
-
-    #[test]
-    fn empty_file_means_defaults() {
-        let cfg = parse("[peers]\ndefault = \"allow\"\n").unwrap();
-        assert_eq!(cfg.control_listen.port(), DEFAULT_CONTROL_PORT);
-        assert_eq!(cfg.limits, Limits::default());
-    }
-
-    #[test]
-    fn errors_name_line_and_field() {
-        let err = parse("[control]\nlisten = \"44500\"\n").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "gateway.toml:2: control.listen: invalid socket address \"44500\" (e.g. \"0.0.0.0:44500\")"
-        );
-        let err = parse("[peers]\nexcept = [\n  \"10.0.0.1\",\n  \"10.0.*.1\",\n]\n").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("gateway.toml:4: peers.except: invalid wildcard"),
-            "{err}"
-        );
-        let err = parse("[limits]\npending_timeout = \"forever\"\n").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("gateway.toml:2: limits.pending_timeout: invalid duration"),
-            "{err}"
-        );
-        let err =
-            parse("[control]\ntls = { cert = \"nope.crt\", key = \"k\", client_ca = \"c\" }\n")
-                .unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("gateway.toml:2: control.tls: cannot read"),
-            "{err}"
-        );
-        let err = parse("[limits]\nmax_connections = 0\n").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("gateway.toml:2: limits.max_connections: 0 is outside"),
-            "{err}"
-        );
-        let err = parse("[control]\nlisen = \"x\"\n").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("gateway.toml:2: unknown field `lisen`"),
-            "{err}"
-        );
-    }
-}
+#[cfg(test)]
+mod piece_tests;
