@@ -1,4 +1,7 @@
-//! `sallyport status`: the admin API's status and statistics as terminal tables.
+//! `sallyport status`: the admin API's status and statistics as terminal tables. Both daemons'
+//! answers are read into the types their admin APIs serialise (the gateway's `StatusView` and
+//! `StatsView`, the agent's `StatusReport` and `StatsReport`), never by string keys; an answer
+//! this version cannot read is an error that says so.
 
 use std::collections::{HashMap, HashSet};
 
@@ -6,8 +9,13 @@ use serde_json::Value;
 
 use crate::admin::client;
 use crate::agent::report::{self, Light, ListenerStatsReport, StatsReport, StatusReport};
+use crate::certinfo::CertView;
 use crate::escape::escape;
 use crate::gateway::outbound::OUTBOUND_LISTENER;
+use crate::gateway::stats::TrafficSnapshot;
+use crate::gateway::{
+    AgentView, ListenerStatsView, ListenerView, RevokedView, RouteView, StatsView, StatusView,
+};
 
 /// `1.5 MB`, `12 KB`, `512 B`.
 pub fn human_bytes(n: f64) -> String {
@@ -61,84 +69,88 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
+/// A name, error or address for the terminal. They come from agents (or from whoever answers
+/// on the admin port): control characters are escaped, never printed.
+fn s(v: impl std::fmt::Display) -> String {
+    escape(&v.to_string())
 }
 
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(0.0)
-}
-
-/// A value for the terminal. Names, errors and addresses come from agents (or from whoever
-/// answers on the admin port): control characters are escaped, never printed.
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => escape(s),
-        Value::Null => "-".into(),
-        other => escape(&other.to_string()),
-    }
-}
-
-/// One row of the listener table: its name, where it listens, its state and its counters.
-fn listener_row(key: &(String, String), public: String, state: String, st: &Value) -> Vec<String> {
+/// One row of the listener table: its name, where it listens, its state and its counters
+/// (zeros when it has none yet).
+fn listener_row(
+    key: &(String, String),
+    public: String,
+    state: String,
+    st: Option<&TrafficSnapshot>,
+) -> Vec<String> {
+    let n = |f: fn(&TrafficSnapshot) -> u64| st.map_or(0, f).to_string();
+    let bytes = st.map(|t| t.bytes).unwrap_or_default();
     vec![
         key.0.clone(),
         key.1.clone(),
         public,
         state,
-        u(&st["active"]).to_string(),
-        u(&st["pending"]).to_string(),
-        u(&st["accepted"]).to_string(),
-        u(&st["rejected"]).to_string(),
-        u(&st["closed"]).to_string(),
+        n(|t| t.active),
+        n(|t| t.pending),
+        n(|t| t.accepted),
+        n(|t| t.rejected),
+        n(|t| t.closed),
         format!(
             "{} / {}",
-            human_bytes(f(&st["bytes"]["client_read"])),
-            human_bytes(f(&st["bytes"]["client_written"]))
+            human_bytes(bytes.client_read as f64),
+            human_bytes(bytes.client_written as f64)
         ),
     ]
 }
 
-/// "expires in 400 day(s)" for a certificate in the status JSON; "-" without one.
-fn cert_cell(cert: &Value) -> String {
-    match cert["expires_in_seconds"].as_i64() {
-        Some(left) => crate::certinfo::describe_expiry(left),
+/// "expires in 400 day(s)" for a certificate in the status; "-" without one.
+fn cert_cell(cert: Option<&CertView>) -> String {
+    match cert {
+        Some(c) => crate::certinfo::describe_expiry(c.expires_in_seconds),
         None => "-".to_string(),
     }
 }
 
 /// One line about a certificate, a WARNING within 30 days of its expiry; empty without one.
-fn cert_line(what: &str, cert: &Value) -> String {
-    if cert.is_null() {
+fn cert_line(what: &str, cert: Option<&CertView>) -> String {
+    let Some(c) = cert else {
         return String::new();
-    }
-    match cert["warning"].as_str() {
+    };
+    match &c.warning {
         Some(w) => format!("  WARNING: {what}: {}\n", escape(w)),
         None => format!(
             "  {what} \"{}\": {}\n",
-            escape(&s(&cert["subject"])),
+            escape(&s(&c.subject)),
             cert_cell(cert)
         ),
     }
 }
 
+/// The lowercase word the API uses for a state (`running`, `listening`, ...).
+fn word(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(w)) => w,
+        _ => "-".to_string(),
+    }
+}
+
 /// Renders the gateway's status and stats documents as the `status` command prints them, one
 /// section after the other.
-pub fn render(status: &Value, stats: &Value) -> String {
+pub fn render(status: &StatusView, stats: &StatsView) -> String {
     let mut out = String::new();
     out.push_str(&gateway_header(status));
-    out.push_str(&agents_section(status));
-    out.push_str(&revoked_section(status));
-    out.push_str(&listeners_section(status, stats));
-    out.push_str(&routes_section(status));
+    out.push_str(&agents_section(&status.agents));
+    out.push_str(&revoked_section(&status.revoked));
+    out.push_str(&listeners_section(&status.listeners, &stats.listeners));
+    out.push_str(&routes_section(&status.routes));
     out.push_str(&totals_section(stats));
     out
 }
 
 /// The first lines: version, state, uptime, control port, the gateway's certificate.
-fn gateway_header(status: &Value) -> String {
+fn gateway_header(status: &StatusView) -> String {
     let mut out = String::new();
-    let light = s(&status["light"]);
+    let light = s(&status.light);
     let mark = match light.as_str() {
         "green" => "●",
         "amber" => "◐",
@@ -146,135 +158,126 @@ fn gateway_header(status: &Value) -> String {
     };
     out.push_str(&format!(
         "Sallyport gateway {}   {mark} {} ({light})   up {}   control {} ({})\n",
-        s(&status["version"]),
-        s(&status["state"]).to_uppercase(),
-        human_duration(u(&status["uptime_seconds"])),
-        s(&status["control"]["listen"]),
-        if status["control"]["tls"].as_bool() == Some(true) {
+        s(&status.version),
+        word(&status.state).to_uppercase(),
+        human_duration(status.uptime_seconds),
+        s(status.control.listen),
+        if status.control.tls {
             "mutual TLS"
         } else {
             "PLAINTEXT"
         },
     ));
-
     out.push_str(&cert_line(
         "gateway certificate",
-        &status["control"]["cert"],
+        status.control.cert.as_ref(),
     ));
     out
 }
 
 /// The connected agents, with a WARNING line per certificate near its expiry.
-fn agents_section(status: &Value) -> String {
+fn agents_section(agents: &[AgentView]) -> String {
     let mut out = String::new();
-    let agents = status["agents"].as_array().cloned().unwrap_or_default();
     out.push_str(&format!("\nAgents ({})\n", agents.len()));
     if agents.is_empty() {
         out.push_str("  none connected: listeners are closed until an agent connects\n");
-    } else {
-        let rows: Vec<Vec<String>> = agents
-            .iter()
-            .map(|a| {
-                vec![
-                    s(&a["site"]),
-                    s(&a["name"]),
-                    s(&a["addr"]),
-                    human_duration(u(&a["connected_seconds"])),
-                    u(&a["inflight"]).to_string(),
-                    cert_cell(&a["cert"]),
-                ]
-            })
-            .collect();
-        out.push_str(&table(
-            &[
-                "SITE",
-                "AGENT",
-                "ADDRESS",
-                "CONNECTED",
-                "OFFERED",
-                "CERTIFICATE",
-            ],
-            &rows,
-        ));
-        for a in &agents {
-            if let Some(w) = a["cert"]["warning"].as_str() {
-                out.push_str(&format!(
-                    "  WARNING: agent {}: {}\n",
-                    s(&a["name"]),
-                    escape(w)
-                ));
-            }
+        return out;
+    }
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                s(&a.site),
+                s(&a.name),
+                s(a.addr),
+                human_duration(a.connected_seconds),
+                a.inflight.to_string(),
+                cert_cell(a.cert.as_ref()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "SITE",
+            "AGENT",
+            "ADDRESS",
+            "CONNECTED",
+            "OFFERED",
+            "CERTIFICATE",
+        ],
+        &rows,
+    ));
+    for a in agents {
+        if let Some(w) = a.cert.as_ref().and_then(|c| c.warning.as_ref()) {
+            out.push_str(&format!("  WARNING: agent {}: {}\n", s(&a.name), escape(w)));
         }
     }
     out
 }
 
 /// Agents revoked by `[peers]` and what became of their connections (nothing when none).
-fn revoked_section(status: &Value) -> String {
+fn revoked_section(revoked: &[RevokedView]) -> String {
     let mut out = String::new();
-    let revoked = status["revoked"].as_array().cloned().unwrap_or_default();
-    if !revoked.is_empty() {
-        out.push_str(&format!("\nRevoked by [peers] ({})\n", revoked.len()));
-        let rows: Vec<Vec<String>> = revoked
-            .iter()
-            .map(|r| {
-                let established = if r["established_closed"] == true {
-                    "closed"
-                } else {
-                    "left to finish"
-                };
-                vec![
-                    s(&r["site"]),
-                    s(&r["agent"]),
-                    s(&r["addr"]),
-                    s(&r["reason"]),
-                    format!(
-                        "{} pooled, {} established ({established})",
-                        u(&r["pooled"]),
-                        u(&r["established"])
-                    ),
-                ]
-            })
-            .collect();
-        out.push_str(&table(
-            &["SITE", "AGENT", "ADDRESS", "WHY", "CONNECTIONS"],
-            &rows,
-        ));
+    if revoked.is_empty() {
+        return out;
     }
+    out.push_str(&format!("\nRevoked by [peers] ({})\n", revoked.len()));
+    let rows: Vec<Vec<String>> = revoked
+        .iter()
+        .map(|r| {
+            let established = if r.established_closed {
+                "closed"
+            } else {
+                "left to finish"
+            };
+            vec![
+                s(&r.site),
+                s(&r.agent),
+                s(r.addr),
+                s(&r.reason),
+                format!(
+                    "{} pooled, {} established ({established})",
+                    r.pooled, r.established
+                ),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["SITE", "AGENT", "ADDRESS", "WHY", "CONNECTIONS"],
+        &rows,
+    ));
     out
 }
 
 /// Every listener with its counters, then counters without a pushed listener (outbound traffic, listeners no longer pushed), so the table adds up to the totals.
-fn listeners_section(status: &Value, stats: &Value) -> String {
+fn listeners_section(listeners: &[ListenerView], per: &[ListenerStatsView]) -> String {
     let mut out = String::new();
-    let listeners = status["listeners"].as_array().cloned().unwrap_or_default();
-    let per = stats["listeners"].as_array().cloned().unwrap_or_default();
-    let counters: HashMap<(String, String), &Value> = per
+    let key = |site: &str, name: &str| (s(site), s(name));
+    let counters: HashMap<(String, String), &TrafficSnapshot> = per
         .iter()
-        .map(|p| ((s(&p["site"]), s(&p["name"])), p))
+        .map(|p| (key(&p.site, &p.name), &p.traffic))
         .collect();
     let mut shown = HashSet::new();
     let mut rows: Vec<Vec<String>> = Vec::new();
-    for l in &listeners {
-        let key = (s(&l["site"]), s(&l["name"]));
-        let st = counters.get(&key).copied().unwrap_or(&Value::Null);
-        let mut state = s(&l["state"]);
-        if let Some(e) = l["error"].as_str() {
+    for l in listeners {
+        let key = key(&l.site, &l.name);
+        let st = counters.get(&key).copied();
+        let mut state = word(&l.state);
+        if let Some(e) = &l.error {
             state = format!("{state}: {e}");
         }
-        let addrs = l["addrs"].as_array().cloned().unwrap_or_default();
-        let public = match addrs.len() {
-            0 => s(&l["public"]),
-            1 => s(&addrs[0]),
-            n => format!("{} (+{} ports)", s(&addrs[0]), n - 1),
+        let public = match l.addrs.len() {
+            0 => s(&l.public),
+            1 => s(l.addrs[0]),
+            n => format!("{} (+{} ports)", s(l.addrs[0]), n - 1),
         };
         rows.push(listener_row(&key, public, state, st));
         shown.insert(key);
     }
     // Counters without a pushed listener: the agents' outbound proxy traffic, and listeners no
     // longer pushed. Without these rows the table would not add up to the totals below.
-    for p in &per {
-        let key = (s(&p["site"]), s(&p["name"]));
+    for p in per {
+        let key = key(&p.site, &p.name);
         if shown.contains(&key) {
             continue;
         }
@@ -283,7 +286,12 @@ fn listeners_section(status: &Value, stats: &Value) -> String {
         } else {
             "not pushed"
         };
-        rows.push(listener_row(&key, "-".into(), state.into(), p));
+        rows.push(listener_row(
+            &key,
+            "-".into(),
+            state.into(),
+            Some(&p.traffic),
+        ));
     }
     out.push_str(&format!("\nListeners ({})\n", rows.len()));
     if !rows.is_empty() {
@@ -307,18 +315,12 @@ fn listeners_section(status: &Value, stats: &Value) -> String {
 }
 
 /// The routes of ports shared by host name (nothing when none).
-fn routes_section(status: &Value) -> String {
+fn routes_section(routes: &[RouteView]) -> String {
     let mut out = String::new();
-    let routes = status["routes"].as_array().cloned().unwrap_or_default();
     if !routes.is_empty() {
         let rows: Vec<Vec<String>> = routes
             .iter()
-            .map(|r| {
-                ["addr", "hostname", "site", "listener"]
-                    .iter()
-                    .map(|k| s(&r[*k]))
-                    .collect()
-            })
+            .map(|r| vec![s(r.addr), s(&r.hostname), s(&r.site), s(&r.listener)])
             .collect();
         out.push_str(&format!("\nRoutes by host name ({})\n", rows.len()));
         out.push_str(&table(&["PORT", "HOST NAME", "SITE", "LISTENER"], &rows));
@@ -327,43 +329,38 @@ fn routes_section(status: &Value) -> String {
 }
 
 /// Client totals, bytes and rates, and the refusals that happened.
-fn totals_section(stats: &Value) -> String {
+fn totals_section(stats: &StatsView) -> String {
     let mut out = String::new();
-    let t = &stats["totals"];
+    let t = &stats.totals;
     out.push_str(&format!(
         "\nClients: {} active, {} pending, {} accepted, {} rejected, {} closed\n",
-        u(&t["active"]),
-        u(&t["pending"]),
-        u(&t["accepted"]),
-        u(&t["rejected"]),
-        u(&t["closed"])
+        t.active, t.pending, t.accepted, t.rejected, t.closed
     ));
+    let (b, r) = (&t.bytes, &t.rates);
     let rows: Vec<Vec<String>> = [
-        ("client read", "client_read"),
-        ("client written", "client_written"),
-        ("agent read", "agent_read"),
-        ("agent written", "agent_written"),
+        ("client read", b.client_read, r.client_read),
+        ("client written", b.client_written, r.client_written),
+        ("agent read", b.agent_read, r.agent_read),
+        ("agent written", b.agent_written, r.agent_written),
     ]
     .iter()
-    .map(|(label, key)| {
+    .map(|(label, total, rate)| {
         vec![
             label.to_string(),
-            human_bytes(f(&t["bytes"][key])),
-            format!("{}/s", human_bytes(f(&t["rates"][key]))),
+            human_bytes(*total as f64),
+            format!("{}/s", human_bytes(*rate)),
         ]
     })
     .collect();
     out.push_str(&table(&["BYTES", "TOTAL", "RATE"], &rows));
-
-    if let Some(refusals) = stats["refusals"].as_object() {
-        let nonzero: Vec<String> = refusals
-            .iter()
-            .filter(|(_, v)| u(v) > 0)
-            .map(|(k, v)| format!("{} {}", escape(k), u(v)))
-            .collect();
-        if !nonzero.is_empty() {
-            out.push_str(&format!("\nRefused: {}\n", nonzero.join(", ")));
-        }
+    let nonzero: Vec<String> = stats
+        .refusals
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{} {n}", escape(k)))
+        .collect();
+    if !nonzero.is_empty() {
+        out.push_str(&format!("\nRefused: {}\n", nonzero.join(", ")));
     }
     out
 }
@@ -405,10 +402,7 @@ fn agent_header(status: &StatusReport) -> String {
         ));
     }
 
-    if let Some(cert) = &status.cert {
-        let value = serde_json::to_value(cert).unwrap_or_default();
-        out.push_str(&cert_line("agent certificate", &value));
-    }
+    out.push_str(&cert_line("agent certificate", status.cert.as_ref()));
     for g in &status.gateways {
         if let Some(w) = g.cert.as_ref().and_then(|c| c.warning.as_ref()) {
             out.push_str(&format!(
@@ -622,6 +616,14 @@ pub async fn print(admin: String, token: Option<String>, json: bool) -> anyhow::
         })?;
         print!("{}", render_agent(&status, &stats));
     } else {
+        let status: StatusView = serde_json::from_value(status).map_err(|e| {
+            anyhow::anyhow!(
+                "{admin}/api/status: a gateway's answer this version does not read: {e}"
+            )
+        })?;
+        let stats: StatsView = serde_json::from_value(stats).map_err(|e| {
+            anyhow::anyhow!("{admin}/api/stats: a gateway's answer this version does not read: {e}")
+        })?;
         print!("{}", render(&status, &stats));
     }
     Ok(())
@@ -630,6 +632,54 @@ pub async fn print(admin: String, token: Option<String>, json: bool) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gateway's answers as its admin API writes them, read into its own types and
+    /// rendered: every section, escaped names, counters without a pushed listener.
+    #[test]
+    fn a_gateways_answers_are_read_typed_and_rendered() {
+        let status = serde_json::json!({
+            "daemon": "gateway", "state": "running", "light": "green", "version": "9.9.9",
+            "started_at": 1, "uptime_seconds": 3725,
+            "control": {"listen": "0.0.0.0:44500", "tls": false, "data_tls": false, "cert": null},
+            "agents": [{"site": "s", "name": "a\u{1b}1", "addr": "10.0.0.2:5000",
+                        "connected_since": 1, "connected_seconds": 5, "inflight": 2, "cert": null}],
+            "listeners": [{"site": "s", "name": "web", "public": "8080", "state": "listening",
+                           "addrs": ["0.0.0.0:8080", "0.0.0.0:8081"], "error": null}],
+            "routes": [], "revoked": []
+        });
+        let traffic = serde_json::json!({
+            "accepted": 3, "rejected": 1, "closed": 2, "active": 1, "pending": 0,
+            "bytes": {"client_read": 1500000, "client_written": 0, "agent_read": 0, "agent_written": 0},
+            "rates": {"client_read": 0.0, "client_written": 0.0, "agent_read": 0.0, "agent_written": 0.0}
+        });
+        let mut outbound = traffic.clone();
+        outbound["site"] = "s".into();
+        outbound["name"] = OUTBOUND_LISTENER.into();
+        let mut web = traffic.clone();
+        web["site"] = "s".into();
+        web["name"] = "web".into();
+        let stats = serde_json::json!({
+            "uptime_seconds": 3725, "agents": 1, "pooled": 0, "totals": traffic,
+            "listeners": [web, outbound], "refusals": {"banned": 0, "client_rules": 4},
+            "check_probes": 0,
+            "tls": {"handshakes_full": 0, "handshakes_resumed": 0, "sessions": {"entries": 0, "bytes": 0}},
+            "history": {"interval_seconds": 1, "client_read": [], "client_written": [],
+                        "agent_read": [], "agent_written": [], "active": []}
+        });
+        let status: StatusView = serde_json::from_value(status).unwrap();
+        let stats: StatsView = serde_json::from_value(stats).unwrap();
+        let out = render(&status, &stats);
+        assert!(out.starts_with("Sallyport gateway 9.9.9   ● RUNNING (green)   up 1h 02m   control 0.0.0.0:44500 (PLAINTEXT)\n"), "{out}");
+        assert!(
+            !out.contains('\u{1b}'),
+            "control characters are escaped: {out}"
+        );
+        assert!(out.contains("0.0.0.0:8080 (+1 ports)  listening"), "{out}");
+        assert!(out.contains("(outbound)"), "{out}");
+        assert!(out.contains("outbound"), "{out}");
+        assert!(out.contains("1.5 MB / 0 B"), "{out}");
+        assert!(out.contains("\nRefused: client_rules 4\n"), "{out}");
+    }
 
     #[test]
     fn humans() {

@@ -479,7 +479,7 @@ impl ServerTls {
 }
 
 /// What a [`SessionCache`] holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionFigures {
     pub entries: usize,
     /// Keys and values plus [`SessionCache::OVERHEAD`] per entry: an estimate of the heap held.

@@ -32,6 +32,7 @@ mod site;
 pub mod stats;
 mod udp;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use parking_lot::{Mutex, RwLock};
 use rustls::pki_types::CertificateDer;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -57,7 +58,7 @@ pub use site::{ListenerState, ListenerView};
 use stats::{GatewayStats, History, Traffic, TrafficSnapshot};
 
 /// What the gateway is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunState {
     /// Listeners accept clients.
@@ -396,7 +397,7 @@ impl Gateway {
 }
 
 /// An agent as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentView {
     pub site: String,
     pub name: String,
@@ -410,15 +411,15 @@ pub struct AgentView {
 }
 
 /// `GET /api/status`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {
     /// Always `"gateway"` (the agent's admin API says `"agent"`): how `sallyport status` knows
     /// which daemon it talks to.
-    pub daemon: &'static str,
+    pub daemon: Cow<'static, str>,
     pub state: RunState,
     /// green: running with an agent; amber: paused; red: no agent (or stopping).
-    pub light: &'static str,
-    pub version: &'static str,
+    pub light: Cow<'static, str>,
+    pub version: Cow<'static, str>,
     pub started_at: u64,
     pub uptime_seconds: u64,
     pub control: ControlView,
@@ -431,7 +432,7 @@ pub struct StatusView {
 }
 
 /// An agent a reload cut: who, when, why and what was closed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevokedView {
     pub site: String,
     pub agent: String,
@@ -445,7 +446,7 @@ pub struct RevokedView {
     pub established_closed: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ControlView {
     pub listen: SocketAddr,
     pub tls: bool,
@@ -455,7 +456,7 @@ pub struct ControlView {
 }
 
 /// Per-listener statistics.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListenerStatsView {
     pub site: String,
     pub name: String,
@@ -464,7 +465,7 @@ pub struct ListenerStatsView {
 }
 
 /// `GET /api/stats`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatsView {
     pub uptime_seconds: u64,
     pub agents: usize,
@@ -473,7 +474,7 @@ pub struct StatsView {
     pub totals: TrafficSnapshot,
     pub listeners: Vec<ListenerStatsView>,
     /// Refused connections by reason.
-    pub refusals: BTreeMap<&'static str, u64>,
+    pub refusals: BTreeMap<Cow<'static, str>, u64>,
     /// `sallyport check` probes received (not refusals: an operator testing the setup).
     pub check_probes: u64,
     pub tls: TlsView,
@@ -481,7 +482,7 @@ pub struct StatsView {
 }
 
 /// The control port's TLS handshakes and the sessions kept for resumption.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TlsView {
     pub handshakes_full: u64,
     pub handshakes_resumed: u64,
@@ -570,10 +571,10 @@ impl GatewayHandle {
         };
         let config = s.config();
         StatusView {
-            daemon: "gateway",
+            daemon: "gateway".into(),
             state,
-            light,
-            version: env!("CARGO_PKG_VERSION"),
+            light: light.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
             started_at: unix(s.started),
             uptime_seconds: s.started_at.elapsed().as_secs(),
             control: ControlView {
@@ -635,7 +636,12 @@ impl GatewayHandle {
                     traffic,
                 })
                 .collect(),
-            refusals: s.stats.refusals(),
+            refusals: s
+                .stats
+                .refusals()
+                .into_iter()
+                .map(|(k, n)| (k.into(), n))
+                .collect(),
             check_probes: s.stats.check_probes.count(),
             tls: TlsView {
                 handshakes_full: s.stats.tls_full.load(Ordering::Relaxed),

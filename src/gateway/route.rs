@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use parking_lot::{Mutex, RwLock};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -151,7 +151,7 @@ impl<R: Owned> Table<R> {
 }
 
 /// One route as the admin API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RouteView {
     pub port: u16,
     pub hostname: String,

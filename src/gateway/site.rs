@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +91,7 @@ struct SiteListeners {
 }
 
 /// What a listener is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerState {
     Listening,
@@ -102,7 +102,7 @@ pub enum ListenerState {
 }
 
 /// One listener as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListenerView {
     pub site: String,
     pub name: String,
@@ -111,7 +111,7 @@ pub struct ListenerView {
     pub addrs: Vec<SocketAddr>,
     pub error: Option<String>,
     /// The host names it serves on a shared port (empty: the port is its own).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostnames: Vec<String>,
 }
 

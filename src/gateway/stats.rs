@@ -9,6 +9,7 @@
 //!   dashboard's charts.
 //! - Refusals are [`Event`]s, so their log lines are rate limited where they are counted.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::ops::{Add, Sub};
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::limits::{Event, Gauge};
 use crate::pipe::PipeCounters;
@@ -159,7 +160,7 @@ impl GatewayStats {
 
 /// The four byte counters of the original product: what the gateway read from and wrote to
 /// clients, and read from and wrote to agents (their data connections).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bytes4 {
     pub client_read: u64,
     pub client_written: u64,
@@ -192,7 +193,7 @@ impl Sub for Bytes4 {
 }
 
 /// Bytes per second for each of the four counters.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Rates4 {
     pub client_read: f64,
     pub client_written: f64,
@@ -293,20 +294,25 @@ impl UdpStats {
             datagrams_to_clients: self.to_clients.load(Ordering::Relaxed),
             dropped: UdpDrop::ALL
                 .iter()
-                .map(|d| (d.name(), self.dropped[*d as usize].load(Ordering::Relaxed)))
+                .map(|d| {
+                    (
+                        d.name().into(),
+                        self.dropped[*d as usize].load(Ordering::Relaxed),
+                    )
+                })
                 .collect(),
         })
     }
 }
 
 /// A UDP listener's datagram counts in `/api/stats` and `/metrics`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UdpSnapshot {
     pub flows: u64,
     pub datagrams_from_clients: u64,
     pub datagrams_to_clients: u64,
     /// Dropped datagrams by reason: oversize, queue_full, refused, send_failed.
-    pub dropped: BTreeMap<&'static str, u64>,
+    pub dropped: BTreeMap<Cow<'static, str>, u64>,
 }
 
 impl ListenerStats {
@@ -399,7 +405,7 @@ impl Drop for Tracking<'_> {
 }
 
 /// Totals and rates of one listener or of the whole gateway.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrafficSnapshot {
     pub accepted: u64,
     pub rejected: u64,
@@ -410,7 +416,7 @@ pub struct TrafficSnapshot {
     /// Bytes per second over the last few seconds.
     pub rates: Rates4,
     /// A UDP listener's datagram counts (absent for TCP and in totals).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp: Option<UdpSnapshot>,
 }
 
@@ -442,7 +448,7 @@ pub fn sum<'a>(snaps: impl Iterator<Item = &'a TrafficSnapshot>) -> TrafficSnaps
 }
 
 /// The charts' data: one point per second, oldest first.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct History {
     pub interval_seconds: u64,
     pub client_read: Vec<f64>,
