@@ -278,6 +278,63 @@ fn listener_on(name: &str, gateway: Option<&super::GatewayStatus>) -> ListenerOn
     }
 }
 
+/// One gateway of the agent's configuration as `/api/status` shows it: its connection, TLS,
+/// pool, and where each listener stands on it (`g`: what the sessions learnt, if anything).
+fn gateway_report(
+    config: &crate::config::AgentConfig,
+    name: &str,
+    g: Option<&super::GatewayStatus>,
+    now: std::time::SystemTime,
+) -> GatewayReport {
+    let connected = g.is_some_and(|g| g.connected_to.is_some());
+    let listeners: Vec<ListenerOnGateway> = config
+        .listeners
+        .iter()
+        .map(|l| listener_on(&l.name, g))
+        .collect();
+    let light = if !connected {
+        Light::Red
+    } else if listeners.iter().all(|l| l.state == "open") {
+        Light::Green
+    } else {
+        Light::Amber
+    };
+    let since = g.and_then(|g| g.connected_since).filter(|_| connected);
+    GatewayReport {
+        gateway: name.to_string(),
+        light,
+        connected,
+        addr: g.and_then(|g| g.connected_to).map(|a| a.to_string()),
+        connected_since: since.map(unix),
+        connected_seconds: since.map(|s| now.duration_since(s).map_or(0, |d| d.as_secs())),
+        tls: g.filter(|_| connected).and_then(|g| {
+            Some(TlsReport {
+                version: g.tls_version?.to_string(),
+                server_name: g.server_name.clone()?,
+            })
+        }),
+        cert: g
+            .filter(|_| connected)
+            .and_then(|g| g.cert.as_ref())
+            .map(|c| crate::certinfo::CertView::of(c, now)),
+        data_tls: connected && g.is_some_and(|g| g.data_tls),
+        protocol: g.and_then(|g| g.protocol).filter(|_| connected),
+        heartbeat_ms: g.and_then(|g| g.heartbeat_ms).filter(|_| connected),
+        rtt_ms: g
+            .and_then(|g| g.rtt)
+            .filter(|_| connected)
+            .map(|d| d.as_secs_f64() * 1000.0),
+        last_error: g.and_then(|g| g.last_error.clone()),
+        reconnect_attempts: g.map_or(0, |g| g.failures),
+        sessions: g.map_or(0, |g| g.sessions),
+        pool: PoolReport {
+            size: config.pool,
+            idle: g.filter(|_| connected).map_or(0, |g| g.pool_idle),
+        },
+        listeners,
+    }
+}
+
 impl super::Agent {
     /// `GET /api/status`, from the live status and the configuration in force.
     pub fn status_report(&self) -> StatusReport {
@@ -288,57 +345,7 @@ impl super::Agent {
         let gateways: Vec<GatewayReport> = config
             .gateways
             .iter()
-            .map(|name| {
-                let g = live.gateways.get(name);
-                let connected = g.is_some_and(|g| g.connected_to.is_some());
-                let listeners: Vec<ListenerOnGateway> = config
-                    .listeners
-                    .iter()
-                    .map(|l| listener_on(&l.name, g))
-                    .collect();
-                let light = if !connected {
-                    Light::Red
-                } else if listeners.iter().all(|l| l.state == "open") {
-                    Light::Green
-                } else {
-                    Light::Amber
-                };
-                let since = g.and_then(|g| g.connected_since).filter(|_| connected);
-                GatewayReport {
-                    gateway: name.clone(),
-                    light,
-                    connected,
-                    addr: g.and_then(|g| g.connected_to).map(|a| a.to_string()),
-                    connected_since: since.map(unix),
-                    connected_seconds: since
-                        .map(|s| now.duration_since(s).map_or(0, |d| d.as_secs())),
-                    tls: g.filter(|_| connected).and_then(|g| {
-                        Some(TlsReport {
-                            version: g.tls_version?.to_string(),
-                            server_name: g.server_name.clone()?,
-                        })
-                    }),
-                    cert: g
-                        .filter(|_| connected)
-                        .and_then(|g| g.cert.as_ref())
-                        .map(|c| crate::certinfo::CertView::of(c, now)),
-                    data_tls: connected && g.is_some_and(|g| g.data_tls),
-                    protocol: g.and_then(|g| g.protocol).filter(|_| connected),
-                    heartbeat_ms: g.and_then(|g| g.heartbeat_ms).filter(|_| connected),
-                    rtt_ms: g
-                        .and_then(|g| g.rtt)
-                        .filter(|_| connected)
-                        .map(|d| d.as_secs_f64() * 1000.0),
-                    last_error: g.and_then(|g| g.last_error.clone()),
-                    reconnect_attempts: g.map_or(0, |g| g.failures),
-                    sessions: g.map_or(0, |g| g.sessions),
-                    pool: PoolReport {
-                        size: config.pool,
-                        idle: g.filter(|_| connected).map_or(0, |g| g.pool_idle),
-                    },
-                    listeners,
-                }
-            })
+            .map(|name| gateway_report(&config, name, live.gateways.get(name), now))
             .collect();
         let light = if gateways.iter().all(|g| g.light == Light::Green) {
             Light::Green

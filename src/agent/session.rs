@@ -14,8 +14,8 @@ use crate::net;
 use crate::protocol::liveness::{Beat, Liveness, Silence};
 use crate::protocol::outbox::{Outbox, OutboxError};
 use crate::protocol::{
-    ClientFailed, ConfigResult, Connection, ControlHello, ErrorCode, Feature, ListenerStatus,
-    Message, ProtocolError, PushConfig, Role,
+    ClientFailed, ConfigResult, Connection, ControlHello, ErrorCode, Feature, HelloAck,
+    ListenerStatus, Message, ProtocolError, PushConfig, Role, Token,
 };
 use crate::transport::Stream;
 use tokio_util::sync::CancellationToken;
@@ -281,96 +281,16 @@ async fn run_session(
 ) -> Result<(), SessionError> {
     let mut config = ctx.config.clone();
     let current = config.borrow_and_update().clone();
-    let role = Role::Control(ControlHello {
-        site: current.site.clone(),
-        agent: current.name.clone(),
-        heartbeat_ms: current.heartbeat.as_millis() as u32,
-    });
-    let target = Target {
-        gateway,
-        resolved: None,
-    };
-    let (mut conn, ack) = tokio::select! {
-        _ = ctx.shutdown.cancelled() => return Ok(()),
-        dialed = dial(&current, target, role, current.tls.is_some()) => dialed?,
-    };
-    // v2: the gateway's next frame is this session's secret, which proves our pool and
-    // outbound connections.
-    let session = if Feature::SessionBinding.on(ack.version) {
-        match tokio::time::timeout(current.connect_timeout, conn.expect_message()).await {
-            Ok(Ok(Message::SessionSecret(s))) => Some(s.secret),
-            Ok(Ok(other)) => {
-                return Err(ProtocolError::Unexpected {
-                    expected: "session-secret",
-                    got: other.name(),
-                }
-                .into())
-            }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Err(DialError::Timeout(current.connect_timeout).into()),
-        }
-    } else {
-        None
+    let Some((mut conn, ack, session)) = connect(ctx, &current, gateway).await? else {
+        return Ok(());
     };
     let heartbeat = Duration::from_millis(ack.heartbeat_ms.max(100) as u64);
-    let gateway_addr = conn
-        .get_ref()
-        .tcp()
-        .peer_addr()
-        .map_err(ProtocolError::Io)?;
-    // Data connections use TLS when the control channel does, unless the gateway waives it.
-    let data_tls = current.tls.is_some() && ack.data_tls;
-    let tls = conn.get_ref().is_tls();
-    let tls_version = conn.get_ref().tls_version();
-    let server_name = current
-        .tls
-        .as_ref()
-        .filter(|_| tls)
-        .and_then(|t| t.client.name_for(gateway).ok())
-        .map(|n| n.to_str().into_owned());
-    let peer_cert = conn
-        .get_ref()
-        .peer_certificate()
-        .and_then(|der| crate::certinfo::CertInfo::parse(der.as_ref()).ok());
-    // The socket's round-trip time stays readable after the channel is split.
-    let rtt = net::RttProbe::of(conn.get_ref().tcp());
-    let read_rtt = || rtt.as_ref().and_then(net::RttProbe::rtt);
-    ctx.status.send_modify(|s| {
-        let g = s.gateways.entry(gateway.to_string()).or_default();
-        g.connected_to = Some(gateway_addr);
-        g.connected_since = Some(std::time::SystemTime::now());
-        g.tls = tls;
-        g.data_tls = data_tls;
-        g.tls_version = tls_version;
-        g.server_name = server_name;
-        g.cert = peer_cert;
-        g.protocol = Some(ack.version);
-        g.heartbeat_ms = Some(ack.heartbeat_ms);
-        g.rtt = read_rtt();
-        g.sessions += 1;
-        g.session = session;
-    });
-    tracing::info!(
-        gateway = %gateway, addr = %gateway_addr,
-        "control channel up ({}, protocol v{}); pushing {} listener(s)",
-        match (conn.get_ref().is_tls(), data_tls) {
-            (false, _) => "PLAINTEXT",
-            (true, true) => "TLS 1.3, gateway verified",
-            (true, false) => "TLS 1.3, gateway verified; data connections in plaintext",
-        },
-        ack.version,
-        current.listeners.len()
-    );
-
+    let link = Link::record(ctx, &current, gateway, &conn, &ack, session)?;
     // The ban list goes first, before the config push, so that a gateway that opens this
     // site's listeners for us already refuses the banned addresses.
     let mut bans_seen = ctx.bans.subscribe();
     bans_seen.borrow_and_update();
     send_first_bans(ctx, &mut conn, current.connect_timeout).await?;
-
-    let mut generation = 1;
-    // The latest generation the gateway answered.
-    let mut answered = 0;
     let mut liveness = Liveness::new(heartbeat);
     liveness.arm(conn.get_ref().tcp());
     // Writes go through the outbox's own task, so a gateway that stops reading cannot stop the
@@ -378,48 +298,35 @@ async fn run_session(
     let (mut reader, sink) = conn.split();
     let (outbox_tx, failures) = mpsc::channel::<Message>(256);
     let mut outbox = Outbox::spawn(sink, failures, liveness.write_limit());
-    // Rate limits and automatic bans go just before the push, so they are in force when the
-    // listeners open.
-    let mut edge_sent = EdgeSent::default();
-    for msg in edge_messages(&current, gateway, &mut edge_sent) {
-        outbox.send(msg)?;
-    }
-    let mut last_push = match push_message(&current, generation) {
-        Ok((push, bytes)) => {
-            outbox.send(push)?;
-            LastPush {
-                bytes,
-                listeners: current.listeners.len(),
-            }
-        }
-        Err(too_large) => {
-            // The gateway is told why, so its log says it too, rather than "closed by peer".
-            let why = too_large.for_gateway(current.max_frame);
-            let farewell = Message::error(ErrorCode::FRAME_TOO_LARGE, why);
-            outbox.close(Some(farewell), FAREWELL_LIMIT).await;
-            return Err(SessionError::PushTooLarge(too_large));
-        }
+    let mut channel = Channel {
+        ctx,
+        gateway,
+        link,
+        outbox_tx,
+        established,
+        up,
+        site: current.site.clone(),
+        generation: 1,
+        answered: 0,
+        last_push: None,
+        edge_sent: EdgeSent::default(),
+        pool: None,
+        pool_stop: CancellationToken::new(),
     };
-
-    // The warm pool starts once the gateway has accepted the config (the site is joined) and
-    // stops with this session.
-    let pool_stop = CancellationToken::new();
-    let _pool_guard = pool_stop.clone().drop_guard();
+    if let Err(too_large) = channel.push_first(&current, &outbox)? {
+        // The gateway is told why, so its log says it too, rather than "closed by peer".
+        let why = too_large.for_gateway(current.max_frame);
+        let farewell = Message::error(ErrorCode::FRAME_TOO_LARGE, why);
+        outbox.close(Some(farewell), FAREWELL_LIMIT).await;
+        return Err(SessionError::PushTooLarge(too_large));
+    }
+    let _pool_guard = channel.pool_stop.clone().drop_guard();
     // Later ban changes: one task per session sends each new list whole, in order.
     let _bans_pusher = AbortOnDrop(tokio::spawn(push_bans(
         ctx.bans.clone(),
         bans_seen,
-        outbox_tx.clone(),
+        channel.outbox_tx.clone(),
     )));
-    let mut pool: Option<tokio::task::JoinHandle<()>> = None;
-    let limits = ctx.limits.gateway(gateway);
-    let gateway_for_data = || data::Gateway {
-        name: gateway.to_string(),
-        addr: gateway_addr,
-        tls: data_tls,
-        session,
-        limits: limits.clone(),
-    };
     let end = loop {
         tokio::select! {
             // A stopping agent closes its control channels without an Error frame, but
@@ -427,7 +334,7 @@ async fn run_session(
             _ = ctx.shutdown.cancelled() => {
                 // The pool's idle members close themselves just as properly (within a second).
                 let pool_closed = async {
-                    if let Some(pool) = pool.take() {
+                    if let Some(pool) = channel.pool.take() {
                         let _ = pool.await;
                     }
                 };
@@ -441,71 +348,15 @@ async fn run_session(
                     Err(e) => break e.into(),
                 };
                 liveness.heard();
-                match msg {
-                    Message::Heartbeat(_) => {}
-                    Message::ClientArrived(arrived) => offered(ctx, gateway_for_data(), arrived, &outbox_tx),
-                    Message::ConfigResult(mut result) => {
-                        // One answer per push, in order: anything else is made up.
-                        if result.generation <= answered || result.generation > generation {
-                            break SessionError::NeverPushed(format!(
-                                "config-result for generation {} (pushed: {generation}, answered: {answered})",
-                                result.generation
-                            ));
-                        }
-                        answered = result.generation;
-                        // Only listeners of this agent are shown and logged, whatever the gateway names.
-                        let config = ctx.config();
-                        result.listeners.retain(|l| config.listener(&l.name).is_some());
-                        log_config_result(gateway, &result);
-                        if result.generation == generation {
-                            *established = true;
-                            if let Some(up) = up.take() {
-                                let _ = up.send(());
-                            }
-                        }
-                        if pool.is_none() && ctx.config().pool > 0 {
-                            pool = Some(tokio::spawn(pool::maintain(ctx.clone(), gateway_for_data(), outbox_tx.clone(), pool_stop.clone())));
-                        }
-                        ctx.status.send_modify(|s| {
-                            let g = s.gateways.entry(gateway.to_string()).or_default();
-                            g.listeners = result.listeners.iter().map(|l| (l.name.clone(), l.status.clone())).collect();
-                            g.last_error = None;
-                            g.failures = 0;
-                        });
-                    }
-                    Message::BanResult(result) => ban_result(ctx, gateway, result),
-                    Message::Error(e) => match last_push.refused(&e) {
-                        Some(too_large) => break SessionError::PushTooLarge(too_large),
-                        None => break ProtocolError::Peer(e).into(),
-                    },
-                    other => break SessionError::Unexpected(other.name()),
+                if let Err(e) = channel.on_message(msg) {
+                    break e;
                 }
             }
             why = outbox.failed() => break why.into(),
             Ok(()) = config.changed() => {
                 let new = config.borrow_and_update().clone();
-                if new.site != current.site {
-                    // This channel speaks for the old site: a new channel replaces it.
-                    continue;
-                }
-                match push_message(&new, generation + 1) {
-                    Ok((push, bytes)) => {
-                        let edge = edge_messages(&new, gateway, &mut edge_sent);
-                        if let Some(e) = edge.into_iter().find_map(|m| outbox.send(m).err()) {
-                            break e.into();
-                        }
-                        generation += 1;
-                        last_push = LastPush { bytes, listeners: new.listeners.len() };
-                        tracing::info!(gateway = %gateway, "configuration reloaded; pushing generation {generation}");
-                        if let Err(e) = outbox.send(push) {
-                            break e.into();
-                        }
-                    }
-                    // The channel stays up with the listeners the gateway has.
-                    Err(too_large) => tracing::error!(
-                        gateway = %gateway,
-                        "configuration reloaded, but {too_large}; the gateway keeps the listeners of generation {generation}"
-                    ),
+                if let Err(e) = channel.on_reload(&new, &outbox) {
+                    break e;
                 }
             }
             beat = liveness.next() => match beat {
@@ -513,14 +364,7 @@ async fn run_session(
                     if let Err(e) = outbox.send(heartbeat) {
                         break e.into();
                     }
-                    // The previous heartbeats' acknowledgements keep the kernel's figure fresh.
-                    let rtt = read_rtt();
-                    ctx.status.send_if_modified(|s| {
-                        let g = s.gateways.entry(gateway.to_string()).or_default();
-                        let changed = g.rtt != rtt;
-                        g.rtt = rtt;
-                        changed
-                    });
+                    channel.link.refresh_rtt(ctx, gateway);
                 }
                 Beat::Dead(silence) => break SessionError::HeartbeatsMissed(Silence(silence)),
             },
@@ -528,6 +372,282 @@ async fn run_session(
     };
     outbox.close(end.farewell(), FAREWELL_LIMIT).await;
     Err(end)
+}
+
+/// Dials the gateway's control port with this agent's hello and, on protocol v2, reads the
+/// session's secret (the gateway's next frame, which proves our pool and outbound
+/// connections). `None`: the agent is stopping.
+async fn connect(
+    ctx: &AgentCtx,
+    current: &AgentConfig,
+    gateway: &str,
+) -> Result<Option<(Connection<Stream>, HelloAck, Option<Token>)>, SessionError> {
+    let role = Role::Control(ControlHello {
+        site: current.site.clone(),
+        agent: current.name.clone(),
+        heartbeat_ms: current.heartbeat.as_millis() as u32,
+    });
+    let target = Target {
+        gateway,
+        resolved: None,
+    };
+    let (mut conn, ack) = tokio::select! {
+        _ = ctx.shutdown.cancelled() => return Ok(None),
+        dialed = dial(current, target, role, current.tls.is_some()) => dialed?,
+    };
+    if !Feature::SessionBinding.on(ack.version) {
+        return Ok(Some((conn, ack, None)));
+    }
+    let limit = current.connect_timeout;
+    match tokio::time::timeout(limit, conn.expect_message()).await {
+        Ok(Ok(Message::SessionSecret(s))) => Ok(Some((conn, ack, Some(s.secret)))),
+        Ok(Ok(other)) => Err(ProtocolError::Unexpected {
+            expected: "session-secret",
+            got: other.name(),
+        }
+        .into()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(DialError::Timeout(limit).into()),
+    }
+}
+
+/// What this session's data connections need to know of the control channel they belong to.
+struct Link {
+    /// The address the control channel reached: data goes to the same gateway instance.
+    addr: std::net::SocketAddr,
+    /// Data connections use TLS when the control channel does, unless the gateway waives it.
+    data_tls: bool,
+    session: Option<Token>,
+    limits: std::sync::Arc<super::limits::GatewayLimits>,
+    /// The socket's round-trip time stays readable after the channel is split.
+    rtt: Option<net::RttProbe>,
+}
+
+impl Link {
+    /// Records the channel in the agent's status (what `/api/status` shows of this gateway)
+    /// and logs it.
+    fn record(
+        ctx: &AgentCtx,
+        current: &AgentConfig,
+        gateway: &str,
+        conn: &Connection<Stream>,
+        ack: &HelloAck,
+        session: Option<Token>,
+    ) -> Result<Link, SessionError> {
+        let stream = conn.get_ref();
+        let addr = stream.tcp().peer_addr().map_err(ProtocolError::Io)?;
+        let data_tls = current.tls.is_some() && ack.data_tls;
+        let tls = stream.is_tls();
+        let server_name = current
+            .tls
+            .as_ref()
+            .filter(|_| tls)
+            .and_then(|t| t.client.name_for(gateway).ok())
+            .map(|n| n.to_str().into_owned());
+        let peer_cert = stream
+            .peer_certificate()
+            .and_then(|der| crate::certinfo::CertInfo::parse(der.as_ref()).ok());
+        let link = Link {
+            addr,
+            data_tls,
+            session,
+            limits: ctx.limits.gateway(gateway),
+            rtt: net::RttProbe::of(stream.tcp()),
+        };
+        ctx.status.send_modify(|s| {
+            let g = s.gateways.entry(gateway.to_string()).or_default();
+            g.connected_to = Some(addr);
+            g.connected_since = Some(std::time::SystemTime::now());
+            g.tls = tls;
+            g.data_tls = data_tls;
+            g.tls_version = stream.tls_version();
+            g.server_name = server_name;
+            g.cert = peer_cert;
+            g.protocol = Some(ack.version);
+            g.heartbeat_ms = Some(ack.heartbeat_ms);
+            g.rtt = link.read_rtt();
+            g.sessions += 1;
+            g.session = session;
+        });
+        tracing::info!(
+            gateway = %gateway, addr = %addr,
+            "control channel up ({}, protocol v{}); pushing {} listener(s)",
+            match (tls, data_tls) {
+                (false, _) => "PLAINTEXT",
+                (true, true) => "TLS 1.3, gateway verified",
+                (true, false) => "TLS 1.3, gateway verified; data connections in plaintext",
+            },
+            ack.version,
+            current.listeners.len()
+        );
+        Ok(link)
+    }
+
+    fn read_rtt(&self) -> Option<Duration> {
+        self.rtt.as_ref().and_then(net::RttProbe::rtt)
+    }
+
+    /// The previous heartbeats' acknowledgements keep the kernel's figure fresh.
+    fn refresh_rtt(&self, ctx: &AgentCtx, gateway: &str) {
+        let rtt = self.read_rtt();
+        ctx.status.send_if_modified(|s| {
+            let g = s.gateways.entry(gateway.to_string()).or_default();
+            let changed = g.rtt != rtt;
+            g.rtt = rtt;
+            changed
+        });
+    }
+
+    /// Where a client of this session goes ([`data::Gateway`]).
+    fn for_data(&self, gateway: &str) -> data::Gateway {
+        data::Gateway {
+            name: gateway.to_string(),
+            addr: self.addr,
+            tls: self.data_tls,
+            session: self.session,
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+/// One control channel's state once it is up: what was pushed and answered, the warm pool.
+struct Channel<'a> {
+    ctx: &'a AgentCtx,
+    gateway: &'a str,
+    link: Link,
+    /// Where data tasks report clients they cannot serve (the outbox's queue).
+    outbox_tx: mpsc::Sender<Message>,
+    established: &'a mut bool,
+    up: &'a mut Option<oneshot::Sender<()>>,
+    /// The site this channel speaks for.
+    site: String,
+    /// The latest generation pushed, and the latest the gateway answered.
+    generation: u64,
+    answered: u64,
+    /// What the gateway was last sent, to explain its refusal of it.
+    last_push: Option<LastPush>,
+    edge_sent: EdgeSent,
+    /// The warm pool starts once the gateway has accepted the config (the site is joined) and
+    /// stops with this session.
+    pool: Option<tokio::task::JoinHandle<()>>,
+    pool_stop: CancellationToken,
+}
+
+impl Channel<'_> {
+    /// Rate limits and automatic bans, then the first push: they are in force when the
+    /// listeners open. `Ok(Err)`: the push is too large for this agent's `max_frame` and was
+    /// not sent.
+    fn push_first(
+        &mut self,
+        current: &AgentConfig,
+        outbox: &Outbox,
+    ) -> Result<Result<(), PushTooLarge>, SessionError> {
+        for msg in edge_messages(current, self.gateway, &mut self.edge_sent) {
+            outbox.send(msg)?;
+        }
+        let (push, bytes) = match push_message(current, self.generation) {
+            Ok(ready) => ready,
+            Err(too_large) => return Ok(Err(too_large)),
+        };
+        outbox.send(push)?;
+        let listeners = current.listeners.len();
+        self.last_push = Some(LastPush { bytes, listeners });
+        Ok(Ok(()))
+    }
+
+    /// One message from the gateway; `Err`: the session ends with it.
+    fn on_message(&mut self, msg: Message) -> Result<(), SessionError> {
+        match msg {
+            Message::Heartbeat(_) => Ok(()),
+            Message::ClientArrived(arrived) => {
+                let gateway = self.link.for_data(self.gateway);
+                offered(self.ctx, gateway, arrived, &self.outbox_tx);
+                Ok(())
+            }
+            Message::ConfigResult(result) => self.on_config_result(result),
+            Message::BanResult(result) => {
+                ban_result(self.ctx, self.gateway, result);
+                Ok(())
+            }
+            Message::Error(e) => match self.last_push.and_then(|p| p.refused(&e)) {
+                Some(too_large) => Err(SessionError::PushTooLarge(too_large)),
+                None => Err(ProtocolError::Peer(e).into()),
+            },
+            other => Err(SessionError::Unexpected(other.name())),
+        }
+    }
+
+    /// The gateway's answer to a push: one per push, in order (anything else is made up).
+    /// The answer to the latest push establishes the session and starts the warm pool.
+    fn on_config_result(&mut self, mut result: ConfigResult) -> Result<(), SessionError> {
+        let (generation, answered) = (self.generation, self.answered);
+        if result.generation <= answered || result.generation > generation {
+            return Err(SessionError::NeverPushed(format!(
+                "config-result for generation {} (pushed: {generation}, answered: {answered})",
+                result.generation
+            )));
+        }
+        self.answered = result.generation;
+        // Only listeners of this agent are shown and logged, whatever the gateway names.
+        let config = self.ctx.config();
+        result
+            .listeners
+            .retain(|l| config.listener(&l.name).is_some());
+        log_config_result(self.gateway, &result);
+        if result.generation == generation {
+            *self.established = true;
+            if let Some(up) = self.up.take() {
+                let _ = up.send(());
+            }
+        }
+        if self.pool.is_none() && self.ctx.config().pool > 0 {
+            let (ctx, gateway) = (self.ctx.clone(), self.link.for_data(self.gateway));
+            let maintain =
+                pool::maintain(ctx, gateway, self.outbox_tx.clone(), self.pool_stop.clone());
+            self.pool = Some(tokio::spawn(maintain));
+        }
+        self.ctx.status.send_modify(|s| {
+            let g = s.gateways.entry(self.gateway.to_string()).or_default();
+            g.listeners = result
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.status.clone()))
+                .collect();
+            g.last_error = None;
+            g.failures = 0;
+        });
+        Ok(())
+    }
+
+    /// A reloaded configuration: pushed as the next generation (edge settings first). A push
+    /// too large is logged and not sent: the channel stays up with the listeners the gateway
+    /// has. A new site is not this channel's: a new channel replaces it.
+    fn on_reload(&mut self, new: &AgentConfig, outbox: &Outbox) -> Result<(), SessionError> {
+        if new.site != self.site {
+            return Ok(());
+        }
+        let gateway = self.gateway;
+        match push_message(new, self.generation + 1) {
+            Ok((push, bytes)) => {
+                let edge = edge_messages(new, gateway, &mut self.edge_sent);
+                if let Some(e) = edge.into_iter().find_map(|m| outbox.send(m).err()) {
+                    return Err(e.into());
+                }
+                self.generation += 1;
+                let listeners = new.listeners.len();
+                self.last_push = Some(LastPush { bytes, listeners });
+                let generation = self.generation;
+                tracing::info!(gateway = %gateway, "configuration reloaded; pushing generation {generation}");
+                outbox.send(push)?;
+            }
+            Err(too_large) => tracing::error!(
+                gateway = %gateway,
+                "configuration reloaded, but {too_large}; the gateway keeps the listeners of generation {}",
+                self.generation
+            ),
+        }
+        Ok(())
+    }
 }
 
 /// An announced client: admitted against its gateway's limits before anything is dialed, then

@@ -20,8 +20,8 @@ use super::admit::{over_limit, EndWatch};
 use super::listener::ListenerInfo;
 use super::offer::Offering;
 use super::pending::{Claim, DataConn};
-use super::pool::{self, Answer, Held, ACCEPT_LIMIT};
-use super::public::PublicClient;
+use super::pool::{Answer, Held, ACCEPT_LIMIT};
+use super::public::{pipe_data, PublicClient};
 use super::site::Site;
 use super::stats::{ConnEntry, ListenerStats};
 use super::Shared;
@@ -29,8 +29,6 @@ use crate::audit::{ConnectionEnd, Daemon};
 use crate::limits::{ConnPermit, GaugePermit};
 use crate::pipe::{tracked, PipeCounters};
 use crate::protocol::PoolAssign;
-use crate::ratelimit::PipeThrottle;
-use crate::reuse;
 
 /// Counts an accepted client as closed when its task ends before piping.
 struct ClosedOnDrop(Option<Arc<ListenerStats>>);
@@ -485,59 +483,4 @@ impl Offer {
         }
         .log(Daemon::Gateway)
     }
-}
-
-/// Pipes the client and its data connection; a reuse-framed one ([`crate::reuse`]) goes back to
-/// the site's pool when the client ended cleanly both ways.
-async fn pipe_data<C: PublicClient>(
-    shared: &Shared,
-    site: &Site,
-    client: C,
-    unsent: &[u8],
-    data: DataConn,
-    counters: &PipeCounters,
-    throttle: &PipeThrottle,
-) -> std::io::Result<()> {
-    let client = match client.into_reusable() {
-        Ok(tcp) => tcp,
-        Err(flow) => {
-            return flow
-                .pipe(unsent, data.stream, &data.leftover, counters, throttle)
-                .await
-        }
-    };
-    let Some(ticket) = data.reuse else {
-        return client
-            .pipe(unsent, data.stream, &data.leftover, counters, throttle)
-            .await;
-    };
-    let (limits, agent_addr) = (shared.config().limits.clone(), data.agent_addr);
-    let last = pool::is_last(&ticket.served, &limits);
-    let piped = reuse::pipe_framed(
-        client,
-        unsent,
-        data.stream,
-        data.leftover,
-        b"",
-        last,
-        counters,
-        throttle,
-    );
-    let Some((stream, leftover)) = piped.await? else {
-        return Ok(());
-    };
-    let moved = counters.snapshot();
-    let back = pool::Returned {
-        stream,
-        leftover,
-        agent_id: ticket.agent_id,
-        agent_addr,
-        agent: data.agent.unwrap_or_default(),
-        reuse: pool::Reuse {
-            clients: ticket.served.clients + 1,
-            bytes: ticket.served.bytes + moved.a_read + moved.b_read,
-        },
-    };
-    pool::park_again(site, limits.max_frame, back).await;
-    Ok(())
 }

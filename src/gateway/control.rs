@@ -237,7 +237,34 @@ fn resumed_still_valid(
     }
 }
 
+/// A new control-port connection up to its accepted hello: the first byte, TLS (or a refusal
+/// of TLS without it), the preamble, the hello, the version, TLS where it is required.
 async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opened> {
+    let stream = handshake(shared, tcp, peer).await?;
+    let (mut conn, hello) = read_hello(shared, stream, peer).await?;
+    let version = match protocol::negotiate(hello.min_version, hello.max_version) {
+        Ok(v) => v,
+        Err(e) => {
+            refuse(shared, &mut conn, peer, e.code(), e.to_string()).await;
+            return None;
+        }
+    };
+    if let Some(why) = tls_missing(shared, &conn, &hello.role) {
+        let why = why.to_string();
+        refuse(shared, &mut conn, peer, ErrorCode::TLS_REQUIRED, why).await;
+        return None;
+    }
+    conn.set_max_frame(shared.config().limits.max_frame);
+    Some(Opened {
+        conn,
+        hello,
+        version,
+    })
+}
+
+/// Waits for the first byte, then runs the TLS handshake when the peer starts one (and this
+/// gateway has TLS); a plain connection is taken as it is.
+async fn handshake(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Stream> {
     let config = shared.config();
     let mut first = [0u8; 1];
     // A real agent sends at once (TLS ClientHello or preamble): a silent connection holds a
@@ -255,16 +282,16 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
             return None;
         }
     }
-    let stream = match (&config.tls, protocol::looks_like_tls(&[first[0], 0x03])) {
+    match (&config.tls, protocol::looks_like_tls(&[first[0], 0x03])) {
         (Some(tls), true) => match tls.server.accept(tcp).await {
-            Ok(s) => resumed_still_valid(shared, &tls.server, s, peer)?,
+            Ok(s) => resumed_still_valid(shared, &tls.server, s, peer),
             Err(e) => {
                 warn_event(
                     &shared.stats.tls_failures,
                     peer,
                     format_args!("TLS handshake failed: {e}"),
                 );
-                return None;
+                None
             }
         },
         (None, true) => {
@@ -275,11 +302,18 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
                 format_args!("refused a TLS client: {why}"),
             );
             refuse_before_reading(tcp, ErrorCode::PROTOCOL, why.to_string()).await;
-            return None;
+            None
         }
-        (_, false) => Stream::Plain(tcp),
-    };
-    let mut stream = stream;
+        (_, false) => Some(Stream::Plain(tcp)),
+    }
+}
+
+/// Reads the preamble and the hello; refuses (and logs, and counts) anything else.
+async fn read_hello(
+    shared: &Shared,
+    mut stream: Stream,
+    peer: SocketAddr,
+) -> Option<(Connection<Stream>, Hello)> {
     if let Err(e) = protocol::read_preamble(&mut stream).await {
         let mut conn = Connection::new(stream, protocol::frame::MIN_MAX_FRAME);
         refuse(shared, &mut conn, peer, ErrorCode::BAD_HELLO, e.to_string()).await;
@@ -288,72 +322,49 @@ async fn open(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Option<Opene
     // Until its hello is accepted a peer gets small frames only (a hello is well under 1 KiB),
     // so thousands of unauthenticated handshakes cannot pin max_frame-sized buffers each.
     let mut conn = Connection::new(stream, protocol::frame::HELLO_MAX_FRAME);
-    let hello = match conn.read_message().await {
-        Ok(Some(Message::Hello(h))) => h,
+    let (code, why) = match conn.read_message().await {
+        Ok(Some(Message::Hello(h))) => return Some((conn, h)),
         Ok(None) => {
             tracing::debug!(peer = %peer, "control port: closed before hello");
             return None;
         }
-        Ok(Some(other)) => {
-            let why = format!("expected hello, received {}", other.name());
-            refuse(shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
-            return None;
-        }
+        Ok(Some(other)) => (
+            ErrorCode::BAD_HELLO,
+            format!("expected hello, received {}", other.name()),
+        ),
         Err(ProtocolError::BadPayload {
             kind: protocol::kind::HELLO,
             reason,
-        }) => {
-            let why = format!("hello not understood ({reason})");
-            refuse(shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
-            return None;
-        }
-        Err(e) => {
-            refuse(shared, &mut conn, peer, e.code(), e.to_string()).await;
-            return None;
-        }
+        }) => (
+            ErrorCode::BAD_HELLO,
+            format!("hello not understood ({reason})"),
+        ),
+        Err(e) => (e.code(), e.to_string()),
     };
-    let version = match protocol::negotiate(hello.min_version, hello.max_version) {
-        Ok(v) => v,
-        Err(e) => {
-            refuse(shared, &mut conn, peer, e.code(), e.to_string()).await;
-            return None;
-        }
-    };
-    if shared.config().tls.is_some() && !conn.get_ref().is_tls() {
-        // With `data_tls = false` only connections that carry their own proof may skip TLS: a
-        // data connection its claim token, a v2 pool or outbound connection its session secret.
-        // A v1 pool or outbound hello proves nothing, so it must come over TLS.
-        let why = match &hello.role {
-            Role::Data(_) | Role::SessionPool(..) | Role::SessionOutbound(..)
-                if !shared.config().data_tls =>
-            {
-                None
-            }
-            Role::Pool(_) | Role::Outbound(_) if !shared.config().data_tls => Some(
-                "pool and outbound connections of protocol v1 carry no proof of their control \
-                 session and must use TLS: upgrade the agent (protocol v2 proves them with the \
-                 session secret) or set [control] data_tls = true",
-            ),
-            _ => Some("this gateway requires TLS: configure `tls` in agent.toml"),
-        };
-        if let Some(why) = why {
-            refuse(
-                shared,
-                &mut conn,
-                peer,
-                ErrorCode::TLS_REQUIRED,
-                why.to_string(),
-            )
-            .await;
-            return None;
-        }
+    refuse(shared, &mut conn, peer, code, why).await;
+    None
+}
+
+/// Why a connection that came without TLS must not go on, when this gateway has TLS. With
+/// `data_tls = false` only connections that carry their own proof may skip TLS: a data
+/// connection its claim token, a v2 pool or outbound connection its session secret. A v1 pool
+/// or outbound hello proves nothing, so it must come over TLS.
+fn tls_missing(shared: &Shared, conn: &Connection<Stream>, role: &Role) -> Option<&'static str> {
+    let config = shared.config();
+    if config.tls.is_none() || conn.get_ref().is_tls() {
+        return None;
     }
-    conn.set_max_frame(shared.config().limits.max_frame);
-    Some(Opened {
-        conn,
-        hello,
-        version,
-    })
+    match role {
+        Role::Data(_) | Role::SessionPool(..) | Role::SessionOutbound(..) if !config.data_tls => {
+            None
+        }
+        Role::Pool(_) | Role::Outbound(_) if !config.data_tls => Some(
+            "pool and outbound connections of protocol v1 carry no proof of their control \
+             session and must use TLS: upgrade the agent (protocol v2 proves them with the \
+             session secret) or set [control] data_tls = true",
+        ),
+        _ => Some("this gateway requires TLS: configure `tls` in agent.toml"),
+    }
 }
 
 /// Tells the peer why (before its hello was accepted), logs it, counts it, closes.

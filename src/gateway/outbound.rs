@@ -110,7 +110,9 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, Refusal> {
     Err(Refusal::Unreachable(last))
 }
 
-/// Serves one outbound data connection to its end.
+/// Serves one outbound data connection to its end: admitted (a known destination form, the
+/// agent's live session, not paused, a place), the destination reached (allowed, dialled), then
+/// acknowledged and piped. Every refusal is told to the agent, logged (rate limited) and counted.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     mut conn: Connection<Stream>,
@@ -119,145 +121,232 @@ pub(crate) async fn serve(
     secret: Option<Token>,
     version: u16,
 ) {
-    let started = Instant::now();
-    if let Err(why) = check_destination(&hello.host) {
-        tracing::warn!(peer = %peer, "outbound connection refused: {why}");
-        super::control::refuse_role(&mut conn, ErrorCode::EGRESS_DENIED, why).await;
-        return;
-    }
-    let dest = display(&hello.host, hello.port);
-    let claim = Claim {
-        site: &hello.site,
-        agent: None,
-        secret: secret.as_ref(),
+    let request = Request {
+        started: Instant::now(),
+        dest: display(&hello.host, hello.port),
+        shared,
+        peer,
+        hello,
     };
-    if refuse_wrong_site(&shared, &mut conn, peer, claim.site, "outbound connection").await {
+    let Some((site, _slot)) = request.admit(&mut conn, secret.as_ref()).await else {
         return;
-    }
-    let site = match session_of(&shared, &claim, conn.get_ref(), peer) {
-        Ok((site, _agent)) => site,
-        Err(why) => {
-            let occ = shared.stats.session_unproven.hit();
-            if occ.log {
-                tracing::warn!(peer = %peer, "outbound connection to {dest} refused: {why}{}", occ.tally());
-            }
-            super::control::refuse_role(&mut conn, ErrorCode::EGRESS_DENIED, why).await;
-            return;
+    };
+    let stats: Arc<ListenerStats> = request
+        .shared
+        .traffic
+        .listener(&site.name, OUTBOUND_LISTENER);
+    let Some(dest_stream) = request.reach(&mut conn, &site.name, &stats).await else {
+        return;
+    };
+    request
+        .pipe(conn, version, &site.name, stats, dest_stream)
+        .await;
+}
+
+/// One outbound data connection: who asked for which destination.
+struct Request {
+    shared: Arc<Shared>,
+    /// The agent's address.
+    peer: SocketAddr,
+    hello: OutboundHello,
+    /// The destination as logs show it (`host:port`).
+    dest: String,
+    started: Instant,
+}
+
+impl Request {
+    /// The checks before the destination: its form, the agent's live session of its site, a
+    /// running gateway, a place among the outbound connections and descriptors. Returns the
+    /// site and the place (held until the connection ends).
+    async fn admit(
+        &self,
+        conn: &mut Connection<Stream>,
+        secret: Option<&Token>,
+    ) -> Option<(Arc<super::site::Site>, crate::limits::GaugePermit)> {
+        let (shared, peer, dest) = (&self.shared, self.peer, &self.dest);
+        if let Err(why) = check_destination(&self.hello.host) {
+            tracing::warn!(peer = %peer, "outbound connection refused: {why}");
+            super::control::refuse_role(conn, ErrorCode::EGRESS_DENIED, why).await;
+            return None;
         }
-    };
-    // A paused gateway takes no new clients, outbound ones included (pausing takes a gateway
-    // out of service both ways); the agent asks its next gateway. Established ones go on.
-    if shared.state() != RunState::Running {
-        shared
-            .traffic
-            .listener(&site.name, OUTBOUND_LISTENER)
-            .rejected
-            .fetch_add(1, Ordering::Relaxed);
+        let claim = Claim {
+            site: &self.hello.site,
+            agent: None,
+            secret,
+        };
+        if refuse_wrong_site(shared, conn, peer, claim.site, "outbound connection").await {
+            return None;
+        }
+        let site = match session_of(shared, &claim, conn.get_ref(), peer) {
+            Ok((site, _agent)) => site,
+            Err(why) => {
+                let occ = shared.stats.session_unproven.hit();
+                if occ.log {
+                    tracing::warn!(peer = %peer, "outbound connection to {dest} refused: {why}{}", occ.tally());
+                }
+                super::control::refuse_role(conn, ErrorCode::EGRESS_DENIED, why).await;
+                return None;
+            }
+        };
+        if !self.running(conn, &site.name).await {
+            return None;
+        }
+        let slot = self.place(conn, &site.name).await?;
+        Some((site, slot))
+    }
+
+    /// A paused gateway takes no new clients, outbound ones included (pausing takes a gateway
+    /// out of service both ways); the agent asks its next gateway. Established ones go on.
+    async fn running(&self, conn: &mut Connection<Stream>, site: &str) -> bool {
+        let shared = &self.shared;
+        if shared.state() == RunState::Running {
+            return true;
+        }
+        let stats = shared.traffic.listener(site, OUTBOUND_LISTENER);
+        stats.rejected.fetch_add(1, Ordering::Relaxed);
         shared.stats.clients_paused.hit();
-        tracing::debug!(site = %site.name, peer = %peer, "outbound connection to {dest} refused: the gateway is paused");
+        tracing::debug!(site = %site, peer = %self.peer, "outbound connection to {} refused: the gateway is paused", self.dest);
         super::control::refuse_role(
-            &mut conn,
+            conn,
             ErrorCode::SHUTTING_DOWN,
             "the gateway is paused: it takes no new connections",
         )
         .await;
-        return;
+        false
     }
-    let max = shared.config().limits.max_outbound;
-    let slot = shared.outbound.try_acquire(max);
-    if slot.is_none() || !shared.fds.admit(2, true) {
+
+    /// A place among the gateway's outbound connections, and descriptors for both ends.
+    async fn place(
+        &self,
+        conn: &mut Connection<Stream>,
+        site: &str,
+    ) -> Option<crate::limits::GaugePermit> {
+        let shared = &self.shared;
+        let max = shared.config().limits.max_outbound;
+        let slot = shared.outbound.try_acquire(max);
+        if slot.is_some() && shared.fds.admit(2, true) {
+            return slot;
+        }
         let why = format!(
             "the gateway's outbound connections or open files are at their limit ({max} outbound connections: [limits] max_outbound)"
         );
         let occ = shared.stats.egress_denied.hit();
         if occ.log {
-            tracing::warn!(site = %site.name, peer = %peer, "outbound connection to {dest} refused: {why}{}", occ.tally());
+            tracing::warn!(site = %site, peer = %self.peer, "outbound connection to {} refused: {why}{}", self.dest, occ.tally());
         }
-        super::control::refuse_role(&mut conn, ErrorCode::LIMIT, why).await;
-        return;
+        super::control::refuse_role(conn, ErrorCode::LIMIT, why).await;
+        None
     }
-    let _slot = slot;
-    let stats: Arc<ListenerStats> = shared.traffic.listener(&site.name, OUTBOUND_LISTENER);
-    let decide = async {
-        match allowed_addrs(&shared, &hello.host, hello.port).await {
-            Ok(addrs) => dial(&addrs).await,
-            Err(r) => Err(r),
-        }
-    };
-    let outcome = tokio::select! {
-        outcome = decide => outcome,
-        // Not piping yet: a reload that revokes the agent ends this at once.
-        () = shared.denied(peer.ip(), false) => {
-            let why = format!("{} is no longer allowed by the gateway's [peers] rules", peer.ip());
-            tracing::warn!(site = %site.name, agent = %peer, "outbound connection to {dest} closed: {why}");
-            conn.send_error(ErrorCode::PEER_DENIED, why).await;
-            return;
-        }
-    };
-    let dest_stream = match outcome {
-        Ok(s) => s,
-        Err(Refusal::Denied(why)) => {
-            stats.rejected.fetch_add(1, Ordering::Relaxed);
-            let occ = shared.stats.egress_denied.hit();
-            if occ.log {
-                tracing::warn!(
-                    site = %site.name, agent = %peer, client = %hello.client_addr,
-                    "outbound connection refused: {why}{}", occ.tally()
-                );
+
+    /// The destination, if the egress rules allow it and it answers; a reload that revokes the
+    /// agent meanwhile ends this at once.
+    async fn reach(
+        &self,
+        conn: &mut Connection<Stream>,
+        site: &str,
+        stats: &ListenerStats,
+    ) -> Option<TcpStream> {
+        let (shared, peer, dest) = (&self.shared, self.peer, &self.dest);
+        let (host, port) = (&self.hello.host, self.hello.port);
+        let decide = async {
+            match allowed_addrs(shared, host, port).await {
+                Ok(addrs) => dial(&addrs).await,
+                Err(r) => Err(r),
             }
-            super::control::refuse_role(&mut conn, ErrorCode::EGRESS_DENIED, why).await;
-            return;
-        }
-        Err(Refusal::Unreachable(why)) => {
-            stats.accepted.fetch_add(1, Ordering::Relaxed);
+        };
+        let outcome = tokio::select! {
+            outcome = decide => outcome,
+            // Not piping yet: a reload that revokes the agent ends this at once.
+            () = shared.denied(peer.ip(), false) => {
+                let why = format!("{} is no longer allowed by the gateway's [peers] rules", peer.ip());
+                tracing::warn!(site = %site, agent = %peer, "outbound connection to {dest} closed: {why}");
+                conn.send_error(ErrorCode::PEER_DENIED, why).await;
+                return None;
+            }
+        };
+        let refusal = match outcome {
+            Ok(s) => return Some(s),
+            Err(refusal) => refusal,
+        };
+        let client = self.hello.client_addr;
+        let (code, why) = match refusal {
+            Refusal::Denied(why) => {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                let occ = shared.stats.egress_denied.hit();
+                if occ.log {
+                    tracing::warn!(
+                        site = %site, agent = %peer, client = %client,
+                        "outbound connection refused: {why}{}", occ.tally()
+                    );
+                }
+                (ErrorCode::EGRESS_DENIED, why)
+            }
+            Refusal::Unreachable(why) => {
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                stats.closed.fetch_add(1, Ordering::Relaxed);
+                let occ = shared.stats.egress_unreachable.hit();
+                if occ.log {
+                    tracing::warn!(
+                        site = %site, agent = %peer, client = %client,
+                        "outbound connection to {dest} failed: {why}{}", occ.tally()
+                    );
+                }
+                (ErrorCode::DEST_UNREACHABLE, why)
+            }
+        };
+        super::control::refuse_role(conn, code, why).await;
+        None
+    }
+
+    /// Acknowledges the data connection and pipes it with the destination until either ends,
+    /// the gateway kills what is left, or a reload revokes the agent; logs how it ended.
+    async fn pipe(
+        &self,
+        mut conn: Connection<Stream>,
+        version: u16,
+        site: &str,
+        stats: Arc<ListenerStats>,
+        dest_stream: TcpStream,
+    ) {
+        let (shared, peer, dest) = (&self.shared, self.peer, &self.dest);
+        let client = self.hello.client_addr;
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let ack = super::control::data_ack(shared, version);
+        if let Err(e) = conn.write_message(&ack).await {
             stats.closed.fetch_add(1, Ordering::Relaxed);
-            let occ = shared.stats.egress_unreachable.hit();
-            if occ.log {
-                tracing::warn!(
-                    site = %site.name, agent = %peer, client = %hello.client_addr,
-                    "outbound connection to {dest} failed: {why}{}", occ.tally()
-                );
-            }
-            super::control::refuse_role(&mut conn, ErrorCode::DEST_UNREACHABLE, why).await;
+            tracing::warn!(peer = %peer, "outbound connection to {dest} failed during hello: {e}");
             return;
         }
-    };
-    stats.accepted.fetch_add(1, Ordering::Relaxed);
-    let ack = super::control::data_ack(&shared, version);
-    if let Err(e) = conn.write_message(&ack).await {
-        stats.closed.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(peer = %peer, "outbound connection to {dest} failed during hello: {e}");
-        return;
+        let (stream, leftover) = conn.into_parts();
+        let id = shared.next_client_id();
+        let dest_addr = dest_stream.peer_addr().unwrap_or(([0, 0, 0, 0], 0).into());
+        tracing::info!(
+            site = %site, agent = %peer, client = %client, id,
+            "outbound connection to {dest} ({dest_addr}) open after {} ms", self.started.elapsed().as_millis()
+        );
+        // In the connection table the destination takes the client's place: a = the destination.
+        let entry = Arc::new(ConnEntry {
+            id,
+            listener: stats,
+            client_addr: dest_addr,
+            gateway_addr: dest_stream.local_addr().unwrap_or(dest_addr),
+            agent_addr: peer,
+            started: SystemTime::now(),
+            started_at: Instant::now(),
+            counters: PipeCounters::default(),
+            failure: Default::default(),
+        });
+        let chain = stream.peer_chain();
+        let pipe = pipe_tcp(dest_stream, b"", stream, &leftover, &entry.counters);
+        let pipe = shared.pipe_unless_cut(peer.ip(), chain.as_deref(), pipe);
+        let end = tracked(shared.traffic.track(entry.clone()), &entry.counters, pipe).await;
+        let bytes = entry.bytes();
+        tracing::info!(
+            site = %site, client = %client, id,
+            to_dest = bytes.client_written, from_dest = bytes.client_read,
+            "outbound connection to {dest} {} after {:.1} s",
+            end.outcome(),
+            self.started.elapsed().as_secs_f64()
+        );
     }
-    let (stream, leftover) = conn.into_parts();
-    let id = shared.next_client_id();
-    let dest_addr = dest_stream.peer_addr().unwrap_or(([0, 0, 0, 0], 0).into());
-    tracing::info!(
-        site = %site.name, agent = %peer, client = %hello.client_addr, id,
-        "outbound connection to {dest} ({dest_addr}) open after {} ms", started.elapsed().as_millis()
-    );
-    // In the connection table the destination takes the client's place: a = the destination.
-    let entry = Arc::new(ConnEntry {
-        id,
-        listener: stats,
-        client_addr: dest_addr,
-        gateway_addr: dest_stream.local_addr().unwrap_or(dest_addr),
-        agent_addr: peer,
-        started: SystemTime::now(),
-        started_at: Instant::now(),
-        counters: PipeCounters::default(),
-        failure: Default::default(),
-    });
-    let chain = stream.peer_chain();
-    let pipe = pipe_tcp(dest_stream, b"", stream, &leftover, &entry.counters);
-    let pipe = shared.pipe_unless_cut(peer.ip(), chain.as_deref(), pipe);
-    let end = tracked(shared.traffic.track(entry.clone()), &entry.counters, pipe).await;
-    let bytes = entry.bytes();
-    tracing::info!(
-        site = %site.name, client = %hello.client_addr, id,
-        to_dest = bytes.client_written, from_dest = bytes.client_read,
-        "outbound connection to {dest} {} after {:.1} s",
-        end.outcome(),
-        started.elapsed().as_secs_f64()
-    );
 }

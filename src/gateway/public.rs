@@ -1,6 +1,7 @@
 //! A public client as the gateway serves it: a TCP connection, or a UDP flow
 //! ([`super::udp`]), behind one trait ([`PublicClient`]) so that the warm-pool path, the offer
-//! and the pipe treat both alike.
+//! and the pipe treat both alike; [`pipe_data`] pipes either with its data connection (a TCP
+//! client's reuse-framed connection goes back to its site's pool after a clean end).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,9 +9,14 @@ use std::net::SocketAddr;
 use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 
+use super::pending::DataConn;
+use super::pool;
+use super::site::Site;
+use super::Shared;
 use crate::net;
 use crate::pipe::{pipe_tcp_throttled, PipeCounters};
 use crate::ratelimit::PipeThrottle;
+use crate::reuse;
 use crate::transport::Stream;
 
 /// A public client as the offer and the pipe see it: a TCP connection, or a UDP flow
@@ -99,4 +105,59 @@ async fn client_left(client: &TcpStream, sent_bytes: bool) {
             Ok(_) => std::future::pending::<()>().await,
         }
     }
+}
+
+/// Pipes the client and its data connection; a reuse-framed one ([`crate::reuse`]) goes back to
+/// the site's pool when the client ended cleanly both ways.
+pub(super) async fn pipe_data<C: PublicClient>(
+    shared: &Shared,
+    site: &Site,
+    client: C,
+    unsent: &[u8],
+    data: DataConn,
+    counters: &PipeCounters,
+    throttle: &PipeThrottle,
+) -> std::io::Result<()> {
+    let client = match client.into_reusable() {
+        Ok(tcp) => tcp,
+        Err(flow) => {
+            return flow
+                .pipe(unsent, data.stream, &data.leftover, counters, throttle)
+                .await
+        }
+    };
+    let Some(ticket) = data.reuse else {
+        return client
+            .pipe(unsent, data.stream, &data.leftover, counters, throttle)
+            .await;
+    };
+    let (limits, agent_addr) = (shared.config().limits.clone(), data.agent_addr);
+    let last = pool::is_last(&ticket.served, &limits);
+    let piped = reuse::pipe_framed(
+        client,
+        unsent,
+        data.stream,
+        data.leftover,
+        b"",
+        last,
+        counters,
+        throttle,
+    );
+    let Some((stream, leftover)) = piped.await? else {
+        return Ok(());
+    };
+    let moved = counters.snapshot();
+    let back = pool::Returned {
+        stream,
+        leftover,
+        agent_id: ticket.agent_id,
+        agent_addr,
+        agent: data.agent.unwrap_or_default(),
+        reuse: pool::Reuse {
+            clients: ticket.served.clients + 1,
+            bytes: ticket.served.bytes + moved.a_read + moved.b_read,
+        },
+    };
+    pool::park_again(site, limits.max_frame, back).await;
+    Ok(())
 }

@@ -51,47 +51,19 @@ pub(super) async fn run_session(
     control: ControlHello,
     version: u16,
 ) {
-    if let Err(e) = check_name(&control.site) {
-        let why = format!("invalid site name {e}");
-        return refuse(&shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
-    }
-    // The agent's name is shown in status, logs and the dashboard: checked like a site name.
-    if let Err(e) = check_name(&control.agent) {
-        let why = format!("invalid agent name {e}");
-        return refuse(&shared, &mut conn, peer, ErrorCode::BAD_HELLO, why).await;
-    }
-    // Before anything of the site is touched: no listener opens for a site the certificate
-    // does not serve.
-    if refuse_wrong_site(&shared, &mut conn, peer, &control.site, "control channel").await {
+    if !names_allowed(&shared, &mut conn, peer, &control).await {
         return;
     }
     let heartbeat =
         Duration::from_millis(control.heartbeat_ms as u64).clamp(HEARTBEAT_MIN, HEARTBEAT_MAX);
-    let ack = Message::HelloAck(HelloAck {
-        version,
-        software: protocol::SOFTWARE.to_string(),
-        heartbeat_ms: heartbeat.as_millis() as u32,
-        data_tls: shared.config().data_tls,
-    });
     // v2: the secret that binds this session's pool and outbound connections to it, sent with
     // the ack, before anything else.
     let secret = Feature::SessionBinding.on(version).then(Token::random);
     let cert = conn.get_ref().peer_cert_digest();
     let chain = conn.get_ref().peer_chain().map(Arc::from);
-    // A fresh connection's send queue is empty: this small write cannot block for long, and
-    // the hello timeout no longer applies, so bound it like every later write.
     let mut liveness = Liveness::new(heartbeat);
-    let opening = async {
-        conn.feed_message(&ack).await?;
-        if let Some(secret) = secret {
-            conn.feed_message(&Message::SessionSecret(SessionSecret { secret }))
-                .await?;
-        }
-        conn.flush().await
-    };
-    match tokio::time::timeout(liveness.write_limit(), opening).await {
-        Ok(Ok(())) => {}
-        _ => return,
+    if !acknowledge(&shared, &mut conn, version, heartbeat, secret, &liveness).await {
+        return;
     }
     liveness.arm(conn.get_ref().tcp());
     let tls = conn.get_ref().is_tls();
@@ -100,33 +72,15 @@ pub(super) async fn run_session(
     let (mut reader, sink) = conn.split();
     let (tx, offers) = mpsc::channel(1024);
     let mut outbox = Outbox::spawn(sink, offers, liveness.write_limit());
-
-    // An agent joins its site (and is offered clients) only once its config is known and
-    // matches the site's other agents'.
-    let limit = shared.config().limits.hello_timeout;
     let mut early = EarlyBans::default();
-    let push = match tokio::time::timeout(limit, first_push(&mut reader, &mut early)).await {
+    let push = match await_push(&shared, &mut reader, &mut early, &control, peer).await {
         // The push was just heard: the agent's silence counts from here, not from the ack (a
         // push later than three intervals ended the session at once).
-        Ok(Ok(push)) => {
+        Ok(push) => {
             liveness.heard();
             push
         }
-        Ok(Err(e)) => {
-            let end = SessionEnd::from(e);
-            end.log_before_config(&control, peer);
-            let farewell = end.farewell();
-            return outbox.close(farewell, FAREWELL_LIMIT).await;
-        }
-        Err(_) => {
-            let why = format!(
-                "no config pushed within {}",
-                humantime::format_duration(limit)
-            );
-            tracing::warn!(site = %control.site, agent = %control.agent, peer = %peer, "{why}");
-            let farewell = Message::error(ErrorCode::TIMEOUT, why);
-            return outbox.close(Some(farewell), FAREWELL_LIMIT).await;
-        }
+        Err(farewell) => return outbox.close(farewell, FAREWELL_LIMIT).await,
     };
     let agent = AgentHandle {
         id: shared.next_agent_id(),
@@ -143,26 +97,10 @@ pub(super) async fn run_session(
         cert_revoked: CancellationToken::new(),
         suspect: Arc::default(),
     };
-    // A new site is a new set of listeners and pools: their number is capped.
-    let max_sites = shared.config().limits.max_sites;
-    let joins_new_site = shared
-        .sites
-        .get(&control.site)
-        .map_or(true, |s| s.agent_count() == 0);
-    if joins_new_site && shared.sites.active() >= max_sites {
-        let why = format!(
-            "the gateway serves at most {max_sites} sites ([limits] max_sites); site \"{}\" is not one of them",
-            control.site
-        );
-        tracing::warn!(agent = %agent.name, peer = %peer, "agent refused: {why}");
-        let farewell = Message::error(ErrorCode::LIMIT, why);
-        return outbox.close(Some(farewell), FAREWELL_LIMIT).await;
-    }
-    let site = match shared.sites.join(&control.site, agent.clone()) {
+    let site = match join_site(&shared, &control.site, &agent) {
         Ok(site) => site,
-        Err(why) => {
-            tracing::warn!(agent = %agent.name, peer = %peer, "agent refused: {why}");
-            let farewell = Message::error(ErrorCode::CONFIG_REJECTED, why);
+        Err((code, why)) => {
+            let farewell = Message::error(code, why);
             return outbox.close(Some(farewell), FAREWELL_LIMIT).await;
         }
     };
@@ -174,16 +112,7 @@ pub(super) async fn run_session(
         heartbeat.as_millis(),
         push.digest.chars().take(16).collect::<String>()
     );
-    let mut bans = early.assembly;
-    if let Some(chunk) = early.last {
-        apply_bans(&site, &agent, &outbox, chunk);
-    }
-    if let Some(limits) = early.limits {
-        apply_limits(&site, &agent, limits);
-    }
-    if let Some(set) = early.auto_bans {
-        apply_auto_bans(&site, &agent, set);
-    }
+    let mut bans = early.apply(&site, &agent, &outbox);
     let end = match apply_push(&shared, &site, &agent, &outbox, &push).await {
         Ok(()) => {
             let session = Session {
@@ -196,18 +125,136 @@ pub(super) async fn run_session(
         }
         Err(e) => Err(e),
     };
+    leave(&shared, &site, &agent, outbox, end).await;
+}
+
+/// The site and agent names must be valid (they are shown in status, logs and the dashboard),
+/// and the certificate must serve the site: checked before anything of the site is touched,
+/// so no listener opens for a site the certificate does not serve.
+async fn names_allowed(
+    shared: &Shared,
+    conn: &mut Connection<Stream>,
+    peer: SocketAddr,
+    control: &ControlHello,
+) -> bool {
+    for (what, name) in [("site", &control.site), ("agent", &control.agent)] {
+        if let Err(e) = check_name(name) {
+            let why = format!("invalid {what} name {e}");
+            refuse(shared, conn, peer, ErrorCode::BAD_HELLO, why).await;
+            return false;
+        }
+    }
+    !refuse_wrong_site(shared, conn, peer, &control.site, "control channel").await
+}
+
+/// Sends the hello-ack (and, v2, the session secret). A fresh connection's send queue is
+/// empty: this small write cannot block for long, and the hello timeout no longer applies, so
+/// it is bounded like every later write. `false`: the agent did not take it.
+async fn acknowledge(
+    shared: &Shared,
+    conn: &mut Connection<Stream>,
+    version: u16,
+    heartbeat: Duration,
+    secret: Option<Token>,
+    liveness: &Liveness,
+) -> bool {
+    let ack = Message::HelloAck(HelloAck {
+        version,
+        software: protocol::SOFTWARE.to_string(),
+        heartbeat_ms: heartbeat.as_millis() as u32,
+        data_tls: shared.config().data_tls,
+    });
+    let opening = async {
+        conn.feed_message(&ack).await?;
+        if let Some(secret) = secret {
+            conn.feed_message(&Message::SessionSecret(SessionSecret { secret }))
+                .await?;
+        }
+        conn.flush().await
+    };
+    matches!(
+        tokio::time::timeout(liveness.write_limit(), opening).await,
+        Ok(Ok(()))
+    )
+}
+
+/// An agent joins its site (and is offered clients) only once its config is known and matches
+/// the site's other agents': waits for its first push within the hello timeout. `Err`: the
+/// last words for the agent (logged here), if any.
+async fn await_push<R>(
+    shared: &Shared,
+    reader: &mut MessageReader<R>,
+    early: &mut EarlyBans,
+    control: &ControlHello,
+    peer: SocketAddr,
+) -> Result<PushConfig, Option<Message>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let limit = shared.config().limits.hello_timeout;
+    match tokio::time::timeout(limit, first_push(reader, early)).await {
+        Ok(Ok(push)) => Ok(push),
+        Ok(Err(e)) => {
+            let end = SessionEnd::from(e);
+            end.log_before_config(control, peer);
+            Err(end.farewell())
+        }
+        Err(_) => {
+            let why = format!(
+                "no config pushed within {}",
+                humantime::format_duration(limit)
+            );
+            tracing::warn!(site = %control.site, agent = %control.agent, peer = %peer, "{why}");
+            Err(Some(Message::error(ErrorCode::TIMEOUT, why)))
+        }
+    }
+}
+
+/// Joins the agent to its site; a new site is a new set of listeners and pools, so their
+/// number is capped. `Err`: the refusal for the agent (logged here).
+fn join_site(
+    shared: &Arc<Shared>,
+    site: &str,
+    agent: &AgentHandle,
+) -> Result<Arc<Site>, (ErrorCode, String)> {
+    let max_sites = shared.config().limits.max_sites;
+    let joins_new_site = shared
+        .sites
+        .get(site)
+        .map_or(true, |s| s.agent_count() == 0);
+    if joins_new_site && shared.sites.active() >= max_sites {
+        let why = format!(
+            "the gateway serves at most {max_sites} sites ([limits] max_sites); site \"{site}\" is not one of them"
+        );
+        tracing::warn!(agent = %agent.name, peer = %agent.addr, "agent refused: {why}");
+        return Err((ErrorCode::LIMIT, why));
+    }
+    shared.sites.join(site, agent.clone()).map_err(|why| {
+        tracing::warn!(agent = %agent.name, peer = %agent.addr, "agent refused: {why}");
+        (ErrorCode::CONFIG_REJECTED, why)
+    })
+}
+
+/// Logs how the session ended and takes the agent out of its site.
+async fn leave(
+    shared: &Arc<Shared>,
+    site: &Arc<Site>,
+    agent: &AgentHandle,
+    outbox: Outbox,
+    end: Result<(), SessionEnd>,
+) {
     match &end {
         Err(SessionEnd::Protocol(ProtocolError::FrameTooLarge { len, max })) => tracing::error!(
             site = %site.name, agent = %agent.name, peer = %agent.addr,
-            "{} after {}", push_too_large(*len, *max, &agent.name), connected_for(&agent)
+            "{} after {}", push_too_large(*len, *max, &agent.name), connected_for(agent)
         ),
         Ok(()) => tracing::info!(
             site = %site.name, agent = %agent.name, peer = %agent.addr,
-            "agent disconnected after {}", connected_for(&agent)
+            "agent disconnected after {}", connected_for(agent)
         ),
         Err(e) => tracing::warn!(
             site = %site.name, agent = %agent.name, peer = %agent.addr,
-            "agent session ended after {}: {e}", connected_for(&agent)
+            "agent session ended after {}: {e}", connected_for(agent)
         ),
     }
     // First, before anything that awaits: no new client may be handed to this session's pooled
@@ -217,7 +264,7 @@ pub(super) async fn run_session(
     // removed here (see `Pool::add`).
     agent.gone.cancel();
     site.pool.remove_agent(agent.id);
-    shared.sites.leave(&shared, &site, agent.id).await;
+    shared.sites.leave(shared, site, agent.id).await;
     let farewell = end.err().and_then(|e| e.farewell());
     outbox.close(farewell, FAREWELL_LIMIT).await;
 }
@@ -397,6 +444,23 @@ struct EarlyBans {
     last: Option<ChunkOutcome>,
     limits: Option<EdgeLimits>,
     auto_bans: Option<AutoBans>,
+}
+
+impl EarlyBans {
+    /// Puts what came before the first push in force for the site; returns the ban list being
+    /// assembled, for the session's later chunks.
+    fn apply(self, site: &Site, agent: &AgentHandle, outbox: &Outbox) -> BanAssembly {
+        if let Some(chunk) = self.last {
+            apply_bans(site, agent, outbox, chunk);
+        }
+        if let Some(limits) = self.limits {
+            apply_limits(site, agent, limits);
+        }
+        if let Some(set) = self.auto_bans {
+            apply_auto_bans(site, agent, set);
+        }
+        self.assembly
+    }
 }
 
 /// Puts an agent's automatic-ban settings in force for its site (a refused set leaves the
