@@ -234,3 +234,60 @@ fn a_refusing_backend_is_skipped_for_the_next_and_ejected_without_checks() {
     assert_eq!(dead_state["connect_failures"], 3, "{dead_state:#}");
     assert_eq!(status["listeners"][0]["balance"], "failover");
 }
+
+/// Two agents of one site with the same listener (the same digest), each in a network
+/// namespace of its own: agent a's `127.0.0.1` has no backend, agent b's has nginx. Agent a's
+/// health checks say its backend is down, so it refuses the gateway's offers before dialing
+/// anything and the gateway offers each such client to agent b: every request is served.
+#[test]
+fn a_client_whose_agent_has_no_healthy_backend_is_offered_to_another_agent() {
+    use support::netns::{in_ns, Namespaces};
+    let dir = Workdir::new();
+    let mut nss = Namespaces::new();
+    let (g, a) = (nss.add("g"), nss.add("a"));
+    nss.link(&g, "10.77.0.1/24", &a, "10.77.0.2/24");
+    let nginx = in_ns(&g, || named_nginx(&dir, "b", 0));
+    let gateway = in_ns(&g, || {
+        start_gateway_with(&dir, "gateway", "listen = \"0.0.0.0:0\"", "")
+    });
+    let port = gateway.control.port();
+    let public = free_port();
+    let mut web = listener("web", public, local(nginx.port));
+    web.extra = "health = { interval = \"200ms\", timeout = \"150ms\" }\n".into();
+    let webs = [web];
+    let to_gateway = |ip: &str| std::net::SocketAddr::new(ip.parse().unwrap(), port);
+    let agent_a = in_ns(&a, || {
+        let gw = to_gateway("10.77.0.1");
+        start_agent(&dir, "agent-a", &[gw], &webs, "name = \"a\"\npool = 0", "")
+    });
+    let agent_b = in_ns(&g, || {
+        let gw = to_gateway("127.0.0.1");
+        start_agent(&dir, "agent-b", &[gw], &webs, "name = \"b\"\npool = 0", "")
+    });
+    in_ns(&g, || wait_open(local(public), Duration::from_secs(10)));
+    agent_a.wait_for_log("backend taken out of rotation", Duration::from_secs(5));
+    // Both agents' listeners are open (the same digest): each is offered clients in turn.
+    for agent in [&agent_a, &agent_b] {
+        agent.wait_for_log("listener(s) open on the gateway", Duration::from_secs(10));
+    }
+    let url = format!("http://127.0.0.1:{public}/index.html");
+    let results: Vec<(bool, String)> = in_ns(&g, || (0..10).map(|_| get(&url)).collect());
+    assert!(
+        results
+            .iter()
+            .all(|(ok, body)| *ok && body == "page of b\n"),
+        "{results:?}"
+    );
+    let reoffered = in_ns(&g, || {
+        gateway.api("/api/stats")["refusals"]["client_reoffered"].as_u64()
+    });
+    assert!(
+        reoffered.unwrap_or(0) >= 1,
+        "no client was offered to agent b after a: {reoffered:?}"
+    );
+    agent_a.wait_for_log(
+        "offer refused: every backend of listener \"web\" fails its health checks",
+        Duration::from_secs(5),
+    );
+    drop((agent_a, agent_b));
+}

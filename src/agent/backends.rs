@@ -7,7 +7,10 @@
 //!   starts afresh, healthy. Listeners with one plain `backend` have none and connect as always.
 //! - A client's candidates are the healthy backends in the order `balance` gives
 //!   ([`BackendSet::order`]); with none healthy, every backend in list order (a check may be
-//!   wrong; refusing everyone surely is). They are tried one after the other until one accepts
+//!   wrong; refusing everyone surely is). But when health checks say every backend is down,
+//!   the agent refuses the gateway's offer before dialing anything ([`Registry::all_down`],
+//!   `no_healthy_backend`), so the gateway offers the client to another agent of the site, and
+//!   closes it at once when none can serve it. They are tried one after the other until one accepts
 //!   the TCP connection: nothing has been sent to a refused one, so the PROXY header and the
 //!   client's first bytes go to the one that accepts, and transparent mode binds the client's
 //!   address afresh for each try.
@@ -242,6 +245,16 @@ impl Registry {
     pub fn get(&self, listener: &str, group: &BackendGroup) -> Option<Arc<BackendSet>> {
         let sets = self.sets.lock();
         sets.get(listener).filter(|s| s.group == *group).cloned()
+    }
+
+    /// Whether every backend of `listener` is out of rotation while health checks watch them
+    /// (the agent then refuses its offers: `agent::limits`). Without checks, never: ejected
+    /// backends come back on trial, and a client tries them all.
+    pub fn all_down(&self, listener: &str) -> bool {
+        let sets = self.sets.lock();
+        sets.get(listener).is_some_and(|s| {
+            s.group.health.is_some() && s.members.iter().all(|m| !m.up.load(Ordering::Relaxed))
+        })
     }
 
     /// Each listener's backends, for the status.
@@ -628,5 +641,40 @@ mod tests {
             .is_some());
         reg.sync(&parse("\"127.0.0.1:1\""));
         assert!(reg.reports().is_empty());
+    }
+
+    #[tokio::test]
+    async fn all_down_only_when_health_checks_say_so() {
+        let parse = |extra: &str| {
+            let text = format!(
+                "site = \"s\"\ngateways = [\"g:1\"]\n[[listener]]\nname = \"web\"\npublic = \"8080\"\nbackend = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n{extra}\n"
+            );
+            AgentConfig::parse(std::path::Path::new("agent.toml"), &text).unwrap()
+        };
+        let reg = Registry::default();
+        let checked = parse("health = { interval = \"1h\" }");
+        reg.sync(&checked);
+        let set = reg
+            .get("web", checked.listeners[0].group.as_ref().unwrap())
+            .unwrap();
+        set.check_failed(0, "down".into());
+        assert!(!reg.all_down("web"), "one backend is still up");
+        set.check_failed(1, "down".into());
+        assert!(reg.all_down("web"));
+        set.check_passed(1);
+        assert!(!reg.all_down("web"));
+        assert!(!reg.all_down("other"));
+        // Without checks a client tries them all: never refused.
+        let unchecked = parse("");
+        reg.sync(&unchecked);
+        let set = reg
+            .get("web", unchecked.listeners[0].group.as_ref().unwrap())
+            .unwrap();
+        for i in [0, 1] {
+            for _ in 0..EJECT_AFTER {
+                set.connect_failed(i, "refused");
+            }
+        }
+        assert!(!reg.all_down("web"));
     }
 }

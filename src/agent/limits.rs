@@ -128,7 +128,8 @@ impl GatewayLimits {
         listener: &str,
         port_offset: u16,
     ) -> Result<Admission, String> {
-        self.check(config, listener, port_offset)
+        healthy(stats, listener)
+            .and_then(|()| self.check(config, listener, port_offset))
             .map_err(|(why, text)| {
                 stats.refused.count(why);
                 let index = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
@@ -223,6 +224,21 @@ impl GatewayLimits {
             _backend: Some((backend, one)),
         })
     }
+}
+
+/// Refuses an offer for a listener whose every backend fails its health checks: answered
+/// before anything is dialed, so the gateway offers the client to another agent of the site.
+fn healthy(stats: &AgentStats, listener: &str) -> Result<(), (Refusal, String)> {
+    if !stats.backends.all_down(listener) {
+        return Ok(());
+    }
+    Err((
+        Refusal::NoHealthyBackend,
+        format!(
+            "every backend of listener {} fails its health checks",
+            quoted(listener)
+        ),
+    ))
 }
 
 #[cfg(test)]

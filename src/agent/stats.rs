@@ -47,16 +47,20 @@ pub enum Refusal {
     UnknownListener,
     /// The offer's port offset is outside the listener's range.
     BadPort,
+    /// Every backend of the listener fails its health checks (`health`): another agent of
+    /// the site may reach one ([`super::backends`]).
+    NoHealthyBackend,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::Rate,
         Refusal::DataConnections,
         Refusal::BackendConnections,
         Refusal::ListenerBackendConnections,
         Refusal::UnknownListener,
         Refusal::BadPort,
+        Refusal::NoHealthyBackend,
     ];
 
     /// The key in `/api/stats` and the `reason` label in `/metrics`.
@@ -68,6 +72,7 @@ impl Refusal {
             Refusal::ListenerBackendConnections => "listener_backend_connections",
             Refusal::UnknownListener => "unknown_listener",
             Refusal::BadPort => "bad_port",
+            Refusal::NoHealthyBackend => "no_healthy_backend",
         }
     }
 
