@@ -139,10 +139,15 @@ fn one_of_two_backends_killed_mid_run_then_restarted_returns_to_rotation() {
     // Started again on its port: back in rotation, serving clients again.
     let served_before = served(&b);
     let b = named_nginx(&dir, "b", b_port);
+    let restarted = Instant::now();
     assert!(
         wait_until(Duration::from_secs(10), || served(&b) > served_before),
         "b never served again: {:#}",
         backend_state(&api, &b_addr)
+    );
+    eprintln!(
+        "measured: b served clients again {} ms after its restart (checks every 300 ms)",
+        restarted.elapsed().as_millis()
     );
     assert_eq!(backend_state(&api, &b_addr)["up"], true);
     std::thread::sleep(Duration::from_millis(500));
@@ -233,6 +238,18 @@ fn a_refusing_backend_is_skipped_for_the_next_and_ejected_without_checks() {
     assert_eq!(dead_state["up"], false, "{dead_state:#}");
     assert_eq!(dead_state["connect_failures"], 3, "{dead_state:#}");
     assert_eq!(status["listeners"][0]["balance"], "failover");
+    // `agent --check` prints the group as it will run.
+    let path = dir.path().join("agent.toml");
+    let out = std::process::Command::new(BIN)
+        .args(["agent", "--config", path.to_str().unwrap(), "--check"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let group = format!(
+        "backend [{dead}, 127.0.0.1:{}] failover, no health check",
+        a.port
+    );
+    assert!(out.status.success() && text.contains(&group), "{text}");
 }
 
 /// Two agents of one site with the same listener (the same digest), each in a network
