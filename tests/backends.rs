@@ -258,6 +258,18 @@ fn a_refusing_backend_is_skipped_for_the_next_and_ejected_without_checks() {
 /// anything and the gateway offers each such client to agent b: every request is served.
 #[test]
 fn a_client_whose_agent_has_no_healthy_backend_is_offered_to_another_agent() {
+    // Announced clients (no warm pool): agent a answers ClientFailed.
+    no_healthy_backend_on_one_agent(0);
+}
+
+/// The same with warm pools: agent a leaves the pooled client unanswered and the gateway
+/// offers it elsewhere.
+#[test]
+fn a_pooled_client_whose_agent_has_no_healthy_backend_is_served_by_another_agent() {
+    no_healthy_backend_on_one_agent(4);
+}
+
+fn no_healthy_backend_on_one_agent(pool: u32) {
     use support::netns::{in_ns, Namespaces};
     let dir = Workdir::new();
     let mut nss = Namespaces::new();
@@ -275,11 +287,13 @@ fn a_client_whose_agent_has_no_healthy_backend_is_offered_to_another_agent() {
     let to_gateway = |ip: &str| std::net::SocketAddr::new(ip.parse().unwrap(), port);
     let agent_a = in_ns(&a, || {
         let gw = to_gateway("10.77.0.1");
-        start_agent(&dir, "agent-a", &[gw], &webs, "name = \"a\"\npool = 0", "")
+        let top = format!("name = \"a\"\npool = {pool}");
+        start_agent(&dir, "agent-a", &[gw], &webs, &top, "")
     });
     let agent_b = in_ns(&g, || {
         let gw = to_gateway("127.0.0.1");
-        start_agent(&dir, "agent-b", &[gw], &webs, "name = \"b\"\npool = 0", "")
+        let top = format!("name = \"b\"\npool = {pool}");
+        start_agent(&dir, "agent-b", &[gw], &webs, &top, "")
     });
     in_ns(&g, || wait_open(local(public), Duration::from_secs(10)));
     agent_a.wait_for_log("backend taken out of rotation", Duration::from_secs(5));
@@ -295,12 +309,17 @@ fn a_client_whose_agent_has_no_healthy_backend_is_offered_to_another_agent() {
             .all(|(ok, body)| *ok && body == "page of b\n"),
         "{results:?}"
     );
-    let reoffered = in_ns(&g, || {
-        gateway.api("/api/stats")["refusals"]["client_reoffered"].as_u64()
+    let (reoffered, unanswered) = in_ns(&g, || {
+        let stats = gateway.api("/api/stats");
+        let count = |k: &str| stats["refusals"][k].as_u64().unwrap_or(0);
+        (count("client_reoffered"), count("pool_unanswered"))
     });
+    eprintln!(
+        "measured (pool = {pool}): client_reoffered {reoffered}, pool_unanswered {unanswered}"
+    );
     assert!(
-        reoffered.unwrap_or(0) >= 1,
-        "no client was offered to agent b after a: {reoffered:?}"
+        reoffered + unanswered >= 1,
+        "no client was offered to agent b after a"
     );
     agent_a.wait_for_log(
         "offer refused: every backend of listener \"web\" fails its health checks",
