@@ -541,7 +541,7 @@ fn test_agent_config(config: &AgentConfig, gateway: &str) -> AgentConfig {
     let mut one = config.clone();
     one.gateways = vec![gateway.to_string()];
     // No warm pool: a pooled connection could be handed a real client that dies with `check`.
-    one.pool = 0;
+    one.pool = crate::config::PoolConfig::fixed(0);
     // The running agent holds the outbound port; the test agent has no use for it.
     one.outbound = None;
     // The gateway's log and status tell the test agent from the real one.

@@ -246,3 +246,48 @@ fn ipv4_mapped_exceptions_apply_to_peers_and_to_clients() {
         Duration::from_secs(2),
     );
 }
+
+/// `source_ip` as a list: the control channel comes from the first address, data and pool
+/// connections from each in turn (several (source, gateway) tuples for TIME-WAIT: more new
+/// clients per second sustained), and every client is served.
+#[test]
+fn an_agent_with_several_source_addresses_spreads_its_data_connections_over_them() {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let gw = start_gateway(&dir, "");
+    let port = free_port();
+    let agent = start_agent(
+        &dir,
+        "agent",
+        &[gw.control],
+        &[listener("echo", port, echo.addr)],
+        "source_ip = [\"127.0.0.21\", \"127.0.0.22\", \"127.0.0.23\"]\npool = 2",
+        "",
+    );
+    agent.wait_for_log("listener open on the gateway", Duration::from_secs(10));
+    let session = gw
+        .proc
+        .wait_for_log("agent connected (", Duration::from_secs(5));
+    assert!(session.contains("127.0.0.21:"), "{session}");
+    for i in 0..12 {
+        echo_round_trip(local(port), &format!("client {i}"));
+    }
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .proc
+        .count_log("event=\"connection_end\"")
+        >= 12));
+    let sources: std::collections::BTreeSet<String> = gw
+        .proc
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("event=\"connection_end\""))
+        .filter_map(|l| l.split("agent_addr=").nth(1))
+        .filter_map(|a| a.split(':').next().map(str::to_string))
+        .collect();
+    assert_eq!(
+        sources.into_iter().collect::<Vec<_>>(),
+        ["127.0.0.21", "127.0.0.22", "127.0.0.23"],
+        "data connections did not come from every source address"
+    );
+    assert_eq!(echo.accepted(), 12);
+}

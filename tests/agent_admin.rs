@@ -197,7 +197,20 @@ fn agent_api_reports_gateways_listeners_backends_and_exact_counters() {
     assert!((0.0..1000.0).contains(&rtt), "loopback round trip {rtt} ms");
     assert_eq!(up["reconnect_attempts"], 0);
     assert_eq!(up["last_error"], Value::Null);
-    assert_eq!(up["pool"]["size"], 4, "the default warm pool: {up:#}");
+    // The default pool: four idle connections whatever the traffic, every client counted as a
+    // hit or a miss.
+    let pool = &up["pool"];
+    assert_eq!(pool["size"], 4, "the default warm pool: {up:#}");
+    assert_eq!(
+        (pool["min"].as_u64(), pool["max"].as_u64()),
+        (Some(4), Some(4)),
+        "{up:#}"
+    );
+    assert_eq!(
+        pool["hits"].as_u64().unwrap() + pool["misses"].as_u64().unwrap(),
+        5,
+        "{up:#}"
+    );
     let open = listener_at(&up, "echo");
     assert_eq!(open["addrs"][0], local(echo_port).to_string());
     assert_eq!(open["error"], Value::Null);

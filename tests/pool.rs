@@ -180,3 +180,137 @@ fn agents_wanting_more_than_the_sites_pool_holds_back_off_quietly() {
     // The pool still serves.
     echo_round_trip(local(port), "a pooled client");
 }
+
+/// The agent's report of its pool to the one gateway: `pool` of /api/status.
+fn agent_pool(api: &str) -> serde_json::Value {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", &format!("{api}/api/status")])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    status["gateways"][0]["pool"].clone()
+}
+
+/// `n` clients connected at once: each echoes a line, then all stay open until every one has.
+fn concurrent_clients(port: u16, n: usize, tag: &str) {
+    let all_in = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let all_in = all_in.clone();
+            let line = format!("{tag} {i}");
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(local(port)).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                c.write_all(format!("{line}\n").as_bytes()).unwrap();
+                let mut got = vec![0u8; line.len() + 1];
+                c.read_exact(&mut got).unwrap();
+                assert_eq!(got, format!("{line}\n").as_bytes());
+                all_in.wait();
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+}
+
+/// An adaptive pool (`pool = { min, max, window }`): a burst that found it small raises its
+/// target to the burst's size, so the next burst of that size is served from the pool without
+/// one announcement; once the burst is older than the window the pool falls back to `min`.
+fn adaptive_pool_follows_bursts(tls: bool) {
+    let dir = Workdir::new();
+    let echo = EchoServer::start();
+    let certs = make_certs(&dir, "certs", &[]);
+    let (gateway_extra, agent_extra) = match tls {
+        true => (gateway_tls(&certs), agent_tls(&certs, &certs, "agent")),
+        false => (String::new(), String::new()),
+    };
+    // `[control]` is the gateway config's first table: its TLS line goes in there.
+    let gw = start_gateway_with(
+        &dir,
+        "gateway",
+        &format!("listen = \"127.0.0.1:0\"\n{gateway_extra}"),
+        "",
+    );
+    let port = free_port();
+    let agent = start_agent(
+        &dir,
+        "agent",
+        &[gw.control],
+        &[listener("echo", port, echo.addr)],
+        &format!("{agent_extra}\npool = {{ min = 1, max = 24, window = \"4s\" }}"),
+        "",
+    );
+    agent.wait_for_log("listener open on the gateway", Duration::from_secs(10));
+    let api = agent_admin_url(&agent);
+    assert!(wait_until(Duration::from_secs(5), || pooled(&gw) == 1));
+    assert_eq!(agent_pool(&api)["size"], 1);
+    assert_eq!(
+        (
+            agent_pool(&api)["min"].as_u64(),
+            agent_pool(&api)["max"].as_u64()
+        ),
+        (Some(1), Some(24))
+    );
+
+    // 16 clients at once against a pool of 1: most are announced (misses).
+    concurrent_clients(port, 16, "first burst");
+    let first = agent_pool(&api);
+    assert!(first["misses"].as_u64() >= Some(8), "{first}");
+    assert_eq!(
+        first["hits"].as_u64().unwrap() + first["misses"].as_u64().unwrap(),
+        16
+    );
+    // The target is the busiest second's arrivals (the burst may straddle two seconds).
+    assert!(first["size"].as_u64() >= Some(8), "{first}");
+    let target = first["size"].as_u64().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || pooled(&gw) >= target),
+        "the pool never grew to its target {target}: {} idle on the gateway",
+        pooled(&gw)
+    );
+
+    // The next burst of 8 finds 8 idle: every client is a hit, none is announced.
+    concurrent_clients(port, 8, "second burst");
+    let second = agent_pool(&api);
+    assert_eq!(second["misses"], first["misses"], "{second}");
+    assert_eq!(
+        second["hits"].as_u64(),
+        Some(first["hits"].as_u64().unwrap() + 8)
+    );
+    assert_eq!(
+        gw.proc.count_log("(warm pool)") as u64,
+        second["hits"].as_u64().unwrap()
+    );
+
+    // Quiet for longer than the window: back to min, on the agent and on the gateway.
+    assert!(
+        wait_until(Duration::from_secs(15), || pooled(&gw) == 1
+            && agent_pool(&api)["size"] == 1),
+        "the pool did not shrink back: {} idle on the gateway, agent {}",
+        pooled(&gw),
+        agent_pool(&api)
+    );
+    let metrics = std::process::Command::new("curl")
+        .args(["-s", &format!("{api}/metrics")])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let miss = format!(
+        "sallyport_agent_pool_clients_total{{gateway=\"{}\",result=\"miss\"}} {}",
+        gw.control, second["misses"]
+    );
+    assert!(metrics.contains(&miss), "no {miss:?} in\n{metrics}");
+    assert!(metrics.contains("sallyport_agent_pool_target_connections{"));
+    assert_eq!(echo.accepted(), 24);
+}
+
+#[test]
+fn an_adaptive_pool_grows_for_a_burst_and_shrinks_after_its_window() {
+    adaptive_pool_follows_bursts(false);
+}
+
+#[test]
+fn an_adaptive_pool_of_reused_tls_connections_grows_and_shrinks_alike() {
+    adaptive_pool_follows_bursts(true);
+}

@@ -100,6 +100,28 @@ fn gateway_families(status: &StatusReport) -> Vec<prometheus::proto::MetricFamil
             GAUGE,
             per_gateway(&|g| Some(g.pool.idle as f64)),
         ),
+        family(
+            "sallyport_agent_pool_target_connections",
+            "Idle warm-pool data connections wanted now (the adaptive pool's target).",
+            GAUGE,
+            per_gateway(&|g| Some(g.pool.size as f64)),
+        ),
+        family(
+            "sallyport_agent_pool_clients_total",
+            "Clients the gateway handed over pooled connections (hit) or announced because none was idle (miss).",
+            COUNTER,
+            status
+                .gateways
+                .iter()
+                .flat_map(|g| {
+                    [("hit", g.pool.hits), ("miss", g.pool.misses)].map(|(result, n)| {
+                        let mut labels = gw(&g.gateway);
+                        labels.push(("result", result.to_string()));
+                        (labels, n as f64)
+                    })
+                })
+                .collect(),
+        ),
     ]
 }
 

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,6 +79,22 @@ pub(crate) struct Target<'a> {
     pub resolved: Option<SocketAddr>,
 }
 
+/// Data, pool and outbound connections of a `source_ip` list take its addresses in turn.
+static NEXT_SOURCE: AtomicUsize = AtomicUsize::new(0);
+
+/// The source address for a connection of `role`: the control channel (and v1's pool and
+/// outbound connections, which a plaintext gateway binds to their control session's address)
+/// the first of `source_ip`, the rest in turn (see `AgentConfig::data_source_ips`).
+fn source_for(config: &AgentConfig, role: &Role) -> Option<std::net::IpAddr> {
+    let all = &config.data_source_ips;
+    match role {
+        Role::Data(_) | Role::SessionPool(..) | Role::SessionOutbound(..) if all.len() > 1 => {
+            Some(all[NEXT_SOURCE.fetch_add(1, Ordering::Relaxed) % all.len()])
+        }
+        _ => config.source_ip,
+    }
+}
+
 /// Opens a connection with `role`. `tls` says whether to use TLS on it (the config must have
 /// it). Returns the connection after the hello-ack, and the ack.
 pub(crate) async fn dial(
@@ -100,7 +117,7 @@ pub(crate) async fn dial_up_to(
     let timeout = config.connect_timeout;
     let dial_to = target.resolved.map(|a| a.to_string());
     let dial_to = dial_to.as_deref().unwrap_or(target.gateway);
-    let tcp = net::connect_from(dial_to, config.source_ip, timeout)
+    let tcp = net::connect_from(dial_to, source_for(config, &role), timeout)
         .await
         .map_err(|e| DialError::from_io(dial_to, e, false))?;
 

@@ -13,11 +13,19 @@
 //! On protocol v3 over TLS ([`Feature::DataReuse`]) a member outlives its client: it waits
 //! while the client is served, and when the client ended cleanly both ways (and the gateway did
 //! not say `04`, last) it is idle again, ready for the gateway's next `PoolAssign`. Replacements
-//! are opened while fewer than `pool` members are idle, so a burst still finds the pool full;
-//! members that come back on top stay idle until the gateway recycles them (one per second
-//! after a minute idle), so the pool follows the recent concurrency. An agent with an
-//! application (`Backend::Local`) offers at most v2 on pool connections: its clients' streams
-//! are the data connections themselves.
+//! are opened while fewer members than the target are idle, so a burst still finds the pool
+//! full. An agent with an application (`Backend::Local`) offers at most v2 on pool
+//! connections: its clients' streams are the data connections themselves.
+//!
+//! The target follows the gateway's traffic ([`Demand`]): as many idle members as the most
+//! clients that arrived from this gateway (over pooled connections or announced on the control
+//! channel) in any one second of the last `pool.window`, never fewer than `pool.min` nor more
+//! than `pool.max`. A burst raises it at once (the next burst of that size finds the pool
+//! ready); once the busiest second is older than the window it falls back, and members that
+//! have been idle for a whole window while more than the target are idle close themselves
+//! properly (TLS close_notify). Members that come back from a client (reuse) on top of the
+//! target stay until then: steady traffic needs them next. `pool = n` is a fixed pool: min and
+//! max `n`, window one minute.
 //!
 //! A member the gateway closes (it recycles idle ones after a minute) is replaced too; a member
 //! that cannot connect is replaced after a pause, so a gateway that refuses pool connections is
@@ -27,7 +35,8 @@
 //! or the agent stops) closes the idle members properly (TLS close_notify); assigned ones
 //! carry on.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use super::data::{self, Gateway, Pooled};
 use super::dial::{dial_up_to, Target};
 use super::AgentCtx;
+use crate::config::PoolConfig;
 use crate::protocol::{
     self, ClientArrived, Connection, ErrorCode, Feature, Message, PoolAccepted, PoolAssign,
     PoolHello, Role, Token,
@@ -53,6 +63,101 @@ enum Left {
     Failed,
     /// The gateway's pool for this site is full.
     Full,
+    /// Closed as one too many for the target.
+    Shed,
+}
+
+/// Clients that arrived from one gateway, per second, over the pool's window: the target is
+/// the busiest second. Shared by the control session (announced clients) and the pool's
+/// maintainer (pooled ones); it outlives neither.
+pub(crate) struct Demand {
+    /// (second since `start`, clients that arrived in it), oldest first; at most one entry per
+    /// second of the window (3,600 at most).
+    seconds: parking_lot::Mutex<VecDeque<(u64, usize)>>,
+    start: Instant,
+    /// The target last computed: an arrival beyond it wakes the maintainer.
+    target: AtomicUsize,
+    grew: Notify,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Demand {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Demand {
+            seconds: parking_lot::Mutex::new(VecDeque::new()),
+            start: Instant::now(),
+            target: AtomicUsize::new(0),
+            grew: Notify::new(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        })
+    }
+
+    /// A client arrived: over a pooled connection (`pooled`) or announced (a pool miss).
+    pub(crate) fn arrived(&self, pooled: bool) {
+        let counter = if pooled { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let now = self.start.elapsed().as_secs();
+        let in_this_second = {
+            let mut seconds = self.seconds.lock();
+            match seconds.back_mut() {
+                Some((second, n)) if *second == now => {
+                    *n += 1;
+                    *n
+                }
+                _ => {
+                    seconds.push_back((now, 1));
+                    1
+                }
+            }
+        };
+        if in_this_second > self.target.load(Ordering::Relaxed) {
+            self.grew.notify_one();
+        }
+    }
+
+    /// The idle members wanted now, within `pool`'s bounds.
+    fn target(&self, pool: &PoolConfig) -> usize {
+        let now = self.start.elapsed().as_secs();
+        let span = pool.window.as_secs().max(1);
+        let peak = {
+            let mut seconds = self.seconds.lock();
+            while seconds
+                .front()
+                .is_some_and(|(second, _)| now.saturating_sub(*second) >= span)
+            {
+                seconds.pop_front();
+            }
+            seconds.iter().map(|(_, n)| *n).max().unwrap_or(0)
+        };
+        let target = pool.target(peak);
+        self.target.store(target, Ordering::Relaxed);
+        target
+    }
+}
+
+/// Idle members to close (the target fell): each idle member that sees a ticket takes one and
+/// closes.
+#[derive(Default)]
+struct Shed {
+    tickets: AtomicUsize,
+    posted: Notify,
+}
+
+impl Shed {
+    fn post(&self, n: usize) {
+        self.tickets.store(n, Ordering::Relaxed);
+        if n > 0 {
+            self.posted.notify_waiters();
+        }
+    }
+
+    fn take(&self) -> bool {
+        self.tickets
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
 }
 
 /// One idle pool connection in the agent's status, for as long as it lives.
@@ -87,6 +192,9 @@ const RETRY: Duration = Duration::from_secs(1);
 /// The longest pause before asking a full pool for room again.
 const FULL_PAUSE_MAX: Duration = Duration::from_secs(60);
 
+/// How often the maintainer looks at the target when nothing else happens.
+const TICK: Duration = Duration::from_secs(1);
+
 /// How long stopping members get to close their connections properly (TLS close_notify).
 const CLOSE_LIMIT: Duration = Duration::from_secs(1);
 
@@ -94,20 +202,27 @@ pub(crate) async fn maintain(
     ctx: AgentCtx,
     gateway: Gateway,
     control: mpsc::Sender<Message>,
+    demand: Arc<Demand>,
     stop: CancellationToken,
 ) {
     // Members stop when the session ends or the agent stops, and close their idle connections
     // themselves: an aborted task would drop a TLS stream without a close_notify.
     let quit = stop.child_token();
     let mut members: JoinSet<Left> = JoinSet::new();
-    let busy = Arc::new(Busy::default());
+    let shared = Members {
+        busy: Arc::new(Busy::default()),
+        shed: Arc::new(Shed::default()),
+        demand,
+    };
     // While the gateway's pool is full: when to ask again, and the next pause.
     let mut full_until: Option<Instant> = None;
     let mut full_pause = RETRY;
     loop {
-        let wanted = ctx.config().pool;
+        let wanted = shared.demand.target(&ctx.config().pool);
+        publish(&ctx, &gateway.name, wanted, &shared.demand);
         // Members serving a client (reuse-framed ones come back) do not count as idle.
-        let idle = |members: &JoinSet<Left>| members.len().saturating_sub(busy.count());
+        let idle = |members: &JoinSet<Left>| members.len().saturating_sub(shared.busy.count());
+        shared.shed.post(idle(&members).saturating_sub(wanted));
         if full_until.is_none() {
             while idle(&members) < wanted {
                 members.spawn(member(
@@ -115,7 +230,7 @@ pub(crate) async fn maintain(
                     gateway.clone(),
                     control.clone(),
                     quit.clone(),
-                    busy.clone(),
+                    shared.clone(),
                 ));
             }
         }
@@ -149,16 +264,18 @@ pub(crate) async fn maintain(
                 _ => false,
             },
             // A reuse-framed member took a client: replace it while it serves.
-            () = busy.changed.notified() => {
+            () = shared.busy.changed.notified() => {
                 full_pause = RETRY;
                 false
             }
+            // More clients in this second than the target: raise it now.
+            () = shared.demand.grew.notified() => false,
             () = tokio::time::sleep_until(retry_at), if full_until.is_some() => {
                 full_until = None;
                 false
             }
-            // A reload may raise `pool` while no member changes state.
-            _ = tokio::time::sleep(Duration::from_secs(5)), if idle(&members) >= wanted => false,
+            // The window moves on (the target may fall) and a reload may change `pool`.
+            _ = tokio::time::sleep(TICK) => false,
         };
         if stopped {
             quit.cancel();
@@ -170,6 +287,26 @@ pub(crate) async fn maintain(
             return;
         }
     }
+}
+
+/// What a maintainer's members share with it.
+#[derive(Clone)]
+struct Members {
+    busy: Arc<Busy>,
+    shed: Arc<Shed>,
+    demand: Arc<Demand>,
+}
+
+/// The target and the hit/miss counts in the agent's status (API, metrics, dashboard).
+fn publish(ctx: &AgentCtx, gateway: &str, target: usize, demand: &Demand) {
+    let hits = demand.hits.load(Ordering::Relaxed);
+    let misses = demand.misses.load(Ordering::Relaxed);
+    ctx.status.send_if_modified(|s| {
+        let g = s.gateways.entry(gateway.to_string()).or_default();
+        let changed = (g.pool_target, g.pool_hits, g.pool_misses) != (target, hits, misses);
+        (g.pool_target, g.pool_hits, g.pool_misses) = (target, hits, misses);
+        changed
+    });
 }
 
 /// Members of one maintainer that are serving a client, and a signal when one starts.
@@ -207,7 +344,7 @@ async fn member(
     gateway: Gateway,
     control: mpsc::Sender<Message>,
     quit: CancellationToken,
-    busy: Arc<Busy>,
+    shared: Members,
 ) -> Left {
     let config = ctx.config();
     let hello = PoolHello {
@@ -245,10 +382,11 @@ async fn member(
     };
     let reuse = Feature::DataReuse.on(version) && conn.get_ref().is_tls();
     loop {
-        let assign = match wait_for_client(&ctx, &gateway, &mut conn, &quit).await {
+        let assign = match wait_for_client(&ctx, &gateway, &mut conn, &quit, &shared.shed).await {
             Ok(assign) => assign,
             Err(left) => return left,
         };
+        shared.demand.arrived(true);
         // Admitted like an announced client; a refused one is left unanswered (the gateway
         // offers it elsewhere) and this member pauses before it is replaced.
         let admission = match gateway.limits.admit(
@@ -273,7 +411,7 @@ async fn member(
                 return Left::Closed;
             }
         }
-        let serving = Serving::start(&busy);
+        let serving = Serving::start(&shared.busy);
         let (stream, leftover) = conn.into_parts();
         let (tx, rx) = oneshot::channel();
         let pooled = Pooled {
@@ -316,17 +454,34 @@ async fn wait_for_client(
     gateway: &Gateway,
     conn: &mut Connection<Stream>,
     quit: &CancellationToken,
+    shed: &Shed,
 ) -> Result<PoolAssign, Left> {
     // Counted as idle (in the admin API) until the gateway hands it a client or it closes,
     // however that happens.
     let _idle = Idle::start(ctx, &gateway.name);
-    let first = tokio::select! {
-        _ = quit.cancelled() => {
-            // An orderly close: TLS close_notify, then FIN.
+    // Only a member idle for a whole window is surplus: one that came back a moment ago
+    // (reuse) is what steady traffic needs next, and closing it would cost a handshake soon.
+    let old_enough = Instant::now() + ctx.config().pool.window;
+    let first = loop {
+        // Registered before the ticket check, so a post between the two is not missed.
+        let posted = shed.posted.notified();
+        if Instant::now() >= old_enough && shed.take() {
+            // One too many for the target: an orderly close (TLS close_notify, then FIN). The
+            // gateway drops it from its pool at its next tick, or, if it was handing it a client
+            // at this moment, offers the client to the next one (protocol.md 7.11).
             let _ = conn.get_mut().shutdown().await;
-            return Err(Left::Closed);
+            return Err(Left::Shed);
         }
-        first = conn.read_message() => first,
+        tokio::select! {
+            _ = quit.cancelled() => {
+                // An orderly close: TLS close_notify, then FIN.
+                let _ = conn.get_mut().shutdown().await;
+                return Err(Left::Closed);
+            }
+            () = posted => continue,
+            () = tokio::time::sleep_until(old_enough), if Instant::now() < old_enough => continue,
+            first = conn.read_message() => break first,
+        }
     };
     match first {
         Ok(Some(Message::PoolAssign(a))) => Ok(a),

@@ -126,10 +126,21 @@ pub struct TlsReport {
 /// The warm pool to one gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolReport {
-    /// Idle connections wanted (`pool` in agent.toml).
+    /// Idle connections wanted now: the adaptive pool's target, within `min` and `max`.
     pub size: usize,
     /// Idle connections open now.
     pub idle: usize,
+    /// `pool`'s bounds in agent.toml (equal for a fixed pool).
+    #[serde(default)]
+    pub min: usize,
+    #[serde(default)]
+    pub max: usize,
+    /// Clients handed over pooled connections, and clients announced because none was idle,
+    /// since the agent started.
+    #[serde(default)]
+    pub hits: u64,
+    #[serde(default)]
+    pub misses: u64,
 }
 
 /// One listener on one gateway.
@@ -328,8 +339,14 @@ fn gateway_report(
         reconnect_attempts: g.map_or(0, |g| g.failures),
         sessions: g.map_or(0, |g| g.sessions),
         pool: PoolReport {
-            size: config.pool,
+            size: g
+                .filter(|_| connected)
+                .map_or(config.pool.min, |g| g.pool_target),
             idle: g.filter(|_| connected).map_or(0, |g| g.pool_idle),
+            min: config.pool.min,
+            max: config.pool.max,
+            hits: g.map_or(0, |g| g.pool_hits),
+            misses: g.map_or(0, |g| g.pool_misses),
         },
         listeners,
     }

@@ -312,6 +312,7 @@ async fn run_session(
         edge_sent: EdgeSent::default(),
         pool: None,
         pool_stop: CancellationToken::new(),
+        demand: pool::Demand::new(),
     };
     if let Err(too_large) = channel.push_first(&current, &outbox)? {
         // The gateway is told why, so its log says it too, rather than "closed by peer".
@@ -531,6 +532,8 @@ struct Channel<'a> {
     /// stops with this session.
     pool: Option<tokio::task::JoinHandle<()>>,
     pool_stop: CancellationToken,
+    /// This gateway's clients per second, which size the pool (see `pool::Demand`).
+    demand: std::sync::Arc<pool::Demand>,
 }
 
 impl Channel<'_> {
@@ -560,6 +563,7 @@ impl Channel<'_> {
         match msg {
             Message::Heartbeat(_) => Ok(()),
             Message::ClientArrived(arrived) => {
+                self.demand.arrived(false);
                 let gateway = self.link.for_data(self.gateway);
                 offered(self.ctx, gateway, arrived, &self.outbox_tx);
                 Ok(())
@@ -600,10 +604,10 @@ impl Channel<'_> {
                 let _ = up.send(());
             }
         }
-        if self.pool.is_none() && self.ctx.config().pool > 0 {
+        if self.pool.is_none() && self.ctx.config().pool.enabled() {
             let (ctx, gateway) = (self.ctx.clone(), self.link.for_data(self.gateway));
-            let maintain =
-                pool::maintain(ctx, gateway, self.outbox_tx.clone(), self.pool_stop.clone());
+            let (outbox, demand) = (self.outbox_tx.clone(), self.demand.clone());
+            let maintain = pool::maintain(ctx, gateway, outbox, demand, self.pool_stop.clone());
             self.pool = Some(tokio::spawn(maintain));
         }
         self.ctx.status.send_modify(|s| {

@@ -48,6 +48,12 @@ pub struct GatewayStatus {
     pub sessions: u64,
     /// Idle warm-pool connections open now.
     pub pool_idle: usize,
+    /// Idle warm-pool connections wanted now (the adaptive pool's target; see `agent::pool`).
+    pub pool_target: usize,
+    /// Clients this gateway handed over pooled connections, and clients it announced (the
+    /// pool had none idle): since the agent started.
+    pub pool_hits: u64,
+    pub pool_misses: u64,
     /// The gateway's answer to this session's latest ban list (none: not answered yet, or a
     /// gateway that does not apply bans).
     pub bans: Option<crate::protocol::BanResult>,

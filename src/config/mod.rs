@@ -23,8 +23,8 @@ use toml::Spanned;
 pub use admin::AdminConfig;
 pub use agent::{
     AgentConfig, AgentLimits, AgentTls, Backend, Impersonation, ListenerChanges, ListenerConfig,
-    OutboundConfig, Protocol, ProxyProtocol, ReconnectConfig, OUTBOUND_HANDSHAKE_TIMEOUT,
-    OUTBOUND_MAX_CLIENTS, OUTBOUND_MAX_CLIENTS_PER_IP,
+    OutboundConfig, PoolConfig, Protocol, ProxyProtocol, ReconnectConfig,
+    OUTBOUND_HANDSHAKE_TIMEOUT, OUTBOUND_MAX_CLIENTS, OUTBOUND_MAX_CLIENTS_PER_IP,
 };
 pub use backends::{BackendGroup, Balance, HealthCheck};
 pub use gateway::{GatewayConfig, Limits, SiteBinding};

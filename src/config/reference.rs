@@ -221,7 +221,7 @@ pub const AGENT_KEYS: &[Key] = &[
     noted(
         "pool",
         Applied,
-        "a lower value takes effect as idle pool connections are used or recycled",
+        "within a second: idle connections above the new target close, missing ones are opened",
     ),
     noted(
         "state_dir",
@@ -561,7 +561,23 @@ pub(crate) mod trace {
             deserialize_i64 => visit_i64(1),
             deserialize_str => visit_str("x"),
             deserialize_string => visit_str("x"),
-            deserialize_any => visit_str("x"),
+        }
+
+        /// A string, which untagged enums (a string or a list) take; a key whose visitor
+        /// expects "a count ..." (`pool`: a count or a table) gets a number.
+        fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            self.leaf();
+            struct Expecting<'v, V>(&'v V);
+            impl<'de, V: Visitor<'de>> std::fmt::Display for Expecting<'_, V> {
+                fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    self.0.expecting(f)
+                }
+            }
+            if Expecting(&visitor).to_string().starts_with("a count") {
+                visitor.visit_u64(1)
+            } else {
+                visitor.visit_str("x")
+            }
         }
 
         fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {

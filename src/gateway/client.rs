@@ -256,6 +256,11 @@ impl<C: PublicClient> Handler<C> {
             {
                 Answer::Accepted { data, forwarded } => return Ok(Some((data, forwarded))),
                 Answer::ClientGone => return Err(Unserved::LeftPooled),
+                Answer::Closed => tracing::debug!(
+                    listener = %offer.listener, client = %offer.client_addr, id = offer.id,
+                    "the agent at {agent_addr} had closed the pooled connection handed this \
+                     client; trying the next one"
+                ),
                 Answer::Unanswered => {
                     shunned.push(agent_id);
                     self.site.pool.remove_agent(agent_id);

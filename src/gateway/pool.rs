@@ -142,8 +142,11 @@ impl Pool {
         self.agents.lock().iter().map(|a| a.idle.len()).sum()
     }
 
-    /// Takes the newest pooled connection of the agent with the most idle ones (the least
-    /// busy; ties rotate), leaving out the `shunned` agents.
+    /// Takes the newest pooled connection of the next agent in turn that has one, leaving out
+    /// the `shunned` agents. In turn, not "the agent with the most idle ones": agents size their
+    /// pools by the clients they get (`agent::pool`), so favouring the biggest pool would feed
+    /// one agent ever more clients and starve the others; turns split the clients evenly, and a
+    /// saturated agent (none idle) is passed over.
     fn take(&self, shunned: &[u64]) -> Option<(u64, Pooled)> {
         let mut agents = self.agents.lock();
         agents.retain(|a| !a.idle.is_empty());
@@ -154,8 +157,7 @@ impl Pool {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let pick = (0..n)
             .map(|i| (start + i) % n)
-            .filter(|&i| !shunned.contains(&agents[i].agent_id))
-            .max_by_key(|&i| (agents[i].idle.len(), std::cmp::Reverse((i + n - start) % n)))?;
+            .find(|&i| !shunned.contains(&agents[i].agent_id))?;
         let agent_id = agents[pick].agent_id;
         agents[pick].idle.pop_back().map(|p| (agent_id, p))
     }
@@ -245,11 +247,14 @@ impl Pool {
     /// Closes, for each agent, its oldest idle connection if it has waited longer than
     /// [`MAX_IDLE`]; the agent opens a fresh one. Called every second, so a pool that filled at
     /// once is renewed one connection at a time instead of vanishing at once. Returns how many
-    /// were closed.
+    /// were closed so. Before that, drops the connections the agent closed (its pool shrank:
+    /// `agent::pool`) or lost, so the pool's count is true within a second and their sockets
+    /// do not linger.
     pub fn recycle(&self) -> usize {
         let mut agents = self.agents.lock();
         let mut closed = 0;
         for a in agents.iter_mut() {
+            a.idle.retain(Pooled::alive);
             if a.idle.front().is_some_and(|p| p.since.elapsed() > MAX_IDLE) {
                 a.idle.pop_front();
                 closed += 1;
@@ -280,6 +285,9 @@ pub(crate) enum Answer {
     /// No answer within [`ACCEPT_LIMIT`] (or the connection failed first): the connection was
     /// reset; offer the client elsewhere with the held bytes.
     Unanswered,
+    /// The agent had closed the connection in an orderly way (its pool shrank) as the client
+    /// was handed to it: not a sign of a hung agent. Offer the client to the next one.
+    Closed,
     /// The client reset its connection meanwhile.
     ClientGone,
 }
@@ -339,6 +347,7 @@ impl Handed {
                 biased;
                 msg = reader.read_message() => match msg {
                     Ok(Some(Message::PoolAccepted(PoolAccepted { id: answered }))) if answered == id => Waiting::Accepted,
+                    Ok(None) => Waiting::Closed,
                     _ => Waiting::Failed,
                 },
                 read = client.read(&mut chunk[..room]), if room > 0 && !held.eof => Waiting::Read(read),
@@ -350,6 +359,10 @@ impl Handed {
                 Waiting::Failed | Waiting::Pushed(Err(_)) => {
                     abort(reader, sink);
                     return Answer::Unanswered;
+                }
+                Waiting::Closed => {
+                    abort(reader, sink);
+                    return Answer::Closed;
                 }
                 Waiting::Read(Err(_)) => {
                     abort(reader, sink);
@@ -404,6 +417,8 @@ impl Handed {
 /// What happened while a pooled connection had not answered yet.
 enum Waiting {
     Accepted,
+    /// The agent closed the connection (an orderly end) before it read the assignment.
+    Closed,
     /// No answer in time, something else than the answer, or the connection ended.
     Failed,
     Read(std::io::Result<usize>),
@@ -691,6 +706,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn members_their_agent_closed_leave_the_pool_at_the_next_tick() {
+        let pool = Pool::default();
+        let a = agent(1);
+        let mut ends = Vec::new();
+        for _ in 0..3 {
+            let (m, end) = member().await;
+            assert!(pool.add(&a, m).is_ok());
+            ends.push(end);
+        }
+        // The agent closes two of them (its target fell); none has expired.
+        drop(ends.drain(..2));
+        // Loopback: their FINs are queued at once (the check asks the socket, not the runtime).
+        assert_eq!(pool.recycle(), 0, "none had expired");
+        assert_eq!(pool.len(), 1, "closed members stayed counted");
+    }
+
+    #[tokio::test]
     async fn a_shunned_agent_s_members_are_left_alone() {
         let pool = Pool::default();
         let (a, b) = (agent(1), agent(2));
@@ -700,10 +732,31 @@ mod tests {
             assert!(pool.add(owner, m).is_ok());
             ends.push(end);
         }
-        // a has the most idle members, but it is shunned for this client.
+        // a has members (two), but it is shunned for this client.
         let (id, _) = pool.take(&[a.id]).unwrap();
         assert_eq!(id, b.id);
         assert!(pool.take(&[a.id]).is_none());
         assert_eq!(pool.take(&[]).unwrap().0, a.id);
+    }
+
+    #[tokio::test]
+    async fn agents_take_turns_however_many_idle_members_each_has() {
+        let pool = Pool::default();
+        let (a, b) = (agent(1), agent(2));
+        let mut ends = Vec::new();
+        // a's pool is three times b's (it grew with the clients it got).
+        for owner in [&a, &a, &a, &a, &a, &a, &b, &b] {
+            let (m, end) = member().await;
+            assert!(pool.add(owner, m).is_ok());
+            ends.push(end);
+        }
+        let taken: Vec<u64> = (0..4).map(|_| pool.take(&[]).unwrap().0).collect();
+        assert_eq!(
+            taken.iter().filter(|&&id| id == b.id).count(),
+            2,
+            "{taken:?}"
+        );
+        // b is out of members: a serves the rest.
+        assert!((0..4).all(|_| pool.take(&[]).unwrap().0 == a.id));
     }
 }

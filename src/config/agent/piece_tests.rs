@@ -87,7 +87,7 @@ struct Number {
 }
 
 #[test]
-fn max_frame_and_pool_keep_to_their_bounds() {
+fn max_frame_keeps_to_its_bounds() {
     let frame = |t: &str| piece(t, |s, n: &Number| parse_max_frame(s, n.v.as_ref()));
     assert_eq!(frame("").unwrap(), DEFAULT_MAX_FRAME);
     assert_eq!(frame("v = 4096").unwrap(), 4096);
@@ -97,10 +97,6 @@ fn max_frame_and_pool_keep_to_their_bounds() {
         "outside the allowed 4096 to 67108864",
     );
     err_at(frame("v = 67108865"), 1, "max_frame: ");
-    let pool = |t: &str| piece(t, |s, n: &Number| parse_pool(s, n.v.as_ref()));
-    assert_eq!(pool("").unwrap(), DEFAULT_POOL);
-    assert_eq!(pool(&format!("v = {MAX_POOL}")).unwrap(), MAX_POOL);
-    err_at(pool(&format!("v = {}", MAX_POOL + 1)), 1, "pool: ");
 }
 
 #[derive(Deserialize)]
@@ -264,4 +260,30 @@ fn outbound_checks_users_and_limits_and_warns_of_an_open_proxy() {
         2,
         "invalid socket address",
     );
+}
+
+#[derive(Deserialize)]
+struct Sources {
+    source_ip: Option<Spanned<OneOrMany>>,
+}
+
+#[test]
+fn source_ip_is_one_address_or_a_list_of_one_family() {
+    let ips = |t: &str| {
+        piece(t, |s, r: &Sources| {
+            parse_source_ips(s, r.source_ip.as_ref())
+        })
+    };
+    assert!(ips("").unwrap().is_empty());
+    assert_eq!(ips("source_ip = \"10.0.0.5\"").unwrap().len(), 1);
+    let list = ips("source_ip = [\"10.0.0.5\", \"10.0.0.6\", \"10.0.0.7\"]").unwrap();
+    assert_eq!(list[2].to_string(), "10.0.0.7");
+    err_at(ips("\nsource_ip = []"), 2, "an empty list");
+    err_at(
+        ips("source_ip = [\"10.0.0.5\", \"10.0.0.5\"]"),
+        1,
+        "listed twice",
+    );
+    err_at(ips("source_ip = [\"10.0.0.5\", \"::1\"]"), 1, "same family");
+    err_at(ips("source_ip = [\"10.0.0.x\"]"), 1, "invalid IP address");
 }
