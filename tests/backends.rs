@@ -312,10 +312,13 @@ fn no_healthy_backend_on_one_agent(pool: u32) {
     let (reoffered, unanswered) = in_ns(&g, || {
         let stats = gateway.api("/api/stats");
         let count = |k: &str| stats["refusals"][k].as_u64().unwrap_or(0);
-        (count("client_reoffered"), count("pool_unanswered"))
+        (
+            count("client_reoffered"),
+            count("pool_unanswered") + count("pool_declined"),
+        )
     });
     eprintln!(
-        "measured (pool = {pool}): client_reoffered {reoffered}, pool_unanswered {unanswered}"
+        "measured (pool = {pool}): client_reoffered {reoffered}, pool_unanswered + pool_declined {unanswered}"
     );
     assert!(
         reoffered + unanswered >= 1,

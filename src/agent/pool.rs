@@ -396,7 +396,12 @@ async fn member(
             assign.port_offset,
         ) {
             Ok(a) => a,
-            Err(_) => return Left::Failed,
+            Err(_) => {
+                // Declined in an orderly way (FIN, or TLS close_notify): the gateway offers the
+                // client to another agent without taking this one for hung (`pool_declined`).
+                let _ = conn.get_mut().shutdown().await;
+                return Left::Failed;
+            }
         };
         if Feature::PoolAccepted.on(version) {
             // Before anything else: the gateway offers the client elsewhere without this

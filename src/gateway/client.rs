@@ -256,11 +256,19 @@ impl<C: PublicClient> Handler<C> {
             {
                 Answer::Accepted { data, forwarded } => return Ok(Some((data, forwarded))),
                 Answer::ClientGone => return Err(Unserved::LeftPooled),
-                Answer::Closed => tracing::debug!(
-                    listener = %offer.listener, client = %offer.client_addr, id = offer.id,
-                    "the agent at {agent_addr} had closed the pooled connection handed this \
-                     client; trying the next one"
-                ),
+                Answer::Closed => {
+                    // Not this agent for this client; not a hung agent either.
+                    shunned.push(agent_id);
+                    let occ = self.shared.stats.pool_declined.hit();
+                    if occ.log {
+                        tracing::info!(
+                            listener = %offer.listener, client = %offer.client_addr, id = offer.id,
+                            "the agent at {agent_addr} closed the pooled connection handed this client \
+                             (it declined it, or its pool was shrinking); the client is offered again{}",
+                            occ.tally()
+                        );
+                    }
+                }
                 Answer::Unanswered => {
                     shunned.push(agent_id);
                     self.site.pool.remove_agent(agent_id);

@@ -70,6 +70,9 @@ pub struct GatewayStats {
     /// Clients handed to a pooled connection whose agent did not answer in time (offered
     /// again elsewhere).
     pub pool_unanswered: Event,
+    /// Clients handed to a pooled connection its agent had closed in an orderly way (it declined
+    /// the client, or its pool was shrinking): offered to the next one, not to that agent.
+    pub pool_declined: Event,
     /// Connections whose agent certificate is bound to another site than the one they claim,
     /// or to none when `[control] tls.site_binding = "required"`.
     pub wrong_site: Event,
@@ -114,6 +117,7 @@ impl Default for GatewayStats {
             session_unproven: Event::some_per_10s(),
             pool_full: Event::once_per_10s(),
             pool_unanswered: Event::some_per_10s(),
+            pool_declined: Event::some_per_10s(),
             wrong_site: Event::some_per_10s(),
             revoked: Event::some_per_10s(),
             route_timeout: Event::some_per_10s(),
@@ -148,6 +152,7 @@ impl GatewayStats {
             ("session_proof", self.session_unproven.count()),
             ("pool_full", self.pool_full.count()),
             ("pool_unanswered", self.pool_unanswered.count()),
+            ("pool_declined", self.pool_declined.count()),
             ("wrong_site", self.wrong_site.count()),
             ("revoked", self.revoked.count()),
             ("route_timeout", self.route_timeout.count()),
