@@ -31,6 +31,8 @@ pub(super) struct Offering<'a> {
     /// Agents that reported they cannot serve it (not asked again), and the last reason.
     failed_by: Vec<u64>,
     last_failure: Option<String>,
+    /// Its turn in the site's rotation, taken once: offering it again keeps it.
+    turn: u64,
 }
 
 impl<'a> Offering<'a> {
@@ -51,6 +53,7 @@ impl<'a> Offering<'a> {
             offered_to: None,
             failed_by: Vec::new(),
             last_failure: None,
+            turn: site.next_turn(),
         }
     }
 
@@ -60,7 +63,7 @@ impl<'a> Offering<'a> {
         let withdrawn = |_| "the offer was withdrawn".to_string();
         loop {
             let joined = self.site.joined.notified();
-            let Some(agent) = self.site.pick_agent(shunned, &self.failed_by) else {
+            let Some(agent) = self.site.pick_agent(self.turn, shunned, &self.failed_by) else {
                 if let Some(reason) = self.last_failure.take() {
                     return Ok(Claim::Failed(reason));
                 }

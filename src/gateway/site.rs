@@ -133,17 +133,23 @@ impl Site {
         }
     }
 
-    /// The least busy connected agent; ties rotate so equal agents share the load. Agents
-    /// that are `shunned` (they just failed this client on the pool path) or suspect (one of
-    /// their pooled connections did not answer) are picked only when no other agent is there;
-    /// agents in `excluded` (they reported they cannot serve this client) never: `None` when
-    /// no other agent is connected.
-    pub fn pick_agent(&self, shunned: &[u64], excluded: &[u64]) -> Option<AgentHandle> {
+    /// A client's turn in the rotation: taken once per client, so offering it again (after
+    /// an agent failed it or left) does not move the rotation on and skip an agent's turn.
+    pub fn next_turn(&self) -> u64 {
+        self.next_pick.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The least busy connected agent; ties rotate by the client's `turn` ([`Self::next_turn`])
+    /// so equal agents share the load. Agents that are `shunned` (they just failed this client
+    /// on the pool path) or suspect (one of their pooled connections did not answer) are picked
+    /// only when no other agent is there; agents in `excluded` (they reported they cannot serve
+    /// this client) never: `None` when no other agent is connected.
+    pub fn pick_agent(&self, turn: u64, shunned: &[u64], excluded: &[u64]) -> Option<AgentHandle> {
         let agents = self.agents.lock();
         if agents.is_empty() {
             return None;
         }
-        let start = self.next_pick.fetch_add(1, Ordering::Relaxed) as usize % agents.len();
+        let start = (turn % agents.len() as u64) as usize;
         (0..agents.len())
             .map(|i| &agents[(start + i) % agents.len()])
             // A session that is ending is still listed until it has left.
@@ -504,5 +510,48 @@ impl SiteRegistry {
         let mut sites: Vec<_> = self.sites.lock().values().cloned().collect();
         sites.sort_by(|a, b| a.name.cmp(&b.name));
         sites
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: u64) -> AgentHandle {
+        AgentHandle {
+            id,
+            name: format!("agent-{id}"),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            connected_since: SystemTime::now(),
+            tx: mpsc::channel(1).0,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            digest: Arc::new(Mutex::new(String::new())),
+            gone: CancellationToken::new(),
+            secret: None,
+            cert: None,
+            chain: None,
+            cert_revoked: CancellationToken::new(),
+            suspect: Arc::default(),
+        }
+    }
+
+    /// Two equal agents, each client offered first to one and, when that one fails it, again
+    /// to the other (as `Offering` does): each agent is asked first for half of the clients.
+    /// Before, every pick moved the rotation on, so the re-offer used up the other agent's
+    /// turn and agent 1 was asked first for all 10.
+    #[test]
+    fn a_reoffer_does_not_skip_an_agents_turn() {
+        let site = Site::new("s");
+        site.agents.lock().extend([agent(1), agent(2)]);
+        let mut first = HashMap::<u64, usize>::new();
+        for _ in 0..10 {
+            let turn = site.next_turn();
+            let a = site.pick_agent(turn, &[], &[]).unwrap();
+            *first.entry(a.id).or_default() += 1;
+            let b = site.pick_agent(turn, &[], &[a.id]).unwrap();
+            assert_ne!(a.id, b.id, "the re-offer went to the agent that failed it");
+        }
+        assert_eq!(first.get(&1), Some(&5), "asked first: {first:?}");
+        assert_eq!(first.get(&2), Some(&5), "asked first: {first:?}");
     }
 }
