@@ -11,6 +11,7 @@
 pub mod backends;
 pub mod backoff;
 pub mod bans;
+mod channel;
 mod data;
 pub(crate) mod dial;
 pub mod embedded;
@@ -18,6 +19,7 @@ pub(crate) mod limits;
 mod outbound;
 mod pool;
 pub mod proxy_header;
+mod push;
 mod reload;
 pub mod report;
 mod session;

@@ -26,6 +26,7 @@ pub mod outbound;
 mod pending;
 mod pool;
 mod public;
+mod push;
 mod route;
 mod session;
 mod site;
