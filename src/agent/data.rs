@@ -13,49 +13,26 @@
 //! client whose backend is unreachable ends it with `04` and `02` (last, end of stream), so the
 //! gateway closes its client in order and neither side keeps the connection.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::dial::{dial, DialError, Target};
-use super::embedded::{Accepted, GatewayStream};
+use super::dial::DialError;
 use super::stats::ListenerStats;
 use super::{proxy_header, AgentCtx};
 use crate::audit::{ConnectionEnd, Daemon};
 use crate::config::{AgentConfig, Backend, ListenerConfig, Protocol, ProxyProtocol};
-use crate::net;
 use crate::pipe::{pipe_tcp, tracked, PipeCounters};
-use crate::protocol::{ClientArrived, ClientFailed, DataHello, ErrorCode, Message, Role, Token};
+use crate::protocol::{ClientArrived, ClientFailed, ErrorCode, Message};
 use crate::transport::Stream;
 
-/// The gateway that announced a client, where its data connection goes.
-#[derive(Clone)]
-pub(crate) struct Gateway {
-    /// As configured (`host:port`): the TLS name.
-    pub name: String,
-    /// The address the control channel reached: data goes to the same gateway instance.
-    pub addr: SocketAddr,
-    pub tls: bool,
-    /// The secret the gateway gave this control session (protocol v2): pool connections prove
-    /// they belong to the session with it.
-    pub session: Option<Token>,
-    /// This gateway's share of the agent: offers are admitted against it.
-    pub limits: Arc<super::limits::GatewayLimits>,
-}
+mod conn;
 
-/// A warm-pool connection the gateway already handed a client.
-pub(crate) struct Pooled {
-    pub stream: Stream,
-    /// Bytes read past the `PoolAssign`.
-    pub leftover: BytesMut,
-    /// Reuse-framed: where the connection goes back when its client ended cleanly both ways.
-    pub back: Option<oneshot::Sender<crate::reuse::Reusable>>,
-}
+use conn::{decline, give_back, open_data_connection};
+pub(crate) use conn::{Gateway, Pooled};
 
 /// Serves one client announced by `gateway`. Reports failures on the control channel through
 /// `control` when it is still there; never depends on it otherwise.
@@ -449,31 +426,12 @@ impl Handler {
 
     /// For the embedded listener: the data connection itself is the application's stream.
     async fn hand_to_application(&self, pooled: Option<DataParts>) {
-        let arrived = &self.arrived;
         let Some(local) = &self.ctx.local else {
             return self.fail("no application accepts this listener's clients".into());
         };
-        match self.data_connection(pooled).await {
-            Ok((stream, leftover)) => {
-                self.ctx.stats.listener(&arrived.listener).served_locally();
-                let accepted = Accepted {
-                    stream: GatewayStream::new(stream, leftover, arrived.client_addr),
-                    client_addr: arrived.client_addr,
-                    gateway_addr: arrived.gateway_addr,
-                };
-                if local.send(accepted).await.is_err() {
-                    tracing::debug!(client = %arrived.client_addr, "the application stopped accepting");
-                }
-            }
-            Err(DialError::Refused(e)) if e.code == ErrorCode::UNKNOWN_CLIENT => {
-                tracing::info!(client = %arrived.client_addr, id = arrived.id, "client already taken by another agent or gone; not serving it");
-            }
-            Err(e) => {
-                tracing::warn!(client = %arrived.client_addr, "data connection failed: {e}");
-                let why = format!("agent's data connection failed: {e}");
-                self.ctx.stats.listener(&arrived.listener).data_failed(&why);
-                self.fail(why);
-            }
+        let data = self.data_connection(pooled).await;
+        if let Err(why) = super::embedded::hand_over(&self.ctx, local, &self.arrived, data).await {
+            self.fail(why);
         }
     }
 
@@ -530,52 +488,4 @@ struct Served {
     backend: String,
     /// Bytes moved: from the client, to the client.
     moved: (u64, u64),
-}
-
-/// Ends a data connection whose client this agent does not serve (no such listener now, no
-/// backend port, the backend unreachable) in order, so the gateway closes its client with an
-/// end of stream, not a reset: a reuse-framed one says `04` (last) and `02` (end of stream)
-/// first, and neither side keeps it. The report goes on the control channel.
-async fn decline(data: Option<Stream>, framed: bool) {
-    let Some(mut data) = data else {
-        return;
-    };
-    if framed {
-        let _ = data
-            .write_all(&[crate::reuse::LAST, crate::reuse::END])
-            .await;
-    }
-    net::close_gently(&mut data, std::time::Duration::from_secs(1)).await;
-}
-
-/// Hands a connection that may serve another client back to its pool member; closes it when
-/// the member is gone (the agent is stopping).
-fn give_back(
-    reusable: Option<crate::reuse::Reusable>,
-    back: oneshot::Sender<crate::reuse::Reusable>,
-) {
-    if let Some(reusable) = reusable {
-        if let Err((mut stream, _)) = back.send(reusable) {
-            stream.try_close_notify();
-        }
-    }
-}
-
-/// Dials the gateway, claims the client with its id and token, and waits for the ack. Returns
-/// the stream and any client bytes that arrived with the ack.
-async fn open_data_connection(
-    config: &AgentConfig,
-    gateway: &Gateway,
-    arrived: &ClientArrived,
-) -> Result<(Stream, BytesMut), DialError> {
-    let role = Role::Data(DataHello {
-        id: arrived.id,
-        token: arrived.token,
-    });
-    let target = Target {
-        gateway: &gateway.name,
-        resolved: Some(gateway.addr),
-    };
-    let (conn, _ack) = dial(config, target, role, gateway.tls).await?;
-    Ok(conn.into_parts())
 }

@@ -359,3 +359,38 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Gate
         ClientAddr(*stream.remote_addr())
     }
 }
+
+/// For the embedded listener: the data connection itself is the application's stream (handed
+/// to `local`). `Err`: why the client cannot be served, for the gateway.
+pub(super) async fn hand_over(
+    ctx: &super::AgentCtx,
+    local: &mpsc::Sender<Accepted>,
+    arrived: &crate::protocol::ClientArrived,
+    data: Result<(Stream, BytesMut), super::dial::DialError>,
+) -> Result<(), String> {
+    use super::dial::DialError;
+    match data {
+        Ok((stream, leftover)) => {
+            ctx.stats.listener(&arrived.listener).served_locally();
+            let accepted = Accepted {
+                stream: GatewayStream::new(stream, leftover, arrived.client_addr),
+                client_addr: arrived.client_addr,
+                gateway_addr: arrived.gateway_addr,
+            };
+            if local.send(accepted).await.is_err() {
+                tracing::debug!(client = %arrived.client_addr, "the application stopped accepting");
+            }
+            Ok(())
+        }
+        Err(DialError::Refused(e)) if e.code == crate::protocol::ErrorCode::UNKNOWN_CLIENT => {
+            tracing::info!(client = %arrived.client_addr, id = arrived.id, "client already taken by another agent or gone; not serving it");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(client = %arrived.client_addr, "data connection failed: {e}");
+            let why = format!("agent's data connection failed: {e}");
+            ctx.stats.listener(&arrived.listener).data_failed(&why);
+            Err(why)
+        }
+    }
+}
