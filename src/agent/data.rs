@@ -170,16 +170,20 @@ impl Handler {
     ) -> Result<Served, Unserved> {
         let (timeout, client) = (self.config.connect_timeout, self.arrived.client_addr);
         let backends = &self.ctx.stats.backends;
-        let (data, backend) = tokio::join!(
-            self.data_connection(pooled),
-            super::backends::connect(
-                backends,
-                listener,
-                self.arrived.port_offset,
-                client,
-                timeout
-            ),
-        );
+        let offset = self.arrived.port_offset;
+        let backend = super::backends::connect(backends, listener, offset, client, timeout);
+        let (data, backend) = if pooled.is_none() && !health_checked(listener) {
+            // Nothing tells in advance whether its backend takes the client: the backend first,
+            // so one that does not is reported (ClientFailed) while the client is unclaimed and
+            // the gateway offers it to another agent (protocol.md 7.3).
+            match backend.await {
+                Ok(b) => (self.data_connection(None).await.map_err(Some), Ok(b)),
+                Err(e) => (Err(None), Err(e)),
+            }
+        } else {
+            let (data, backend) = tokio::join!(self.data_connection(pooled), backend);
+            (data.map_err(Some), backend)
+        };
         // With several backends, the one that accepted (`_on_backend` counts the client on it).
         let (backend, target, _on_backend) = match backend {
             Ok(b) => (b.stream, b.target, b._active),
@@ -198,7 +202,8 @@ impl Handler {
         };
         let (data, leftover) = match data {
             Ok(parts) => parts,
-            Err(error) => {
+            Err(None) => unreachable!("the data connection is skipped only without a backend"),
+            Err(Some(error)) => {
                 return Err(Unserved::DataFailed {
                     backend: target,
                     error,
@@ -488,4 +493,10 @@ struct Served {
     backend: String,
     /// Bytes moved: from the client, to the client.
     moved: (u64, u64),
+}
+
+/// Whether the listener's backends are health-checked (`health`): then a client whose
+/// backends are all down is refused before anything is dialled (`super::backends`).
+fn health_checked(listener: &ListenerConfig) -> bool {
+    listener.group.as_ref().is_some_and(|g| g.health.is_some())
 }
