@@ -1,7 +1,9 @@
 //! Serving one announced client, as one value ([`Handler`], mini-redis's idea, mirroring the
 //! gateway's `client.rs`): find its listener and backend, dial the gateway's control port as a
 //! data connection and the backend at the same time (or take the warm-pool connection it came
-//! on), write the PROXY header, then pipe the two.
+//! on), write the PROXY header, then pipe the two. An announced client of a listener without
+//! health checks is the exception: its backend is dialled first, so an unreachable one is
+//! reported while the client is unclaimed and the gateway offers it to another agent.
 //!
 //! Every way a client goes unserved is one [`Unserved`] variant, logged, counted, recorded,
 //! reported to the gateway (`ClientFailed`) and its data connection closed in one place
@@ -159,8 +161,8 @@ impl Handler {
     }
 
     /// Dials the data connection and the backend at once (the client's wait is the slower of
-    /// the two, not their sum), then pipes them. Returns the audit outcome, its error and the
-    /// bytes moved (from the client, to the client).
+    /// the two, not their sum), or the backend first (see the module doc), then pipes them.
+    /// Returns the audit outcome, its error and the bytes moved (from the client, to the client).
     async fn serve_stream(
         &self,
         route: &Route,
