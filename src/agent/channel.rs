@@ -143,6 +143,36 @@ pub(super) struct Channel<'a> {
     pub(super) demand: std::sync::Arc<pool::Demand>,
 }
 
+impl<'a> Channel<'a> {
+    /// A channel that has pushed nothing yet, for `site`.
+    pub(super) fn new(
+        ctx: &'a AgentCtx,
+        gateway: &'a str,
+        link: Link,
+        outbox_tx: mpsc::Sender<Message>,
+        established: &'a mut bool,
+        up: &'a mut Option<oneshot::Sender<()>>,
+        site: String,
+    ) -> Self {
+        Channel {
+            ctx,
+            gateway,
+            link,
+            outbox_tx,
+            established,
+            up,
+            site,
+            generation: 1,
+            answered: 0,
+            last_push: None,
+            edge_sent: EdgeSent::default(),
+            pool: None,
+            pool_stop: CancellationToken::new(),
+            demand: pool::Demand::new(),
+        }
+    }
+}
+
 impl Channel<'_> {
     /// Rate limits and automatic bans, then the first push: they are in force when the
     /// listeners open. `Ok(Err)`: the push is too large for this agent's `max_frame` and was

@@ -10,8 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::backoff::Backoff;
 use super::channel::{Channel, Link};
 use super::dial::{dial, DialError, Target};
-use super::push::{push_bans, send_first_bans, EdgeSent, PushLimit, PushTooLarge};
-use super::{data, pool, AgentCtx};
+use super::push::{push_bans, send_first_bans, PushLimit, PushTooLarge};
+use super::{data, AgentCtx};
 use crate::config::AgentConfig;
 use crate::protocol::liveness::{Beat, Liveness, Silence};
 use crate::protocol::outbox::{Outbox, OutboxError};
@@ -20,7 +20,6 @@ use crate::protocol::{
     Role, Token,
 };
 use crate::transport::Stream;
-use tokio_util::sync::CancellationToken;
 
 /// Why a session ended (other than shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -164,22 +163,8 @@ async fn run_session(
     let (mut reader, sink) = conn.split();
     let (outbox_tx, failures) = mpsc::channel::<Message>(256);
     let mut outbox = Outbox::spawn(sink, failures, liveness.write_limit());
-    let mut channel = Channel {
-        ctx,
-        gateway,
-        link,
-        outbox_tx,
-        established,
-        up,
-        site: current.site.clone(),
-        generation: 1,
-        answered: 0,
-        last_push: None,
-        edge_sent: EdgeSent::default(),
-        pool: None,
-        pool_stop: CancellationToken::new(),
-        demand: pool::Demand::new(),
-    };
+    let site = current.site.clone();
+    let mut channel = Channel::new(ctx, gateway, link, outbox_tx, established, up, site);
     if let Err(too_large) = channel.push_first(&current, &outbox)? {
         // The gateway is told why, so its log says it too, rather than "closed by peer".
         let why = too_large.for_gateway(current.max_frame);
