@@ -253,10 +253,11 @@ fn adaptive_pool_follows_bursts(tls: bool) {
         (Some(1), Some(24))
     );
 
-    // 16 clients at once against a pool of 1: most are announced (misses).
+    // 16 clients at once against a pool of 1 (how many the replacements catch depends on the
+    // machine: each client is a hit or a miss). The target follows the burst, and the pool on
+    // the gateway grows to it (a fixed pool of 1 stays at 1: checked by pinning the target).
     concurrent_clients(port, 16, "first burst");
     let first = agent_pool(&api);
-    assert!(first["misses"].as_u64() >= Some(8), "{first}");
     assert_eq!(
         first["hits"].as_u64().unwrap() + first["misses"].as_u64().unwrap(),
         16

@@ -346,6 +346,63 @@ async fn member(
     quit: CancellationToken,
     shared: Members,
 ) -> Left {
+    let (mut conn, version) = match dial_member(&ctx, &gateway, &quit).await {
+        Ok(dialed) => dialed,
+        Err(left) => return left,
+    };
+    let reuse = Feature::DataReuse.on(version) && conn.get_ref().is_tls();
+    loop {
+        let assign = match wait_for_client(&ctx, &gateway, &mut conn, &quit, &shared.shed).await {
+            Ok(assign) => assign,
+            Err(left) => return left,
+        };
+        shared.demand.arrived(true);
+        let admission = match accept_assignment(&ctx, &gateway, &mut conn, version, &assign).await {
+            Ok(admission) => admission,
+            Err(left) => return left,
+        };
+        let serving = Serving::start(&shared.busy);
+        let (stream, leftover) = conn.into_parts();
+        let (tx, rx) = oneshot::channel();
+        let pooled = Pooled {
+            stream,
+            leftover,
+            back: reuse.then_some(tx),
+        };
+        let served = data::serve_client(
+            ctx.clone(),
+            gateway.clone(),
+            arrived(assign),
+            control.clone(),
+            Some(pooled),
+            admission,
+        );
+        // A task of the agent, not of this member: it carries on when the pool stops.
+        ctx.tasks.spawn(served);
+        if !reuse {
+            return Left::Assigned;
+        }
+        let back = tokio::select! {
+            back = rx => back,
+            _ = quit.cancelled() => return Left::Assigned,
+        };
+        drop(serving);
+        match back {
+            Ok((stream, leftover)) => {
+                conn = Connection::with_prefix(stream, ctx.config().max_frame, &leftover);
+            }
+            // Not reusable: ended uncleanly, or the last client of this connection.
+            Err(_) => return Left::Assigned,
+        }
+    }
+}
+
+/// Opens one pool connection: the connection and the protocol version it negotiated.
+async fn dial_member(
+    ctx: &AgentCtx,
+    gateway: &Gateway,
+    quit: &CancellationToken,
+) -> Result<(Connection<Stream>, u16), Left> {
     let config = ctx.config();
     let hello = PoolHello {
         site: config.site.clone(),
@@ -367,90 +424,53 @@ async fn member(
         None => protocol::max_version(),
     };
     let dialed = tokio::select! {
-        _ = quit.cancelled() => return Left::Closed,
+        _ = quit.cancelled() => return Err(Left::Closed),
         dialed = dial_up_to(&config, target, role, gateway.tls, max_version) => dialed,
     };
-    let (mut conn, version) = match dialed {
-        Ok((conn, ack)) => (conn, ack.version),
+    match dialed {
+        Ok((conn, ack)) => Ok((conn, ack.version)),
         // A full pool is refused before the ack (SPRT + LIMIT); older gateways send LIMIT after
         // it (below). Either way: back off, do not redial every second.
-        Err(super::dial::DialError::Refused(e)) if e.code == ErrorCode::LIMIT => return Left::Full,
+        Err(super::dial::DialError::Refused(e)) if e.code == ErrorCode::LIMIT => Err(Left::Full),
         Err(e) => {
             tracing::debug!(gateway = %gateway.name, "pool connection failed: {e}");
-            return Left::Failed;
-        }
-    };
-    let reuse = Feature::DataReuse.on(version) && conn.get_ref().is_tls();
-    loop {
-        let assign = match wait_for_client(&ctx, &gateway, &mut conn, &quit, &shared.shed).await {
-            Ok(assign) => assign,
-            Err(left) => return left,
-        };
-        shared.demand.arrived(true);
-        // Admitted like an announced client; a refused one is left unanswered (the gateway
-        // offers it elsewhere) and this member pauses before it is replaced.
-        let admission = match gateway.limits.admit(
-            &ctx.config(),
-            &ctx.stats,
-            &assign.listener,
-            assign.port_offset,
-        ) {
-            Ok(a) => a,
-            Err(_) => {
-                // Declined in an orderly way (FIN, or TLS close_notify): the gateway offers the
-                // client to another agent without taking this one for hung (`pool_declined`).
-                let _ = conn.get_mut().shutdown().await;
-                return Left::Failed;
-            }
-        };
-        if Feature::PoolAccepted.on(version) {
-            // Before anything else: the gateway offers the client elsewhere without this
-            // answer. If it already gave up, the connection is reset and the write fails: drop
-            // the client.
-            let answer = Message::PoolAccepted(PoolAccepted { id: assign.id });
-            if let Err(e) = conn.write_message(&answer).await {
-                tracing::info!(
-                    gateway = %gateway.name, client = %assign.client_addr, id = assign.id,
-                    "pooled client dropped: the gateway gave up on this connection before it was answered ({e})"
-                );
-                return Left::Closed;
-            }
-        }
-        let serving = Serving::start(&shared.busy);
-        let (stream, leftover) = conn.into_parts();
-        let (tx, rx) = oneshot::channel();
-        let pooled = Pooled {
-            stream,
-            leftover,
-            back: reuse.then_some(tx),
-        };
-        let arrived = arrived(assign);
-        let served = data::serve_client(
-            ctx.clone(),
-            gateway.clone(),
-            arrived,
-            control.clone(),
-            Some(pooled),
-            admission,
-        );
-        // A task of the agent, not of this member: it carries on when the pool stops.
-        ctx.tasks.spawn(served);
-        if !reuse {
-            return Left::Assigned;
-        }
-        let back = tokio::select! {
-            back = rx => back,
-            _ = quit.cancelled() => return Left::Assigned,
-        };
-        drop(serving);
-        match back {
-            Ok((stream, leftover)) => {
-                conn = Connection::with_prefix(stream, config.max_frame, &leftover);
-            }
-            // Not reusable: ended uncleanly, or the last client of this connection.
-            Err(_) => return Left::Assigned,
+            Err(Left::Failed)
         }
     }
+}
+
+/// Admits an assigned client like an announced one and answers `PoolAccepted` (v2). A client
+/// this agent cannot admit is declined with an orderly close (FIN, or TLS close_notify): the
+/// gateway offers it to another agent without taking this one for hung (`pool_declined`), and
+/// this member pauses before it is replaced.
+async fn accept_assignment(
+    ctx: &AgentCtx,
+    gateway: &Gateway,
+    conn: &mut Connection<Stream>,
+    version: u16,
+    assign: &PoolAssign,
+) -> Result<super::limits::Admission, Left> {
+    let config = ctx.config();
+    let admitted = gateway
+        .limits
+        .admit(&config, &ctx.stats, &assign.listener, assign.port_offset);
+    let Ok(admission) = admitted else {
+        let _ = conn.get_mut().shutdown().await;
+        return Err(Left::Failed);
+    };
+    if Feature::PoolAccepted.on(version) {
+        // Before anything else: the gateway offers the client elsewhere without this answer.
+        // If it already gave up, the connection is reset and the write fails: drop the client.
+        let answer = Message::PoolAccepted(PoolAccepted { id: assign.id });
+        if let Err(e) = conn.write_message(&answer).await {
+            tracing::info!(
+                gateway = %gateway.name, client = %assign.client_addr, id = assign.id,
+                "pooled client dropped: the gateway gave up on this connection before it was answered ({e})"
+            );
+            return Err(Left::Closed);
+        }
+    }
+    Ok(admission)
 }
 
 /// Waits, idle, for the gateway to hand this member a client; how it left otherwise.

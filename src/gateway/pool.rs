@@ -309,15 +309,7 @@ impl Handed {
         C: tokio::io::AsyncRead + Unpin,
     {
         if !Feature::PoolAccepted.on(self.version) {
-            let (stream, leftover) = self.conn.into_parts();
-            let data = DataConn {
-                stream,
-                leftover,
-                agent_addr: self.agent_addr,
-                agent: Some(self.agent),
-                reuse: None,
-            };
-            return Answer::Accepted { data, forwarded: 0 };
+            return self.taken_unanswered();
         }
         let (mut reader, mut sink) = self.conn.split();
         let deadline = Instant::now() + ACCEPT_LIMIT;
@@ -393,13 +385,7 @@ impl Handed {
                 unflushed = true;
             }
         }
-        if unflushed {
-            // What was written goes out now; if the agent reads slowly, the pipe's next write
-            // or flush pushes the rest (it is in the writer, never written twice).
-            let _ = tokio::time::timeout(ACCEPT_LIMIT, sink.get_mut().flush()).await;
-        }
-        let (read, leftover) = reader.into_parts();
-        let stream = read.unsplit(sink.into_inner());
+        let (stream, leftover) = rejoin(reader, sink, unflushed).await;
         let data = DataConn {
             stream,
             leftover,
@@ -412,6 +398,32 @@ impl Handed {
         };
         Answer::Accepted { data, forwarded }
     }
+}
+
+impl Handed {
+    /// A v1 agent never answers: its connection is the client's as it is, unframed.
+    fn taken_unanswered(self) -> Answer {
+        let (stream, leftover) = self.conn.into_parts();
+        let data = DataConn {
+            stream,
+            leftover,
+            agent_addr: self.agent_addr,
+            agent: Some(self.agent),
+            reuse: None,
+        };
+        Answer::Accepted { data, forwarded: 0 }
+    }
+}
+
+/// The halves of a connection an agent accepted, whole again, with the bytes read past its
+/// answer. What was written goes out now (if the agent reads slowly, the pipe's next write or
+/// flush pushes the rest: it is in the writer, never written twice).
+async fn rejoin(reader: PoolReader, mut sink: PoolSink, unflushed: bool) -> (Stream, BytesMut) {
+    if unflushed {
+        let _ = tokio::time::timeout(ACCEPT_LIMIT, sink.get_mut().flush()).await;
+    }
+    let (read, leftover) = reader.into_parts();
+    (read.unsplit(sink.into_inner()), leftover)
 }
 
 /// What happened while a pooled connection had not answered yet.
