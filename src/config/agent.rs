@@ -272,7 +272,7 @@ struct RawAgent {
     name: Option<Spanned<String>>,
     gateways: Spanned<Vec<Spanned<String>>>,
     tls: Option<Spanned<RawTls>>,
-    source_ip: Option<Spanned<OneOrMany>>,
+    source_ip: Option<Spanned<super::StringOrList>>,
     heartbeat: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
@@ -373,7 +373,7 @@ fn parse_protocol(
 struct RawListener {
     name: Spanned<String>,
     public: Spanned<String>,
-    backend: Spanned<super::backends::RawBackends>,
+    backend: Spanned<super::StringOrList>,
     balance: Option<Spanned<String>>,
     health: Option<Spanned<super::backends::RawHealth>>,
     proxy_protocol: Option<Spanned<String>>,
@@ -857,32 +857,20 @@ fn parse_max_frame(src: &Source, raw: Option<&Spanned<u64>>) -> Result<usize, Co
     })
 }
 
-/// A key that takes one string or a list of them.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
 /// `source_ip`: one address or a list of distinct addresses of one family.
 fn parse_source_ips(
     src: &Source,
-    raw: Option<&Spanned<OneOrMany>>,
+    raw: Option<&Spanned<super::StringOrList>>,
 ) -> Result<Vec<std::net::IpAddr>, ConfigError> {
     let Some(raw) = raw else {
         return Ok(Vec::new());
     };
     let err = |msg: String| src.error(raw.span(), "source_ip", msg);
-    let texts = match raw.get_ref() {
-        OneOrMany::One(s) => std::slice::from_ref(s),
-        OneOrMany::Many(list) if list.is_empty() => {
-            return Err(err(
-                "an empty list (leave source_ip out to let the OS pick)".into(),
-            ))
-        }
-        OneOrMany::Many(list) => &list[..],
-    };
+    let texts = &raw.get_ref().0;
+    if texts.is_empty() {
+        let why = "an empty list (leave source_ip out to let the OS pick)";
+        return Err(err(why.into()));
+    }
     let mut ips: Vec<std::net::IpAddr> = Vec::new();
     for s in texts {
         let ip: std::net::IpAddr = s

@@ -14,8 +14,7 @@
 
 use std::time::Duration;
 
-use serde::de::{self, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use super::{ConfigError, Source};
@@ -65,32 +64,6 @@ pub struct BackendGroup {
     pub health: Option<HealthCheck>,
 }
 
-/// `backend` as written: one string or a list of strings.
-pub(super) struct RawBackends(pub Vec<String>);
-
-impl<'de> Deserialize<'de> for RawBackends {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawBackends;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("\"host:port\" or a list of them")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<RawBackends, E> {
-                Ok(RawBackends(vec![s.to_string()]))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawBackends, A::Error> {
-                let mut all = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
-                    all.push(s);
-                }
-                Ok(RawBackends(all))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHealth {
@@ -101,7 +74,7 @@ pub(super) struct RawHealth {
 
 /// What [`parse`] reads of one listener.
 pub(super) struct RawGroup<'a> {
-    pub backend: &'a Spanned<RawBackends>,
+    pub backend: &'a Spanned<super::StringOrList>,
     pub balance: Option<&'a Spanned<String>>,
     pub health: Option<&'a Spanned<RawHealth>>,
     pub udp: bool,

@@ -29,6 +29,34 @@ pub use agent::{
 pub use backends::{BackendGroup, Balance, HealthCheck};
 pub use gateway::{GatewayConfig, Limits, SiteBinding};
 
+/// A key that takes one string or a list of them (`backend`, `source_ip`), as written: the one
+/// string is a list of one.
+pub(crate) struct StringOrList(pub Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for StringOrList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StringOrList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<StringOrList, E> {
+                Ok(StringOrList(vec![s.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StringOrList, A::Error> {
+                let mut all = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    all.push(s);
+                }
+                Ok(StringOrList(all))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// A configuration error with its location. `Display` gives the one-line form operators grep for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {

@@ -264,7 +264,7 @@ fn outbound_checks_users_and_limits_and_warns_of_an_open_proxy() {
 
 #[derive(Deserialize)]
 struct Sources {
-    source_ip: Option<Spanned<OneOrMany>>,
+    source_ip: Option<Spanned<crate::config::StringOrList>>,
 }
 
 #[test]
