@@ -1,6 +1,7 @@
 //! Each section's parser on its own: the piece `AgentConfig::parse` calls for it, fed that
 //! section's raw form, with its errors located on the right line.
 
+use super::listeners::duration_or;
 use super::*;
 
 /// Parses `text` as `T` and runs `piece` on it with the file's `Source`.
