@@ -492,8 +492,6 @@ pub fn render(settings: &[Setting]) -> String {
         .collect()
 }
 
-/// Test support: the keys a `Raw*` struct accepts, read through serde (every field name of every
-/// nested struct, as dotted paths; arrays of tables add no segment).
 #[cfg(test)]
 pub(crate) mod trace;
 

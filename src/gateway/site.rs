@@ -24,6 +24,10 @@ use crate::protocol::{
     ConfigResult, ListenerResult, ListenerSpec, ListenerStatus, Message, PushConfig,
 };
 
+mod registry;
+
+pub(crate) use registry::SiteRegistry;
+
 /// One connected agent, as the rest of the gateway sees it.
 #[derive(Clone, Debug)]
 pub(crate) struct AgentHandle {
@@ -453,105 +457,5 @@ fn digest_conflict(
     Ok(())
 }
 
-/// All sites known to this gateway process. Sites are never removed: an empty one costs a map
-/// entry, and keeping it avoids racing a departing and an arriving agent over two objects.
-#[derive(Default)]
-pub(crate) struct SiteRegistry {
-    sites: Mutex<HashMap<String, Arc<Site>>>,
-}
-
-impl SiteRegistry {
-    /// Registers a connected agent with its site, if its config digest matches the other
-    /// agents' (checked and joined atomically, so two agents with different configs cannot
-    /// both get in). The error names both digests.
-    pub fn join(&self, site: &str, agent: AgentHandle) -> Result<Arc<Site>, String> {
-        let site = self
-            .sites
-            .lock()
-            .entry(site.to_string())
-            .or_insert_with(|| Arc::new(Site::new(site)))
-            .clone();
-        {
-            let mut agents = site.agents.lock();
-            let digest = agent.digest.lock().clone();
-            digest_conflict(&site.name, &agents, agent.id, &digest)?;
-            agents.push(agent);
-        }
-        site.joined.notify_waiters();
-        Ok(site)
-    }
-
-    /// Unregisters an agent; the site's listeners close if it was the last one.
-    pub async fn leave(&self, shared: &Arc<Shared>, site: &Arc<Site>, agent_id: u64) {
-        let now_empty = {
-            let mut agents = site.agents.lock();
-            agents.retain(|a| a.id != agent_id);
-            agents.is_empty()
-        };
-        if now_empty {
-            site.close_listeners_if_orphaned(shared).await;
-        }
-    }
-
-    /// Sites with at least one connected agent.
-    pub fn active(&self) -> usize {
-        self.sites
-            .lock()
-            .values()
-            .filter(|s| s.agent_count() > 0)
-            .count()
-    }
-
-    pub fn get(&self, name: &str) -> Option<Arc<Site>> {
-        self.sites.lock().get(name).cloned()
-    }
-
-    pub fn all(&self) -> Vec<Arc<Site>> {
-        let mut sites: Vec<_> = self.sites.lock().values().cloned().collect();
-        sites.sort_by(|a, b| a.name.cmp(&b.name));
-        sites
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn agent(id: u64) -> AgentHandle {
-        AgentHandle {
-            id,
-            name: format!("agent-{id}"),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            connected_since: SystemTime::now(),
-            tx: mpsc::channel(1).0,
-            inflight: Arc::new(AtomicUsize::new(0)),
-            digest: Arc::new(Mutex::new(String::new())),
-            gone: CancellationToken::new(),
-            secret: None,
-            cert: None,
-            chain: None,
-            cert_revoked: CancellationToken::new(),
-            suspect: Arc::default(),
-        }
-    }
-
-    /// Two equal agents, each client offered first to one and, when that one fails it, again
-    /// to the other (as `Offering` does): each agent is asked first for half of the clients.
-    /// Before, every pick moved the rotation on, so the re-offer used up the other agent's
-    /// turn and agent 1 was asked first for all 10.
-    #[test]
-    fn a_reoffer_does_not_skip_an_agents_turn() {
-        let site = Site::new("s");
-        site.agents.lock().extend([agent(1), agent(2)]);
-        let mut first = HashMap::<u64, usize>::new();
-        for _ in 0..10 {
-            let turn = site.next_turn();
-            let a = site.pick_agent(turn, &[], &[]).unwrap();
-            *first.entry(a.id).or_default() += 1;
-            let b = site.pick_agent(turn, &[], &[a.id]).unwrap();
-            assert_ne!(a.id, b.id, "the re-offer went to the agent that failed it");
-        }
-        assert_eq!(first.get(&1), Some(&5), "asked first: {first:?}");
-        assert_eq!(first.get(&2), Some(&5), "asked first: {first:?}");
-    }
-}
+mod tests;

@@ -1,6 +1,7 @@
-//! A serde Deserializer that records the keys a `Raw*` config struct accepts, so the tests can
-//! check [`super::GATEWAY_KEYS`] and [`super::AGENT_KEYS`] against the parsers' own fields.
-//! Test-only; it never reads a file.
+//! Test support: the keys a `Raw*` struct accepts, read through serde (every field name of every
+//! nested struct, as dotted paths; arrays of tables add no segment), so the tests can check
+//! [`super::GATEWAY_KEYS`] and [`super::AGENT_KEYS`] against the parsers' own fields. A serde
+//! Deserializer that records keys; it never reads a file.
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
