@@ -1,6 +1,9 @@
 //! `sallyport cert init` and `sallyport cert issue`: a private CA and the gateway and agent
 //! certificates for mutual TLS.
 //!
+//! This file holds the CA and leaf-certificate pieces and `cert issue`; `cert init` is in
+//! `certs/init.rs`, `cert renew` and `cert revoke` in `certs/lifecycle.rs`.
+//!
 //! The CA is kept in `DIR/ca.crt` / `DIR/ca.key`. `cert init` makes it (or reuses it) with one
 //! gateway certificate (`gateway.crt`) and one agent certificate (`agent.crt`); `cert issue`
 //! signs one more certificate with the CA already there: `--gateway NAME[,NAME|IP...]` (a

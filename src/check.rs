@@ -15,6 +15,9 @@
 //! 5. per listener: a test connection through the gateway's public port gets through: the
 //!    backend's first bytes come back (SSH, FTP, SMTP banners), or the connection stays open,
 //!    which it would not if the agent could not reach the backend.
+//!
+//! This file runs them in that order and prints the report; check 2 is in `check/gateway.rs`,
+//! checks 3 and 5 in `check/listeners.rs`.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,5 +1,10 @@
 //! The command line: subcommands, logging, signals and exit codes.
 //!
+//! This file holds the arguments (clap) and the dispatch; each subcommand's work is in a module
+//! of its own: `cli/run.rs` (the daemons, their runtime, signals and exit status), `cli/admin.rs`
+//! (`status`, `ctl`, `ban`), `cli/config.rs` (`--check-config`, `--check`), `cli/cert.rs` and
+//! `cli/generate.rs`.
+//!
 //! Exit codes: 0 after a clean stop, 1 on a runtime failure, 78 (`EX_CONFIG`) when a config file
 //! is invalid or names an address the daemon cannot listen on (control, admin or outbound port
 //! taken by another program): a service manager should not restart in a loop (the systemd units

@@ -28,7 +28,9 @@
 //!
 //! The agent's admin server ([`agent`]) is built from the same pieces, so it applies the same
 //! rules: [`Access`] (the `X-Requested-By` header and the token), the Host/Origin guard and the
-//! security headers ([`serve_app`]), the page files ([`page_routes`]) and [`bind`].
+//! security headers ([`serve_app`]), the page files ([`page_routes`]) and [`bind`]. This file
+//! holds those shared pieces; the gateway's routes and handlers are in `admin/gateway.rs`
+//! ([`serve`]), the agent's in [`agent`].
 
 pub mod agent;
 pub mod agent_metrics;

@@ -1,4 +1,11 @@
 //! `agent.toml`: the site's listeners, its backends and the gateways to dial.
+//!
+//! This file holds the typed config and [`AgentConfig::parse`], which reads the raw file and
+//! calls one parser per section in the file's documented order: [`sections`] (gateways, `[tls]`,
+//! `[reconnect]`, `[limits]`, identity), [`listeners`] (`[[listener]]`), [`outbound`]
+//! (`[outbound]`), [`pool`] (`pool`). [`settings`] says what the parsed file means key by key
+//! (`agent --check`) and what a reload changes. Each piece is unit tested on its own
+//! (`piece_tests.rs`), the whole file in `tests.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
