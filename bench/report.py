@@ -22,6 +22,7 @@ LABELS = {
     "rathole-tls": "RATHOLE-TLS",
     "rathole-noise": "RATHOLE-NOISE",
     "sp-plain": "SALLYPORT-plain",
+    "sp-plain-reuse": "SALLYPORT-plain-reuse",
     "sp-tls": "SALLYPORT-TLS",
     "sp-tls-noreuse": "SALLYPORT-TLS-noreuse",
     "sp-tls-full": "SALLYPORT-TLS-full",

@@ -1,9 +1,12 @@
-//! Reusable TLS data connections (protocol v3, [`Feature::DataReuse`]): the framing inside the
-//! TLS stream of a warm-pool connection, and the pump that pipes one client through it.
+//! Reusable data connections (protocol v3 over TLS, [`Feature::DataReuse`]; v4 in plaintext,
+//! [`Feature::PlainReuse`]): the framing inside the stream of a warm-pool connection, and the
+//! pump that pipes one client through it.
 //!
 //! Rules (docs/protocol.md, "Reusable data connections"):
-//! - Only pool connections over TLS that negotiated v3 are framed; plaintext data connections
-//!   keep the raw byte stream and splice(2).
+//! - Only pool connections that negotiated reuse are framed ([`negotiated`]): over TLS from v3
+//!   on; in plaintext only from v4 on, which the gateway grants only with `[control]
+//!   data_reuse = true`. Other plaintext data connections keep the raw byte stream and
+//!   splice(2).
 //! - After `PoolAccepted`, each direction is a sequence of records: `01 len(u16 BE) data` (1 to
 //!   65,535 bytes of the client's stream), `02` end of stream for this direction (the
 //!   half-close: the receiver shuts down its plain socket's send side), `03` reset (the sender's
@@ -38,6 +41,16 @@ use crate::pipe::{read_or_flush, PipeCounters, CHUNK, IDLE_CHUNK};
 use crate::protocol::Feature;
 use crate::ratelimit::{PipeThrottle, Throttle};
 use crate::transport::Stream;
+
+/// Whether a pool connection of this negotiated version carries its clients in reuse records:
+/// over TLS from v3 on ([`Feature::DataReuse`]), in plaintext from v4 on
+/// ([`Feature::PlainReuse`], which the gateway offers only with `[control] data_reuse`). The
+/// gateway applies it to the version it acknowledged, the agent to the version it read in that
+/// ack, so both sides agree.
+pub fn negotiated(version: u16, stream: &Stream) -> bool {
+    use crate::protocol::Feature;
+    Feature::DataReuse.on(version) && (stream.is_tls() || Feature::PlainReuse.on(version))
+}
 
 /// `01 len data`: bytes of the client's stream.
 pub const DATA: u8 = 0x01;

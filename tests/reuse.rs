@@ -33,21 +33,32 @@ fn tls_tunnel(
 ) -> Tls {
     let public = local(free_port());
     let listeners = [listener("data", public.port(), backend)];
-    tls_tunnel_with(public, &listeners, pool, gateway_env, agent_env)
+    tls_tunnel_with(public, &listeners, pool, "", gateway_env, agent_env)
 }
 
-/// [`tls_tunnel`] with these listeners; `public` is the first one's address.
+/// [`tls_tunnel`] with plaintext data connections (the control channel keeps mutual TLS), and
+/// the gateway reusing them (`data_reuse = true`, protocol v4) or not (the default).
+fn plain_tunnel(backend: SocketAddr, pool: usize, reuse: bool) -> Tls {
+    let public = local(free_port());
+    let listeners = [listener("data", public.port(), backend)];
+    let control = format!("data_tls = false\ndata_reuse = {reuse}\n");
+    tls_tunnel_with(public, &listeners, pool, &control, &[], &[])
+}
+
+/// [`tls_tunnel`] with these listeners and these extra `[control]` lines; `public` is the
+/// first listener's address.
 fn tls_tunnel_with(
     public: SocketAddr,
     listeners: &[ListenerDef],
     pool: usize,
+    control: &str,
     gateway_env: &[(&str, &str)],
     agent_env: &[(&str, &str)],
 ) -> Tls {
     let dir = Workdir::new();
     let certs = make_certs(&dir, "certs", &[]);
     let config = format!(
-        "[control]\nlisten = \"127.0.0.1:0\"\n{}\n\n[clients]\nbind = \"127.0.0.1\"\n\n\
+        "[control]\nlisten = \"127.0.0.1:0\"\n{}\n{control}\n[clients]\nbind = \"127.0.0.1\"\n\n\
          [peers]\ndefault = \"allow\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         gateway_tls(&certs)
     );
@@ -293,16 +304,56 @@ fn backend_resets(public: SocketAddr, backend: &TcpListener) {
 fn half_close_and_reset_keep_their_meaning_through_a_reused_connection() {
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
     let t = tls_tunnel(backend.local_addr().unwrap(), 1, &[], &[]);
+    half_close_and_reset_through(&t, &backend);
+}
+
+/// The same through a reused plaintext connection (`data_reuse = true`, protocol v4).
+#[test]
+fn half_close_and_reset_keep_their_meaning_through_a_reused_plaintext_connection() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let t = plain_tunnel(backend.local_addr().unwrap(), 1, true);
+    half_close_and_reset_through(&t, &backend);
+}
+
+/// Plaintext data connections keep splice(2) and one client each unless the gateway's owner
+/// chose reuse (`[control] data_reuse = true`); with it, sequential clients share a few.
+#[test]
+fn plaintext_data_connections_are_reused_only_when_the_gateway_chooses_it() {
+    for (reuse, clients) in [(false, 200), (true, 2_000)] {
+        let echo = EchoServer::start();
+        let t = plain_tunnel(echo.addr, 2, reuse);
+        for i in 0..clients {
+            echo_client(t.public, &pseudo_random(1 + i % 3000, i as u64));
+        }
+        let records = t.wait_records(clients);
+        assert!(records.iter().all(|r| r.0 == "closed"), "reuse {reuse}");
+        let used = distinct_connections(&records);
+        if reuse {
+            assert!(
+                used <= 50,
+                "{clients} clients used {used} plaintext connections"
+            );
+        } else {
+            assert_eq!(
+                used, clients,
+                "plaintext connections were reused without data_reuse"
+            );
+        }
+        assert_eq!(echo.accepted(), clients);
+    }
+}
+
+fn half_close_and_reset_through(t: &Tls, backend: &TcpListener) {
     let settle = || t.wait_pooled(2);
 
-    clean_client(t.public, &backend, 1);
+    clean_client(t.public, backend, 1);
     settle();
-    clean_client(t.public, &backend, 2);
+    clean_client(t.public, backend, 2);
     settle();
     // 3: half-close through client 2's connection (its 2nd client at least); 4: clean again.
-    half_closing_client(t.public, &backend);
+    half_closing_client(t.public, backend);
     settle();
-    clean_client(t.public, &backend, 4);
+    clean_client(t.public, backend, 4);
     let records = t.wait_records(4);
     let first = records[1].1.clone();
     assert!(
@@ -311,17 +362,17 @@ fn half_close_and_reset_keep_their_meaning_through_a_reused_connection() {
     );
     settle();
     // 5: the client resets mid-upload, on that connection's 4th client or later.
-    client_resets(t.public, &backend);
+    client_resets(t.public, backend);
     let records = t.wait_records(5);
     assert_eq!(records[4].1, first);
 
     // 6 to 8: clean clients; 8 on 7's connection. 9: the backend resets mid-download on it.
     for n in 6..9 {
         t.wait_pooled(if n == 6 { 1 } else { 2 });
-        clean_client(t.public, &backend, n);
+        clean_client(t.public, backend, n);
     }
     settle();
-    backend_resets(t.public, &backend);
+    backend_resets(t.public, backend);
     let records = t.wait_records(9);
     let second = records[7].1.clone();
     assert_eq!(
@@ -336,7 +387,7 @@ fn half_close_and_reset_keep_their_meaning_through_a_reused_connection() {
 
     // Neither connection whose client failed serves anyone again.
     for n in 10..14 {
-        clean_client(t.public, &backend, n);
+        clean_client(t.public, backend, n);
         t.wait_records(n);
     }
     let records = t.wait_records(13);
@@ -657,7 +708,7 @@ fn udp_flows_on_reusing_pooled_connections_are_carried_unframed() {
     let mut flows = listener("flows", udp_public.port(), udp_addr);
     flows.extra = "protocol = \"udp\"\nidle_timeout = \"1s\"\n".into();
     let listeners = [listener("data", tcp_public.port(), echo.addr), flows];
-    let t = tls_tunnel_with(tcp_public, &listeners, 2, &[], &[]);
+    let t = tls_tunnel_with(tcp_public, &listeners, 2, "", &[], &[]);
     for i in 0..12u64 {
         echo_client(t.public, &pseudo_random(3000, i));
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -350,7 +350,7 @@ async fn member(
         Ok(dialed) => dialed,
         Err(left) => return left,
     };
-    let reuse = Feature::DataReuse.on(version) && conn.get_ref().is_tls();
+    let reuse = crate::reuse::negotiated(version, conn.get_ref());
     loop {
         let assign = match wait_for_client(&ctx, &gateway, &mut conn, &quit, &shared.shed).await {
             Ok(assign) => assign,

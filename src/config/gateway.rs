@@ -38,6 +38,10 @@ pub struct GatewayConfig {
     /// pool or outbound connection (its control session's secret); never a v1 pool or outbound
     /// hello, which proves nothing (`gateway::control::open`, `gateway::binding`).
     pub data_tls: bool,
+    /// Whether plaintext pool connections are reused between clients (`[control] data_reuse`,
+    /// default false): protocol v4, [`crate::protocol::Feature::PlainReuse`]. TLS pool
+    /// connections are reused regardless. Applies to pool connections opened after a reload.
+    pub data_reuse: bool,
     /// Which agent addresses may connect to the control port.
     pub peers: AccessRules,
     /// When a reload's `[peers]` rules deny a connected agent: also close the client and
@@ -214,6 +218,7 @@ impl Default for GatewayConfig {
             control_listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), DEFAULT_CONTROL_PORT),
             tls: None,
             data_tls: true,
+            data_reuse: false,
             peers: AccessRules::allow_all(),
             drop_established: true,
             client_bind: Ipv4Addr::UNSPECIFIED.into(),
@@ -427,6 +432,7 @@ impl GatewayConfig {
                     .unwrap_or_default(),
             ),
             Setting::new("control.data_tls", self.data_tls),
+            Setting::new("control.data_reuse", self.data_reuse),
             Setting::new("peers.default", self.peers.default),
             Setting::new("peers.except", self.peers.except_text()),
             Setting::new("peers.drop_established", self.drop_established),

@@ -113,6 +113,11 @@ pub const GATEWAY_KEYS: &[Key] = &[
         "agents learn it when their control channel connects: `sallyport ctl restart`",
     ),
     noted(
+        "control.data_reuse",
+        NewConnections,
+        "plaintext pool connections opened after the reload; parked ones keep what they negotiated",
+    ),
+    noted(
         "peers.default",
         Applied,
         "connected agents the rules now deny are cut at once",

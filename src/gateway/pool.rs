@@ -529,6 +529,17 @@ pub(crate) fn is_last(reuse: &Reuse, limits: &crate::config::Limits) -> bool {
     reuse.clients + 1 >= limits.data_reuse_clients || reuse.bytes >= limits.data_reuse_bytes
 }
 
+/// The version a pool connection gets: a plaintext one is held below
+/// [`Feature::PlainReuse`] unless the gateway's owner chose reuse for plaintext
+/// (`[control] data_reuse`), so it keeps the raw byte stream and splice(2).
+fn reuse_cap(shared: &Shared, stream: &Stream, version: u16) -> u16 {
+    if stream.is_tls() || shared.config().data_reuse {
+        version
+    } else {
+        version.min(Feature::PlainReuse.since() - 1)
+    }
+}
+
 /// A pool hello was accepted: acknowledge and park the connection in its site's pool.
 pub(crate) async fn accept(
     shared: Arc<Shared>,
@@ -572,12 +583,13 @@ pub(crate) async fn accept(
         super::control::refuse_role(&mut conn, ErrorCode::LIMIT, why).await;
         return;
     }
+    let version = reuse_cap(&shared, conn.get_ref(), version);
     let ack = super::control::data_ack(&shared, version);
     if conn.write_message(&ack).await.is_err() {
         return;
     }
     net::keepalive(conn.get_ref().tcp(), Duration::from_secs(30));
-    let reuse = (Feature::DataReuse.on(version) && conn.get_ref().is_tls()).then(Reuse::default);
+    let reuse = crate::reuse::negotiated(version, conn.get_ref()).then(Reuse::default);
     let pooled = Pooled {
         conn,
         agent_addr: peer,

@@ -35,7 +35,7 @@ pub const MAGIC: [u8; 4] = *b"SPRT";
 pub const MIN_VERSION: u16 = 1;
 /// The newest protocol version this build speaks. Every version in between is spoken in full, so
 /// a peer of any older version keeps exactly the behaviour it had.
-pub const MAX_VERSION: u16 = 3;
+pub const MAX_VERSION: u16 = 4;
 
 /// The newest version this process offers and accepts: [`MAX_VERSION`], lowered by the
 /// environment for tests and comparisons. `SALLYPORT_MAX_PROTOCOL=N` makes the daemon speak as
@@ -86,6 +86,12 @@ pub enum Feature {
     /// carry the client's bytes in reuse records ([`crate::reuse`]), and a connection whose
     /// client ended cleanly both ways goes back to the warm pool on both sides.
     DataReuse,
+    /// v4: [`Feature::DataReuse`] on plaintext pool connections too. The gateway offers v4 on a
+    /// plaintext pool connection only when its owner chose it (`[control] data_reuse = true`):
+    /// such a connection gives up splice(2) for the reuse records, so it is a trade of bulk
+    /// throughput for connection rate (docs/performance.md). Otherwise it answers with at most
+    /// v3, and plaintext pool connections keep the raw byte stream.
+    PlainReuse,
 }
 
 impl Feature {
@@ -94,6 +100,7 @@ impl Feature {
         match self {
             Feature::PoolAccepted | Feature::SessionBinding => 2,
             Feature::DataReuse => 3,
+            Feature::PlainReuse => 4,
         }
     }
 

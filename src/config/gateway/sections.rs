@@ -22,6 +22,7 @@ pub(super) struct RawControl {
     listen: Option<Spanned<String>>,
     tls: Option<Spanned<RawTls>>,
     data_tls: Option<bool>,
+    data_reuse: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -114,7 +115,7 @@ pub(super) fn parse_trusted_net(s: &str) -> Result<ipnet::IpNet, String> {
     }
 }
 
-/// `[control]`: the listen address, TLS (files loaded here) and `data_tls`.
+/// `[control]`: the listen address, TLS (files loaded here), `data_tls` and `data_reuse`.
 pub(super) fn parse_control(
     src: &Source<'_>,
     path: &Path,
@@ -132,6 +133,9 @@ pub(super) fn parse_control(
     }
     if let Some(data_tls) = control.data_tls {
         cfg.data_tls = data_tls;
+    }
+    if let Some(data_reuse) = control.data_reuse {
+        cfg.data_reuse = data_reuse;
     }
     Ok(())
 }
