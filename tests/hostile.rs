@@ -188,15 +188,15 @@ fn a_wrong_version() {
     refused_with(
         s.send(&protocol::with_preamble(&hello)),
         ErrorCode::UNSUPPORTED_VERSION,
-        "we speak 1..=3, the peer 9..=12",
+        "we speak 1..=4, the peer 9..=12",
     );
     // A future hello whose role this version cannot even decode still gets the version error.
     let mut bytes = MAGIC.to_vec();
-    bytes.extend_from_slice(&frame(protocol::kind::HELLO, &[4, 5, 0, 9, 0xff]));
+    bytes.extend_from_slice(&frame(protocol::kind::HELLO, &[5, 6, 0, 9, 0xff]));
     refused_with(
         s.send(&bytes),
         ErrorCode::UNSUPPORTED_VERSION,
-        "the peer 4..=5",
+        "the peer 5..=6",
     );
     s.still_serving("wrong versions");
 }

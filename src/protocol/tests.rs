@@ -12,10 +12,11 @@ fn negotiation() {
     assert_eq!(negotiate(1, 2).unwrap(), 2);
     assert_eq!(negotiate(2, 2).unwrap(), 2);
     assert_eq!(negotiate(1, 3).unwrap(), 3);
+    assert_eq!(negotiate(1, 4).unwrap(), 4);
     assert_eq!(negotiate(0, 1).unwrap(), 1);
     assert_eq!(negotiate(1, 9).unwrap(), MAX_VERSION);
     assert!(matches!(
-        negotiate(4, 5),
+        negotiate(5, 6),
         Err(ProtocolError::NoCommonVersion { .. })
     ));
     assert!(negotiate(0, 0).is_err());
@@ -34,6 +35,8 @@ fn features_follow_the_negotiated_version() {
     assert!(Feature::PoolAccepted.on(MAX_VERSION));
     assert!(!Feature::DataReuse.on(2));
     assert!(Feature::DataReuse.on(3));
+    assert!(!Feature::PlainReuse.on(3));
+    assert!(Feature::PlainReuse.on(4));
 }
 
 /// The worked examples of docs/protocol.md (sections 3 and 7.11), byte for byte: if this
