@@ -5,9 +5,9 @@
 //! flow alike: [`super::public`]).
 //!
 //! Every way a client fails to obtain its data connection is one [`Unserved`] variant, logged,
-//! counted and recorded in one place ([`Handler::unserved`]). Every accepted client ends with
-//! exactly one audit record, however it ends; its task is the gateway's (not its listener's),
-//! so closing a listener never touches it.
+//! counted and recorded in one place ([`Handler::unserved`], in `client/unserved.rs`). Every
+//! accepted client ends with exactly one audit record, however it ends; its task is the
+//! gateway's (not its listener's), so closing a listener never touches it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -29,6 +29,10 @@ use crate::audit::{ConnectionEnd, Daemon};
 use crate::limits::{ConnPermit, GaugePermit};
 use crate::pipe::{tracked, PipeCounters};
 use crate::protocol::PoolAssign;
+
+mod unserved;
+
+use unserved::Unserved;
 
 /// Counts an accepted client as closed when its task ends before piping.
 struct ClosedOnDrop(Option<Arc<ListenerStats>>);
@@ -119,23 +123,6 @@ struct Obtained {
     data: DataConn,
     forwarded: usize,
     via: &'static str,
-}
-
-/// Every way a client admitted to wait for an agent fails to obtain a data connection.
-/// [`Handler::unserved`] logs, counts and records each.
-enum Unserved {
-    /// It left while a warm pool connection was handed it (the fast path: not logged).
-    LeftPooled,
-    /// It left while its offer waited for a data connection.
-    Left,
-    /// The gateway stopped (its control port closed) while the client waited.
-    Stopping,
-    /// Its pending entry was dropped before a data connection claimed it.
-    Withdrawn(String),
-    /// No data connection claimed it within `waited`; `agent`: the last one it was offered to.
-    Unclaimed { agent: String, waited: Duration },
-    /// Every agent it was offered to reported it cannot serve it; the last one and its reason.
-    AgentFailed { agent: String, reason: String },
 }
 
 impl<C: PublicClient> Handler<C> {
@@ -324,65 +311,6 @@ impl<C: PublicClient> Handler<C> {
         }
     }
 
-    /// The one place a client that obtained no data connection is logged, counted, closed and
-    /// recorded. Its pending entry (if an offer made one) is removed first.
-    async fn unserved(mut self, unserved: Unserved) {
-        let (listener, client) = (self.offer.listener.as_str(), self.offer.client_addr);
-        if !matches!(unserved, Unserved::LeftPooled) {
-            self.shared.pending.remove(self.offer.id);
-        }
-        let (outcome, error, agent) = match unserved {
-            Unserved::LeftPooled => ("left", None, None),
-            Unserved::Left => {
-                tracing::debug!(listener, client = %client, "client left before its data connection arrived");
-                ("left", None, None)
-            }
-            Unserved::Stopping => {
-                // The stop is logged once, not once per waiting client.
-                tracing::debug!(listener, client = %client, "gateway stopping: closing a client still waiting for its data connection");
-                ("stopping", None, None)
-            }
-            Unserved::Withdrawn(reason) => {
-                tracing::warn!(listener, client = %client, "closing client: {reason}");
-                ("withdrawn", Some(reason), None)
-            }
-            Unserved::Unclaimed { agent, waited } => {
-                let occ = self.shared.stats.clients_unclaimed.hit();
-                let why = format!(
-                    "no data connection within {}",
-                    humantime::format_duration(waited)
-                );
-                if occ.log {
-                    tracing::warn!(
-                        listener, client = %client, agent = %agent,
-                        "{why}; closing client{}", occ.tally()
-                    );
-                }
-                ("unclaimed", Some(why), None)
-            }
-            Unserved::AgentFailed { agent, reason } => {
-                self.client.close().await;
-                let occ = self.shared.stats.clients_failed.hit();
-                if occ.log {
-                    tracing::warn!(
-                        listener, client = %client, agent = %agent,
-                        "agent could not serve client: {reason}{}", occ.tally()
-                    );
-                }
-                ("agent_failed", Some(reason), Some(agent))
-            }
-        };
-        let bytes = (self.held.bytes.len() as u64, 0);
-        self.offer.record(
-            &self.site.name,
-            outcome,
-            error.as_deref(),
-            agent.as_deref(),
-            None,
-            bytes,
-        );
-    }
-
     /// Pipes the client and its data connection until either ends, the gateway kills what is
     /// left, a reload revokes the agent, or the client's address is banned; then records it.
     async fn pipe(mut self, obtained: Obtained) {
@@ -465,35 +393,5 @@ impl<C: PublicClient> Handler<C> {
             .b_written
             .fetch_add(forwarded as u64, Ordering::Relaxed);
         entry
-    }
-}
-
-impl Offer {
-    /// The client's one audit record (`site`: its site's name).
-    fn record(
-        &self,
-        site: &str,
-        outcome: &'static str,
-        error: Option<&str>,
-        agent: Option<&str>,
-        agent_addr: Option<SocketAddr>,
-        bytes: (u64, u64),
-    ) {
-        ConnectionEnd {
-            conn: self.id,
-            site,
-            listener: &self.listener,
-            client: self.client_addr,
-            gateway: self.gateway_addr,
-            agent,
-            agent_addr,
-            backend: None,
-            bytes_from_client: bytes.0,
-            bytes_to_client: bytes.1,
-            duration: self.started.elapsed(),
-            outcome,
-            error,
-        }
-        .log(Daemon::Gateway)
     }
 }
