@@ -35,6 +35,13 @@ METRICS = [
     ("iperf_rev", "iperf3, 1 stream reverse (-R)", "Gbit/s", "high", 2, "median"),
     ("iperf_p4", "iperf3, 4 streams (-P 4)", "Gbit/s", "high", 2, "median"),
     ("cpu_per_gb", "tunnel CPU per GB moved (1 stream; both tunnel processes)", "ms/GB", "low", 0, "median"),
+    ("udp_best", "iperf3 -u, 1 flow of 1200-byte datagrams: most delivered with < 1 % loss", "Mbit/s", "high", 0, "median"),
+    ("udp_loss_100", "  loss at 100 Mbit/s offered", "%", "low", 2, "median"),
+    ("udp_loss_300", "  loss at 300 Mbit/s offered", "%", "low", 2, "median"),
+    ("udp_loss_600", "  loss at 600 Mbit/s offered", "%", "low", 2, "median"),
+    ("udp_mbit_600", "  delivered at 600 Mbit/s offered", "Mbit/s", "high", 0, "median"),
+    ("udp_loss_1000", "  loss at 1 Gbit/s offered", "%", "low", 2, "median"),
+    ("udp_mbit_1000", "  delivered at 1 Gbit/s offered", "Mbit/s", "high", 0, "median"),
     ("wrk_close_rps", "HTTP 1 KiB, new connection per request", "req/s", "high", 0, "median"),
     ("wrk_close_p50", "  latency p50", "ms", "low", 3, "median"),
     ("wrk_close_p99", "  latency p99", "ms", "low", 3, "median"),
@@ -108,6 +115,18 @@ def cmd_iperf(path):
         print(f'{s["bits_per_second"] / 1e9:.4f} {int(s["bytes"])}')
     except Exception:
         print("nan 0")
+
+
+def cmd_iperf_udp(path):
+    """iperf3 -u --json: delivered Mbit/s (what the server received) and the loss in %."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        s = d["end"]["sum"]
+        loss = float(s["lost_percent"])
+        print(f'{s["bits_per_second"] / 1e6 * (1 - loss / 100):.2f} {loss:.3f}')
+    except Exception:
+        print("nan nan")
 
 
 def to_ms(value, unit):
@@ -369,6 +388,8 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "iperf":
         cmd_iperf(*args)
+    elif cmd == "iperf_udp":
+        cmd_iperf_udp(*args)
     elif cmd == "wrk":
         cmd_wrk(*args)
     elif cmd == "get":
