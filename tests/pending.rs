@@ -1,6 +1,9 @@
 //! The pending table seen from outside: a scripted agent (the library's own protocol module over
 //! a real socket) leaves a client unclaimed, presents wrong and reused tokens, and checks that
 //! none of it disturbs a healthy connection.
+//!
+//! The gateway runs in-process ([`support::harness`]): the tests wait on its status, and read
+//! its log lines only where a line itself is asserted.
 
 mod support;
 
@@ -12,6 +15,7 @@ use sallyport::protocol::{
     self, ClientArrived, ClientRules, Connection, ControlHello, DataHello, ErrorCode, ListenerSpec,
     ListenerStatus, Message, ProtocolError, PushConfig, Role, Token, DEFAULT_MAX_FRAME,
 };
+use support::harness::Harness;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -74,8 +78,7 @@ async fn ping(client: &mut TcpStream, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
-    let dir = Workdir::new();
-    let gateway = start_gateway(&dir, "[limits]\npending_timeout = \"1s\"\n");
+    let gateway = Harness::start("[limits]\npending_timeout = \"1s\"\n").await;
     let public = free_port();
 
     let mut ctl = open(
@@ -138,10 +141,13 @@ async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
         waited >= Duration::from_millis(800),
         "closed too early: {waited:?}"
     );
-    gateway.proc.wait_for_log(
-        "no data connection within 1s; closing client (1 so far)",
-        Duration::from_secs(2),
-    );
+    gateway
+        .logs()
+        .wait_for(
+            "no data connection within 1s; closing client (1 so far)",
+            Duration::from_secs(2),
+        )
+        .await;
     ping(&mut a, "a-2").await;
 
     // C: a guessed token and a reused one are refused and counted; the right one still works.
@@ -158,14 +164,17 @@ async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
         "{reused:?}"
     );
     gateway
-        .proc
-        .wait_for_log("wrong token for client id", Duration::from_secs(2));
+        .logs()
+        .wait_for("wrong token for client id", Duration::from_secs(2))
+        .await;
     gateway
-        .proc
-        .wait_for_log("already claimed client id", Duration::from_secs(2));
+        .logs()
+        .wait_for("already claimed client id", Duration::from_secs(2))
+        .await;
     let reused_line = gateway
-        .proc
-        .wait_for_log("already claimed client id", Duration::from_secs(1));
+        .logs()
+        .wait_for("already claimed client id", Duration::from_secs(1))
+        .await;
     assert!(
         reused_line.contains("(2 so far)"),
         "two refusals counted: {reused_line}"
@@ -179,8 +188,7 @@ async fn unclaimed_clients_expire_and_wrong_or_reused_tokens_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_failed_closes_the_client_at_once() {
-    let dir = Workdir::new();
-    let gateway = start_gateway(&dir, "");
+    let gateway = Harness::start("").await;
     let public = free_port();
     let mut ctl = open(
         gateway.control,
@@ -225,19 +233,19 @@ async fn client_failed_closes_the_client_at_once() {
         t0.elapsed() < Duration::from_secs(2),
         "closed only at the deadline"
     );
-    gateway.proc.wait_for_log(
-        "agent could not serve client: backend 10.0.0.5:22 unreachable",
-        Duration::from_secs(2),
-    );
+    gateway
+        .logs()
+        .wait_for(
+            "agent could not serve client: backend 10.0.0.5:22 unreachable",
+            Duration::from_secs(2),
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_clients_per_listener_are_bounded() {
-    let dir = Workdir::new();
-    let gateway = start_gateway(
-        &dir,
-        "[limits]\nmax_pending_per_listener = 2\npending_timeout = \"5s\"\n",
-    );
+    let gateway =
+        Harness::start("[limits]\nmax_pending_per_listener = 2\npending_timeout = \"5s\"\n").await;
     let public = free_port();
     let mut ctl = open(
         gateway.control,
@@ -278,10 +286,13 @@ async fn pending_clients_per_listener_are_bounded() {
             .expect("the third client must be closed at once");
         assert!(matches!(end, Ok(0) | Err(_)));
     }
-    gateway.proc.wait_for_log(
-        "clients waiting for the agent reached the limit (4096 in total, 2 per listener)",
-        Duration::from_secs(2),
-    );
+    gateway
+        .logs()
+        .wait_for(
+            "clients waiting for the agent reached the limit (4096 in total, 2 per listener)",
+            Duration::from_secs(2),
+        )
+        .await;
     // A waiting client that leaves gives its place back at once, long before its deadline.
     drop(w1);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -363,16 +374,14 @@ async fn scripted_session(gateway: SocketAddr, agent: &str, public: u16) -> Conn
         .0
 }
 
-fn refusals(gateway: &Gateway, reason: &str) -> u64 {
-    gateway.api("/api/stats")["refusals"][reason]
-        .as_u64()
-        .unwrap_or(0)
+/// A refusal counter (`/api/stats` `refusals`), from the gateway's status.
+fn refusals(gateway: &Harness, reason: &str) -> u64 {
+    gateway.status().refusal(reason)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_agent_of_a_re_offered_client_loses_its_claim_quietly() {
-    let dir = Workdir::new();
-    let gateway = start_gateway(&dir, "");
+    let gateway = Harness::start("").await;
     let public = free_port();
     // The client is offered to a (the only agent), a goes away, the client is offered to b, b
     // claims it; then a's data connection arrives after all, with the right token.
@@ -395,16 +404,19 @@ async fn the_first_agent_of_a_re_offered_client_loses_its_claim_quietly() {
         "{late:?}"
     );
     // ... but it is a lost race, not a guessed or replayed token: not counted, no warning.
-    gateway.proc.wait_for_log(
-        "was claimed by another agent it was offered to",
-        Duration::from_secs(2),
-    );
+    gateway
+        .logs()
+        .wait_for(
+            "was claimed by another agent it was offered to",
+            Duration::from_secs(2),
+        )
+        .await;
     assert_eq!(refusals(&gateway, "data_token"), 0);
     assert_eq!(refusals(&gateway, "client_agent_failed"), 0);
     assert!(
         !gateway
-            .proc
-            .log_lines()
+            .logs()
+            .lines()
             .iter()
             .any(|l| l.contains("WARN") && l.contains("data connection refused")),
         "the lost race was logged as a refusal"
@@ -412,10 +424,11 @@ async fn the_first_agent_of_a_re_offered_client_loses_its_claim_quietly() {
     // A wrong token for the same id still counts.
     let guessed = claim(gateway.control, first.id, Token::random()).await;
     assert!(guessed.is_err());
-    assert!(wait_until(Duration::from_secs(2), || refusals(
-        &gateway,
-        "data_token"
-    ) == 1));
+    gateway
+        .wait_until("the guessed token counted", Duration::from_secs(2), |s| {
+            s.refusal("data_token") == 1
+        })
+        .await;
     ping(&mut client, "still served").await;
 }
 
@@ -423,8 +436,7 @@ async fn the_first_agent_of_a_re_offered_client_loses_its_claim_quietly() {
 /// noticed yet): two sessions of agent "x" from one address. Pool connections opened for the
 /// new session must survive the old one's end, and serve.
 async fn reconnected_agents_pool(max_version: u16) {
-    let dir = Workdir::new();
-    let gateway = start_gateway(&dir, "");
+    let gateway = Harness::start("").await;
     let public = free_port();
     let (old, _) = scripted_session_v(gateway.control, "x", public, max_version).await;
     let (mut new, secret) = scripted_session_v(gateway.control, "x", public, max_version).await;
@@ -448,15 +460,18 @@ async fn reconnected_agents_pool(max_version: u16) {
         }
         members.push(m);
     }
-    let pooled = || gateway.api("/api/stats")["pooled"].as_u64().unwrap_or(0);
-    assert!(wait_until(Duration::from_secs(5), || pooled() == 3));
+    let pooled = || gateway.status().pooled();
+    gateway
+        .wait_until("3 pooled", Duration::from_secs(5), |s| s.pooled() == 3)
+        .await;
 
     // The old session is finally noticed dead: it takes only its own pooled connections.
     drop(old);
-    assert!(wait_until(Duration::from_secs(5), || {
-        gateway.proc.count_log("agent disconnected") + gateway.proc.count_log("agent session ended")
-            == 1
-    }));
+    gateway
+        .wait_until("the old session ended", Duration::from_secs(5), |s| {
+            s.agents() == 1
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         pooled(),

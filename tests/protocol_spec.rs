@@ -1,6 +1,10 @@
 //! docs/protocol.md against the code: every byte example in the spec is parsed out of the text
 //! and decoded with the real codec, then re-encoded to the same bytes. The test fails when the
 //! spec's bytes drift from the implementation, or the implementation from the spec.
+//!
+//! The scenarios against a gateway run it in-process ([`support::harness`]); the agent side
+//! is spoken from the spec over blocking sockets in the test body, which runs on the runtime's
+//! own thread while the gateway runs on its workers.
 
 mod support;
 
@@ -14,6 +18,7 @@ use sallyport::protocol::{
     ListenerSpec, ListenerStatus, Message, OutboundHello, PoolAccepted, PoolHello, PushConfig,
     Role, Token,
 };
+use support::harness::Harness;
 use support::wire::{exchange, parse_reply, Reply};
 use support::*;
 use tokio_util::codec::{Decoder, Encoder};
@@ -322,10 +327,9 @@ fn spec_for(name: &str, public: &str) -> ListenerSpec {
 /// so; it said "both sides send their first heartbeat as soon as the session starts"), and
 /// sends them at the agreed interval once the push has arrived. Found by this test: a push
 /// later than three intervals after the HelloAck ended the session at once (fixed).
-#[test]
-fn the_gateway_heartbeats_only_after_the_first_push() {
-    let dir = Workdir::new();
-    let gw = start_gateway(&dir, "");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_heartbeats_only_after_the_first_push() {
+    let gw = Harness::start("").await;
     let mut agent = SpecAgent::open(gw.control, "spec-site", "spec-agent", 200);
     // Five intervals of silence on both sides before the push: only hello_timeout (10 s)
     // applies to a session without a config, so the gateway neither beats nor closes.
@@ -350,10 +354,9 @@ fn the_gateway_heartbeats_only_after_the_first_push() {
 /// Issue 13 item 16: a push with port 0 is answered Failed and binds nothing (on main it bound
 /// a random port and reported it Bound); a paused gateway answers `Paused` (variant 2, now in
 /// the spec) and opens the listener on resume.
-#[test]
-fn port_zero_is_refused_and_a_paused_gateway_answers_paused() {
-    let dir = Workdir::new();
-    let gw = start_gateway(&dir, "");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_zero_is_refused_and_a_paused_gateway_answers_paused() {
+    let gw = Harness::start("").await;
     let mut agent = SpecAgent::open(gw.control, "spec-site", "spec-agent", 5000);
     let results = agent.push(vec![spec_for("zero", "127.0.0.1:0")]);
     match &results[0].status {
@@ -390,10 +393,9 @@ fn port_zero_is_refused_and_a_paused_gateway_answers_paused() {
 /// Issue 13 item 16: pool and outbound refusals are `SPRT` + Error like every refusal before a
 /// HelloAck (on main they were bare Error frames, which a spec-following agent reads as a
 /// frame where it expects HelloAck or the preamble).
-#[test]
-fn pool_and_outbound_refusals_carry_the_preamble() {
-    let dir = Workdir::new();
-    let gw = start_gateway(&dir, "");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_and_outbound_refusals_carry_the_preamble() {
+    let gw = Harness::start("").await;
     let wrong = Token::random();
     let pool = protocol::with_preamble(&protocol::hello(Role::SessionPool(
         PoolHello {
@@ -424,10 +426,9 @@ fn pool_and_outbound_refusals_carry_the_preamble() {
 /// Issue 13 item 16: a full pool refuses before the HelloAck (`SPRT` + LIMIT). On main the
 /// 257th pool connection of a site got a HelloAck and then an Error frame: the agent had
 /// counted it as a pool member.
-#[test]
-fn a_full_pool_refuses_before_the_ack() {
-    let dir = Workdir::new();
-    let gw = start_gateway(&dir, "");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_refuses_before_the_ack() {
+    let gw = Harness::start("").await;
     let mut agent = SpecAgent::open(gw.control, "spec-site", "spec-agent", 5000);
     agent.push(vec![]);
     let hello = protocol::with_preamble(&protocol::hello(Role::SessionPool(

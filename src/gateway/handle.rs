@@ -42,6 +42,14 @@ impl GatewayHandle {
         self.status_of(None)
     }
 
+    /// A `watch` of the gateway's state (sites, agents, listeners, pool, counters), current
+    /// from the start; when it changes: [`super::watch`]'s module doc.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<super::watch::GatewayStatus> {
+        let receiver = self.shared.status.subscribe();
+        super::watch::refresh(&self.shared);
+        receiver
+    }
+
     /// The status, of one site only when `site` is given (its agents and listeners; the light
     /// is that site's).
     pub fn status_of(&self, site: Option<&str>) -> StatusView {
@@ -217,6 +225,7 @@ impl GatewayHandle {
             }
             *current = state;
         }
+        self.shared.traffic.changes.mark();
         tracing::warn!(
             "gateway {}",
             if state == RunState::Paused {

@@ -34,6 +34,7 @@ mod site;
 pub mod stats;
 mod udp;
 mod view;
+pub mod watch;
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -128,6 +129,8 @@ pub(crate) struct Shared {
     staged: Mutex<Option<GatewayConfig>>,
     exit: Mutex<Option<Exit>>,
     exit_requested: CancellationToken,
+    /// What [`GatewayHandle::watch`] hands out, kept current by [`watch::publish`].
+    status: tokio::sync::watch::Sender<watch::GatewayStatus>,
     pub started: SystemTime,
     started_at: Instant,
     pub control_addr: SocketAddr,
@@ -307,6 +310,7 @@ impl Gateway {
             staged: Mutex::new(None),
             exit: Mutex::new(None),
             exit_requested: CancellationToken::new(),
+            status: tokio::sync::watch::channel(watch::GatewayStatus::empty()).0,
             started: SystemTime::now(),
             started_at: Instant::now(),
             control_addr: control.local_addr()?,
@@ -350,6 +354,7 @@ impl Gateway {
             shared.shutdown.clone(),
         ));
         let recycler = tokio::spawn(pool::recycle_loop(shared.clone()));
+        let publisher = tokio::spawn(watch::publish(shared.clone()));
         // Give memory back after load peaks (aborted with this function's end).
         let counter = shared.clone();
         let trimmer = tokio::spawn(crate::mem::trim_after_peaks(
@@ -363,6 +368,7 @@ impl Gateway {
         trimmer.abort();
         let exit = shared.exit.lock().unwrap_or(Exit::Stop);
         *shared.state.lock() = RunState::Stopping;
+        shared.traffic.changes.mark();
         let active = shared.traffic.connections().len();
         match exit {
             Exit::Stop => tracing::info!(
@@ -399,6 +405,9 @@ impl Gateway {
             shared.kill.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), shared.tasks.wait()).await;
         }
+        publisher.abort();
+        // The last word: stopped, no listener open.
+        watch::refresh(&shared);
         Ok(exit)
     }
 }

@@ -1,5 +1,6 @@
 //! The test harness: start the real `sallyport` binary as gateway and agent with config files
-//! in a temp dir, read their logs, and offer small loopback servers and clients.
+//! in a temp dir, read their logs, and offer small loopback servers and clients. [`harness`]
+//! runs them in-process instead, for tests that wait on state rather than on log lines.
 //!
 //! Every process started here is stopped by PID when its handle drops.
 
@@ -7,6 +8,7 @@
 
 pub mod ftp;
 pub mod haproxy;
+pub mod harness;
 pub mod netns;
 pub mod nginx;
 pub mod relay;
@@ -306,7 +308,7 @@ pub fn start_gateway_env(dir: &Workdir, name: &str, extra: &str, env: &[(&str, &
 }
 
 /// gateway.toml text for [`start_gateway_with`].
-fn gateway_config(control: &str, extra: &str) -> String {
+pub fn gateway_config(control: &str, extra: &str) -> String {
     let admin = if extra.contains("[admin]") {
         ""
     } else {
@@ -351,16 +353,7 @@ pub fn spawn_gateway_env(name: &str, path: &Path, env: &[(&str, &str)]) -> Gatew
 impl Gateway {
     /// GET an admin API path with the real curl; the JSON body.
     pub fn api(&self, path: &str) -> serde_json::Value {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "--max-time",
-                "5",
-                &format!("{}{path}", self.admin_url()),
-            ])
-            .output()
-            .expect("run curl");
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+        api_get(&self.admin_url(), path)
     }
 
     /// `http://addr` of the admin API.
@@ -370,6 +363,16 @@ impl Gateway {
             self.admin.expect("this gateway has no admin API")
         )
     }
+}
+
+/// GET `path` of the admin server at `url` (`http://addr`) with the real curl; the JSON body
+/// (null if there is none).
+pub fn api_get(url: &str, path: &str) -> serde_json::Value {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", &format!("{url}{path}")])
+        .output()
+        .expect("run curl");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
 /// One `[[listener]]` of an agent config.
@@ -444,6 +447,19 @@ pub fn start_agent(
     top: &str,
     tables: &str,
 ) -> Proc {
+    let path = write_agent_config(dir, name, gateways, listeners, top, tables);
+    Proc::spawn(name, &["agent", "--config", path.to_str().unwrap()])
+}
+
+/// Writes `<dir>/<name>.toml` for [`start_agent`] (the same arguments) and returns its path.
+pub fn write_agent_config(
+    dir: &Workdir,
+    name: &str,
+    gateways: &[SocketAddr],
+    listeners: &[ListenerDef],
+    top: &str,
+    tables: &str,
+) -> PathBuf {
     let mut config = if tables.contains("[admin]") {
         agent_config_without_admin(gateways, listeners, top)
     } else {
@@ -453,8 +469,7 @@ pub fn start_agent(
         config.push_str("\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n");
     }
     config.push_str(tables);
-    let path = dir.write(&format!("{name}.toml"), &config);
-    Proc::spawn(name, &["agent", "--config", path.to_str().unwrap()])
+    dir.write(&format!("{name}.toml"), &config)
 }
 
 /// Starts `sallyport agent --config <dir>/<name>.toml` (written before) with extra environment

@@ -36,6 +36,8 @@ pub struct Traffic {
     early_failures: Mutex<VecDeque<(u64, String)>>,
     samples: Mutex<VecDeque<Sample>>,
     listener_samples: Mutex<HashMap<ListenerKey, RateWindow>>,
+    /// Marked when a connection starts or stops piping ([`crate::gateway::watch`]).
+    pub changes: crate::gateway::watch::Changes,
 }
 
 /// A connection registered in [`Traffic`] until this is dropped.
@@ -127,6 +129,7 @@ impl Traffic {
             let _ = entry.failure.set(reason);
         }
         connections.insert(entry.id, entry);
+        self.changes.mark();
     }
 
     /// [`Traffic::start`], and [`Traffic::finish`] when the returned guard is dropped (for
@@ -146,6 +149,7 @@ impl Traffic {
         let mut finished = entry.listener.finished.lock();
         *finished = *finished + bytes;
         entry.listener.closed.fetch_add(1, Ordering::Relaxed);
+        self.changes.mark();
     }
 
     /// Records the agent's report that it cannot serve a client that is piping already, or
