@@ -56,7 +56,8 @@ pub struct GatewayStatus {
     pub state: RunState,
     /// By site name.
     pub sites: BTreeMap<String, SiteStatus>,
-    /// Refused connections by reason (the names of `/api/stats` `refusals`).
+    /// Refused connections by reason (the names of `/api/stats` `refusals`), only those
+    /// counted at least once: [`GatewayStatus::refusal`] says 0 for the others.
     pub refusals: BTreeMap<&'static str, u64>,
     /// `sallyport check` probes received.
     pub check_probes: u64,
@@ -149,7 +150,9 @@ pub(crate) fn current(shared: &Shared) -> GatewayStatus {
     GatewayStatus {
         state: shared.state(),
         sites: sites.collect(),
-        refusals: shared.stats.refusals(),
+        refusals: (shared.stats.refusals().into_iter())
+            .filter(|(_, n)| *n > 0)
+            .collect(),
         check_probes: shared.stats.check_probes.count(),
         accepted: totals.accepted,
         active: totals.active,
