@@ -231,7 +231,8 @@ impl<C: PublicClient> Handler<C> {
             client_addr: offer.client_addr,
             gateway_addr: offer.gateway_addr,
         };
-        while let Some(mut handed) = self.site.pool.assign(&assign, shunned).await {
+        let turn = self.site.pool.next_turn();
+        while let Some(mut handed) = self.site.pool.assign(&assign, turn, shunned).await {
             if !C::REUSABLE {
                 // Carried unframed, and closed after the flow on both sides (protocol.md 7.16).
                 handed.reuse = None;

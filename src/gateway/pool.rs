@@ -142,19 +142,27 @@ impl Pool {
         self.agents.lock().iter().map(|a| a.idle.len()).sum()
     }
 
-    /// Takes the newest pooled connection of the next agent in turn that has one, leaving out
-    /// the `shunned` agents. In turn, not "the agent with the most idle ones": agents size their
-    /// pools by the clients they get (`agent::pool`), so favouring the biggest pool would feed
-    /// one agent ever more clients and starve the others; turns split the clients evenly, and a
-    /// saturated agent (none idle) is passed over.
-    fn take(&self, shunned: &[u64]) -> Option<(u64, Pooled)> {
+    /// A client's turn among the agents with idle pooled connections: taken once per client
+    /// ([`Self::assign`] keeps it), so handing the client to the next agent after one declined
+    /// it does not move the rotation on a second time. (It did: with two agents, one that
+    /// declines every client was then first in line for every client, and each paid for it.)
+    pub fn next_turn(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes the newest pooled connection of the agent whose `turn` it is, or the next one
+    /// that has one, leaving out the `shunned` agents. In turn, not "the agent with the most
+    /// idle ones": agents size their pools by the clients they get (`agent::pool`), so
+    /// favouring the biggest pool would feed one agent ever more clients and starve the others;
+    /// turns split the clients evenly, and a saturated agent (none idle) is passed over.
+    fn take(&self, turn: usize, shunned: &[u64]) -> Option<(u64, Pooled)> {
         let mut agents = self.agents.lock();
         agents.retain(|a| !a.idle.is_empty());
         let n = agents.len();
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let start = turn % n;
         let pick = (0..n)
             .map(|i| (start + i) % n)
             .find(|&i| !shunned.contains(&agents[i].agent_id))?;
@@ -162,11 +170,16 @@ impl Pool {
         agents[pick].idle.pop_back().map(|p| (agent_id, p))
     }
 
-    /// Hands a live pooled connection the client (`PoolAssign`); `None` when no agent but the
-    /// `shunned` ones has one.
-    pub async fn assign(&self, assign: &PoolAssign, shunned: &[u64]) -> Option<Handed> {
+    /// Hands a live pooled connection the client (`PoolAssign`), starting at the agent whose
+    /// `turn` it is ([`Self::next_turn`]); `None` when no agent but the `shunned` ones has one.
+    pub async fn assign(
+        &self,
+        assign: &PoolAssign,
+        turn: usize,
+        shunned: &[u64],
+    ) -> Option<Handed> {
         loop {
-            let (agent_id, mut pooled) = self.take(shunned)?;
+            let (agent_id, mut pooled) = self.take(turn, shunned)?;
             if !pooled.alive() {
                 continue;
             }
@@ -718,7 +731,9 @@ mod tests {
         // An idle minute and more: every member is past MAX_IDLE.
         tokio::time::advance(MAX_IDLE + Duration::from_secs(1)).await;
         // A client arriving now still finds a pooled connection.
-        let (id, taken) = pool.take(&[]).expect("the whole pool expired at once");
+        let (id, taken) = pool
+            .take(pool.next_turn(), &[])
+            .expect("the whole pool expired at once");
         assert_eq!(id, 1);
         drop(taken);
         assert_eq!(pool.len(), 3);
@@ -757,10 +772,10 @@ mod tests {
             ends.push(end);
         }
         // a has members (two), but it is shunned for this client.
-        let (id, _) = pool.take(&[a.id]).unwrap();
+        let (id, _) = pool.take(pool.next_turn(), &[a.id]).unwrap();
         assert_eq!(id, b.id);
-        assert!(pool.take(&[a.id]).is_none());
-        assert_eq!(pool.take(&[]).unwrap().0, a.id);
+        assert!(pool.take(pool.next_turn(), &[a.id]).is_none());
+        assert_eq!(pool.take(pool.next_turn(), &[]).unwrap().0, a.id);
     }
 
     #[tokio::test]
@@ -774,13 +789,42 @@ mod tests {
             assert!(pool.add(owner, m).is_ok());
             ends.push(end);
         }
-        let taken: Vec<u64> = (0..4).map(|_| pool.take(&[]).unwrap().0).collect();
+        let taken: Vec<u64> = (0..4)
+            .map(|_| pool.take(pool.next_turn(), &[]).unwrap().0)
+            .collect();
         assert_eq!(
             taken.iter().filter(|&&id| id == b.id).count(),
             2,
             "{taken:?}"
         );
         // b is out of members: a serves the rest.
-        assert!((0..4).all(|_| pool.take(&[]).unwrap().0 == a.id));
+        assert!((0..4).all(|_| pool.take(pool.next_turn(), &[]).unwrap().0 == a.id));
+    }
+
+    #[tokio::test]
+    async fn a_client_handed_on_after_a_decline_keeps_its_turn() {
+        let pool = Pool::default();
+        let (a, b) = (agent(1), agent(2));
+        let mut ends = Vec::new();
+        for owner in [&a, &a, &a, &a, &b, &b, &b, &b] {
+            let (m, end) = member().await;
+            assert!(pool.add(owner, m).is_ok());
+            ends.push(end);
+        }
+        // Each client: its first pick, and after that agent declined it, the next one. Which
+        // agent is asked first must still alternate between clients.
+        let mut first = Vec::new();
+        for _ in 0..4 {
+            let turn = pool.next_turn();
+            let (id, _) = pool.take(turn, &[]).unwrap();
+            first.push(id);
+            let (other, _) = pool.take(turn, &[id]).unwrap();
+            assert_ne!(other, id);
+        }
+        assert_eq!(
+            first.iter().filter(|&&id| id == a.id).count(),
+            2,
+            "{first:?}"
+        );
     }
 }
