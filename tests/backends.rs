@@ -259,7 +259,14 @@ fn a_refusing_backend_is_skipped_for_the_next_and_ejected_without_checks() {
 #[test]
 fn a_client_whose_agent_has_no_healthy_backend_is_offered_to_another_agent() {
     // Announced clients (no warm pool): agent a answers ClientFailed.
-    no_healthy_backend_on_one_agent(0, true);
+    let seen = one_agent_without_backend(Case {
+        pool: Some(0),
+        ..Case::default()
+    });
+    assert!(
+        seen.reoffered >= 1,
+        "no client was offered to agent b after a"
+    );
 }
 
 /// The same without health checks: agent a dials its (dead) backend before its data
@@ -267,18 +274,93 @@ fn a_client_whose_agent_has_no_healthy_backend_is_offered_to_another_agent() {
 /// it to agent b (before, a's data connection had claimed it by then: 5 of 10 got no answer).
 #[test]
 fn a_client_whose_agent_cannot_reach_its_unchecked_backend_is_offered_to_another_agent() {
-    no_healthy_backend_on_one_agent(0, false);
+    let seen = one_agent_without_backend(Case {
+        pool: Some(0),
+        health: false,
+        ..Case::default()
+    });
+    assert!(
+        seen.reoffered >= 1,
+        "no client was offered to agent b after a"
+    );
 }
 
-/// The same with warm pools: agent a leaves the pooled client unanswered and the gateway
-/// offers it elsewhere.
+/// The same with warm pools: agent a declines the pooled client (its admission refuses it) and
+/// the gateway offers it elsewhere.
 #[test]
 fn a_pooled_client_whose_agent_has_no_healthy_backend_is_served_by_another_agent() {
-    no_healthy_backend_on_one_agent(4, true);
+    let seen = one_agent_without_backend(Case {
+        pool: Some(4),
+        ..Case::default()
+    });
+    assert!(seen.declined >= 1, "no pooled client was declined by a");
 }
 
-fn no_healthy_backend_on_one_agent(pool: u32, health: bool) {
-    use support::netns::{in_ns, Namespaces};
+/// The default warm pool and no health checks: agent a's pool member connects the (dead)
+/// backend before it answers the gateway, and declines the client with an orderly close when
+/// it refuses, so the gateway hands it to agent b's pooled connection. Before, a answered
+/// first and closed the client after its backend refused (5 of 10 got no answer).
+#[test]
+fn a_pooled_client_whose_agent_cannot_reach_its_unchecked_backend_is_served_by_another_agent() {
+    let seen = one_agent_without_backend(Case {
+        health: false,
+        ..Case::default()
+    });
+    assert!(seen.declined >= 1, "no pooled client was declined by a");
+    assert_eq!(seen.unanswered, 0, "agent a looked hung");
+}
+
+/// The same with a backend that never answers (agent a's SYNs to it are dropped): a's member
+/// gives up after its bound (500 ms), well within the gateway's one second wait for the
+/// answer, so it declines in time and is not taken for a hung agent; the failure counts
+/// toward passive ejection.
+#[test]
+fn a_pooled_client_whose_agent_s_backend_is_blackholed_is_declined_in_time() {
+    let seen = one_agent_without_backend(Case {
+        health: false,
+        blackhole: true,
+        ..Case::default()
+    });
+    assert!(seen.declined >= 1, "no pooled client was declined by a");
+    assert_eq!(seen.unanswered, 0, "agent a looked hung");
+    assert!(
+        seen.a_connect_failures >= 1,
+        "agent a counted no connect failure"
+    );
+}
+
+/// One run of [`one_agent_without_backend`].
+struct Case {
+    /// `pool = n` on both agents; `None`: the default warm pool.
+    pool: Option<u32>,
+    /// Health checks on the listener.
+    health: bool,
+    /// Agent a's SYNs to the backend are dropped (nftables in its namespace) instead of
+    /// refused; the listener is a group of one (`balance`), so a's status counts the failures.
+    blackhole: bool,
+}
+
+impl Default for Case {
+    fn default() -> Self {
+        Case {
+            pool: None,
+            health: true,
+            blackhole: false,
+        }
+    }
+}
+
+/// What the gateway and agent a counted in one run.
+struct Seen {
+    reoffered: u64,
+    declined: u64,
+    unanswered: u64,
+    /// Agent a's `connect_failures` for the backend (a grouped listener only).
+    a_connect_failures: u64,
+}
+
+fn one_agent_without_backend(case: Case) -> Seen {
+    use support::netns::{in_ns, sh_in, Namespaces};
     let dir = Workdir::new();
     let mut nss = Namespaces::new();
     let (g, a) = (nss.add("g"), nss.add("a"));
@@ -290,29 +372,55 @@ fn no_healthy_backend_on_one_agent(pool: u32, health: bool) {
     let port = gateway.control.port();
     let public = free_port();
     let mut web = listener("web", public, local(nginx.port));
-    if health {
+    if case.health {
         web.extra = "health = { interval = \"200ms\", timeout = \"150ms\" }\n".into();
     }
+    if case.blackhole {
+        web.extra.push_str("balance = \"round-robin\"\n");
+        let drop = format!(
+            "nft add table inet t && nft add chain inet t o '{{ type filter hook output priority 0; }}' \
+             && nft add rule inet t o ip daddr 127.0.0.1 tcp dport {} drop",
+            nginx.port
+        );
+        sh_in(&a, &drop);
+    }
     let webs = [web];
+    let pool = case.pool.map_or(String::new(), |n| format!("pool = {n}"));
     let to_gateway = |ip: &str| std::net::SocketAddr::new(ip.parse().unwrap(), port);
     let agent_a = in_ns(&a, || {
         let gw = to_gateway("10.77.0.1");
-        let top = format!("name = \"a\"\npool = {pool}");
-        start_agent(&dir, "agent-a", &[gw], &webs, &top, "")
+        start_agent(
+            &dir,
+            "agent-a",
+            &[gw],
+            &webs,
+            &format!("name = \"a\"\n{pool}"),
+            "",
+        )
     });
     let agent_b = in_ns(&g, || {
         let gw = to_gateway("127.0.0.1");
-        let top = format!("name = \"b\"\npool = {pool}");
-        start_agent(&dir, "agent-b", &[gw], &webs, &top, "")
+        start_agent(
+            &dir,
+            "agent-b",
+            &[gw],
+            &webs,
+            &format!("name = \"b\"\n{pool}"),
+            "",
+        )
     });
     in_ns(&g, || wait_open(local(public), Duration::from_secs(10)));
-    if health {
+    if case.health {
         agent_a.wait_for_log("backend taken out of rotation", Duration::from_secs(5));
     }
     // Both agents' listeners are open (the same digest): each is offered clients in turn.
     for agent in [&agent_a, &agent_b] {
         agent.wait_for_log("listener(s) open on the gateway", Duration::from_secs(10));
     }
+    // Both warm pools are full (4 each by default): a client may come on either's connection.
+    let pooled = 2 * case.pool.unwrap_or(4) as u64;
+    let full = || in_ns(&g, || gateway.api("/api/stats")["pooled"].as_u64()) == Some(pooled);
+    assert!(wait_until(Duration::from_secs(10), full), "pools not full");
     let url = format!("http://127.0.0.1:{public}/index.html");
     let t0 = std::time::Instant::now();
     let results: Vec<(bool, String)> = in_ns(&g, || (0..10).map(|_| get(&url)).collect());
@@ -323,26 +431,39 @@ fn no_healthy_backend_on_one_agent(pool: u32, health: bool) {
             .all(|(ok, body)| *ok && body == "page of b\n"),
         "{results:?}"
     );
-    let (reoffered, unanswered) = in_ns(&g, || {
+    let (reoffered, declined, unanswered) = in_ns(&g, || {
         let stats = gateway.api("/api/stats");
         let count = |k: &str| stats["refusals"][k].as_u64().unwrap_or(0);
         (
             count("client_reoffered"),
-            count("pool_unanswered") + count("pool_declined"),
+            count("pool_declined"),
+            count("pool_unanswered"),
         )
     });
     eprintln!(
-        "measured (pool = {pool}): client_reoffered {reoffered}, pool_unanswered + pool_declined {unanswered}"
+        "measured (pool = {:?}, health {}, blackhole {}): client_reoffered {reoffered}, \
+         pool_declined {declined}, pool_unanswered {unanswered}",
+        case.pool, case.health, case.blackhole
     );
-    assert!(
-        reoffered + unanswered >= 1,
-        "no client was offered to agent b after a"
-    );
-    if health {
+    if case.health {
         agent_a.wait_for_log(
             "offer refused: every backend of listener \"web\" fails its health checks",
             Duration::from_secs(5),
         );
     }
+    let mut a_connect_failures = 0;
+    if case.blackhole {
+        let api = agent_admin_url(&agent_a);
+        let backend = format!("127.0.0.1:{}", nginx.port);
+        let state = in_ns(&a, || backend_state(&api, &backend));
+        eprintln!("agent a's view of its backend: {state}");
+        a_connect_failures = state["connect_failures"].as_u64().unwrap_or(0);
+    }
     drop((agent_a, agent_b));
+    Seen {
+        reoffered,
+        declined,
+        unanswered,
+        a_connect_failures,
+    }
 }

@@ -415,17 +415,31 @@ impl Drop for Active {
 }
 
 /// Connects a client of `listener` to a backend: its only one, or the healthy ones of its
-/// group in balance order until one accepts. The error names the backend(s) tried.
+/// group in balance order until one accepts. Each try gets `timeout`; with `within`, all of
+/// them together get no more than that (a try is cut to what is left, and none starts once it
+/// is spent): a try cut short counts as that backend's connect failure, like any other. The
+/// error names the backend(s) tried.
 pub(crate) async fn connect(
     registry: &Registry,
     listener: &ListenerConfig,
     offset: u16,
     client: SocketAddr,
     timeout: Duration,
+    within: Option<Duration>,
 ) -> Result<Connected, (String, std::io::Error)> {
+    let deadline = within.map(|w| Instant::now() + w);
+    // This try's timeout: `timeout`, or what is left of `within` if less (zero: spent),
+    // rounded to a millisecond (the error says it).
+    let budget = || match deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now()).as_micros();
+            timeout.min(Duration::from_millis(((left + 500) / 1000) as u64))
+        }
+        None => timeout,
+    };
     let Some(group) = &listener.group else {
         let target = listener.backend_target(offset).unwrap_or_default();
-        return match connect_one(listener.impersonation, client, &target, timeout).await {
+        return match connect_one(listener.impersonation, client, &target, budget()).await {
             Ok(stream) => Ok(Connected {
                 stream,
                 target,
@@ -442,6 +456,10 @@ pub(crate) async fn connect(
     let mut failed: Vec<String> = Vec::new();
     let mut last = None;
     for i in order {
+        let timeout = budget();
+        if timeout.is_zero() && last.is_some() {
+            break;
+        }
         let target = backend_target(&group.backends[i], offset);
         match connect_one(listener.impersonation, client, &target, timeout).await {
             Ok(stream) => {

@@ -1,9 +1,11 @@
 //! Serving one announced client, as one value ([`Handler`], mini-redis's idea, mirroring the
 //! gateway's `client.rs`): find its listener and backend, dial the gateway's control port as a
-//! data connection and the backend at the same time (or take the warm-pool connection it came
-//! on), write the PROXY header, then pipe the two. An announced client of a listener without
-//! health checks is the exception: its backend is dialled first, so an unreachable one is
-//! reported while the client is unclaimed and the gateway offers it to another agent.
+//! data connection and the backend at the same time, write the PROXY header, then pipe the two.
+//! An announced client of a listener without health checks is the exception: its backend is
+//! dialled first, so an unreachable one is reported while the client is unclaimed and the
+//! gateway offers it to another agent. A client handed on a warm-pool connection has its
+//! backend connected before the agent answers the gateway, within a bound ([`PoolClient`]): one
+//! whose backend does not take it is declined, and the gateway offers it to another agent.
 //!
 //! Every way a client goes unserved is one [`Unserved`] variant, logged, counted, recorded,
 //! reported to the gateway (`ClientFailed`) and its data connection closed in one place
@@ -32,14 +34,16 @@ use crate::protocol::{ClientArrived, ClientFailed, ErrorCode, Message};
 use crate::transport::Stream;
 
 mod conn;
+mod pooled;
 
-use conn::{decline, give_back, open_data_connection};
-pub(crate) use conn::{Gateway, Pooled};
+use super::backends::Connected;
+pub(crate) use conn::Gateway;
+use conn::{decline, give_back, open_data_connection, Pooled};
+pub(crate) use pooled::PoolClient;
 
 /// Serves one client announced by `gateway`. Reports failures on the control channel through
-/// `control` when it is still there; never depends on it otherwise.
-/// `pooled` is a warm-pool data connection the gateway already handed this client (no dial).
-/// Counts the client in its listener's statistics and ends with its audit record
+/// `control` when it is still there; never depends on it otherwise. (A client handed on a
+/// warm-pool connection is served by [`PoolClient`].) Counts the client in its listener's statistics and ends with its audit record
 /// ([`crate::audit`]), whatever happens. `admission` holds the client's places in its
 /// gateway's limits (`super::limits`) until it ends.
 pub(crate) async fn serve_client(
@@ -47,19 +51,10 @@ pub(crate) async fn serve_client(
     gateway: Gateway,
     arrived: ClientArrived,
     control: mpsc::Sender<Message>,
-    pooled: Option<Pooled>,
     admission: super::limits::Admission,
 ) {
-    let handler = Handler {
-        started: Instant::now(),
-        config: ctx.config(),
-        ctx,
-        gateway,
-        arrived,
-        control,
-        _admission: admission,
-    };
-    handler.run(pooled).await
+    let handler = Handler::new(ctx, gateway, arrived, control, admission);
+    handler.run(None).await
 }
 
 /// One announced client, from its offer to the end of its pipe.
@@ -110,8 +105,27 @@ enum Unserved {
 }
 
 impl Handler {
+    fn new(
+        ctx: AgentCtx,
+        gateway: Gateway,
+        arrived: ClientArrived,
+        control: mpsc::Sender<Message>,
+        admission: super::limits::Admission,
+    ) -> Self {
+        Handler {
+            started: Instant::now(),
+            config: ctx.config(),
+            ctx,
+            gateway,
+            arrived,
+            control,
+            _admission: admission,
+        }
+    }
+
     /// Finds the client's listener and backend, then serves it as the listener says: the
-    /// embedded application's, a UDP flow, or a TCP stream.
+    /// embedded application's, a UDP flow, or a TCP stream. `pooled`: the warm-pool connection
+    /// the gateway handed the client on (no dial), with its backend when connected already.
     async fn run(self, pooled: Option<Pooled>) {
         let name = self.arrived.listener.as_str();
         let Some(listener) = self.config.listener(name) else {
@@ -124,9 +138,9 @@ impl Handler {
         let stats = self.ctx.stats.listener(&listener.name);
         stats.offered();
         // Reuse-framed: the connection's way back to its pool member.
-        let (pooled, back) = match pooled {
-            Some(p) => (Some((p.stream, p.leftover)), p.back),
-            None => (None, None),
+        let (pooled, back, ready) = match pooled {
+            Some(p) => (Some((p.stream, p.leftover)), p.back, p.backend),
+            None => (None, None, None),
         };
         if listener.backend == Backend::Local {
             // The application owns the stream from here, and its logging. (Pool connections of
@@ -152,7 +166,10 @@ impl Handler {
                 let proxy = listener.proxy_protocol;
                 self.serve_flow(&route, proxy, idle_timeout, pooled).await
             }
-            _ => self.serve_stream(&route, listener, pooled, back).await,
+            _ => {
+                self.serve_stream(&route, listener, (pooled, ready), back)
+                    .await
+            }
         };
         match served {
             Ok(s) => self.record(s.outcome, s.error.as_deref(), Some(&s.backend), s.moved),
@@ -162,18 +179,22 @@ impl Handler {
 
     /// Dials the data connection and the backend at once (the client's wait is the slower of
     /// the two, not their sum), or the backend first (see the module doc), then pipes them.
+    /// `ready`: the backend a pooled client's member connected already ([`PoolClient`]).
     /// Returns the audit outcome, its error and the bytes moved (from the client, to the client).
     async fn serve_stream(
         &self,
         route: &Route,
         listener: &ListenerConfig,
-        pooled: Option<DataParts>,
+        (pooled, ready): (Option<DataParts>, Option<Connected>),
         back: Option<oneshot::Sender<crate::reuse::Reusable>>,
     ) -> Result<Served, Unserved> {
-        let (timeout, client) = (self.config.connect_timeout, self.arrived.client_addr);
-        let backends = &self.ctx.stats.backends;
-        let offset = self.arrived.port_offset;
-        let backend = super::backends::connect(backends, listener, offset, client, timeout);
+        let client = self.arrived.client_addr;
+        let backend = async {
+            match ready {
+                Some(connected) => Ok(connected),
+                None => self.connect_backend(listener, None).await,
+            }
+        };
         let (data, backend) = if pooled.is_none() && !health_checked(listener) {
             // Nothing tells in advance whether its backend takes the client: the backend first,
             // so one that does not is reported (ClientFailed) while the client is unclaimed and
@@ -227,6 +248,18 @@ impl Handler {
             backend: target,
             moved,
         })
+    }
+
+    /// Connects the client's backend (several: the next healthy one while one refuses), each
+    /// try within `connect_timeout`, all of them within `within` when set.
+    async fn connect_backend(
+        &self,
+        listener: &ListenerConfig,
+        within: Option<std::time::Duration>,
+    ) -> Result<Connected, (String, std::io::Error)> {
+        let (timeout, client) = (self.config.connect_timeout, self.arrived.client_addr);
+        let (backends, offset) = (&self.ctx.stats.backends, self.arrived.port_offset);
+        super::backends::connect(backends, listener, offset, client, timeout, within).await
     }
 
     /// Pipes the backend and the data connection: the PROXY header and any client bytes that

@@ -4,11 +4,14 @@
 //! One maintainer per control session. Each member dials with the `SessionPool` role (the
 //! control session's secret proves it belongs to that session; `Pool` to a v1 gateway, which
 //! then needs it over TLS, see `gateway::binding`) and waits; when the gateway hands it a client
-//! (`PoolAssign`), the member answers `PoolAccepted` first (on protocol v2, before anything else
-//! happens to the client), then is served like an announced client (backend, PROXY header,
-//! pipe) as an agent task of its own, and the maintainer opens a replacement at once. A member
-//! whose answer cannot be written (the gateway gave up on it and reset the connection) drops the
-//! client without touching a backend.
+//! (`PoolAssign`), the member admits it, connects its backend (within
+//! `data::pooled::BACKEND_LIMIT`, half the gateway's wait for the answer), answers
+//! `PoolAccepted` (on protocol v2), then the client is served like an announced one (PROXY
+//! header, pipe) as an agent task of its own, with that backend, and the maintainer opens a
+//! replacement at once. A client it cannot admit, or whose backend does not take it, is
+//! declined with an orderly close before the answer: the gateway offers it to another agent
+//! (`pool_declined`). A member whose answer cannot be written (the gateway gave up on it and
+//! reset the connection) drops the client and closes its backend connection unused.
 //!
 //! On protocol v3 over TLS ([`Feature::DataReuse`]) a member outlives its client: it waits
 //! while the client is served, and when the client ended cleanly both ways (and the gateway did
@@ -46,7 +49,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::data::{self, Gateway, Pooled};
+use super::data::{Gateway, PoolClient};
 use super::dial::{dial_up_to, Target};
 use super::AgentCtx;
 use crate::config::PoolConfig;
@@ -63,6 +66,9 @@ enum Left {
     Failed,
     /// The gateway's pool for this site is full.
     Full,
+    /// Declined its client (the backend did not take it): replaced at once, like an assigned
+    /// one (the gateway is fine; the backend is this client's listener's).
+    Declined,
     /// Closed as one too many for the target.
     Shed,
 }
@@ -357,26 +363,15 @@ async fn member(
             Err(left) => return left,
         };
         shared.demand.arrived(true);
-        let admission = match accept_assignment(&ctx, &gateway, &mut conn, version, &assign).await {
-            Ok(admission) => admission,
-            Err(left) => return left,
-        };
+        let client =
+            match accept_assignment(&ctx, &gateway, &mut conn, version, assign, &control).await {
+                Ok(client) => client,
+                Err(left) => return left,
+            };
         let serving = Serving::start(&shared.busy);
         let (stream, leftover) = conn.into_parts();
         let (tx, rx) = oneshot::channel();
-        let pooled = Pooled {
-            stream,
-            leftover,
-            back: reuse.then_some(tx),
-        };
-        let served = data::serve_client(
-            ctx.clone(),
-            gateway.clone(),
-            arrived(assign),
-            control.clone(),
-            Some(pooled),
-            admission,
-        );
+        let served = client.serve(stream, leftover, reuse.then_some(tx));
         // A task of the agent, not of this member: it carries on when the pool stops.
         ctx.tasks.spawn(served);
         if !reuse {
@@ -439,38 +434,49 @@ async fn dial_member(
     }
 }
 
-/// Admits an assigned client like an announced one and answers `PoolAccepted` (v2). A client
-/// this agent cannot admit is declined with an orderly close (FIN, or TLS close_notify): the
-/// gateway offers it to another agent without taking this one for hung (`pool_declined`), and
-/// this member pauses before it is replaced.
+/// Admits an assigned client like an announced one, connects its backend
+/// ([`PoolClient::prepare`]) and answers `PoolAccepted` (v2). A client this agent cannot admit,
+/// or whose backend does not take it, is declined with an orderly close (TLS close_notify, FIN;
+/// then what the gateway still sends is drained, so no reset overtakes them): the gateway
+/// offers it to another agent without taking this one for hung (`pool_declined`). A member
+/// that could not admit pauses before it is replaced; one whose client's backend failed is
+/// replaced at once.
 async fn accept_assignment(
     ctx: &AgentCtx,
     gateway: &Gateway,
     conn: &mut Connection<Stream>,
     version: u16,
-    assign: &PoolAssign,
-) -> Result<super::limits::Admission, Left> {
+    assign: PoolAssign,
+    control: &mpsc::Sender<Message>,
+) -> Result<PoolClient, Left> {
     let config = ctx.config();
     let admitted = gateway
         .limits
         .admit(&config, &ctx.stats, &assign.listener, assign.port_offset);
     let Ok(admission) = admitted else {
-        let _ = conn.get_mut().shutdown().await;
+        crate::net::close_gently(conn.get_mut(), CLOSE_LIMIT).await;
         return Err(Left::Failed);
+    };
+    let (id, client_addr) = (assign.id, assign.client_addr);
+    let (ctx, gateway2, control) = (ctx.clone(), gateway.clone(), control.clone());
+    let prepared = PoolClient::prepare(ctx, gateway2, arrived(assign), control, admission).await;
+    let Some(client) = prepared else {
+        crate::net::close_gently(conn.get_mut(), CLOSE_LIMIT).await;
+        return Err(Left::Declined);
     };
     if Feature::PoolAccepted.on(version) {
         // Before anything else: the gateway offers the client elsewhere without this answer.
         // If it already gave up, the connection is reset and the write fails: drop the client.
-        let answer = Message::PoolAccepted(PoolAccepted { id: assign.id });
+        let answer = Message::PoolAccepted(PoolAccepted { id });
         if let Err(e) = conn.write_message(&answer).await {
             tracing::info!(
-                gateway = %gateway.name, client = %assign.client_addr, id = assign.id,
+                gateway = %gateway.name, client = %client_addr, id,
                 "pooled client dropped: the gateway gave up on this connection before it was answered ({e})"
             );
             return Err(Left::Closed);
         }
     }
-    Ok(admission)
+    Ok(client)
 }
 
 /// Waits, idle, for the gateway to hand this member a client; how it left otherwise.

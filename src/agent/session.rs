@@ -276,14 +276,8 @@ pub(super) fn offered(
     let limits = gateway.limits.clone();
     match limits.admit(&config, &ctx.stats, &arrived.listener, arrived.port_offset) {
         Ok(admission) => {
-            let serve = data::serve_client(
-                ctx.clone(),
-                gateway,
-                arrived,
-                outbox.clone(),
-                None,
-                admission,
-            );
+            let serve =
+                data::serve_client(ctx.clone(), gateway, arrived, outbox.clone(), admission);
             ctx.tasks.spawn(serve);
         }
         Err(reason) => {

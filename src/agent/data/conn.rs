@@ -38,6 +38,10 @@ pub(crate) struct Pooled {
     pub leftover: BytesMut,
     /// Reuse-framed: where the connection goes back when its client ended cleanly both ways.
     pub back: Option<oneshot::Sender<crate::reuse::Reusable>>,
+    /// The client's backend, connected before the agent answered the gateway
+    /// ([`super::PoolClient`]); `None` where nothing was connected first (the embedded
+    /// application, a UDP flow, a listener or port this agent does not have).
+    pub backend: Option<crate::agent::backends::Connected>,
 }
 
 /// Ends a data connection whose client this agent does not serve (no such listener now, no
