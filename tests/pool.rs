@@ -78,10 +78,13 @@ async fn a_pooled_client_whose_backend_is_down_is_closed_and_counted() {
     let mut buf = [0u8; 16];
     // Closed cleanly (an orderly end of stream, not a reset) and soon (not at a 10 s deadline).
     assert_eq!(c.read(&mut buf).unwrap(), 0);
-    let logs = gw.logs().gateway();
-    logs.wait_for("(warm pool)", five).await;
-    gw.wait_until("client_agent_failed counted", five, |s| {
-        s.refusal("client_agent_failed") == 1
+    // The agent connects the backend before it answers the pooled connection, and declines
+    // the client when it refuses; with no other agent, the gateway announces the client to
+    // this one again, which reports that it cannot serve it (protocol.md 7.3).
+    let logs = gw.logs();
+    logs.agents().wait_for("pooled client declined", five).await;
+    gw.wait_until("pool_declined and client_agent_failed counted", five, |s| {
+        s.refusal("pool_declined") == 1 && s.refusal("client_agent_failed") == 1
     })
     .await;
 }
