@@ -62,6 +62,15 @@ fn agent_page_shows_each_gateway_listener_and_backend_and_reloads_with_the_token
     let down = local(free_port());
     let dead_backend = local(free_port());
     let (echo_port, dead_port, added_port) = (free_port(), free_port(), free_port());
+    // Listener "pair": the echo server and a second backend that agent.mjs serves, then kills;
+    // checked every 300 ms.
+    let (pair_port, pair_backend) = (free_port(), free_port());
+    let pair = || {
+        let mut l = listener("pair", pair_port, echo.addr);
+        l.backend = format!("[\"{}\", \"127.0.0.1:{pair_backend}\"]", echo.addr);
+        l.extra = "health = { interval = \"300ms\", timeout = \"250ms\" }\n".into();
+        l
+    };
     let token = "agent-page-token-0123456789";
     let tables = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n"
@@ -69,6 +78,7 @@ fn agent_page_shows_each_gateway_listener_and_backend_and_reloads_with_the_token
     let listeners = [
         listener("echo", echo_port, echo.addr),
         listener("dead", dead_port, dead_backend),
+        pair(),
     ];
     let agent = start_agent(&dir, "agent", &[gw.control, down], &listeners, "", &tables);
     let url = agent_admin_url(&agent);
@@ -79,6 +89,7 @@ fn agent_page_shows_each_gateway_listener_and_backend_and_reloads_with_the_token
         &[
             listener("echo", echo_port, echo.addr),
             listener("dead", dead_port, dead_backend),
+            pair(),
             listener("added", added_port, echo.addr),
         ],
         "",
@@ -99,6 +110,8 @@ fn agent_page_shows_each_gateway_listener_and_backend_and_reloads_with_the_token
         &added_port.to_string(),
         token,
         screenshot.to_str().unwrap(),
+        &echo.addr.to_string(),
+        &pair_backend.to_string(),
     ]);
     let reloads = agent
         .log_lines()

@@ -60,6 +60,8 @@ struct Member {
     ejections: AtomicU64,
     /// When it was taken out (for [`RETRY_AFTER`]).
     down_since: Mutex<Option<Instant>>,
+    /// Taken out by a failed health check (`down`), not by connect failures (`ejected`).
+    out_by_check: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
@@ -73,6 +75,7 @@ impl Member {
             connect_failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
             down_since: Mutex::new(None),
+            out_by_check: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
     }
@@ -157,6 +160,7 @@ impl BackendSet {
             self.take_out(
                 i,
                 &format!("{n} connect failures in a row, the last: {why}"),
+                false,
             );
         }
     }
@@ -171,9 +175,12 @@ impl BackendSet {
         }
     }
 
-    fn take_out(&self, i: usize, why: &str) {
+    /// Takes backend `i` out of rotation: `by_check`, a failed health check (else connect
+    /// failures in a row).
+    fn take_out(&self, i: usize, why: &str, by_check: bool) {
         let m = &self.members[i];
         if m.up.swap(false, Ordering::Relaxed) {
+            m.out_by_check.store(by_check, Ordering::Relaxed);
             m.ejections.fetch_add(1, Ordering::Relaxed);
             *m.down_since.lock() = Some(Instant::now());
             tracing::warn!(
@@ -196,7 +203,7 @@ impl BackendSet {
     }
 
     fn check_failed(&self, i: usize, why: String) {
-        self.take_out(i, &format!("health check failed: {why}"));
+        self.take_out(i, &format!("health check failed: {why}"), true);
         *self.members[i].last_error.lock() = Some(why);
     }
 
@@ -207,6 +214,14 @@ impl BackendSet {
             .map(|m| BackendReport {
                 backend: m.addr.to_string(),
                 up: m.up.load(Ordering::Relaxed),
+                state: match (
+                    m.up.load(Ordering::Relaxed),
+                    m.out_by_check.load(Ordering::Relaxed),
+                ) {
+                    (true, _) => BackendState::Up,
+                    (false, true) => BackendState::Down,
+                    (false, false) => BackendState::Ejected,
+                },
                 active: m.active.load(Ordering::Relaxed),
                 connect_failures: m.connect_failures.load(Ordering::Relaxed),
                 ejections: m.ejections.load(Ordering::Relaxed),
@@ -223,6 +238,9 @@ pub struct BackendReport {
     pub backend: String,
     /// In rotation.
     pub up: bool,
+    /// Why it is in rotation or not (absent from an older agent: read `up`).
+    #[serde(default)]
+    pub state: BackendState,
     /// Clients piping to it now.
     pub active: usize,
     /// Client connections it refused or did not accept in time, in total.
@@ -231,6 +249,20 @@ pub struct BackendReport {
     pub ejections: u64,
     /// The last connect failure or failed check.
     pub last_error: Option<String>,
+}
+
+/// A backend's health in the agent's status and on its page.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// In rotation.
+    #[default]
+    Up,
+    /// Out of rotation: its health check failed.
+    Down,
+    /// Out of rotation: connect failures in a row (passive ejection); without `health`, back
+    /// on trial after [`RETRY_AFTER`].
+    Ejected,
 }
 
 /// Every listener's backend set.
@@ -539,6 +571,24 @@ mod tests {
                 health,
             },
         )
+    }
+
+    #[test]
+    fn the_report_tells_a_failed_check_from_connect_failures() {
+        let s = set(Balance::RoundRobin, true);
+        s.check_failed(0, "connect: connection refused".into());
+        for _ in 0..EJECT_AFTER {
+            s.connect_failed(1, "connection refused");
+        }
+        let states: Vec<BackendState> = s.report().iter().map(|b| b.state).collect();
+        assert_eq!(
+            states,
+            [BackendState::Down, BackendState::Ejected, BackendState::Up]
+        );
+        s.check_passed(0);
+        assert_eq!(s.report()[0].state, BackendState::Up);
+        let json = serde_json::to_value(&s.report()[1]).unwrap();
+        assert_eq!(json["state"], "ejected");
     }
 
     fn firsts(set: &BackendSet, n: usize) -> Vec<usize> {

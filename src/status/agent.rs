@@ -181,7 +181,12 @@ fn agent_backends_section(status: &StatusReport) -> String {
                     escape(&l.name),
                     balance.clone(),
                     escape(&b.backend),
-                    if b.up { "up" } else { "DOWN" }.to_string(),
+                    match (b.up, b.state) {
+                        (true, _) => "up",
+                        (false, crate::agent::backends::BackendState::Ejected) => "EJECTED",
+                        (false, _) => "DOWN",
+                    }
+                    .to_string(),
                     b.active.to_string(),
                     b.connect_failures.to_string(),
                     b.ejections.to_string(),

@@ -3,13 +3,14 @@
 // `net` module. Started by tests/agent_page.rs, which owns the gateway, the agent and the
 // backends, and has already written the next agent.toml (one more listener) for the reload.
 //
-//   node agent.mjs main    ADMIN_URL UP_GATEWAY DOWN_GATEWAY ECHO_PORT DEAD_PORT DEAD_BACKEND ADDED_PORT TOKEN SCREENSHOT.png
+//   node agent.mjs main    ADMIN_URL UP_GATEWAY DOWN_GATEWAY ECHO_PORT DEAD_PORT DEAD_BACKEND ADDED_PORT TOKEN SCREENSHOT.png ECHO_BACKEND PAIR_BACKEND_PORT
 //   node agent.mjs hostile ADMIN_URL GATEWAY HOSTILE_TEXT
 //
 // "PASS" on stdout ends a successful run. Any failed check throws, prints why and exits
 // non-zero. Every wait is for a condition, with a deadline.
 
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { waitFor, tid, waitLight, clickAndConfirm, EchoClient, tryConnect, runInBrowser } from './lib.mjs';
 
@@ -31,10 +32,53 @@ async function waitState(page, listener, gateway, state, timeoutMs = 10_000) {
     async () => (await page.getAttribute(stateCell(listener, gateway), 'data-state')) === state, timeoutMs);
 }
 
+const backendRow = (listener, backend) => `${tid('table-backends')} tr[data-listener="${listener}"][data-backend="${backend}"]`;
+const backendHealth = (page, listener, backend) => page.getAttribute(`${backendRow(listener, backend)} td[data-field="health"]`, 'data-state');
+
+async function backendValue(page, listener, backend, fieldName) {
+  const v = await page.getAttribute(`${backendRow(listener, backend)} td[data-field="${fieldName}"]`, 'data-value');
+  return v == null ? NaN : Number(v);
+}
+
+/** The backends table: listener "pair" has the echo server and a second backend served here by
+ *  node: it goes up, then is killed and shown down with its error, while the echo server stays
+ *  up; a single backend is "unchecked", with its clients now and its connect failures. */
+async function backendsScenario(page, { echoPort, echoBackend, deadBackend, pairPort }) {
+  const pairBackend = `127.0.0.1:${pairPort}`;
+  const sockets = new Set();
+  const server = net.createServer((s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+    s.on('error', () => {});
+    s.pipe(s);
+  });
+  await new Promise((resolve, reject) => server.once('error', reject).listen(Number(pairPort), '127.0.0.1', resolve));
+  await waitFor('the second backend of pair up', async () => (await backendHealth(page, 'pair', pairBackend)) === 'up');
+  if ((await backendHealth(page, 'pair', echoBackend)) !== 'up') throw new Error('the echo backend of pair is not up');
+  server.close();
+  for (const s of sockets) s.destroy();
+  await waitFor('the killed backend shown down', async () => (await backendHealth(page, 'pair', pairBackend)) === 'down');
+  const error = await page.textContent(`${backendRow('pair', pairBackend)} ${tid('backend-error')}`);
+  if (!/refused/i.test(error)) throw new Error(`the killed backend's error: ${JSON.stringify(error)}`);
+  if ((await backendHealth(page, 'pair', echoBackend)) !== 'up') throw new Error('the echo backend of pair went down too');
+  const count = await page.textContent(tid('backends-count'));
+  if (!/1 out of rotation/.test(count)) throw new Error(`backends count: ${JSON.stringify(count)}`);
+  step('backends: the killed backend of pair shown down with its error, the other up');
+
+  if ((await backendHealth(page, 'echo', echoBackend)) !== 'unchecked') throw new Error('the single echo backend is not "unchecked"');
+  const c = await EchoClient.connectWorking(Number(echoPort));
+  await c.roundTrip(Buffer.from('held open\n'));
+  await waitFor('one active client on the echo backend', async () => (await backendValue(page, 'echo', echoBackend, 'active')) === 1);
+  await c.close();
+  await waitFor('no active client on the echo backend', async () => (await backendValue(page, 'echo', echoBackend, 'active')) === 0);
+  if (!((await backendValue(page, 'dead', deadBackend, 'connect_failures')) >= 1)) throw new Error('the dead backend shows no connect failure');
+  step('backends: a single backend unchecked, its active clients and connect failures shown');
+}
+
 /** Two gateways, one down (amber) -> each card's light and reason -> the listener table per
- *  gateway -> traffic and a dead backend move the row's counters -> Reload with the token adds a
- *  listener -> screenshot. */
-async function mainScenario(page, [up, down, echoPort, deadPort, deadBackend, addedPort, token, screenshot]) {
+ *  gateway -> traffic and a dead backend move the row's counters -> the backends table (one
+ *  killed) -> Reload with the token adds a listener -> screenshot. */
+async function mainScenario(page, [up, down, echoPort, deadPort, deadBackend, addedPort, token, screenshot, echoBackend, pairPort]) {
   await waitLight(page, 'amber', 15_000);
   const label = await page.textContent(tid('status-label'));
   if (!/1 of 2 gateways/i.test(label)) throw new Error(`amber label: ${JSON.stringify(label)}`);
@@ -66,6 +110,8 @@ async function mainScenario(page, [up, down, echoPort, deadPort, deadBackend, ad
   const failure = await page.textContent(`${listenerRow('dead')} ${tid('listener-failure')}`);
   if (!failure.includes(deadBackend)) throw new Error(`failure text: ${JSON.stringify(failure)}`);
   step('served and backend-failure counters moved; the failure names the backend');
+
+  await backendsScenario(page, { echoPort, echoBackend, deadBackend, pairPort });
 
   // Reload through the button, the confirmation and the token dialog.
   const generation = Number(await page.getAttribute(tid('config-generation'), 'data-value'));

@@ -1,7 +1,7 @@
 // Sallyport agent page: polls the agent's admin API once a second and shows, for the operator on
 // the agent host, each gateway (a light, why it is down, round trip, TLS, warm pool), each
-// listener on each gateway (open, failed and why, down), the backends' failures and the outbound
-// proxy; Reload re-reads agent.toml after an in-page confirmation. Helpers are in common.js,
+// listener on each gateway (open, failed and why, down), each listener's backends (health, clients,
+// failures) and the outbound proxy; Reload re-reads agent.toml after an in-page confirmation. Helpers are in common.js,
 // loaded first. Every string from the API is set as text: a gateway's error message is shown,
 // never parsed as HTML.
 'use strict';
@@ -133,6 +133,42 @@ function renderListeners(status, stats) {
   fillTable('table-listeners', rows, 'No listener in agent.toml.');
 }
 
+const HEALTH_WORDS = {
+  up: 'in rotation',
+  down: 'out of rotation: its health check failed',
+  ejected: 'out of rotation: connect failures in a row (passive ejection)',
+  unchecked: 'one backend: not health-checked, never taken out of rotation',
+};
+
+/** A backend's health: a badge (data-state up, down, ejected or unchecked) and its meaning. */
+function healthCell(state) {
+  return el('td', { 'data-field': 'health', 'data-state': state, title: HEALTH_WORDS[state] || state },
+    el('span', { class: `badge st-${state}` }, state));
+}
+
+/** One row per backend of every listener, from /api/status (listeners[].backends: several
+ *  backends, their health from the agent's checks and ejections) or, for a listener with one
+ *  backend, from its counters in /api/stats. The embedded application has no backend row. */
+function renderBackends(status, stats) {
+  const counters = new Map(stats.listeners.map((l) => [l.name, l]));
+  const rows = status.listeners.flatMap((l) => {
+    const row = (b, state, active, failures, ejections, error) => el('tr', { 'data-listener': l.name, 'data-backend': b },
+      el('td', {}, el('b', {}, l.name)), el('td', {}, l.balance ?? '–'), el('td', { class: 'mono' }, b),
+      healthCell(state), countCell('active', active), countCell('connect_failures', failures),
+      countCell('ejections', ejections), el('td', { class: 'error', 'data-testid': 'backend-error' }, error ?? ''));
+    if (l.backends && l.backends.length) {
+      return l.backends.map((b) => row(b.backend, b.state ?? (b.up ? 'up' : 'down'),
+        b.active, b.connect_failures, b.ejections, b.last_error));
+    }
+    if (l.backend === 'local') return [];
+    const c = counters.get(l.name) || {};
+    return [row(l.backend, 'unchecked', c.active, c.backend_failures, 0, c.last_failure?.error)];
+  });
+  const out = rows.filter((r) => ['down', 'ejected'].includes($('td[data-state]', r).dataset.state)).length;
+  byTestId('backends-count').textContent = `${rows.length}${out ? `, ${out} out of rotation` : ''}`;
+  fillTable('table-backends', rows, 'No backend: every listener is the embedded application\'s.');
+}
+
 const OUTCOME_LABELS = {
   connected: 'connected through a gateway',
   denied: 'denied by the gateway\'s [egress]',
@@ -175,6 +211,7 @@ async function poll() {
     renderCounters(stats);
     renderGateways(status);
     renderListeners(status, stats);
+    renderBackends(status, stats);
     renderOutbound(status, stats);
   } finally {
     polling = false;
