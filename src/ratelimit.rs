@@ -13,6 +13,10 @@
 //!   every 50 ms.
 //! - Several buckets can apply to one direction (the client's own and its listener's): every
 //!   read is taken from each, and the reader waits for the slowest.
+//! - Datagrams (UDP flows) are never delayed: one passes whole if every bucket of its
+//!   direction holds its size (or, for one larger than a bucket's burst, the whole burst, which
+//!   leaves a debt), and is dropped otherwise ([`Throttle::try_pass`]). The long-run rate is
+//!   still the set rate.
 //! - Per-address connection buckets ([`PerIpRate`]) are keyed like connection limits
 //!   ([`crate::limits::limit_key`]: an IPv4 address or an IPv6 /64) and bounded in number:
 //!   full (idle) buckets are dropped when the table reaches 100,000 addresses, and all of them
@@ -80,6 +84,25 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `n` tokens if the bucket holds them, or holds its whole burst (`n` larger than the
+    /// burst then passes alone and leaves a debt); never waits.
+    pub fn try_take(&self, n: usize) -> bool {
+        let mut state = self.state.lock();
+        self.refill(&mut state, Instant::now());
+        if state.0 >= (n as f64).min(self.burst) {
+            state.0 -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Returns `n` tokens taken by a [`Self::try_take`] whose datagram did not go after all.
+    fn give_back(&self, n: usize) {
+        let mut state = self.state.lock();
+        state.0 = (state.0 + n as f64).min(self.burst);
+    }
+
     /// Takes one token if there is one (never into debt).
     pub fn try_take_one(&self) -> bool {
         let mut state = self.state.lock();
@@ -121,6 +144,20 @@ impl Throttle {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+impl Throttle {
+    /// Takes `n` bytes (one datagram) from every bucket if each has them; otherwise takes
+    /// nothing and says no: the datagram is dropped, never delayed or split.
+    pub fn try_pass(&self, n: usize) -> bool {
+        for (i, bucket) in self.0.iter().enumerate() {
+            if !bucket.try_take(n) {
+                self.0[..i].iter().for_each(|b| b.give_back(n));
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -263,6 +300,23 @@ mod tests {
         assert!(parse_byte_rate("10B/s")
             .unwrap_err()
             .contains("out of range"));
+    }
+
+    #[test]
+    fn datagrams_pass_whole_or_not_at_all() {
+        let small = Arc::new(TokenBucket::new(1000.0, 3000.0));
+        let big = Arc::new(TokenBucket::new(1_000_000.0, 1_000_000.0));
+        let throttle = Throttle::new(vec![big.clone(), small.clone()]);
+        assert!(throttle.try_pass(2000));
+        assert!(!throttle.try_pass(2000), "1000 left in the small bucket");
+        // The refused datagram was given back to the big bucket.
+        assert!(big.state.lock().0 > 997_000.0);
+        assert!(throttle.try_pass(900));
+        // Larger than the burst: passes when the bucket is full, then leaves a debt.
+        let full = Throttle::new(vec![Arc::new(TokenBucket::new(1000.0, 3000.0))]);
+        assert!(full.try_pass(5000));
+        assert!(!full.try_pass(1));
+        assert!(Throttle::default().try_pass(65_535));
     }
 
     #[test]

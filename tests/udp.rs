@@ -10,33 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::relay::Relay;
-use support::servers::EchoServer;
+use support::servers::{EchoServer, UdpEcho};
 use support::*;
-
-/// A UDP backend that answers each datagram with `echo:` + the datagram, from one socket, and
-/// hands every datagram it got (as received) to the test.
-struct UdpEcho {
-    addr: SocketAddr,
-    received: std::sync::mpsc::Receiver<(SocketAddr, Vec<u8>)>,
-}
-
-impl UdpEcho {
-    fn start() -> UdpEcho {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = socket.local_addr().unwrap();
-        let (tx, received) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            let mut buf = vec![0u8; 70_000];
-            while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                let _ = tx.send((from, buf[..n].to_vec()));
-                let mut reply = b"echo:".to_vec();
-                reply.extend_from_slice(&buf[..n]);
-                let _ = socket.send_to(&reply, from);
-            }
-        });
-        UdpEcho { addr, received }
-    }
-}
 
 fn udp_listener(name: &str, port: u16, backend: SocketAddr, extra: &str) -> ListenerDef {
     let mut l = listener(name, port, backend);
@@ -255,6 +230,130 @@ fn an_idle_flow_expires_and_the_flow_count_returns_to_zero() {
     let sources: std::collections::HashSet<SocketAddr> =
         echo.received.try_iter().map(|(from, _)| from).collect();
     assert_eq!(sources.len(), 2, "a new flow after the idle one ended");
+}
+
+/// Attack: an agent that stops (SIGSTOP: its sockets stay open, nothing is read or closed)
+/// would keep its flows, and their places in `max_udp_flows_per_listener`, for ever. The
+/// gateway ends a flow silent for the idle timeout (700 ms) plus 5 s itself and frees its place.
+#[test]
+fn a_stopped_agents_flow_is_ended_by_the_gateway_after_idle_timeout_plus_margin() {
+    let dir = Workdir::new();
+    let echo = UdpEcho::start();
+    let gateway = start_gateway(&dir, "[limits]\nmax_udp_flows_per_listener = 1\n");
+    let public = free_port();
+    // A slow heartbeat: the control channel must outlive the stop (dead after 3 x 20 s).
+    let agent = start_agent(
+        &dir,
+        "agent",
+        &[gateway.control],
+        &[udp_listener(
+            "echo",
+            public,
+            echo.addr,
+            "idle_timeout = \"700ms\"",
+        )],
+        "heartbeat = \"20s\"",
+        "",
+    );
+    let s = client_on("127.0.0.1");
+    ask_until(&s, local(public), b"one", Duration::from_secs(10));
+    agent.signal("STOP");
+    let stopped = Instant::now();
+    // The agent's own timer cannot run; the flow holds the listener's only place.
+    let other = client_on("127.0.0.2");
+    assert_eq!(ask(&other, local(public), b"refused"), None);
+    assert!(
+        wait_until(Duration::from_secs(20), || flows(&gateway, "echo") == 0),
+        "the gateway kept the stopped agent's flow: {}",
+        udp_stats(&gateway, "echo")
+    );
+    let after = stopped.elapsed();
+    assert!(
+        after >= Duration::from_secs(4),
+        "ended after {after:?}: before idle_timeout + 5 s"
+    );
+    let udp = udp_stats(&gateway, "echo");
+    assert_eq!(udp["flows_idle_ended"], 1, "{udp}");
+    assert!(udp["dropped"]["refused"].as_u64().unwrap() >= 1, "{udp}");
+    // The place is free: another client's flow is admitted once the agent runs again.
+    agent.signal("CONT");
+    assert_eq!(
+        ask_until(&other, local(public), b"two", Duration::from_secs(10)),
+        b"echo:two"
+    );
+}
+
+/// `client_rate` on datagrams: a flood at about 16 times the rate delivers about the rate's
+/// worth (the bucket's 16 KiB burst plus 64 KiB/s), the rest dropped whole and counted
+/// (`rate`), while another client's flow, with buckets of its own, gets every answer.
+#[test]
+fn client_rate_drops_a_floods_excess_and_another_flow_is_unaffected() {
+    let dir = Workdir::new();
+    let echo = UdpEcho::start();
+    let gateway = start_gateway(&dir, "");
+    let public = free_port();
+    let _agent = start_agent(
+        &dir,
+        "agent",
+        &[gateway.control],
+        &[udp_listener(
+            "echo",
+            public,
+            echo.addr,
+            "client_rate = \"64KiB/s\"",
+        )],
+        "",
+        "",
+    );
+    let flood = client_on("127.0.0.1");
+    ask_until(&flood, local(public), b"ready?", Duration::from_secs(10));
+    let other = client_on("127.0.0.2");
+    ask_until(&other, local(public), b"ready?", Duration::from_secs(10));
+    // Let the flood flow's bucket fill again, then forget what came so far.
+    thread::sleep(Duration::from_millis(500));
+    let _ = echo.received.try_iter().count();
+    let datagram = vec![b'x'; 1000];
+    let start = Instant::now();
+    let flooder = thread::spawn(move || {
+        // 1 MB/s for 3 s, in bursts of 10 datagrams every 10 ms.
+        let mut sent = 0u64;
+        while start.elapsed() < Duration::from_secs(3) {
+            for _ in 0..10 {
+                flood.send_to(&datagram, local(public)).unwrap();
+                sent += 1;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        (sent, start.elapsed())
+    });
+    for i in 0..20 {
+        let q = format!("other {i}");
+        let answer = ask(&other, local(public), q.as_bytes());
+        assert_eq!(
+            answer,
+            Some(format!("echo:{q}").into_bytes()),
+            "other client, {i}"
+        );
+    }
+    let (sent, took) = flooder.join().unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let flooded = echo
+        .received
+        .try_iter()
+        .filter(|(_, d)| d.len() == 1000)
+        .count() as f64;
+    let expected = (16_384.0 + 65_536.0 * took.as_secs_f64()) / 1000.0;
+    let udp = udp_stats(&gateway, "echo");
+    eprintln!("sent {sent} in {took:?}, delivered {flooded}, expected about {expected:.0}: {udp}");
+    assert!(
+        flooded <= expected * 1.15 && flooded >= expected * 0.6,
+        "delivered {flooded} datagrams of 1000 bytes, expected about {expected:.0}"
+    );
+    let rate = udp["dropped"]["rate"].as_u64().unwrap() as f64;
+    assert!(
+        rate >= sent as f64 * 0.5,
+        "{rate} of {sent} dropped for the rate: {udp}"
+    );
 }
 
 #[test]

@@ -204,7 +204,7 @@ fn write_udp_families(
     labels: &[String],
 ) {
     type Get = fn(&crate::gateway::stats::UdpSnapshot) -> u64;
-    let families: [(&str, &str, &str, Get); 3] = [
+    let families: [(&str, &str, &str, Get); 4] = [
         (
             "sallyport_udp_flows",
             "UDP flows open now (waiting for their data connection or relaying).",
@@ -222,6 +222,12 @@ fn write_udp_families(
             "Datagrams sent to clients.",
             "counter",
             |u| u.datagrams_to_clients,
+        ),
+        (
+            "sallyport_udp_flows_idle_ended_total",
+            "Flows the gateway ended itself, silent past the idle timeout plus 5 s (the agent did not end them).",
+            "counter",
+            |u| u.flows_idle_ended,
         ),
     ];
     for (name, help, kind, get) in families {
@@ -247,7 +253,7 @@ fn write_udp_families(
     write_family(
         out,
         "sallyport_udp_datagrams_dropped_total",
-        "Datagrams dropped, by reason: oversize, queue_full, refused (no flow allowed), send_failed.",
+        "Datagrams dropped, by reason: oversize, queue_full, refused (no flow allowed), send_failed, rate (client_rate or listener_rate).",
         "counter",
         dropped.iter().enumerate().map(|(i, (_, n))| (i, *n)),
         &names,

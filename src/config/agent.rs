@@ -196,7 +196,7 @@ pub enum Protocol {
 
 impl Protocol {
     /// A flow's idle time when `idle_timeout` is not set.
-    pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+    pub const DEFAULT_IDLE: Duration = datagram::DEFAULT_IDLE;
 
     pub fn is_tcp(&self) -> bool {
         *self == Protocol::Tcp
@@ -267,11 +267,13 @@ impl EdgeLimitsConfig {
 
 impl ListenerConfig {
     /// What the gateway needs to know (no backend).
-    /// A UDP listener carries [`datagram::UDP_MARKER`] as its first client exception, a
+    /// A UDP listener carries [`datagram::UDP_MARKER`] and its idle timeout
+    /// ([`datagram::idle_entry`]) as its first two client exceptions, a
     /// listener with host names [`crate::protocol::hostnames::ROUTE_MARKER`] and its names.
     pub fn spec(&self) -> ListenerSpec {
         let mut clients = self.clients_text.clone();
-        if !self.protocol.is_tcp() {
+        if let Protocol::Udp { idle_timeout } = self.protocol {
+            clients.except.insert(0, datagram::idle_entry(idle_timeout));
             clients.except.insert(0, datagram::UDP_MARKER.to_string());
         }
         crate::protocol::hostnames::mark(&self.hostnames, &mut clients.except);

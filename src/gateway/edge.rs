@@ -11,7 +11,8 @@
 //!   else: over it the connection is reset and counted as `rate_limited`.
 //! - `client_rate` gives each client connection its own buckets (one per direction);
 //!   `listener_rate` is one pair of buckets per listener shared by all its clients. Both
-//!   apply to the splice path and the copy loop ([`crate::pipe::pipe_tcp_throttled`]).
+//!   apply to the splice path and the copy loop ([`crate::pipe::pipe_tcp_throttled`]), and to
+//!   UDP flows, whose datagrams over the rate are dropped whole ([`crate::ratelimit::Throttle::try_pass`]).
 //! - A set with an invalid entry (a bad name, a rate out of range) is refused whole and the
 //!   previous one stays; the agent's log is not told (the message is advisory), the gateway's
 //!   log says why (rate limited).

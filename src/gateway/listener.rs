@@ -71,6 +71,9 @@ impl RunningListener {
         if !hostnames.is_empty() && datagram::is_udp(&spec.clients.except) {
             return Err("a UDP listener has no host names: they route TCP clients".into());
         }
+        if datagram::is_udp(&spec.clients.except) {
+            datagram::idle_of(&spec.clients.except)?;
+        }
         let ports = port_budget(shared, site, spec.public.ports.len())?;
         let rules = AccessRules::parse(spec.clients.default, except)
             .map_err(|e| format!("invalid client rules: {e}"))?;

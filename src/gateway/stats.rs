@@ -253,14 +253,17 @@ pub enum UdpDrop {
     Refused = 2,
     /// A reply the socket did not take.
     SendFailed = 3,
+    /// Over the listener's `client_rate` or `listener_rate` (either direction).
+    Rate = 4,
 }
 
 impl UdpDrop {
-    pub const ALL: [UdpDrop; 4] = [
+    pub const ALL: [UdpDrop; 5] = [
         UdpDrop::Oversize,
         UdpDrop::QueueFull,
         UdpDrop::Refused,
         UdpDrop::SendFailed,
+        UdpDrop::Rate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -269,6 +272,7 @@ impl UdpDrop {
             UdpDrop::QueueFull => "queue_full",
             UdpDrop::Refused => "refused",
             UdpDrop::SendFailed => "send_failed",
+            UdpDrop::Rate => "rate",
         }
     }
 }
@@ -284,7 +288,10 @@ pub struct UdpStats {
     pub from_clients: AtomicU64,
     /// Datagrams sent to clients.
     pub to_clients: AtomicU64,
-    dropped: [AtomicU64; 4],
+    /// Flows the gateway ended itself: silent past the idle timeout plus its margin (the
+    /// agent, which should have ended them, is hung or misbehaving).
+    pub idle_ended: AtomicU64,
+    dropped: [AtomicU64; UdpDrop::ALL.len()],
 }
 
 impl UdpStats {
@@ -301,6 +308,7 @@ impl UdpStats {
             flows: self.flows.get() as u64,
             datagrams_from_clients: self.from_clients.load(Ordering::Relaxed),
             datagrams_to_clients: self.to_clients.load(Ordering::Relaxed),
+            flows_idle_ended: self.idle_ended.load(Ordering::Relaxed),
             dropped: UdpDrop::ALL
                 .iter()
                 .map(|d| {
@@ -320,7 +328,10 @@ pub struct UdpSnapshot {
     pub flows: u64,
     pub datagrams_from_clients: u64,
     pub datagrams_to_clients: u64,
-    /// Dropped datagrams by reason: oversize, queue_full, refused, send_failed.
+    /// Flows the gateway ended after the idle timeout plus its margin (the agent did not).
+    #[serde(default)]
+    pub flows_idle_ended: u64,
+    /// Dropped datagrams by reason: oversize, queue_full, refused, send_failed, rate.
     pub dropped: BTreeMap<Cow<'static, str>, u64>,
 }
 

@@ -9,10 +9,15 @@
 //! datagrams framed on the data connection ([`crate::protocol::datagram`]).
 //!
 //! Datagrams are never split: one over `[limits] max_datagram` is dropped and counted, as is
-//! one that finds its flow's queue full. A flow ends when its data connection ends (the agent
-//! closes it after the listener's `idle_timeout`) or when its listener closes: the port is
-//! the listener, so a closed listener ends its flows (the agent's next push can then bind the
-//! port again).
+//! one that finds its flow's queue full. Over the listener's `client_rate` or `listener_rate`
+//! (either direction) a datagram is dropped whole and counted (`rate`), never delayed
+//! ([`crate::ratelimit::Throttle::try_pass`]). A flow ends when its data connection ends (the agent
+//! closes it after the listener's `idle_timeout`), when its listener closes (the port is the
+//! listener, so a closed listener ends its flows and the agent's next push can bind the port
+//! again), or when no datagram went either way for the idle timeout plus
+//! [`datagram::GATEWAY_IDLE_MARGIN`]: a hung or hostile agent cannot keep a flow, and its
+//! place in `max_udp_flows_per_listener`, for ever. A write to the agent that does not finish
+//! within that time ends the flow the same way. Such ends are counted (`flows_idle_ended`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +25,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -73,6 +79,9 @@ pub(crate) async fn receive_loop(
 ) {
     let socket = Arc::new(socket);
     let flows = Arc::new(Flows::default());
+    // Checked when the listener opened.
+    let idle = datagram::idle_of(&info.spec.clients.except).unwrap_or(datagram::DEFAULT_IDLE)
+        + datagram::GATEWAY_IDLE_MARGIN;
     // One byte more than any datagram may carry: a larger one shows as oversize, never cut.
     let mut buf = vec![0u8; datagram::MAX_PAYLOAD + 1];
     loop {
@@ -97,7 +106,14 @@ pub(crate) async fn receive_loop(
         };
         let tx = match known {
             Some(tx) => tx,
-            None => match open_flow(&shared, &site, &info, &socket, &flows, client, &cancel) {
+            None => match open_flow(
+                &shared,
+                &site,
+                &info,
+                (&socket, &flows, idle),
+                client,
+                &cancel,
+            ) {
                 Some(tx) => tx,
                 None => continue,
             },
@@ -115,8 +131,7 @@ fn open_flow(
     shared: &Arc<Shared>,
     site: &Arc<Site>,
     info: &Arc<ListenerInfo>,
-    socket: &Arc<UdpSocket>,
-    flows: &Arc<Flows>,
+    (socket, flows, idle): (&Arc<UdpSocket>, &Arc<Flows>, Duration),
     client: SocketAddr,
     cancel: &CancellationToken,
 ) -> Option<mpsc::Sender<Bytes>> {
@@ -171,6 +186,7 @@ fn open_flow(
         socket: socket.clone(),
         client,
         cancel: cancel.clone(),
+        idle,
         stats: info.stats.clone(),
         _entry: FlowEntry {
             flows: flows.clone(),
@@ -200,6 +216,8 @@ pub(crate) struct FlowClient {
     client: SocketAddr,
     /// The listener's: a closed listener ends its flows.
     cancel: CancellationToken,
+    /// The gateway's bound on silence: the idle timeout plus its margin.
+    idle: Duration,
     stats: Arc<super::stats::ListenerStats>,
     _entry: FlowEntry,
 }
@@ -264,45 +282,104 @@ impl PublicClient for FlowClient {
         data: Stream,
         leftover: &'a [u8],
         counters: &'a PipeCounters,
-        // Rate limits (client_rate, listener_rate) are not applied to datagrams yet.
-        _throttle: &'a PipeThrottle,
+        throttle: &'a PipeThrottle,
     ) -> std::io::Result<()> {
         let FlowClient {
-            mut rx,
+            rx,
             partial,
             socket,
             client,
             cancel,
+            idle,
             stats,
             _entry,
         } = self;
-        let reply = Reply {
-            socket,
-            client,
-            stats,
-        };
-        let (mut from_agent, mut to_agent) = tokio::io::split(data);
+        let (from_agent, mut to_agent) = tokio::io::split(data);
         to_agent.write_all(unsent).await?;
         to_agent.write_all(&partial).await?;
         to_agent.flush().await?;
-        let mut framed = BytesMut::from(leftover);
-        loop {
+        let relay = Relay {
+            rx,
+            from_agent,
+            to_agent,
+            framed: BytesMut::from(leftover),
+            reply: Reply {
+                socket,
+                client,
+                stats,
+            },
+            idle,
+        };
+        relay.run(&cancel, counters, throttle).await
+    }
+}
+
+/// A flow's datagrams both ways once its data connection is there.
+struct Relay {
+    rx: mpsc::Receiver<Bytes>,
+    from_agent: tokio::io::ReadHalf<Stream>,
+    to_agent: tokio::io::WriteHalf<Stream>,
+    /// Bytes from the agent not yet a whole datagram.
+    framed: BytesMut,
+    reply: Reply,
+    idle: Duration,
+}
+
+impl Relay {
+    /// Relays until the client side or the agent ends the flow, the listener closes, or the
+    /// flow is silent (or a write to the agent stuck) for `idle`.
+    async fn run(
+        mut self,
+        cancel: &CancellationToken,
+        counters: &PipeCounters,
+        throttle: &PipeThrottle,
+    ) -> std::io::Result<()> {
+        let silence = tokio::time::sleep(self.idle);
+        tokio::pin!(silence);
+        let stats = self.reply.stats.clone();
+        let idle_end = loop {
             tokio::select! {
-                d = rx.recv() => {
-                    let Some(d) = d else { break };
-                    datagram::write(&mut to_agent, &d).await?;
+                d = self.rx.recv() => {
+                    let Some(d) = d else { break false };
+                    // Over client_rate or listener_rate: dropped whole, never delayed.
+                    if !throttle.a_to_b.try_pass(d.len()) {
+                        stats.udp.dropped(UdpDrop::Rate);
+                        continue;
+                    }
+                    let write = datagram::write(&mut self.to_agent, &d);
+                    let Ok(written) = tokio::time::timeout(self.idle, write).await else { break true };
+                    written?;
                     counters.a_read.fetch_add(d.len() as u64, Ordering::Relaxed);
                     counters.b_written.fetch_add(2 + d.len() as u64, Ordering::Relaxed);
                 }
-                d = datagram::read(&mut from_agent, &mut framed) => {
-                    let Some(d) = d? else { break };
+                d = datagram::read(&mut self.from_agent, &mut self.framed) => {
+                    let Some(d) = d? else { break false };
                     counters.b_read.fetch_add(2 + d.len() as u64, Ordering::Relaxed);
-                    reply.send(&d, counters).await;
+                    if throttle.b_to_a.try_pass(d.len()) {
+                        self.reply.send(&d, counters).await;
+                    } else {
+                        stats.udp.dropped(UdpDrop::Rate);
+                    }
                 }
-                () = cancel.cancelled() => break,
+                () = &mut silence => break true,
+                () = cancel.cancelled() => break false,
             }
+            silence
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.idle);
+        };
+        if idle_end {
+            stats.udp.idle_ended.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                site = %stats.site,
+                listener = %stats.name,
+                client = %self.reply.client,
+                "UDP flow ended by the gateway: no datagram either way for {:?} (the agent did not end it)",
+                self.idle
+            );
         }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), to_agent.shutdown()).await;
+        let shutdown = self.to_agent.shutdown();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), shutdown).await;
         Ok(())
     }
 }

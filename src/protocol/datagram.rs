@@ -6,11 +6,17 @@
 //! [`UDP_MARKER`] as the first entry of `clients.except`. A gateway that knows UDP strips it
 //! and opens UDP sockets; a gateway that does not parses it as an address pattern, fails, and
 //! answers that listener alone `Failed` with the marker's text in the error, so such a
-//! gateway never opens a UDP listener as TCP and the agent's log says why.
+//! gateway never opens a UDP listener as TCP and the agent's log says why. The second entry
+//! is the listener's idle timeout ([`idle_entry`], `idle_timeout=60000ms`), so the gateway can
+//! end a flow a hung or hostile agent keeps: it does so after the idle timeout plus
+//! [`GATEWAY_IDLE_MARGIN`] without a datagram either way. A spec without that entry (an agent
+//! of the first UDP release) gets the default 60 s.
 //!
 //! **Framing.** After the data connection's ack, each datagram is a 2-byte big-endian length
 //! and that many payload bytes, both ways. Boundaries are kept exactly; a datagram is never
 //! split or merged. A zero length is a valid (empty) datagram.
+
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -28,13 +34,51 @@ pub fn is_udp(except: &[String]) -> bool {
     except.first().map(String::as_str) == Some(UDP_MARKER)
 }
 
-/// The client rules without the marker.
+/// How the idle-timeout entry starts; the milliseconds and `ms` follow. Like the marker, it is
+/// no address pattern, so a gateway that does not read it fails the listener with its text.
+pub const IDLE_PREFIX: &str = "idle_timeout=";
+
+/// A flow's idle timeout when the spec does not say (agents of the first UDP release).
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+
+/// The idle timeouts an agent may push (its config's bounds).
+const IDLE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(86_400);
+
+/// How much longer than the listener's idle timeout the gateway waits before it ends a silent
+/// flow itself: the agent, whose timer runs first, normally ends it.
+pub const GATEWAY_IDLE_MARGIN: Duration = Duration::from_secs(5);
+
+/// The `except` entry that carries a UDP listener's idle timeout.
+pub fn idle_entry(idle: Duration) -> String {
+    format!("{IDLE_PREFIX}{}ms", idle.as_millis())
+}
+
+/// The client rules without the marker and the idle-timeout entry.
 pub fn rules_of(except: &[String]) -> &[String] {
-    if is_udp(except) {
-        &except[1..]
-    } else {
-        except
+    if !is_udp(except) {
+        return except;
     }
+    match except.get(1) {
+        Some(e) if e.starts_with(IDLE_PREFIX) => &except[2..],
+        _ => &except[1..],
+    }
+}
+
+/// A UDP listener's idle timeout: its entry, or [`DEFAULT_IDLE`] without one; an error for an
+/// entry that is not `idle_timeout=<ms>ms` within 100 ms..24 h.
+pub fn idle_of(except: &[String]) -> Result<Duration, String> {
+    let Some(entry) = except.get(1).filter(|e| e.starts_with(IDLE_PREFIX)) else {
+        return Ok(DEFAULT_IDLE);
+    };
+    let ms = entry[IDLE_PREFIX.len()..]
+        .strip_suffix("ms")
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .filter(|d| IDLE_RANGE.contains(d));
+    ms.ok_or_else(|| {
+        format!("invalid UDP idle timeout {entry:?}: expected idle_timeout=<100..86400000>ms")
+    })
 }
 
 /// Appends one framed datagram to `out`. `payload` must be at most [`MAX_PAYLOAD`] bytes.
@@ -121,6 +165,35 @@ mod tests {
         assert!(is_udp(&except));
         assert_eq!(rules_of(&except), &["10.0.0.1".to_string()]);
         assert!(!is_udp(&except[1..]));
+        assert_eq!(idle_of(&except), Ok(DEFAULT_IDLE));
+    }
+
+    #[test]
+    fn the_idle_entry_round_trips_and_is_checked() {
+        let mut except = vec![
+            UDP_MARKER.to_string(),
+            idle_entry(Duration::from_millis(700)),
+        ];
+        except.push("10.0.0.1".into());
+        assert_eq!(except[1], "idle_timeout=700ms");
+        assert_eq!(idle_of(&except), Ok(Duration::from_millis(700)));
+        assert_eq!(rules_of(&except), &["10.0.0.1".to_string()]);
+        for bad in [
+            "idle_timeout=5ms",
+            "idle_timeout=x",
+            "idle_timeout=700",
+            "idle_timeout=99999999999ms",
+        ] {
+            except[1] = bad.into();
+            assert!(idle_of(&except).unwrap_err().contains(bad), "{bad}");
+        }
+        // A gateway without UDP idle support fails it as an address pattern, with its text.
+        let err = crate::access::AccessRules::parse(
+            crate::access::Policy::Allow,
+            &[idle_entry(DEFAULT_IDLE)],
+        )
+        .unwrap_err();
+        assert!(err.contains("idle_timeout=60000ms"), "{err}");
     }
 
     #[tokio::test]

@@ -125,3 +125,28 @@ pub fn banner_server(banner: &'static [u8]) -> SocketAddr {
     });
     addr
 }
+
+/// A UDP backend that answers each datagram with `echo:` + the datagram, from one socket, and
+/// hands every datagram it got (as received) to the test.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    pub received: std::sync::mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+}
+
+impl UdpEcho {
+    pub fn start() -> UdpEcho {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let (tx, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 70_000];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = tx.send((from, buf[..n].to_vec()));
+                let mut reply = b"echo:".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&reply, from);
+            }
+        });
+        UdpEcho { addr, received }
+    }
+}
