@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::servers::EchoServer;
+use support::servers::{EchoServer, UdpEcho};
 use support::*;
 
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -156,4 +156,23 @@ fn dashboard_asks_for_the_admin_token_and_keeps_it_for_the_tab() {
     );
     assert_eq!(lines_ending(&gw.proc, "admin API: pause"), 1);
     assert_eq!(lines_ending(&gw.proc, "admin API: resume"), 1);
+}
+
+/// A UDP listener's panel: a real flow through the gateway (node's dgram client, the UDP echo
+/// backend here) shows as one flow, datagrams each way and an `oversize` drop.
+#[test]
+fn dashboard_shows_udp_flows_datagrams_and_drops() {
+    let dir = Workdir::new();
+    let echo = UdpEcho::start();
+    let gw = start_gateway(&dir, "[limits]\nmax_datagram = 1200\n");
+    let public = free_port();
+    let mut udp = listener("echo", public, echo.addr);
+    udp.extra = "protocol = \"udp\"".into();
+    let _agent = start_agent(&dir, "test-agent", &[gw.control], &[udp], "", "");
+    let mut script = start_script(&["udp", &gw.admin_url(), &public.to_string()]);
+    assert_script_passed(&mut script);
+    // The backend got the flow's datagrams (the first may have been retried), never the
+    // oversize one.
+    let got: Vec<_> = echo.received.try_iter().map(|(_, d)| d.len()).collect();
+    assert!(got.len() >= 5 && !got.contains(&1300), "{got:?}");
 }

@@ -4,11 +4,13 @@
 //
 //   node dashboard.mjs main  ADMIN_URL PUBLIC_PORT SCREENSHOT.png
 //   node dashboard.mjs token ADMIN_URL TOKEN
+//   node dashboard.mjs udp   ADMIN_URL UDP_PORT     (the gateway's max_datagram is 1200)
 //
 // Lines on stdout are for the Rust side: "READY-FOR-AGENT" asks it to start the agent, "PASS"
 // ends a successful run. Any failed check throws, prints why and exits non-zero. Every wait is
 // for a condition, with a deadline; nothing sleeps a fixed time to let things happen.
 
+import dgram from 'node:dgram';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
@@ -157,9 +159,56 @@ async function tokenScenario(page, token) {
   step('cancel leaves the gateway running, with an error toast');
 }
 
+/** Sends `data` from `socket` to 127.0.0.1:`port`; the first datagram back, or null after `ms`. */
+function askUdp(socket, port, data, ms = 500) {
+  return new Promise((resolve, reject) => {
+    const done = (v) => { clearTimeout(timer); socket.off('message', onMessage); resolve(v); };
+    const onMessage = (msg) => done(msg);
+    const timer = setTimeout(() => done(null), ms);
+    socket.on('message', onMessage);
+    socket.send(data, port, '127.0.0.1', (e) => { if (e) { clearTimeout(timer); reject(e); } });
+  });
+}
+
+/** A UDP listener: the panel appears with its row at 0 flows; a real flow (node's dgram to the
+ *  echo backend through the gateway) and an oversize datagram move flows, datagrams each way
+ *  and the `oversize` drop on the page. */
+async function udpScenario(page, udpPort) {
+  const row = page.locator(`${tid('table-udp')} tr[data-listener="echo"]`);
+  await row.waitFor({ timeout: 20_000 });
+  const value = async (sel) => Number(await row.locator(sel).getAttribute('data-value'));
+  if (!(await page.isVisible(tid('panel-udp')))) throw new Error('the UDP panel is hidden');
+  if ((await value('[data-udp="flows"]')) !== 0) throw new Error('flows before any datagram');
+  step('UDP panel shown with the listener at 0 flows');
+
+  const socket = dgram.createSocket('udp4');
+  await new Promise((r) => socket.bind(0, '127.0.0.1', r));
+  try {
+    await waitFor('an answer through the UDP listener', () => askUdp(socket, udpPort, 'ready?'), 10_000);
+    for (let i = 0; i < 4; i++) {
+      const answer = await askUdp(socket, udpPort, `datagram ${i}`, 2000);
+      if (String(answer) !== `echo:datagram ${i}`) throw new Error(`answer ${i}: ${answer}`);
+    }
+    // Over max_datagram (1200): dropped at the gateway, never answered.
+    if (await askUdp(socket, udpPort, Buffer.alloc(1300, 7))) throw new Error('an oversize datagram was answered');
+    const want = { '[data-udp="flows"]': 1, '[data-udp="from-clients"]': 5, '[data-udp="to-clients"]': 5, '[data-reason="oversize"]': 1 };
+    const seen = {};
+    await waitFor(`the UDP row to show ${JSON.stringify(want)}`, async () => {
+      for (const sel of Object.keys(want)) seen[sel] = await value(sel);
+      return Object.entries(want).every(([sel, n]) => seen[sel] >= n) && seen['[data-udp="flows"]'] === 1;
+    });
+    const text = await row.textContent();
+    if (!/oversize 1/.test(text)) throw new Error(`drops shown as ${JSON.stringify(text)}`);
+    step(`UDP row shows ${JSON.stringify(seen)}`);
+  } finally {
+    socket.close();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 await runInBrowser('dashboard.mjs', adminUrl, async (page) => {
   if (mode === 'main') await mainScenario(page, Number(rest[0]), rest[1]);
   else if (mode === 'token') await tokenScenario(page, rest[0]);
+  else if (mode === 'udp') await udpScenario(page, Number(rest[0]));
   else throw new Error(`unknown mode ${mode}`);
 });

@@ -90,6 +90,28 @@ function renderListeners(status, stats) {
   fillTable('table-listeners', rows, 'No listeners: no agent has pushed its configuration yet.');
 }
 
+/**
+ * The UDP listeners (those with `udp` in /api/stats): flows open now, datagrams each way, flows
+ * the gateway's idle timer ended and drops by reason. The panel shows only while there is one.
+ * Cells carry their raw number in `data-value` (and a `data-udp` or `data-reason` name).
+ */
+function renderUdp(stats) {
+  const udp = stats.listeners.filter((l) => l.udp);
+  byTestId('panel-udp').hidden = udp.length === 0;
+  const cell = (name, v) => el('td', { class: 'n', 'data-udp': name, 'data-value': v }, fmtCount(v));
+  const rows = udp.map((l) => {
+    const u = l.udp;
+    const drops = Object.entries(u.dropped || {}).map(([why, n]) =>
+      el('span', { class: n > 0 ? 'drop hit' : 'drop', 'data-reason': why, 'data-value': n }, `${why} ${fmtCount(n)}`));
+    return el('tr', { 'data-site': l.site, 'data-listener': l.name },
+      el('td', {}, l.site), el('td', {}, el('b', {}, l.name)),
+      cell('flows', u.flows), cell('from-clients', u.datagrams_from_clients),
+      cell('to-clients', u.datagrams_to_clients), cell('idle-ended', u.flows_idle_ended || 0),
+      el('td', { class: 'drops' }, ...drops));
+  });
+  fillTable('table-udp', rows, 'No UDP listener.');
+}
+
 /** The public port, and under it the host names a listener serves there when it shares it. */
 function publicCell(l) {
   const cell = el('td', { class: 'mono' }, l.public);
@@ -310,6 +332,7 @@ async function poll() {
     renderCounters(stats);
     renderCharts(last.history);
     renderListeners(status, stats);
+    renderUdp(stats);
     renderAgents(status);
     renderRefusals(stats);
     renderConnections(connections);
