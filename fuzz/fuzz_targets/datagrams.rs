@@ -47,7 +47,10 @@ fn check_read(input: &[u8], expected: &[BytesMut], clean_end: bool) {
     let mut cx = Context::from_waker(Waker::noop());
     for want in expected {
         let got = poll_once(read(&mut reader, &mut buf), &mut cx);
-        assert_eq!(&got.expect("a whole datagram").expect("not the end")[..], &want[..]);
+        assert_eq!(
+            &got.expect("a whole datagram").expect("not the end")[..],
+            &want[..]
+        );
     }
     match poll_once(read(&mut reader, &mut buf), &mut cx) {
         Ok(None) => assert!(clean_end, "a clean end inside a datagram"),
