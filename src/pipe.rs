@@ -202,17 +202,23 @@ impl<T> PipeEnd<T> {
 /// `pipe` while `live` is held (what shows the connection as live: a connection-table entry, a
 /// gauge), drops `live` the moment the pipe ends, so no table shows an ended pipe while it is
 /// being logged, then reads `counters`.
-pub async fn tracked<L, T>(
+///
+/// A combinator, not an `async fn`: an async fn keeps its future argument in its state beside
+/// the copy it awaits, so every wrapper written that way doubles the size of what it wraps (and
+/// every client's task carries it for its whole life). `map` polls `pipe` where it lies.
+pub fn tracked<'a, L: 'a, T: 'a>(
     live: L,
-    counters: &PipeCounters,
-    pipe: impl std::future::Future<Output = io::Result<T>>,
-) -> PipeEnd<T> {
-    let result = pipe.await;
-    drop(live);
-    PipeEnd {
-        result,
-        bytes: counters.snapshot(),
-    }
+    counters: &'a PipeCounters,
+    pipe: impl std::future::Future<Output = io::Result<T>> + 'a,
+) -> impl std::future::Future<Output = PipeEnd<T>> + 'a {
+    use futures::FutureExt;
+    pipe.map(move |result| {
+        drop(live);
+        PipeEnd {
+            result,
+            bytes: counters.snapshot(),
+        }
+    })
 }
 
 /// Pipes a plain TCP socket `a` (a client, a backend) and an agent/gateway connection `b`:

@@ -44,7 +44,9 @@ impl Handed {
         let mut forwarded = 0;
         // Bytes written since the last completed flush (a TLS writer holds them until then).
         let mut unflushed = false;
-        let mut chunk = [0u8; 8192];
+        // On the heap: an array here would make every client's task 8 KiB larger for its whole
+        // life, piping included (a future is as large as its largest state).
+        let mut chunk = vec![0u8; 8192];
         // Reuse-framed: held bytes go as whole records; `out` is the record being written, and
         // `encoded` counts the held bytes put in records so far.
         let framed = self.reuse.is_some();
