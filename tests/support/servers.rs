@@ -10,6 +10,8 @@ use std::sync::Arc;
 pub struct EchoServer {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
+    /// Connections that brought at least one byte.
+    pub carried: Arc<AtomicUsize>,
 }
 
 impl EchoServer {
@@ -17,17 +19,23 @@ impl EchoServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let carried = Arc::new(AtomicUsize::new(0));
+        let (count, with_bytes) = (accepted.clone(), carried.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 count.fetch_add(1, Ordering::SeqCst);
+                let with_bytes = with_bytes.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 64 * 1024];
+                    let mut first = true;
                     loop {
                         match stream.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
+                                if std::mem::take(&mut first) {
+                                    with_bytes.fetch_add(1, Ordering::SeqCst);
+                                }
                                 if stream.write_all(&buf[..n]).is_err() {
                                     return;
                                 }
@@ -38,11 +46,21 @@ impl EchoServer {
                 });
             }
         });
-        EchoServer { addr, accepted }
+        EchoServer {
+            addr,
+            accepted,
+            carried,
+        }
     }
 
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections that brought at least one byte (a client served), as opposed to
+    /// connections opened and closed empty.
+    pub fn carried(&self) -> usize {
+        self.carried.load(Ordering::SeqCst)
     }
 }
 
