@@ -224,12 +224,15 @@ fn a_refusing_backend_is_skipped_for_the_next_and_ejected_without_checks() {
             .all(|(ok, body)| *ok && body == "page of a\n"),
         "{results:?}"
     );
-    let lines = a.access_lines();
-    let pages = lines
-        .iter()
-        .filter(|l| l.contains("pp=127.0.0.1:") && l.contains("GET /index.html HTTP/1.1\" 200"))
-        .count();
-    assert_eq!(pages, 5, "{lines:?}");
+    // nginx writes its access line after the answer: wait for it rather than race it.
+    let pages = || {
+        a.access_lines()
+            .iter()
+            .filter(|l| l.contains("pp=127.0.0.1:") && l.contains("GET /index.html HTTP/1.1\" 200"))
+            .count()
+    };
+    wait_until(Duration::from_secs(5), || pages() >= 5);
+    assert_eq!(pages(), 5, "{:?}", a.access_lines());
     let status: serde_json::Value =
         serde_json::from_str(&get(&format!("{api}/api/status")).1).unwrap();
     let dead_state = status["listeners"][0]["backends"][0].clone();

@@ -12,10 +12,13 @@
 //!   (`gateway::pool::ACCEPT_LIMIT`): a backend that never answers a SYN makes the agent decline
 //!   in time instead of looking hung. A try cut short counts as a connect failure of that
 //!   backend (passive ejection), like a refused one.
-//! - A declined client is logged, counted (offered, backend failure) and recorded
-//!   (`backend_unreachable`) here. No `ClientFailed` goes to the gateway: the orderly close says
-//!   it already (`refusals.pool_declined`), and a late report could fail the same client's next
-//!   offer, which may come to this very agent on the announced path.
+//! - A declined client is only logged here (its backend's failed connect counts for passive
+//!   ejection): the gateway offers it again, and the agent that then serves it, or reports it,
+//!   counts it and writes its audit record, so one client never has two records on one agent
+//!   (tests/audit_log.rs) nor two counts in one listener's stats (tests/agent_admin.rs). No
+//!   `ClientFailed` goes to the gateway: the orderly close says it already
+//!   (`refusals.pool_declined`), and a late report could fail the same client's next offer,
+//!   which may come to this very agent on the announced path.
 //! - The connected backend goes to the data handler: no second dial. Nothing has been written
 //!   to it yet: the PROXY header and the client's bytes follow once the gateway is answered.
 //!   If the answer cannot be written (the gateway gave up), the backend sees a connection
@@ -109,17 +112,15 @@ fn connected_first<'a>(
 }
 
 impl Handler {
-    /// A pooled client declined because its backend did not take it: logged, counted and
-    /// recorded as an announced one would be, but not reported (see the module doc).
+    /// A pooled client declined because its backend did not take it: logged only. The client
+    /// is not over: the gateway offers it again (to another agent, or announces it to this one),
+    /// and the agent that finally serves it or cannot serve it counts it and writes its one
+    /// audit record, so a client is never counted or recorded twice on one agent. The failed
+    /// connect itself counts for the backend's passive ejection (`connect_backend`).
     fn declined(&self, listener: &str, backend: &str, error: &std::io::Error) {
-        let stats = self.ctx.stats.listener(listener);
-        stats.offered();
-        let why = format!("backend {backend} unreachable: {error}");
         tracing::warn!(
             listener, client = %self.arrived.client_addr, gateway = %self.gateway.name,
-            "{why}; pooled client declined: the gateway offers it to another agent"
+            "backend {backend} unreachable: {error}; pooled client declined: the gateway offers it again"
         );
-        stats.backend_failed(&why);
-        self.record("backend_unreachable", Some(&why), Some(backend), (0, 0));
     }
 }

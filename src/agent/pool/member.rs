@@ -21,12 +21,14 @@ pub(super) async fn member(
             Ok(assign) => assign,
             Err(left) => return left,
         };
-        shared.demand.arrived(true);
         let client =
             match accept_assignment(&ctx, &gateway, &mut conn, version, assign, &control).await {
                 Ok(client) => client,
                 Err(left) => return left,
             };
+        // Counted once accepted: a declined client comes back announced (a miss) or goes to
+        // another agent, and must not count twice.
+        shared.demand.arrived(true);
         let serving = Serving::start(&shared.busy);
         let (stream, leftover) = conn.into_parts();
         let (tx, rx) = oneshot::channel();
