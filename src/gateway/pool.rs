@@ -87,6 +87,9 @@ pub(crate) struct Reuse {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ticket {
     pub agent_id: u64,
+    /// The version its hello negotiated (v3 over TLS, v4 in plaintext): kept when it is parked
+    /// again.
+    pub version: u16,
     pub served: Reuse,
 }
 

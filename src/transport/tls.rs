@@ -62,6 +62,12 @@ fn load_crls(
     Ok(crls)
 }
 
+/// Why a certificate and a key were refused together.
+fn not_an_identity(cert: &Path, key: &Path) -> String {
+    let (cert, key) = (cert.display(), key.display());
+    format!("{cert} and {key} do not form a usable identity")
+}
+
 fn load_roots(path: &Path) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
@@ -118,13 +124,7 @@ impl ServerTls {
             .context("TLS 1.3 unavailable")?
             .with_client_cert_verifier(verifier.clone())
             .with_single_cert(load_certs(cert)?, load_key(key)?)
-            .with_context(|| {
-                format!(
-                    "{} and {} do not form a usable identity",
-                    cert.display(),
-                    key.display()
-                )
-            })?;
+            .with_context(|| not_an_identity(cert, key))?;
         // Stateful tickets: the session (with the agent's certificate chain) stays in this
         // process's memory, never in a ticket the agent could carry to another config. A reload
         // builds a new config, so a new CA or CRL also starts with an empty cache.
@@ -284,13 +284,7 @@ impl ClientTls {
             .context("TLS 1.3 unavailable")?
             .with_root_certificates(load_roots(ca)?)
             .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-            .with_context(|| {
-                format!(
-                    "{} and {} do not form a usable identity",
-                    cert.display(),
-                    key.display()
-                )
-            })?;
+            .with_context(|| not_an_identity(cert, key))?;
         if !resumption_enabled() {
             config.resumption = rustls::client::Resumption::disabled();
         }

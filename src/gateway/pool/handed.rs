@@ -123,6 +123,7 @@ impl Handed {
             agent: Some(self.agent),
             reuse: self.reuse.map(|served| Ticket {
                 agent_id: self.agent_id,
+                version: self.version,
                 served,
             }),
         };
@@ -208,6 +209,8 @@ pub(crate) struct Returned {
     pub agent_id: u64,
     pub agent_addr: SocketAddr,
     pub agent: String,
+    /// The version its hello negotiated.
+    pub version: u16,
     pub reuse: Reuse,
 }
 
@@ -222,6 +225,7 @@ pub(crate) async fn park_again(site: &Site, max_frame: usize, back: Returned) {
         agent_id,
         agent_addr,
         agent,
+        version,
         reuse,
     } = back;
     if !leftover.is_empty() || !idle_now(&mut stream) {
@@ -235,7 +239,7 @@ pub(crate) async fn park_again(site: &Site, max_frame: usize, back: Returned) {
         agent_addr,
         agent,
         since: Instant::now(),
-        version: Feature::DataReuse.since(),
+        version,
         reuse: Some(reuse),
     };
     let refused = match site.agents().into_iter().find(|a| a.id == agent_id) {

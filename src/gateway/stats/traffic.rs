@@ -68,25 +68,37 @@ pub struct TrafficSnapshot {
     pub udp: Option<UdpSnapshot>,
 }
 
+impl TrafficSnapshot {
+    /// No client, no byte: what totals start from.
+    fn zero(rates: Rates4) -> Self {
+        TrafficSnapshot {
+            accepted: 0,
+            rejected: 0,
+            closed: 0,
+            active: 0,
+            pending: 0,
+            bytes: Bytes4::default(),
+            rates,
+            udp: None,
+        }
+    }
+
+    /// Adds another snapshot's counters and bytes (not its rates).
+    fn add_counts(&mut self, t: &TrafficSnapshot) {
+        self.accepted += t.accepted;
+        self.rejected += t.rejected;
+        self.closed += t.closed;
+        self.active += t.active;
+        self.pending += t.pending;
+        self.bytes = self.bytes + t.bytes;
+    }
+}
+
 /// The sum of several listeners' snapshots (rates add up too).
 pub fn sum<'a>(snaps: impl Iterator<Item = &'a TrafficSnapshot>) -> TrafficSnapshot {
-    let mut total = TrafficSnapshot {
-        accepted: 0,
-        rejected: 0,
-        closed: 0,
-        active: 0,
-        pending: 0,
-        bytes: Bytes4::default(),
-        rates: Rates4::default(),
-        udp: None,
-    };
+    let mut total = TrafficSnapshot::zero(Rates4::default());
     for t in snaps {
-        total.accepted += t.accepted;
-        total.rejected += t.rejected;
-        total.closed += t.closed;
-        total.active += t.active;
-        total.pending += t.pending;
-        total.bytes = total.bytes + t.bytes;
+        total.add_counts(t);
         total.rates.client_read += t.rates.client_read;
         total.rates.client_written += t.rates.client_written;
         total.rates.agent_read += t.rates.agent_read;
@@ -194,16 +206,7 @@ impl Traffic {
         let live = self.live();
         let rates = self.listener_rates();
         let mut per = Vec::new();
-        let mut total = TrafficSnapshot {
-            accepted: 0,
-            rejected: 0,
-            closed: 0,
-            active: 0,
-            pending: 0,
-            bytes: Bytes4::default(),
-            rates: self.rates(),
-            udp: None,
-        };
+        let mut total = TrafficSnapshot::zero(self.rates());
         for l in self.listeners() {
             let key = (l.site.clone(), l.name.clone());
             let (live_bytes, active) = live.get(&key).copied().unwrap_or_default();
@@ -217,12 +220,7 @@ impl Traffic {
                 rates: rates.get(&key).copied().unwrap_or_default(),
                 udp: l.udp.snapshot(),
             };
-            total.accepted += snap.accepted;
-            total.rejected += snap.rejected;
-            total.closed += snap.closed;
-            total.active += snap.active;
-            total.pending += snap.pending;
-            total.bytes = total.bytes + snap.bytes;
+            total.add_counts(&snap);
             per.push((l, snap));
         }
         (per, total)
