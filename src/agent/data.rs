@@ -174,7 +174,7 @@ impl Handler {
         let backend = async {
             match ready {
                 Some(connected) => Ok(connected),
-                None => self.connect_backend(listener, None).await,
+                None => Box::pin(self.connect_backend(listener, None)).await,
             }
         };
         let (data, backend) = if pooled.is_none() && !health_checked(listener) {
@@ -267,7 +267,8 @@ impl Handler {
                 first.extend_from_slice(&leftover);
                 return pipe_tcp(backend, b"", data, &first, &counters).await;
             };
-            let piped = crate::reuse::pipe_framed(
+            // Boxed on its own, as on the gateway (the framed pump is the larger one).
+            let piped = Box::pin(crate::reuse::pipe_framed(
                 backend,
                 b"",
                 data,
@@ -276,7 +277,7 @@ impl Handler {
                 false,
                 &counters,
                 &unthrottled,
-            );
+            ));
             piped.await.map(|reusable| give_back(reusable, back))
         };
         let end = tracked(serving, &counters, pipe).await;
@@ -361,7 +362,16 @@ impl Handler {
     async fn data_connection(&self, pooled: Option<DataParts>) -> Result<DataParts, DialError> {
         match pooled {
             Some(p) => Ok(p),
-            None => open_data_connection(&self.config, &self.gateway, &self.arrived).await,
+            // Boxed: a dial (TCP, TLS handshake, hello) is the largest state of a client's
+            // task, and inline it would stay in the task for the whole pipe.
+            None => {
+                Box::pin(open_data_connection(
+                    &self.config,
+                    &self.gateway,
+                    &self.arrived,
+                ))
+                .await
+            }
         }
     }
 }

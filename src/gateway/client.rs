@@ -186,12 +186,17 @@ impl<C: PublicClient> Handler<C> {
 
     /// Obtains a data connection, then pipes; or records why it could not.
     async fn run(mut self, waiting: Waiting) {
-        match self.obtain().await {
+        // Boxed, and freed once the client has its data connection: the warm-pool answer and
+        // the offer are the largest states of a client's task, and inline they would stay in
+        // it, unused, for as long as the client is piped (docs/performance.md, idle memory).
+        let obtained = Box::pin(self.obtain()).await;
+        match obtained {
             Ok(obtained) => {
                 drop(waiting);
                 self.pipe(obtained).await
             }
-            Err(unserved) => self.unserved(unserved).await,
+            // Boxed too: only a client that goes unserved needs its state.
+            Err(unserved) => Box::pin(self.unserved(unserved)).await,
         }
     }
 

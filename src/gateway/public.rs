@@ -133,7 +133,9 @@ pub(super) async fn pipe_data<C: PublicClient>(
     };
     let (limits, agent_addr) = (shared.config().limits.clone(), data.agent_addr);
     let last = pool::is_last(&ticket.served, &limits);
-    let piped = reuse::pipe_framed(
+    // Boxed on its own: the framed pump is larger than the plain one (splice), and an unboxed
+    // branch would make every client's pipe as large as the larger of the two.
+    let piped = Box::pin(reuse::pipe_framed(
         client,
         unsent,
         data.stream,
@@ -142,7 +144,7 @@ pub(super) async fn pipe_data<C: PublicClient>(
         last,
         counters,
         throttle,
-    );
+    ));
     let Some((stream, leftover)) = piped.await? else {
         return Ok(());
     };
@@ -153,6 +155,7 @@ pub(super) async fn pipe_data<C: PublicClient>(
         agent_id: ticket.agent_id,
         agent_addr,
         agent: data.agent.unwrap_or_default(),
+        version: ticket.version,
         reuse: pool::Reuse {
             clients: ticket.served.clients + 1,
             bytes: ticket.served.bytes + moved.a_read + moved.b_read,
