@@ -273,7 +273,10 @@ where
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = tokio::time::timeout(linger, async {
         let _ = stream.shutdown().await;
-        let mut sink = [0u8; 4096];
+        // On the heap, and only while draining: an array here would make every future that
+        // may close a connection gently 4 KiB larger for its whole life (a client's pipe
+        // included: docs/performance.md, idle memory).
+        let mut sink = vec![0u8; 4096];
         while let Ok(n) = stream.read(&mut sink).await {
             if n == 0 {
                 break;
