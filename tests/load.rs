@@ -16,7 +16,8 @@
 //! The CI form holds 8,000 + 50 for 3 s, once. `bench/load` runs longer forms through the
 //! environment: SALLYPORT_LOAD_IDLE, _ACTIVE, _ACTIVE_MIB (per transfer), _HOLD_SECS, _ROUNDS,
 //! _TRIM (1/0), _DATA_TLS (1/0: plaintext data connections), _PRELOAD (another allocator, e.g. jemalloc, instead of the shim),
-//! _DAEMON_ENV (more environment for both daemons, e.g. `MALLOC_ARENA_MAX=2`) and _REPORT (a
+//! _DAEMON_ENV (more environment for both daemons, e.g. `MALLOC_ARENA_MAX=2`), _POOL (the
+//! agent's `pool`, e.g. `{ min = 4, max = 32 }`: the adaptive pool) and _REPORT (a
 //! file that gets one JSON line per round).
 
 mod support;
@@ -321,6 +322,11 @@ fn eight_thousand_idle_and_fifty_active_clients_then_no_leak() {
     let data_tls = env_or("SALLYPORT_LOAD_DATA_TLS", 1) == 1;
     let preload_other = std::env::var("SALLYPORT_LOAD_PRELOAD").ok();
     let report = std::env::var("SALLYPORT_LOAD_REPORT").ok();
+    // The agent's `pool` as a TOML value (`{ min = 4, max = 32 }`: the adaptive pool); shipped
+    // default otherwise.
+    let pool = std::env::var("SALLYPORT_LOAD_POOL")
+        .map(|p| format!("pool = {p}\n"))
+        .unwrap_or_default();
     let clients = idle + active;
 
     // This process holds both ends in its two namespaces: a client and a backend socket each.
@@ -396,7 +402,7 @@ fn eight_thousand_idle_and_fifty_active_clients_then_no_leak() {
     let agent_config = dir.write(
         "agent.toml",
         &format!(
-            "site = \"load\"\nname = \"agent-1\"\ngateways = [\"{}\"]\n{}\n\n\
+            "site = \"load\"\nname = \"agent-1\"\ngateways = [\"{}\"]\n{}\n{pool}\n\
              [[listener]]\nname = \"echo\"\npublic = \"{PUBLIC_PORT}\"\nbackend = \"{backend_addr}\"\n",
             gw.control,
             agent_tls(&certs, &certs, "agent")
