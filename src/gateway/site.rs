@@ -60,6 +60,28 @@ pub(crate) struct AgentHandle {
     pub suspect: Arc<std::sync::atomic::AtomicBool>,
 }
 
+#[cfg(test)]
+impl AgentHandle {
+    /// An agent `agent-ID` with no session behind it, for unit tests of the site and the pool.
+    pub(crate) fn for_test(id: u64) -> AgentHandle {
+        AgentHandle {
+            id,
+            name: format!("agent-{id}"),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            connected_since: SystemTime::now(),
+            tx: mpsc::channel(1).0,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            digest: Arc::new(Mutex::new(String::new())),
+            gone: CancellationToken::new(),
+            secret: None,
+            cert: None,
+            chain: None,
+            cert_revoked: CancellationToken::new(),
+            suspect: Arc::default(),
+        }
+    }
+}
+
 pub(crate) struct Site {
     pub name: String,
     agents: Mutex<Vec<AgentHandle>>,

@@ -1,28 +1,10 @@
 //! Unit tests of `gateway::pool`.
 
 use super::*;
-use std::sync::atomic::AtomicUsize;
-use std::time::SystemTime;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 fn agent(id: u64) -> AgentHandle {
-    AgentHandle {
-        id,
-        name: format!("agent-{id}"),
-        addr: "127.0.0.1:1".parse().unwrap(),
-        connected_since: SystemTime::now(),
-        tx: mpsc::channel(1).0,
-        inflight: Arc::new(AtomicUsize::new(0)),
-        digest: Arc::new(Mutex::new(String::new())),
-        gone: CancellationToken::new(),
-        secret: None,
-        cert: None,
-        chain: None,
-        cert_revoked: CancellationToken::new(),
-        suspect: Arc::default(),
-    }
+    AgentHandle::for_test(id)
 }
 
 /// A pooled connection over real loopback sockets, and the agent's end of it.

@@ -3,21 +3,7 @@
 use super::*;
 
 fn agent(id: u64) -> AgentHandle {
-    AgentHandle {
-        id,
-        name: format!("agent-{id}"),
-        addr: "127.0.0.1:1".parse().unwrap(),
-        connected_since: SystemTime::now(),
-        tx: mpsc::channel(1).0,
-        inflight: Arc::new(AtomicUsize::new(0)),
-        digest: Arc::new(Mutex::new(String::new())),
-        gone: CancellationToken::new(),
-        secret: None,
-        cert: None,
-        chain: None,
-        cert_revoked: CancellationToken::new(),
-        suspect: Arc::default(),
-    }
+    AgentHandle::for_test(id)
 }
 
 /// Two equal agents, each client offered first to one and, when that one fails it, again
